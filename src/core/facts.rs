@@ -1,0 +1,122 @@
+//! Facts about a device, gathered by the adapters (`adapters::probe`) and consumed by the
+//! pure planner. Plain data, serialisable, so tests can build them by hand.
+
+use serde::{Deserialize, Serialize};
+
+/// Sector = 512 bytes throughout.
+pub const SECTOR: u64 = 512;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFacts {
+    /// Path as given by the user.
+    pub path: String,
+    /// Canonical /dev path (symlinks resolved).
+    pub canonical: String,
+    /// Kernel name, e.g. "sda5" or "ubda5".
+    pub kname: String,
+    pub major: u32,
+    pub minor: u32,
+    /// Size in 512-byte sectors.
+    pub size_sectors: u64,
+    pub logical_block_size: u32,
+    pub physical_block_size: u32,
+    /// Some(parent disk kname) if this is a partition.
+    pub partition_of: Option<String>,
+    pub read_only: bool,
+    /// What the first sectors say.
+    pub content: Content,
+    /// dm devices that map this device (directly), with their tables.
+    pub holders: Vec<Holder>,
+    /// Mount points of filesystems directly on the device (not through dm).
+    pub direct_mounts: Vec<String>,
+    /// Swap directly on the device is active.
+    pub direct_swap: bool,
+    /// LVM's view, if the device is a PV.
+    pub lvm: Option<LvmFacts>,
+    /// A luksify journal was found in the tail (conversion in progress), or a fence marker.
+    pub luksify_journal: bool,
+    pub luksify_marker: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Content {
+    /// No known signature.
+    Nothing,
+    LvmPv,
+    Luks { version: u16 },
+    Filesystem { fstype: String },
+    Swap,
+    /// luksify's fence marker.
+    LuksifyMarker,
+    Other { what: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// dm name, e.g. "vg0-root".
+    pub name: String,
+    pub uuid: String,
+    pub major: u32,
+    pub minor: u32,
+    /// Table lines (start, length, target type, params), keys never included.
+    pub table: Vec<TableLineFacts>,
+    /// Where it is mounted (mountinfo), if anywhere.
+    pub mounts: Vec<String>,
+    /// Active swap on it.
+    pub swap: bool,
+    /// Open count from the kernel.
+    pub open_count: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableLineFacts {
+    pub start: u64,
+    pub length: u64,
+    pub target_type: String,
+    pub params: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LvmFacts {
+    pub pv_uuid: String,
+    pub vg_name: String,
+    pub vg_uuid: String,
+    /// pe_start in sectors.
+    pub pe_start: u64,
+    /// Extent size in sectors.
+    pub extent_size: u64,
+    pub pe_count: u64,
+    pub pe_alloc_count: u64,
+    /// pv_size as LVM reports it, sectors.
+    pub pv_size: u64,
+    /// Device size as LVM knows it, sectors.
+    pub dev_size: u64,
+    /// Number of metadata areas on this PV (2 means one at the end: refused).
+    pub mda_count: u32,
+    /// Segments of this PV: [pe_start_extent, pe_start_extent+len) → which LV (None = free).
+    pub segments: Vec<PvSegment>,
+    pub lvs: Vec<LvFacts>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PvSegment {
+    pub start_extent: u64,
+    pub extents: u64,
+    /// LV name owning it, None if free.
+    pub lv: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LvFacts {
+    pub name: String,
+    /// lv_attr string, e.g. "-wi-ao----".
+    pub attr: String,
+    /// segtype(s) of its segments, e.g. ["linear"], ["striped"], ["snapshot"], ["thin-pool"].
+    pub segtypes: Vec<String>,
+    /// dm name (vg-lv with dashes doubled), when active.
+    pub dm_name: String,
+    pub active: bool,
+    /// Uses PVs other than this one too.
+    pub spans_other_pvs: bool,
+}

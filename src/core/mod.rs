@@ -1,0 +1,9 @@
+//! The pure core: no I/O, no syscalls. Given facts (a [`facts::DeviceFacts`]) and options,
+//! it computes the plan, the device-mapper tables of every phase, the journal's bytes and
+//! what to do next from any journaled state.
+
+pub mod facts;
+pub mod geometry;
+pub mod journal;
+pub mod state;
+pub mod tables;

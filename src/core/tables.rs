@@ -1,0 +1,354 @@
+//! Typed device-mapper tables for every phase of a conversion.
+//!
+//! The pure core never holds the volume key: crypt lines carry a placeholder and are
+//! rendered with the key only by the device-mapper adapter, at load time
+//! ([`Line::params`]). [`std::fmt::Display`] shows `<key>` instead.
+
+use super::geometry::Geometry;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A block device by major:minor (device nodes may be missing: tables use numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DevRef {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl fmt::Display for DevRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+/// Cipher parameters of a crypt line, without the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CryptSpec {
+    /// e.g. "aes-xts-plain64".
+    pub cipher: String,
+    pub allow_discards: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    Linear { dev: DevRef, offset: u64 },
+    /// dm-crypt: sector `x` of the target is encrypted with IV `iv_offset + x` and stored at
+    /// `offset + x` of `dev`.
+    Crypt { spec: CryptSpec, iv_offset: u64, dev: DevRef, offset: u64 },
+    /// dm-mirror with a core log: leg 0 is the source, leg 1 the destination.
+    Mirror { region: u64, legs: [(DevRef, u64); 2] },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub start: u64,
+    pub length: u64,
+    pub target: Target,
+}
+
+impl Line {
+    pub fn target_type(&self) -> &'static str {
+        match self.target {
+            Target::Linear { .. } => "linear",
+            Target::Crypt { .. } => "crypt",
+            Target::Mirror { .. } => "mirror",
+        }
+    }
+
+    /// The parameter string the kernel takes; `key_hex` is substituted into crypt lines.
+    pub fn params(&self, key_hex: &str) -> String {
+        match &self.target {
+            Target::Linear { dev, offset } => format!("{dev} {offset}"),
+            Target::Crypt { spec, iv_offset, dev, offset } => {
+                let mut p = format!("{} {} {} {} {}", spec.cipher, key_hex, iv_offset, dev, offset);
+                if spec.allow_discards {
+                    p.push_str(" 1 allow_discards");
+                }
+                p
+            }
+            // No "nosync": the mirror must copy every region. No handle_errors: without
+            // dmeventd it would hold I/O; a failed leg shows in the status health letters.
+            Target::Mirror { region, legs } => format!(
+                "core 1 {region} 2 {} {} {} {}",
+                legs[0].0, legs[0].1, legs[1].0, legs[1].1
+            ),
+        }
+    }
+
+    pub fn is_mirror(&self) -> bool {
+        matches!(self.target, Target::Mirror { .. })
+    }
+}
+
+impl fmt::Display for Line {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {} {}", self.start, self.length, self.target_type(), self.params("<key>"))
+    }
+}
+
+/// A whole table: lines sorted by start, contiguous from 0.
+pub type Table = Vec<Line>;
+
+/// Render a table for logs (keys hidden).
+pub fn show(table: &[Line]) -> String {
+    table.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("\n")
+}
+
+/// Which devices the tables of one conversion refer to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Devices {
+    /// The partition being converted.
+    pub raw: DevRef,
+    /// The staging crypt device (maps [0, L) to raw at S with the new key).
+    pub staging: DevRef,
+}
+
+/// What the bridge maps, phase by phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BridgePhase {
+    /// Before the fence: the identity map of [0, L) onto the raw device.
+    Linear,
+    /// Fenced, chunks [cursor, L) moved; nothing in flight.
+    Steady { cursor: u64 },
+    /// Fenced, chunks [to, L) moved, chunk [from, to) being mirrored.
+    Mirroring { from: u64, to: u64 },
+    /// Everything moved: exactly what `cryptsetup open` maps.
+    Final,
+}
+
+/// Source of the unmoved plaintext [a, b): the shadow for the fenced label sectors [0, F),
+/// the raw device (in place) for the rest.
+fn source_lines(g: &Geometry, raw: DevRef, a: u64, b: u64, out: &mut Table) {
+    if a >= b {
+        return;
+    }
+    if a < g.f {
+        let e = b.min(g.f);
+        out.push(Line { start: a, length: e - a, target: Target::Linear { dev: raw, offset: g.shadow + a } });
+    }
+    let a2 = a.max(g.f);
+    if a2 < b {
+        out.push(Line { start: a2, length: b - a2, target: Target::Linear { dev: raw, offset: a2 } });
+    }
+}
+
+/// Mirror lines for [a, b): leg 0 is the same source as [`source_lines`], leg 1 the staging
+/// device at the same offset (so IV = plaintext sector).
+fn mirror_lines(g: &Geometry, d: Devices, a: u64, b: u64, out: &mut Table) {
+    let mut src = Vec::new();
+    source_lines(g, d.raw, a, b, &mut src);
+    for l in src {
+        let Target::Linear { offset, .. } = l.target else { unreachable!() };
+        out.push(Line {
+            start: l.start,
+            length: l.length,
+            target: Target::Mirror {
+                region: g.region_for(l.length),
+                legs: [(d.raw, offset), (d.staging, l.start)],
+            },
+        });
+    }
+}
+
+/// The moved part [a, L): ciphertext shifted by S, IV = plaintext sector.
+fn crypt_line(g: &Geometry, spec: &CryptSpec, raw: DevRef, a: u64, b: u64) -> Line {
+    Line {
+        start: a,
+        length: b - a,
+        target: Target::Crypt { spec: spec.clone(), iv_offset: a, dev: raw, offset: g.s + a },
+    }
+}
+
+/// The bridge's table in `phase`.
+pub fn bridge_table(g: &Geometry, spec: &CryptSpec, d: Devices, phase: BridgePhase) -> Table {
+    let mut t = Vec::new();
+    match phase {
+        BridgePhase::Linear => {
+            t.push(Line { start: 0, length: g.l, target: Target::Linear { dev: d.raw, offset: 0 } });
+        }
+        BridgePhase::Steady { cursor } => {
+            assert!(cursor <= g.l);
+            source_lines(g, d.raw, 0, cursor, &mut t);
+            if cursor < g.l {
+                t.push(crypt_line(g, spec, d.raw, cursor, g.l));
+            }
+        }
+        BridgePhase::Mirroring { from, to } => {
+            assert!(from < to && to <= g.l && to - from <= g.k);
+            source_lines(g, d.raw, 0, from, &mut t);
+            mirror_lines(g, d, from, to, &mut t);
+            if to < g.l {
+                t.push(crypt_line(g, spec, d.raw, to, g.l));
+            }
+        }
+        BridgePhase::Final => {
+            t.push(crypt_line(g, spec, d.raw, 0, g.l));
+        }
+    }
+    t
+}
+
+/// The staging crypt device: [0, L) → raw at S, new key, IV = sector.
+pub fn staging_table(g: &Geometry, spec: &CryptSpec, raw: DevRef) -> Table {
+    vec![crypt_line(g, spec, raw, 0, g.l)]
+}
+
+/// Check that a table covers [0, len) exactly, in order, with no gap or overlap.
+pub fn covers(table: &[Line], len: u64) -> bool {
+    let mut pos = 0;
+    for l in table {
+        if l.start != pos || l.length == 0 {
+            return false;
+        }
+        pos += l.length;
+    }
+    pos == len
+}
+
+/// Rewrite an LV table so that every reference to `from` points at `to` (same offsets).
+/// Returns None if the table does not reference `from` at all. Only linear and striped
+/// targets are understood; the planner refuses anything else before we get here.
+pub fn reroute_params(target_type: &str, params: &str, from: DevRef, to: DevRef) -> Option<String> {
+    let from_s = from.to_string();
+    let to_s = to.to_string();
+    let mut words: Vec<String> = params.split_whitespace().map(str::to_string).collect();
+    let mut changed = false;
+    match target_type {
+        "linear" => {
+            if words.first().map(|w| *w == from_s).unwrap_or(false) {
+                words[0] = to_s;
+                changed = true;
+            }
+        }
+        "striped" => {
+            // <#stripes> <chunk size> [<dev> <offset>]…
+            let n: usize = words.first()?.parse().ok()?;
+            for i in 0..n {
+                let idx = 2 + 2 * i;
+                if words.get(idx).map(|w| *w == from_s).unwrap_or(false) {
+                    words[idx] = to_s.clone();
+                    changed = true;
+                }
+            }
+        }
+        _ => return None,
+    }
+    changed.then(|| words.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RAW: DevRef = DevRef { major: 98, minor: 5 };
+    const STG: DevRef = DevRef { major: 254, minor: 1 };
+    const D: Devices = Devices { raw: RAW, staging: STG };
+
+    fn spec() -> CryptSpec {
+        CryptSpec { cipher: "aes-xts-plain64".into(), allow_discards: false }
+    }
+
+    fn geo(l: u64, s: u64, k: u64) -> Geometry {
+        Geometry::new(l + s + 10_000, l, s, k, 1024).unwrap()
+    }
+
+    /// Where a bridge sector is read from, following the table: Some((dev, sector, encrypted_iv)).
+    fn resolve(t: &Table, x: u64) -> Vec<(DevRef, u64, Option<u64>)> {
+        for l in t {
+            if x >= l.start && x < l.start + l.length {
+                let o = x - l.start;
+                return match &l.target {
+                    Target::Linear { dev, offset } => vec![(*dev, offset + o, None)],
+                    Target::Crypt { iv_offset, dev, offset, .. } => vec![(*dev, offset + o, Some(iv_offset + o))],
+                    Target::Mirror { legs, .. } => legs.iter().map(|(d, off)| (*d, off + o, None)).collect(),
+                };
+            }
+        }
+        panic!("sector {x} not mapped");
+    }
+
+    #[test]
+    fn every_phase_covers_l_and_maps_each_sector_where_its_data_is() {
+        for (l, s, k) in [(40_960u64, 4096u64, 4096u64), (10_000, 4096, 4096), (16, 4096, 4096), (4104, 4096, 1024), (12, 8, 8)] {
+            let l = l / 8 * 8;
+            let g = geo(l.max(8), s, k);
+            let l = g.l;
+            let sch = g.schedule();
+            let lin = bridge_table(&g, &spec(), D, BridgePhase::Linear);
+            assert!(covers(&lin, l));
+            let mut cursors = vec![l];
+            cursors.extend(sch.iter().map(|(m, _)| *m));
+            for &c in &cursors {
+                let t = bridge_table(&g, &spec(), D, BridgePhase::Steady { cursor: c });
+                assert!(covers(&t, l), "steady {c}: {}", show(&t));
+                for x in (0..l).step_by(1).filter(|x| x % 7 == 0 || *x < 16 || *x + 16 > l) {
+                    let r = resolve(&t, x);
+                    assert_eq!(r.len(), 1);
+                    let (dev, sec, iv) = r[0];
+                    assert_eq!(dev, RAW);
+                    if x >= c {
+                        assert_eq!((sec, iv), (s + x, Some(x)), "moved sector {x} at cursor {c}");
+                    } else if x < g.f {
+                        assert_eq!((sec, iv), (g.shadow + x, None), "fenced sector {x}");
+                    } else {
+                        assert_eq!((sec, iv), (x, None), "unmoved sector {x}");
+                    }
+                }
+            }
+            for &(m, c) in &sch {
+                let t = bridge_table(&g, &spec(), D, BridgePhase::Mirroring { from: m, to: c });
+                assert!(covers(&t, l), "mirroring {m}..{c}: {}", show(&t));
+                for x in m..c {
+                    let r = resolve(&t, x);
+                    assert_eq!(r.len(), 2, "sector {x} in flight must be mirrored");
+                    let want_src = if x < g.f { g.shadow + x } else { x };
+                    assert_eq!(r[0], (RAW, want_src, None), "leg 0 is the intact source");
+                    assert_eq!(r[1], (STG, x, None), "leg 1 is staging at the same sector");
+                }
+                for l in t.iter().filter(|l| l.is_mirror()) {
+                    let Target::Mirror { region, .. } = l.target else { unreachable!() };
+                    assert!(region <= l.length.max(8) && region.is_power_of_two());
+                }
+            }
+            let f = bridge_table(&g, &spec(), D, BridgePhase::Final);
+            assert_eq!(f, staging_table(&g, &spec(), RAW));
+            assert_eq!(f[0].to_string(), format!("0 {l} crypt aes-xts-plain64 <key> 0 98:5 {s}"));
+        }
+    }
+
+    #[test]
+    fn key_is_only_in_rendered_params() {
+        let g = geo(40_960, 4096, 4096);
+        let t = bridge_table(&g, &spec(), D, BridgePhase::Mirroring { from: 32768, to: 36864 });
+        let shown = show(&t);
+        assert!(!shown.contains("deadbeef"));
+        assert!(t.iter().any(|l| l.params("deadbeef").contains("deadbeef")));
+        assert_eq!(
+            t[2].params("k"),
+            format!("core 1 1024 2 98:5 32768 254:1 32768")
+        );
+    }
+
+    #[test]
+    fn discards_only_when_asked() {
+        let g = geo(40_960, 4096, 4096);
+        let mut sp = spec();
+        assert!(!staging_table(&g, &sp, RAW)[0].params("k").contains("allow_discards"));
+        sp.allow_discards = true;
+        assert!(staging_table(&g, &sp, RAW)[0].params("k").ends_with(" 1 allow_discards"));
+    }
+
+    #[test]
+    fn reroute_linear_and_striped() {
+        let to = DevRef { major: 254, minor: 9 };
+        assert_eq!(reroute_params("linear", "98:5 2048", RAW, to).as_deref(), Some("254:9 2048"));
+        assert_eq!(reroute_params("linear", "98:17 2048", RAW, to), None);
+        assert_eq!(
+            reroute_params("striped", "2 128 98:5 2048 98:17 4096", RAW, to).as_deref(),
+            Some("2 128 254:9 2048 98:17 4096")
+        );
+        assert_eq!(reroute_params("snapshot", "98:5 98:6 P 8", RAW, to), None);
+        // A device number that merely contains the raw one is not rerouted.
+        assert_eq!(reroute_params("linear", "98:50 0", RAW, to), None);
+    }
+}
