@@ -7,3 +7,4 @@ pub mod geometry;
 pub mod journal;
 pub mod state;
 pub mod tables;
+pub mod plan;

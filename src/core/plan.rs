@@ -1,0 +1,580 @@
+//! The planner: from the facts about a device and the user's options, the plan of the
+//! conversion, or every reason it would refuse. Pure: `--dry-run` prints exactly this.
+
+use super::facts::{Content, DeviceFacts, SECTOR};
+use super::geometry::{Geometry, GeometryError, FENCE_SECTORS, HEADER_COPY_SECTORS, JOURNAL_SLOT_SECTORS};
+use serde::Serialize;
+
+/// Version of the `--dry-run --json` schema (documented in README.md). Bump on any change
+/// that is not a pure addition.
+pub const PLAN_SCHEMA_VERSION: u32 = 1;
+
+/// Throughput assumed for the time estimate (dm-crypt aes-xts without AES-NI runs at about
+/// 80–100 MiB/s; with AES-NI the disk is usually the limit).
+pub const ASSUMED_MIB_PER_S: u64 = 100;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LuksVersion {
+    Luks1,
+    Luks2,
+}
+
+impl LuksVersion {
+    pub fn number(self) -> u8 {
+        match self {
+            LuksVersion::Luks1 => 1,
+            LuksVersion::Luks2 => 2,
+        }
+    }
+
+    /// cryptsetup's default data offset: 16 MiB for LUKS2, 2 MiB for LUKS1.
+    pub fn default_shift(self) -> u64 {
+        match self {
+            LuksVersion::Luks1 => 4096,
+            LuksVersion::Luks2 => 32768,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub luks: LuksVersion,
+    pub cipher: String,
+    pub key_bits: u32,
+    /// Bridge / final mapping name; default `<kname>_crypt`.
+    pub name: Option<String>,
+    /// Data offset S in sectors; default by LUKS version.
+    pub shift: Option<u64>,
+    /// Chunk k in sectors; default S.
+    pub chunk: Option<u64>,
+    /// dm-mirror region size in sectors.
+    pub region: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            luks: LuksVersion::Luks2,
+            cipher: "aes-xts-plain64".into(),
+            key_bits: 512,
+            name: None,
+            shift: None,
+            chunk: None,
+            region: 1024,
+        }
+    }
+}
+
+/// One reason not to convert, with a stable code for scripts and the advice for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Reroute {
+    pub dm_name: String,
+    pub mounts: Vec<String>,
+    pub swap: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub schema: u32,
+    pub device: String,
+    pub size_sectors: u64,
+    pub name: String,
+    pub luks: LuksVersion,
+    pub cipher: String,
+    pub key_bits: u32,
+    /// Header size / data offset S in sectors.
+    pub shift_sectors: u64,
+    pub chunk_sectors: u64,
+    pub region_sectors: u64,
+    /// Sectors to move and encrypt: L.
+    pub move_sectors: u64,
+    pub move_bytes: u64,
+    /// Space past the PV: what luksify needs and what there is.
+    pub tail_need_sectors: u64,
+    pub tail_have_sectors: u64,
+    /// Where the journal lives (first sector of slot A), when the plan is possible.
+    pub journal_sector: Option<u64>,
+    pub steps: u64,
+    pub estimate_seconds: u64,
+    pub estimate_assumes_mib_per_s: u64,
+    pub vg: Option<String>,
+    pub reroute: Vec<Reroute>,
+    pub actions: Vec<String>,
+    pub refusals: Vec<Refusal>,
+    pub warnings: Vec<String>,
+    #[serde(skip)]
+    pub geometry: Option<Geometry>,
+}
+
+impl Plan {
+    pub fn ok(&self) -> bool {
+        self.refusals.is_empty()
+    }
+}
+
+fn refuse(out: &mut Vec<Refusal>, code: &'static str, message: String) {
+    out.push(Refusal { code, message });
+}
+
+fn mib(sectors: u64) -> String {
+    let b = sectors * SECTOR;
+    if b >= 10 << 20 {
+        format!("{} MiB", b >> 20)
+    } else {
+        format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// Targets an LV table may use for luksify to reroute it.
+const SUPPORTED_TARGETS: &[&str] = &["linear", "striped"];
+const SUPPORTED_SEGTYPES: &[&str] = &["linear", "striped"];
+
+/// Build the plan. Never fails: impossibilities are refusals inside the plan.
+pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
+    let mut refusals = Vec::new();
+    let mut warnings = Vec::new();
+    let dev = &f.path;
+    let name = o.name.clone().unwrap_or_else(|| format!("{}_crypt", f.kname));
+    let s = o.shift.unwrap_or_else(|| o.luks.default_shift());
+    let k = o.chunk.unwrap_or(s);
+
+    if f.luksify_journal || f.luksify_marker || f.content == Content::LuksifyMarker {
+        refuse(
+            &mut refusals,
+            "conversion_in_progress",
+            format!("a luksify conversion is already in progress on {dev}: run `luksify resume {dev}` (or `luksify status {dev}`)"),
+        );
+    }
+    match &f.content {
+        Content::Luks { version } => refuse(
+            &mut refusals,
+            "already_luks",
+            format!("{dev} is already a LUKS{version} device: nothing to convert"),
+        ),
+        Content::Filesystem { fstype } => {
+            if f.direct_mounts.is_empty() {
+                refuse(&mut refusals, "not_lvm", format!(
+                    "{dev} holds a {fstype} filesystem, not an LVM physical volume: luksify converts LVM PVs online; for a plain filesystem use `cryptsetup reencrypt --encrypt --reduce-device-size 32M {dev}` while it is unmounted"
+                ));
+            }
+        }
+        Content::Swap => refuse(&mut refusals, "not_lvm", format!(
+            "{dev} is a swap area, not an LVM physical volume: swapoff it and use `cryptsetup luksFormat`, or set up swap with a random key in /etc/crypttab"
+        )),
+        Content::Nothing => refuse(&mut refusals, "not_lvm", format!(
+            "{dev} holds no LVM physical volume (no known signature): for an unused device use `cryptsetup luksFormat {dev}`"
+        )),
+        Content::Other { what } => refuse(&mut refusals, "not_lvm", format!(
+            "{dev} holds {what}, not an LVM physical volume: luksify only converts LVM PVs"
+        )),
+        Content::LvmPv | Content::LuksifyMarker => {}
+    }
+    if !f.direct_mounts.is_empty() {
+        refuse(&mut refusals, "mounted_directly", format!(
+            "{dev} is mounted directly at {} with no device-mapper layer to reroute: it needs an offline conversion (`cryptsetup reencrypt --encrypt` from rescue media)",
+            f.direct_mounts.join(", ")
+        ));
+    }
+    if f.direct_swap {
+        refuse(&mut refusals, "swap_directly", format!("{dev} is in use as swap directly: swapoff it first"));
+    }
+    if f.read_only {
+        refuse(&mut refusals, "read_only", format!("{dev} is read-only"));
+    }
+    if f.logical_block_size != 512 {
+        refuse(&mut refusals, "block_size", format!(
+            "{dev} has {}-byte logical blocks; this luksify converts only 512-byte-sector devices",
+            f.logical_block_size
+        ));
+    }
+
+    // Holders: every dm device that maps this device must be rerouteable.
+    let mut reroute = Vec::new();
+    for h in &f.holders {
+        let bad: Vec<&str> = h
+            .table
+            .iter()
+            .map(|l| l.target_type.as_str())
+            .filter(|t| !SUPPORTED_TARGETS.contains(t))
+            .collect();
+        if !bad.is_empty() {
+            refuse(&mut refusals, "unsupported_target", format!(
+                "{} maps {dev} with a {} target; luksify reroutes only linear and striped mappings (finish or remove snapshots, thin pools, RAID/mirror LVs and any pvmove first)",
+                h.name,
+                bad.join("/")
+            ));
+        }
+        if !h.uuid.starts_with("LVM-") {
+            warnings.push(format!("{} maps {dev} but is not an LVM device; it will be rerouted too", h.name));
+        }
+        reroute.push(Reroute { dm_name: h.name.clone(), mounts: h.mounts.clone(), swap: h.swap });
+    }
+
+    // LVM: the extent of what moves, and LVs of types we cannot follow.
+    let mut l = 0;
+    let mut vg = None;
+    if let Some(lvm) = &f.lvm {
+        vg = Some(lvm.vg_name.clone());
+        l = lvm.pe_start + lvm.pe_count * lvm.extent_size;
+        if lvm.mda_count > 1 {
+            refuse(&mut refusals, "metadata_at_end", format!(
+                "the PV on {dev} keeps a second metadata area at its end, which would be overwritten: `pvchange --metadataignore y {dev}` is not enough; recreate the PV with one metadata area (`--pvmetadatacopies 1`)"
+            ));
+        }
+        for lv in &lvm.lvs {
+            let bad: Vec<&String> = lv.segtypes.iter().filter(|t| !SUPPORTED_SEGTYPES.contains(&t.as_str())).collect();
+            let special = lv.attr.chars().next().map(|c| "pvsSorOtTVmMrRiIleC".contains(c)).unwrap_or(false);
+            if !bad.is_empty() || special {
+                let what = if bad.is_empty() { lv.attr.clone() } else { bad.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("/") };
+                refuse(&mut refusals, "unsupported_lv", format!(
+                    "LV {}/{} on {dev} is a {what} volume; luksify converts PVs holding only linear and striped LVs (merge or remove snapshots, finish any pvmove, convert RAID/mirror/thin/cache LVs first)",
+                    lvm.vg_name, lv.name
+                ));
+            }
+        }
+        if l > f.size_sectors {
+            refuse(&mut refusals, "pv_larger_than_device", format!(
+                "the PV on {dev} claims {} sectors but the device has {}: run `pvresize {dev}` first",
+                l, f.size_sectors
+            ));
+        }
+    }
+
+    let tail_have = f.size_sectors.saturating_sub(l);
+    let tail_need = Geometry::tail_needed(f.size_sectors, s);
+    let mut geometry = None;
+    if f.lvm.is_some() && l <= f.size_sectors {
+        match Geometry::new(f.size_sectors, l, s, k, o.region) {
+            Ok(g) => geometry = Some(g),
+            Err(GeometryError::TooLittleTail { need, have, missing }) => {
+                refuse(&mut refusals, "too_little_tail", too_little_tail_message(f, need, have, missing));
+            }
+            Err(e) => refuse(&mut refusals, "geometry", format!("cannot lay out the conversion of {dev}: {e}")),
+        }
+    }
+
+    let steps = geometry.map(|g| g.steps()).unwrap_or(0);
+    let move_bytes = l * SECTOR;
+    let estimate_seconds = move_bytes.div_ceil(ASSUMED_MIB_PER_S << 20);
+    let mut actions = vec![
+        format!("generate a {}-bit volume key and format a {} header ({} cipher, data offset {} sectors = {}) in memory",
+            o.key_bits, match o.luks { LuksVersion::Luks1 => "LUKS1", LuksVersion::Luks2 => "LUKS2" }, o.cipher, s, mib(s)),
+    ];
+    if let Some(g) = &geometry {
+        actions.push(format!(
+            "write the journal (sectors {}..{}) and a copy of the header (sector {}) into the free tail of {dev}",
+            g.journal, g.journal + 2 * JOURNAL_SLOT_SECTORS, g.header_copy
+        ));
+    }
+    actions.push(format!(
+        "create the bridge /dev/mapper/{name} (linear over [0, {l}) of {dev}) and a private staging crypt device"
+    ));
+    actions.push(format!(
+        "reroute {} LV mapping(s) onto the bridge, each under a brief suspend: {}",
+        reroute.len(),
+        if reroute.is_empty() { "none".to_string() } else { reroute.iter().map(|r| r.dm_name.clone()).collect::<Vec<_>>().join(", ") }
+    ));
+    actions.push(format!(
+        "fence: shadow the first {} KiB in the tail and overwrite them on {dev} with luksify's marker, so nothing sees a PV there mid-way",
+        FENCE_SECTORS * SECTOR / 1024
+    ));
+    actions.push(format!(
+        "move {} ({} sectors) from the end towards the start in {steps} step(s) of up to {} sectors, each through a dm-mirror into the crypt mapping, committing the cursor after each",
+        mib(l), l, k
+    ));
+    actions.push(format!("load the pure crypt table, write the LUKS header at [0, {s}) of {dev}"));
+    actions.push(format!("pvresize the PV on /dev/mapper/{name}; wipe the journal, header copy and shadow from the tail"));
+
+    Plan {
+        schema: PLAN_SCHEMA_VERSION,
+        device: f.path.clone(),
+        size_sectors: f.size_sectors,
+        name,
+        luks: o.luks,
+        cipher: o.cipher.clone(),
+        key_bits: o.key_bits,
+        shift_sectors: s,
+        chunk_sectors: k,
+        region_sectors: geometry.map(|g| g.region).unwrap_or(o.region),
+        move_sectors: l,
+        move_bytes,
+        tail_need_sectors: tail_need,
+        tail_have_sectors: tail_have,
+        journal_sector: geometry.map(|g| g.journal),
+        steps,
+        estimate_seconds,
+        estimate_assumes_mib_per_s: ASSUMED_MIB_PER_S,
+        vg,
+        reroute,
+        actions,
+        refusals,
+        warnings,
+        geometry,
+    }
+}
+
+fn too_little_tail_message(f: &DeviceFacts, need: u64, have: u64, missing: u64) -> String {
+    let dev = &f.path;
+    let mut m = format!(
+        "too little space past the PV on {dev}: luksify needs {need} sectors ({}) after it and there are {have} ({}); {missing} sectors ({}) are missing",
+        mib(need), mib(have), mib(missing)
+    );
+    let Some(lvm) = &f.lvm else { return m };
+    let ext = lvm.extent_size.max(1);
+    let extents_needed = missing.div_ceil(ext);
+    // Free extents at the very end of the PV?
+    let mut segs = lvm.segments.clone();
+    segs.sort_by_key(|s| s.start_extent);
+    let free_at_end = match segs.last() {
+        Some(seg) if seg.lv.is_none() && seg.start_extent + seg.extents == lvm.pe_count => seg.extents,
+        _ => 0,
+    };
+    let free_total: u64 = segs.iter().filter(|s| s.lv.is_none()).map(|s| s.extents).sum();
+    if free_at_end >= extents_needed {
+        let new_size = lvm.pe_start + (lvm.pe_count - extents_needed) * ext;
+        m.push_str(&format!(
+            "; the last {free_at_end} extents of the PV are free: shrink it with `pvresize --setphysicalvolumesize {new_size}s {dev}` (or run luksify with --make-room)"
+        ));
+    } else {
+        let owners: Vec<String> = segs
+            .iter()
+            .rev()
+            .take_while(|s| s.start_extent + s.extents > lvm.pe_count - extents_needed.min(lvm.pe_count))
+            .filter_map(|s| s.lv.clone())
+            .collect();
+        if free_total >= extents_needed {
+            let first = lvm.pe_count - extents_needed;
+            m.push_str(&format!(
+                "; the last extents are used by LV {}, and the VG has {free_total} free extents elsewhere on this PV: move them with `pvmove --alloc anywhere {dev}:{first}-{} {dev}`, then `pvresize --setphysicalvolumesize {}s {dev}`",
+                owners.join(", "), lvm.pe_count - 1, lvm.pe_start + first * ext
+            ));
+        } else {
+            m.push_str(&format!(
+                "; the last extents are used by LV {} and the PV has too few free extents: shrink an LV (a swap LV: swapoff, lvreduce, mkswap, swapon) or a filesystem by {} extent(s), then pvresize",
+                owners.join(", "), extents_needed
+            ));
+        }
+    }
+    m
+}
+
+/// The human form of the plan, as `--dry-run` prints it.
+pub fn render(p: &Plan) -> String {
+    let mut s = String::new();
+    s.push_str(&format!("luksify plan for {} ({} sectors, {})\n", p.device, p.size_sectors, mib(p.size_sectors)));
+    if let Some(vg) = &p.vg {
+        s.push_str(&format!("  LVM volume group:  {vg}\n"));
+    }
+    s.push_str(&format!("  new mapping:       /dev/mapper/{}\n", p.name));
+    s.push_str(&format!(
+        "  header:            {} {} {}-bit, data offset S = {} sectors ({})\n",
+        match p.luks { LuksVersion::Luks1 => "LUKS1", LuksVersion::Luks2 => "LUKS2" },
+        p.cipher, p.key_bits, p.shift_sectors, mib(p.shift_sectors)
+    ));
+    s.push_str(&format!("  to move:           {} sectors ({})\n", p.move_sectors, mib(p.move_sectors)));
+    s.push_str(&format!("  chunk:             {} sectors, {} step(s), mirror region {} sectors\n", p.chunk_sectors, p.steps, p.region_sectors));
+    s.push_str(&format!(
+        "  tail space:        need {} sectors ({}), have {} sectors ({})\n",
+        p.tail_need_sectors, mib(p.tail_need_sectors), p.tail_have_sectors, mib(p.tail_have_sectors)
+    ));
+    if let Some(j) = p.journal_sector {
+        s.push_str(&format!("  journal:           sectors {j}..{} (the last 8 KiB)\n", j + 2 * JOURNAL_SLOT_SECTORS));
+        s.push_str(&format!("  header copy:       {} sectors reserved before it\n", HEADER_COPY_SECTORS));
+    }
+    s.push_str(&format!(
+        "  estimated time:    about {} s (assuming {} MiB/s)\n",
+        p.estimate_seconds, p.estimate_assumes_mib_per_s
+    ));
+    if !p.reroute.is_empty() {
+        s.push_str("  mappings to reroute onto the bridge:\n");
+        for r in &p.reroute {
+            let mut what = r.mounts.join(", ");
+            if r.swap {
+                what = if what.is_empty() { "swap".into() } else { format!("{what}, swap") };
+            }
+            if what.is_empty() {
+                what = "not mounted".into();
+            }
+            s.push_str(&format!("    {} ({what})\n", r.dm_name));
+        }
+    }
+    s.push_str("  steps:\n");
+    for (i, a) in p.actions.iter().enumerate() {
+        s.push_str(&format!("    {}. {a}\n", i + 1));
+    }
+    for w in &p.warnings {
+        s.push_str(&format!("  warning: {w}\n"));
+    }
+    if p.refusals.is_empty() {
+        s.push_str("  verdict: can convert (dry run: nothing was changed)\n");
+    } else {
+        s.push_str("  verdict: REFUSED (nothing was changed):\n");
+        for r in &p.refusals {
+            s.push_str(&format!("    - [{}] {}\n", r.code, r.message));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::core::facts::*;
+
+    pub fn laptop() -> DeviceFacts {
+        DeviceFacts {
+            path: "/dev/sda5".into(),
+            canonical: "/dev/sda5".into(),
+            kname: "sda5".into(),
+            major: 8,
+            minor: 5,
+            size_sectors: 2048 + 60 * 8192 + 40_960,
+            logical_block_size: 512,
+            physical_block_size: 4096,
+            partition_of: Some("sda".into()),
+            read_only: false,
+            content: Content::LvmPv,
+            holders: vec![Holder {
+                name: "vg0-root".into(),
+                uuid: "LVM-abc".into(),
+                major: 254,
+                minor: 0,
+                table: vec![TableLineFacts { start: 0, length: 8192 * 10, target_type: "linear".into(), params: "8:5 2048".into() }],
+                mounts: vec!["/".into()],
+                swap: false,
+                open_count: 1,
+            }],
+            direct_mounts: vec![],
+            direct_swap: false,
+            lvm: Some(LvmFacts {
+                pv_uuid: "pvuuid".into(),
+                vg_name: "vg0".into(),
+                vg_uuid: "vguuid".into(),
+                pe_start: 2048,
+                extent_size: 8192,
+                pe_count: 60,
+                pe_alloc_count: 10,
+                pv_size: 60 * 8192,
+                dev_size: 2048 + 60 * 8192 + 40_960,
+                mda_count: 1,
+                segments: vec![
+                    PvSegment { start_extent: 0, extents: 10, lv: Some("root".into()) },
+                    PvSegment { start_extent: 10, extents: 50, lv: None },
+                ],
+                lvs: vec![LvFacts {
+                    name: "root".into(),
+                    attr: "-wi-ao----".into(),
+                    segtypes: vec!["linear".into()],
+                    dm_name: "vg0-root".into(),
+                    active: true,
+                    spans_other_pvs: false,
+                }],
+            }),
+            luksify_journal: false,
+            luksify_marker: false,
+        }
+    }
+
+    fn codes(p: &Plan) -> Vec<&'static str> {
+        p.refusals.iter().map(|r| r.code).collect()
+    }
+
+    #[test]
+    fn laptop_plan_is_accepted() {
+        let p = plan(&laptop(), &Options::default());
+        assert!(p.ok(), "{:?}", p.refusals);
+        assert_eq!(p.move_sectors, 2048 + 60 * 8192);
+        assert_eq!(p.shift_sectors, 32768);
+        assert_eq!(p.steps, (2048 + 60 * 8192u64).div_ceil(32768));
+        assert_eq!(p.name, "sda5_crypt");
+        let text = render(&p);
+        assert!(text.contains("can convert"), "{text}");
+        let j: serde_json::Value = serde_json::to_value(&p).unwrap();
+        assert_eq!(j["schema"], 1);
+        assert_eq!(j["refusals"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn too_little_tail_says_how_much_and_how_to_make_room() {
+        let mut f = laptop();
+        f.size_sectors = 2048 + 60 * 8192 + 1000;
+        let p = plan(&f, &Options::default());
+        assert_eq!(codes(&p), vec!["too_little_tail"]);
+        let m = &p.refusals[0].message;
+        let need = Geometry::tail_needed(f.size_sectors, 32768);
+        assert!(m.contains(&format!("{} sectors", need - 1000)), "{m}");
+        assert!(m.contains("pvresize --setphysicalvolumesize"), "{m}");
+        // Last extents allocated, free space elsewhere: pvmove advice.
+        f.lvm.as_mut().unwrap().segments = vec![
+            PvSegment { start_extent: 0, extents: 30, lv: None },
+            PvSegment { start_extent: 30, extents: 30, lv: Some("home".into()) },
+        ];
+        let m = &plan(&f, &Options::default()).refusals[0].message;
+        assert!(m.contains("pvmove") && m.contains("home"), "{m}");
+        // Full PV: which LV to shrink.
+        f.lvm.as_mut().unwrap().segments = vec![PvSegment { start_extent: 0, extents: 60, lv: Some("swap".into()) }];
+        let m = &plan(&f, &Options::default()).refusals[0].message;
+        assert!(m.contains("LV swap") && m.contains("lvreduce"), "{m}");
+    }
+
+    #[test]
+    fn every_refusal_has_its_code() {
+        let o = Options::default();
+        let mut f = laptop();
+        f.content = Content::Luks { version: 2 };
+        f.lvm = None;
+        assert!(codes(&plan(&f, &o)).contains(&"already_luks"));
+
+        let mut f = laptop();
+        f.content = Content::Filesystem { fstype: "ext4".into() };
+        f.lvm = None;
+        f.holders.clear();
+        f.direct_mounts = vec!["/mnt".into()];
+        assert_eq!(codes(&plan(&f, &o)), vec!["mounted_directly"]);
+
+        let mut f = laptop();
+        f.holders[0].table[0].target_type = "snapshot-origin".into();
+        assert!(codes(&plan(&f, &o)).contains(&"unsupported_target"));
+
+        let mut f = laptop();
+        f.lvm.as_mut().unwrap().lvs[0].segtypes = vec!["thin-pool".into()];
+        assert!(codes(&plan(&f, &o)).contains(&"unsupported_lv"));
+
+        let mut f = laptop();
+        f.lvm.as_mut().unwrap().lvs[0].attr = "pwi-ao----".into();
+        assert!(codes(&plan(&f, &o)).contains(&"unsupported_lv"));
+
+        let mut f = laptop();
+        f.luksify_journal = true;
+        assert!(codes(&plan(&f, &o)).contains(&"conversion_in_progress"));
+
+        let mut f = laptop();
+        f.lvm.as_mut().unwrap().mda_count = 2;
+        assert!(codes(&plan(&f, &o)).contains(&"metadata_at_end"));
+
+        let mut f = laptop();
+        f.content = Content::Nothing;
+        f.lvm = None;
+        assert!(codes(&plan(&f, &o)).contains(&"not_lvm"));
+
+        let mut f = laptop();
+        f.logical_block_size = 4096;
+        assert!(codes(&plan(&f, &o)).contains(&"block_size"));
+    }
+
+    #[test]
+    fn luks1_uses_a_2_mib_offset() {
+        let o = Options { luks: LuksVersion::Luks1, ..Options::default() };
+        let p = plan(&laptop(), &o);
+        assert!(p.ok());
+        assert_eq!(p.shift_sectors, 4096);
+        assert_eq!(p.chunk_sectors, 4096);
+    }
+}
