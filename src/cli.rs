@@ -1,1 +1,161 @@
-pub fn main() -> i32 { 0 }
+//! The command line: parse, dispatch, print one clear line on error. Thin by design.
+
+use crate::core::plan::{self, LuksVersion};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "luksify",
+    version,
+    about = "Encrypt a live LVM physical volume with LUKS, in place and online",
+    long_about = "Converts DEVICE, an LVM physical volume that may hold the running system's root, /home and swap, \
+into a standard LUKS volume while everything stays mounted. A power cut at any instant loses nothing: \
+`luksify resume DEVICE` (also from rescue media) finishes the job.",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Print the plan and change nothing at all.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// With --dry-run: print the plan as JSON (schema in README.md).
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub opts: ConvertOpts,
+
+    /// The device to convert, e.g. /dev/sda5.
+    #[arg(required = true)]
+    pub device: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Continue a conversion after a crash or a pause (live system or rescue media).
+    Resume {
+        #[command(flatten)]
+        opts: KeyOpts,
+        #[command(flatten)]
+        run: RunOpts,
+        device: PathBuf,
+    },
+    /// Show what the journal on DEVICE says: state, cursor, progress. Needs no passphrase.
+    Status {
+        #[arg(long)]
+        json: bool,
+        device: PathBuf,
+    },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TypeArg {
+    Luks1,
+    Luks2,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConvertOpts {
+    /// LUKS header format.
+    #[arg(long = "type", value_enum, default_value = "luks2")]
+    pub luks_type: TypeArg,
+    /// Cipher, as cryptsetup names it.
+    #[arg(long, default_value = "aes-xts-plain64")]
+    pub cipher: String,
+    /// Volume key size in bits.
+    #[arg(long, default_value_t = 512)]
+    pub key_size: u32,
+    /// Hash for the keyslot (LUKS1: also the AF hash).
+    #[arg(long, default_value = "sha256")]
+    pub hash: String,
+    /// Key derivation: argon2id, argon2i or pbkdf2 (LUKS1: pbkdf2 only).
+    #[arg(long)]
+    pub pbkdf: Option<String>,
+    /// Fixed PBKDF iteration count (disables benchmarking).
+    #[arg(long)]
+    pub pbkdf_force_iterations: Option<u32>,
+    /// PBKDF time to spend, in milliseconds.
+    #[arg(long)]
+    pub iter_time: Option<u32>,
+    /// Name of the new mapping (default: <device basename>_crypt).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// LUKS data offset in 512-byte sectors (default: 32768 for LUKS2, 4096 for LUKS1).
+    #[arg(long, value_name = "SECTORS")]
+    pub offset: Option<u64>,
+    /// Sectors moved per step (at most the data offset; default: the data offset).
+    #[arg(long, value_name = "SECTORS")]
+    pub chunk: Option<u64>,
+    /// dm-mirror region size in sectors (a power of two).
+    #[arg(long, value_name = "SECTORS", default_value_t = 1024)]
+    pub region: u64,
+    /// Pass discards through the new mapping (leaks which blocks are unused).
+    #[arg(long)]
+    pub allow_discards: bool,
+    #[command(flatten)]
+    pub key: KeyOpts,
+    #[command(flatten)]
+    pub run: RunOpts,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct KeyOpts {
+    /// Read the passphrase from FILE (`-` = standard input) instead of asking on the terminal.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunOpts {
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Do not touch /etc/crypttab, the initramfs or the LVM devices file.
+    #[arg(long)]
+    pub no_integrate: bool,
+    /// Print machine-readable progress lines (one JSON object per step) instead of a bar.
+    #[arg(long)]
+    pub progress_json: bool,
+}
+
+impl ConvertOpts {
+    pub fn plan_options(&self) -> plan::Options {
+        plan::Options {
+            luks: match self.luks_type {
+                TypeArg::Luks1 => LuksVersion::Luks1,
+                TypeArg::Luks2 => LuksVersion::Luks2,
+            },
+            cipher: self.cipher.clone(),
+            key_bits: self.key_size,
+            name: self.name.clone(),
+            shift: self.offset,
+            chunk: self.chunk,
+            region: self.region,
+        }
+    }
+}
+
+/// Exit codes: 0 success, 1 error (one line on stderr), 2 usage (clap), 3 refused by the plan,
+/// 4 stopped on request (SIGINT/SIGTERM) at a safe point: `luksify resume` continues.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const ERROR: i32 = 1;
+    pub const REFUSED: i32 = 3;
+    pub const PAUSED: i32 = 4;
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match crate::app::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("luksify: {e}");
+            e.exit_code()
+        }
+    }
+}

@@ -8,3 +8,4 @@ pub mod journal;
 pub mod state;
 pub mod tables;
 pub mod plan;
+pub mod marker;

@@ -1,0 +1,590 @@
+//! The engine: drives the pure core through the [`Disk`] and [`Kernel`] traits, step by
+//! step, committing to the journal at exactly the points DESIGN.md prescribes.
+//!
+//! The same code runs on the real kernel (adapters) and on the simulator (tests), which
+//! crashes it at every I/O and every ioctl in turn.
+
+pub mod traits;
+
+use crate::core::geometry::{Geometry, JOURNAL_SLOT_SECTORS};
+use crate::core::journal::{self, Record, State, SLOT_BYTES};
+use crate::core::marker;
+use crate::core::state::{self, Step};
+use crate::core::tables::{self, BridgePhase, CryptSpec, DevRef, Devices, Line};
+use crate::core::facts::TableLineFacts;
+pub use traits::{Disk, HolderTable, KResult, Kernel, KernelError, MirrorOutcome};
+use zeroize::Zeroizing;
+
+/// What went wrong, and in which state the device was left.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("{0}")]
+    Kernel(String),
+    #[error("{0}")]
+    Journal(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("the copy of chunk {from}..{to} failed (mirror health {health}); the conversion stopped at a safe point (cursor {to}), nothing is lost; fix the device and run `luksify resume`")]
+    MirrorFailed { from: u64, to: u64, health: String },
+    #[error("stopped at a safe point (cursor {0})")]
+    Stopped(u64),
+}
+
+pub type EResult<T> = Result<T, EngineError>;
+
+fn io<T>(r: std::io::Result<T>, what: impl FnOnce() -> String) -> EResult<T> {
+    r.map_err(|source| EngineError::Io { what: what(), source })
+}
+
+fn kern<T>(r: KResult<T>) -> EResult<T> {
+    r.map_err(|e| EngineError::Kernel(e.0))
+}
+
+/// Progress events for the front end (a bar, JSON lines, or nothing).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Committed(State),
+    ChunkStart { from: u64, to: u64 },
+    ChunkDone { from: u64, to: u64 },
+    Done,
+}
+
+/// What the engine asks of its caller besides the kernel and the disk.
+pub trait Hooks {
+    fn event(&mut self, _e: &Event) {}
+    /// A stop was requested (SIGINT/SIGTERM): the engine stops at the next commit point.
+    fn stop_requested(&self) -> bool {
+        false
+    }
+    /// Make LVM agree with the new, smaller device (`pvresize` on the bridge). Best effort:
+    /// an error here is reported, not fatal (the data is all there).
+    fn lvm_resize(&mut self, _bridge: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Hooks that do nothing (tests, offline resume).
+pub struct NoHooks;
+impl Hooks for NoHooks {}
+
+/// Names and identities of the dm devices of one conversion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub bridge: String,
+    pub bridge_uuid: String,
+    pub staging: String,
+    pub staging_uuid: String,
+}
+
+impl Names {
+    /// The bridge gets the DM UUID cryptsetup gives its own LUKS devices, so that
+    /// `cryptsetup status` reports it as a LUKS device once converted; the staging device is
+    /// a private CRYPT-SUBDEV- helper.
+    pub fn new(name: &str, luks_version: u8, luks_uuid: &str) -> Names {
+        let u = luks_uuid.replace('-', "");
+        Names {
+            bridge: name.to_string(),
+            bridge_uuid: format!("CRYPT-LUKS{luks_version}-{u}-{name}"),
+            staging: format!("{name}-luksify"),
+            staging_uuid: format!("CRYPT-SUBDEV-{u}-{name}-luksify"),
+        }
+    }
+}
+
+/// One conversion in flight.
+pub struct Engine<D: Disk, K: Kernel> {
+    pub disk: D,
+    pub kernel: K,
+    pub rec: Record,
+    pub names: Names,
+    raw: DevRef,
+    spec: CryptSpec,
+    key_hex: Zeroizing<String>,
+    /// The header copy (H bytes), as written in the tail.
+    header: Vec<u8>,
+    /// Buffers allocated before any suspend, so that a suspended window allocates nothing.
+    fence_buf: Vec<u8>,
+    slot_buf: Vec<u8>,
+}
+
+impl<D: Disk, K: Kernel> Engine<D, K> {
+    fn g(&self) -> &Geometry {
+        &self.rec.geometry
+    }
+
+    fn devices(&self, staging: DevRef) -> Devices {
+        Devices { raw: self.raw, staging }
+    }
+
+    /// Start a fresh conversion: write the header copy and the first journal record
+    /// (`Prepared`) into the tail. Nothing else on the device changes.
+    /// `key` is the raw volume key; `header` the formatted LUKS header (H bytes).
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare(
+        mut disk: D,
+        kernel: K,
+        raw: DevRef,
+        geometry: Geometry,
+        name: &str,
+        luks_version: u8,
+        luks_uuid: &str,
+        cipher: &str,
+        allow_discards: bool,
+        pv_uuid: &str,
+        key: &[u8],
+        header: Vec<u8>,
+    ) -> EResult<Self> {
+        let h = header.len() as u64;
+        if h == 0 || h % 4096 != 0 || h > geometry.header_copy_len * 512 {
+            return Err(EngineError::Refused(format!(
+                "the LUKS header is {h} bytes; luksify reserves {} bytes for its copy",
+                geometry.header_copy_len * 512
+            )));
+        }
+        let rec = Record {
+            seq: 1,
+            state: State::Prepared,
+            geometry,
+            luks_version,
+            luks_uuid: luks_uuid.to_string(),
+            cipher: cipher.to_string(),
+            key_bytes: key.len() as u32,
+            allow_discards,
+            name: name.to_string(),
+            pv_uuid: pv_uuid.to_string(),
+            header_len: h as u32,
+            header_crc: crc32fast::hash(&header),
+        };
+        io(disk.write(geometry.header_copy, &header), || "writing the header copy into the tail".into())?;
+        io(disk.flush(), || "flushing the header copy".into())?;
+        let mut e = Self::with_record(disk, kernel, raw, rec, key, header);
+        e.write_record()?;
+        Ok(e)
+    }
+
+    fn with_record(disk: D, kernel: K, raw: DevRef, rec: Record, key: &[u8], header: Vec<u8>) -> Self {
+        let names = Names::new(&rec.name, rec.luks_version, &rec.luks_uuid);
+        let mut hex = Zeroizing::new(String::with_capacity(key.len() * 2));
+        for b in key {
+            use std::fmt::Write;
+            let _ = write!(hex, "{b:02x}");
+        }
+        Engine {
+            disk,
+            kernel,
+            names,
+            raw,
+            spec: CryptSpec { cipher: rec.cipher.clone(), allow_discards: rec.allow_discards },
+            key_hex: hex,
+            header,
+            fence_buf: vec![0u8; (rec.geometry.f * 512) as usize],
+            slot_buf: vec![0u8; SLOT_BYTES],
+            rec,
+        }
+    }
+
+    /// Read the journal from a device: None if there is none.
+    pub fn read_journal(disk: &mut D, n_sectors: u64) -> EResult<Option<Record>> {
+        let e = crate::core::geometry::align_down(n_sectors, 8);
+        if e < 2 * JOURNAL_SLOT_SECTORS {
+            return Ok(None);
+        }
+        let j = e - 2 * JOURNAL_SLOT_SECTORS;
+        let mut a = vec![0u8; SLOT_BYTES];
+        let mut b = vec![0u8; SLOT_BYTES];
+        io(disk.read(j, &mut a), || "reading journal slot A".into())?;
+        io(disk.read(j + JOURNAL_SLOT_SECTORS, &mut b), || "reading journal slot B".into())?;
+        let rec = journal::choose(&a, &b).map_err(|e| EngineError::Journal(format!("the journal on the device is unreadable: {e}")))?;
+        if let Some(r) = &rec {
+            if r.geometry.n != n_sectors {
+                return Err(EngineError::Refused(format!(
+                    "the journal describes a device of {} sectors but this one has {n_sectors}: wrong device?",
+                    r.geometry.n
+                )));
+            }
+        }
+        Ok(rec)
+    }
+
+    /// Read the header copy that the journal points at, checked against its CRC.
+    pub fn read_header_copy(disk: &mut D, rec: &Record) -> EResult<Vec<u8>> {
+        let mut h = vec![0u8; rec.header_len as usize];
+        io(disk.read(rec.geometry.header_copy, &mut h), || "reading the header copy".into())?;
+        if crc32fast::hash(&h) != rec.header_crc {
+            return Err(EngineError::Journal("the copy of the LUKS header in the tail is corrupt (CRC mismatch)".into()));
+        }
+        Ok(h)
+    }
+
+    /// Continue from a journal record (after a crash or a pause), with the volume key
+    /// unlocked from the header copy. Checks the device's identity, then rebuilds the
+    /// staging device and the bridge for the journaled state (see `state::resume_phase`).
+    pub fn reopen(mut disk: D, kernel: K, raw: DevRef, rec: Record, key: &[u8], header: Vec<u8>) -> EResult<Self> {
+        if key.len() as u32 != rec.key_bytes {
+            return Err(EngineError::Refused("the unlocked key does not have the journaled size".into()));
+        }
+        // Identity: the PV label, in place before the fence, in the shadow after it.
+        let g = rec.geometry;
+        let mut label = vec![0u8; (g.f * 512) as usize];
+        let fenced = matches!(rec.state, State::Migrating { .. });
+        let at = if fenced { g.shadow } else { 0 };
+        io(disk.read(at, &mut label), || "reading the PV label".into())?;
+        if !rec.pv_uuid.is_empty() {
+            match marker::pv_uuid(&label) {
+                Some(u) if u == rec.pv_uuid => {}
+                Some(u) => {
+                    return Err(EngineError::Refused(format!(
+                        "this device's PV UUID is {u} but the journal was written for {}: wrong device",
+                        rec.pv_uuid
+                    )))
+                }
+                None if rec.state == State::HeaderWritten || matches!(rec.state, State::Migrating { cursor: 0 }) => {}
+                None => {
+                    return Err(EngineError::Refused(format!(
+                        "no LVM label where the journal says it is (sector {at}): the device does not match its journal"
+                    )))
+                }
+            }
+        }
+        let mut e = Self::with_record(disk, kernel, raw, rec, key, header);
+        e.rebuild()?;
+        Ok(e)
+    }
+
+    /// Make the dm devices match the journal: create what is missing, reload what exists.
+    fn rebuild(&mut self) -> EResult<()> {
+        let st = self.rec.state;
+        let staging = if state::needs_staging(st) { Some(self.ensure_staging()?) } else { None };
+        let phase = state::resume_phase(st);
+        let table = tables::bridge_table(self.g(), &self.spec, self.devices(staging.unwrap_or(self.raw)), phase);
+        match kern(self.kernel.lookup(&self.names.bridge))? {
+            Some(_) => {
+                // Live resume: whatever the bridge had (even a mirror in flight, whose source
+                // leg is complete), it now gets the journaled table.
+                self.swap_table(&self.names.bridge.clone(), &table, "bridge")?;
+            }
+            None => {
+                let (n, u) = (self.names.bridge.clone(), self.names.bridge_uuid.clone());
+                kern(self.kernel.create(&n, &u, false))?;
+                kern(self.kernel.load(&n, &table, &self.key_hex))?;
+                kern(self.kernel.resume(&n))?;
+            }
+        }
+        // LVs still on the raw device: fine before the fence (they get rerouted by the
+        // bridge step); after it, something activated them over moved data.
+        let except = [self.names.bridge.as_str(), self.names.staging.as_str()];
+        let holders = kern(self.kernel.holders_of(self.raw, &except))?;
+        if matches!(st, State::Migrating { .. } | State::HeaderWritten) && !holders.is_empty() {
+            let names: Vec<_> = holders.iter().map(|h| h.name.clone()).collect();
+            return Err(EngineError::Refused(format!(
+                "{} map the raw device although it is half converted: deactivate them (`dmsetup remove`) without writing to them, then resume",
+                names.join(", ")
+            )));
+        }
+        if st == State::Bridged && !holders.is_empty() {
+            self.reroute(holders)?;
+        }
+        if state::needs_marker(st) {
+            self.write_marker()?;
+        }
+        if st == State::HeaderWritten || st == (State::Migrating { cursor: 0 }) {
+            if kern(self.kernel.lookup(&self.names.staging))?.is_some() {
+                kern(self.kernel.remove(&self.names.staging))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_staging(&mut self) -> EResult<DevRef> {
+        let (n, u) = (self.names.staging.clone(), self.names.staging_uuid.clone());
+        if let Some(d) = kern(self.kernel.lookup(&n))? {
+            return Ok(d);
+        }
+        let d = kern(self.kernel.create(&n, &u, true))?;
+        let t = tables::staging_table(self.g(), &self.spec, self.raw);
+        if let Err(e) = self.kernel.load(&n, &t, &self.key_hex).and_then(|_| self.kernel.resume(&n)) {
+            let _ = self.kernel.remove(&n);
+            return Err(EngineError::Kernel(format!("setting up the staging crypt device: {e}")));
+        }
+        Ok(d)
+    }
+
+    /// Load `table` inactive, suspend, resume: the only way a live table changes.
+    fn swap_table(&mut self, name: &str, table: &[Line], what: &'static str) -> EResult<()> {
+        kern(self.kernel.load(name, table, &self.key_hex))?;
+        if let Err(e) = self.kernel.suspend(name) {
+            let _ = self.kernel.clear_inactive(name);
+            return Err(EngineError::Kernel(format!("suspending the {what}: {e}")));
+        }
+        kern(self.kernel.resume(name))
+    }
+
+    /// Write the journal record `self.rec` into its slot and flush.
+    fn write_record(&mut self) -> EResult<()> {
+        let bytes = self.rec.encode().map_err(|e| EngineError::Journal(e.to_string()))?;
+        self.slot_buf.copy_from_slice(&bytes);
+        let slot = self.g().journal_slot(journal::slot_for(self.rec.seq));
+        io(self.disk.write(slot, &self.slot_buf), || "writing the journal".into())?;
+        io(self.disk.flush(), || "flushing the journal".into())
+    }
+
+    /// Commit `st` as the new durable state.
+    fn commit(&mut self, st: State) -> EResult<()> {
+        let old = self.rec.clone();
+        self.rec.seq += 1;
+        self.rec.state = st;
+        if let Err(e) = self.write_record() {
+            self.rec = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn write_marker(&mut self) -> EResult<()> {
+        let m = marker::encode(&self.rec.luks_uuid, self.g().journal);
+        io(self.disk.write(0, &m[..(self.g().f * 512) as usize]), || "writing the fence marker".into())?;
+        io(self.disk.flush(), || "flushing the fence marker".into())
+    }
+
+    /// Run to the end (or to a stop request at a commit point).
+    pub fn run(&mut self, hooks: &mut dyn Hooks) -> EResult<()> {
+        loop {
+            let st = self.rec.state;
+            if hooks.stop_requested() && matches!(st, State::Migrating { cursor } if cursor > 0) {
+                let State::Migrating { cursor } = st else { unreachable!() };
+                return Err(EngineError::Stopped(cursor));
+            }
+            let step = state::next_step(self.g(), st);
+            match step {
+                Step::InsertBridge => self.insert_bridge()?,
+                Step::Fence => self.fence()?,
+                Step::MoveChunk { from, to } => {
+                    hooks.event(&Event::ChunkStart { from, to });
+                    self.move_chunk(from, to)?;
+                    hooks.event(&Event::ChunkDone { from, to });
+                }
+                Step::Finish => self.finish()?,
+                Step::Cleanup => {
+                    self.cleanup(hooks)?;
+                    hooks.event(&Event::Done);
+                    return Ok(());
+                }
+            }
+            debug_assert_eq!(Some(self.rec.state), state::after_in(self.g(), st, step));
+            hooks.event(&Event::Committed(self.rec.state));
+        }
+    }
+
+    /// Prepared → Bridged: staging + bridge devices, every LV rerouted onto the bridge.
+    fn insert_bridge(&mut self) -> EResult<()> {
+        let staging = self.ensure_staging()?;
+        let created_bridge = kern(self.kernel.lookup(&self.names.bridge))?.is_none();
+        if created_bridge {
+            let t = tables::bridge_table(self.g(), &self.spec, self.devices(staging), BridgePhase::Linear);
+            let (n, u) = (self.names.bridge.clone(), self.names.bridge_uuid.clone());
+            kern(self.kernel.create(&n, &u, false))?;
+            if let Err(e) = self.kernel.load(&n, &t, &self.key_hex).and_then(|_| self.kernel.resume(&n)) {
+                let _ = self.kernel.remove(&n);
+                let _ = self.kernel.remove(&self.names.staging.clone());
+                return Err(EngineError::Kernel(format!("setting up the bridge: {e}")));
+            }
+        }
+        let except = [self.names.bridge.as_str(), self.names.staging.as_str()];
+        let holders = kern(self.kernel.holders_of(self.raw, &except))?;
+        if let Err(e) = self.reroute(holders) {
+            if created_bridge {
+                let _ = self.kernel.remove(&self.names.bridge.clone());
+                let _ = self.kernel.remove(&self.names.staging.clone());
+            }
+            return Err(e);
+        }
+        self.commit(State::Bridged)
+    }
+
+    /// Reroute every holder of the raw device onto the bridge, all or none.
+    fn reroute(&mut self, holders: Vec<HolderTable>) -> EResult<()> {
+        let bridge = kern(self.kernel.lookup(&self.names.bridge))?
+            .ok_or_else(|| EngineError::Kernel("the bridge vanished".into()))?;
+        let g = *self.g();
+        let mut plans: Vec<(String, Vec<TableLineFacts>, Vec<TableLineFacts>)> = Vec::new();
+        for h in holders {
+            let mut new = Vec::new();
+            for l in &h.table {
+                let params = match tables::reroute_params(&l.target_type, &l.params, self.raw, bridge) {
+                    Some(p) => p,
+                    None if l.params.split_whitespace().any(|w| w == self.raw.to_string()) => {
+                        return Err(EngineError::Refused(format!(
+                            "{} maps the device with a {} target, which luksify cannot reroute",
+                            h.name, l.target_type
+                        )))
+                    }
+                    None => l.params.clone(),
+                };
+                new.push(TableLineFacts { params, ..l.clone() });
+            }
+            // Every rerouted extent must lie inside [0, L): the bridge maps nothing else.
+            if !maps_within(&h.table, self.raw, g.l) {
+                return Err(EngineError::Refused(format!("{} maps sectors of the device beyond the PV", h.name)));
+            }
+            plans.push((h.name, h.table, new));
+        }
+        // Phase 1: load every new table inactive. A failure clears them all: nothing changed.
+        for (i, (name, _, new)) in plans.iter().enumerate() {
+            if let Err(e) = self.kernel.load_lines(name, new) {
+                for (n, _, _) in &plans[..i] {
+                    let _ = self.kernel.clear_inactive(n);
+                }
+                return Err(EngineError::Kernel(format!(
+                    "loading the rerouted table of {name} failed ({e}); every table is back as it was"
+                )));
+            }
+        }
+        // Phase 2: swap them in, one short suspend each. A failure puts back the old tables.
+        for (i, (name, _, _)) in plans.iter().enumerate() {
+            let r = self.kernel.suspend(name).and_then(|_| self.kernel.resume(name));
+            if let Err(e) = r {
+                let _ = self.kernel.resume(name);
+                for (n, old, _) in plans[..i].iter().chain(std::iter::once(&plans[i])) {
+                    let _ = self.kernel.load_lines(n, old);
+                    let _ = self.kernel.suspend(n);
+                    let _ = self.kernel.resume(n);
+                }
+                for (n, _, _) in &plans[i + 1..] {
+                    let _ = self.kernel.clear_inactive(n);
+                }
+                return Err(EngineError::Kernel(format!("switching {name} onto the bridge failed ({e}); tables put back")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bridged → Migrating{L}: shadow the label sectors, map them from the shadow, then
+    /// overwrite them on the raw device with the marker.
+    fn fence(&mut self) -> EResult<()> {
+        let staging = kern(self.kernel.lookup(&self.names.staging))?
+            .ok_or_else(|| EngineError::Kernel("the staging device vanished".into()))?;
+        let g = *self.g();
+        let table = tables::bridge_table(&g, &self.spec, self.devices(staging), BridgePhase::Steady { cursor: g.l });
+        let bridge = self.names.bridge.clone();
+        kern(self.kernel.load(&bridge, &table, &self.key_hex))?;
+        if let Err(e) = self.kernel.suspend(&bridge) {
+            let _ = self.kernel.clear_inactive(&bridge);
+            return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
+        }
+        // Suspended: nothing writes to [0, F) now. Copy, flush, commit, then switch.
+        let r = (|| {
+            io(self.disk.read(0, &mut self.fence_buf), || "reading the label sectors".into())?;
+            io(self.disk.write(g.shadow, &self.fence_buf), || "writing the shadow".into())?;
+            io(self.disk.flush(), || "flushing the shadow".into())?;
+            self.commit(State::Migrating { cursor: g.l })
+        })();
+        if let Err(e) = r {
+            let _ = self.kernel.clear_inactive(&bridge);
+            let _ = self.kernel.resume(&bridge);
+            return Err(e);
+        }
+        kern(self.kernel.resume(&bridge))?;
+        self.write_marker()
+    }
+
+    /// Migrating{to} → Migrating{from}: the commit protocol of DESIGN.md.
+    fn move_chunk(&mut self, from: u64, to: u64) -> EResult<()> {
+        let staging = kern(self.kernel.lookup(&self.names.staging))?
+            .ok_or_else(|| EngineError::Kernel("the staging device vanished".into()))?;
+        let g = *self.g();
+        let d = self.devices(staging);
+        let bridge = self.names.bridge.clone();
+        // 1. chunk as mirror, live.
+        let mirror = tables::bridge_table(&g, &self.spec, d, BridgePhase::Mirroring { from, to });
+        self.swap_table(&bridge, &mirror, "bridge")?;
+        // 2. wait until every region is in sync and both legs are healthy.
+        match kern(self.kernel.wait_mirror(&bridge))? {
+            MirrorOutcome::Synced => {}
+            MirrorOutcome::Failed(health) => {
+                // Back to the journaled state: the source leg is complete.
+                let back = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: to });
+                self.swap_table(&bridge, &back, "bridge")?;
+                return Err(EngineError::MirrorFailed { from, to, health });
+            }
+        }
+        // 3. kcopyd's writes are not FUA: flush, then commit while the mirror is still live.
+        io(self.disk.flush(), || "flushing the copied chunk".into())?;
+        self.commit(State::Migrating { cursor: from })?;
+        // 4. only now map the chunk through crypt alone.
+        let steady = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: from });
+        self.swap_table(&bridge, &steady, "bridge")
+    }
+
+    /// Migrating{0} → HeaderWritten: the bridge is already the pure crypt table; drop the
+    /// staging device and write the LUKS header over [0, S), marker last.
+    fn finish(&mut self) -> EResult<()> {
+        let g = *self.g();
+        let bridge = self.names.bridge.clone();
+        let table = kern(self.kernel.table(&bridge))?;
+        let want = tables::bridge_table(&g, &self.spec, self.devices(self.raw), BridgePhase::Final);
+        if table.len() != 1 || table[0].target_type != "crypt" || table[0].length != g.l {
+            // Not yet the pure crypt table (a resume at cursor 0 may land here): load it.
+            self.swap_table(&bridge, &want, "bridge")?;
+        }
+        if kern(self.kernel.lookup(&self.names.staging))?.is_some() {
+            kern(self.kernel.remove(&self.names.staging.clone()))?;
+        }
+        // [F, S) first, then [0, F) (where the marker is) in one 4 KiB write.
+        let f = (g.f * 512) as usize;
+        let mut area = vec![0u8; (g.s * 512) as usize];
+        area[..self.header.len()].copy_from_slice(&self.header);
+        io(self.disk.write(g.f, &area[f..]), || "writing the LUKS header".into())?;
+        io(self.disk.flush(), || "flushing the LUKS header".into())?;
+        io(self.disk.write(0, &area[..f]), || "writing the LUKS header".into())?;
+        io(self.disk.flush(), || "flushing the LUKS header".into())?;
+        self.commit(State::HeaderWritten)
+    }
+
+    /// HeaderWritten → done: LVM resize, wipe the copies in the tail, clear the journal
+    /// (older slot first, so a crash leaves HeaderWritten, never an older state).
+    fn cleanup(&mut self, hooks: &mut dyn Hooks) -> EResult<()> {
+        let g = *self.g();
+        let bridge = self.names.bridge.clone();
+        let _ = hooks.lvm_resize(&bridge);
+        let zeros = vec![0u8; ((g.header_copy_len + g.f) * 512) as usize];
+        io(self.disk.write(g.shadow, &zeros), || "wiping the header copy".into())?;
+        io(self.disk.flush(), || "flushing".into())?;
+        let newest = journal::slot_for(self.rec.seq);
+        let z = vec![0u8; SLOT_BYTES];
+        for slot in [1 - newest, newest] {
+            io(self.disk.write(g.journal_slot(slot), &z), || "clearing the journal".into())?;
+            io(self.disk.flush(), || "flushing".into())?;
+        }
+        Ok(())
+    }
+
+    pub fn state(&self) -> State {
+        self.rec.state
+    }
+
+    pub fn into_parts(self) -> (D, K) {
+        (self.disk, self.kernel)
+    }
+}
+
+/// Whether every line of `table` that references `raw` maps only sectors below `l`.
+fn maps_within(table: &[TableLineFacts], raw: DevRef, l: u64) -> bool {
+    let r = raw.to_string();
+    table.iter().all(|line| {
+        let w: Vec<&str> = line.params.split_whitespace().collect();
+        match line.target_type.as_str() {
+            "linear" => w.first() != Some(&r.as_str()) || w.get(1).and_then(|o| o.parse::<u64>().ok()).map(|o| o + line.length <= l).unwrap_or(false),
+            "striped" => {
+                let n: u64 = w.first().and_then(|x| x.parse().ok()).unwrap_or(0);
+                let per = if n > 0 { line.length / n } else { 0 };
+                (0..n as usize).all(|i| {
+                    w.get(2 + 2 * i) != Some(&r.as_str())
+                        || w.get(3 + 2 * i).and_then(|o| o.parse::<u64>().ok()).map(|o| o + per <= l).unwrap_or(false)
+                })
+            }
+            _ => true,
+        }
+    })
+}

@@ -1,0 +1,71 @@
+//! The two faces of the outside world the engine needs, as traits, so that the real kernel
+//! (adapters) and a simulated one (tests) drive the very same engine code.
+
+use crate::core::facts::TableLineFacts;
+use crate::core::tables::{DevRef, Line};
+use std::fmt;
+
+/// The raw partition being converted: sector-addressed I/O and a cache flush.
+/// Implementations do their own alignment; a `flush` must make every completed write durable.
+pub trait Disk {
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    fn write(&mut self, sector: u64, buf: &[u8]) -> std::io::Result<()>;
+    fn flush(&mut self) -> std::io::Result<()>;
+}
+
+/// An error from the kernel side, with what was being done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelError(pub String);
+
+impl fmt::Display for KernelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for KernelError {}
+
+pub type KResult<T> = Result<T, KernelError>;
+
+/// A dm device that maps the raw partition (an LV, typically), with its live table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderTable {
+    pub name: String,
+    pub table: Vec<TableLineFacts>,
+}
+
+/// How a wait for a mirror ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MirrorOutcome {
+    /// Every region of every mirror target in the live table is in sync, every leg healthy.
+    Synced,
+    /// A leg failed: health letters per mirror target (e.g. "AD").
+    Failed(String),
+}
+
+/// The device-mapper, as the engine uses it. Every call is checked; a failed `load` leaves
+/// the live table in place (and the engine must not assume otherwise).
+pub trait Kernel {
+    /// The device number of a dm device, if it exists.
+    fn lookup(&mut self, name: &str) -> KResult<Option<DevRef>>;
+    /// Create an empty dm device. `private`: a helper device hidden from udev, blkid and LVM.
+    fn create(&mut self, name: &str, uuid: &str, private: bool) -> KResult<DevRef>;
+    /// Load `table` into the inactive slot; crypt lines get `key_hex` (loaded as secure data).
+    fn load(&mut self, name: &str, table: &[Line], key_hex: &str) -> KResult<()>;
+    /// Load a table given as kernel lines (LV tables, which hold no keys).
+    fn load_lines(&mut self, name: &str, lines: &[TableLineFacts]) -> KResult<()>;
+    fn clear_inactive(&mut self, name: &str) -> KResult<()>;
+    /// Suspend, flushing in-flight I/O.
+    fn suspend(&mut self, name: &str) -> KResult<()>;
+    /// Resume (making the inactive table live, if one is loaded).
+    fn resume(&mut self, name: &str) -> KResult<()>;
+    fn remove(&mut self, name: &str) -> KResult<()>;
+    /// The live table, keys never included.
+    fn table(&mut self, name: &str) -> KResult<Vec<TableLineFacts>>;
+    /// Every dm device whose live table maps `dev`, except those named in `except`.
+    fn holders_of(&mut self, dev: DevRef, except: &[&str]) -> KResult<Vec<HolderTable>>;
+    /// Block until every mirror target in `name`'s live table reports all regions in sync
+    /// with healthy legs, or a leg fails. Event-driven (no busy loop). `stop` is polled
+    /// after every event; a stop request does not interrupt the wait (the chunk finishes).
+    fn wait_mirror(&mut self, name: &str) -> KResult<MirrorOutcome>;
+}
