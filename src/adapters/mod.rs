@@ -1,0 +1,3 @@
+//! Thin wrappers over the outside world.
+pub mod rawdisk;
+pub mod sys;

@@ -1,0 +1,101 @@
+//! Process-level system calls: memory locking, stop signals, the per-device lock, and
+//! reading the passphrase.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use zeroize::Zeroizing;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT and SIGTERM set a flag (no SA_RESTART, so a blocking DM_DEV_WAIT returns EINTR
+/// and the engine notices); the engine stops at its next commit point.
+pub fn install_stop_handlers() -> io::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let act = SigAction::new(SigHandler::Handler(on_stop), SaFlags::empty(), SigSet::empty());
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(s, &act) }.map_err(io::Error::from)?;
+    }
+    Ok(())
+}
+
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// Lock every page of the process, now and future: the binary may live on the device
+/// whose bridge gets suspended, and a page fault then would deadlock the machine.
+pub fn lock_memory() -> io::Result<()> {
+    use nix::sys::mman::{mlockall, MlockAllFlags};
+    mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE).map_err(io::Error::from)
+}
+
+/// An exclusive, non-blocking BSD lock on the device node: a second luksify on the same
+/// device is refused while the first runs. Held until the returned file is dropped.
+pub fn lock_device(path: &Path) -> io::Result<Option<File>> {
+    let f = File::open(path)?;
+    // SAFETY: plain flock on an fd we own.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        Ok(Some(f))
+    } else {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+}
+
+/// Where the passphrase comes from.
+pub enum KeySource<'a> {
+    /// A file, read whole (cryptsetup's --key-file semantics: every byte counts); "-" = stdin.
+    File(&'a Path),
+    /// Asked on the terminal, without echo; `confirm` asks twice.
+    Terminal { confirm: bool },
+}
+
+/// Read the passphrase. Errors name the problem; nothing is changed by a failure here.
+pub fn read_passphrase(src: KeySource<'_>) -> Result<Zeroizing<Vec<u8>>, String> {
+    let key = match src {
+        KeySource::File(p) if p == Path::new("-") => {
+            let mut v = Zeroizing::new(Vec::new());
+            io::stdin().read_to_end(&mut v).map_err(|e| format!("cannot read the key from standard input: {e}"))?;
+            v
+        }
+        KeySource::File(p) => {
+            let mut f = File::open(p).map_err(|e| format!("cannot read the key file {}: {e}", p.display()))?;
+            let mut v = Zeroizing::new(Vec::new());
+            f.read_to_end(&mut v).map_err(|e| format!("cannot read the key file {}: {e}", p.display()))?;
+            v
+        }
+        KeySource::Terminal { confirm } => {
+            let a = Zeroizing::new(
+                rpassword::prompt_password("Enter the new passphrase: ")
+                    .map_err(|e| format!("cannot read the passphrase from the terminal ({e}); use --key-file"))?,
+            );
+            if confirm {
+                let b = Zeroizing::new(
+                    rpassword::prompt_password("Verify the passphrase: ")
+                        .map_err(|e| format!("cannot read the passphrase from the terminal ({e}); use --key-file"))?,
+                );
+                if *a != *b {
+                    return Err("the passphrases do not match; nothing was changed".into());
+                }
+            }
+            Zeroizing::new(a.as_bytes().to_vec())
+        }
+    };
+    if key.is_empty() {
+        return Err("the passphrase is empty; nothing was changed".into());
+    }
+    Ok(key)
+}
