@@ -86,3 +86,45 @@ mod tests {
         assert_ne!(a, c);
     }
 }
+
+/// A deterministic tree: `files` files spread over nested directories, sizes
+/// from 0 bytes to a few hundred KiB (some not block-aligned), half text,
+/// half binary, about `mib` MiB in all.
+pub fn tree(dir: &Path, seed: u64, files: u64, mib: u64) -> Result<()> {
+    let budget = mib << 20;
+    let mut total = 0u64;
+    let mut made = 0u64;
+    for i in 0..files {
+        let r = splitmix(seed ^ (i.wrapping_mul(0x1234_5678_9abc_def1)));
+        let depth = r % 4;
+        let mut p = dir.to_path_buf();
+        for d in 0..depth {
+            p.push(format!("d{}", (r >> (8 + 4 * d)) % 5));
+        }
+        std::fs::create_dir_all(&p).map_err(ioe("mkdir", &p))?;
+        // mostly small files, a few big ones; average ~ budget / files
+        let avg = (budget / files.max(1)).max(1);
+        let size = match (r >> 32) % 16 {
+            0 => 0,
+            1..=9 => (r >> 40) % (avg / 2 + 1),
+            10..=13 => avg / 2 + (r >> 40) % (avg + 1),
+            _ => avg * 2 + (r >> 40) % (avg * 4 + 1),
+        };
+        let size = size.min(budget.saturating_sub(total));
+        let text = (r >> 20) & 1 == 0;
+        p.push(format!("f{i:04}{}", if text { ".txt" } else { ".bin" }));
+        let mut buf = vec![0u8; size as usize];
+        gen(seed ^ i, 0, &mut buf);
+        if text {
+            const ALPHA: &[u8] = b"abcdefghijklmnopqrstuvwxyz      ETAOIN.,\n";
+            for b in buf.iter_mut() {
+                *b = ALPHA[*b as usize % ALPHA.len()];
+            }
+        }
+        std::fs::write(&p, &buf).map_err(ioe("write", &p))?;
+        total += size;
+        made += 1;
+    }
+    println!("tree: {made} files, {total} bytes under {}", dir.display());
+    Ok(())
+}

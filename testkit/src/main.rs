@@ -101,6 +101,17 @@ enum Cmd {
         #[arg(long)]
         bytes: Option<u64>,
     },
+    /// Create a deterministic tree of FILES files (varied sizes, nested dirs,
+    /// text and binary) totalling about MIB MiB under DIR.
+    Tree {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 300)]
+        files: u64,
+        #[arg(long, default_value_t = 4)]
+        mib: u64,
+    },
     /// Check a device/file holds what `fill --seed SEED` wrote.
     Check {
         dev: PathBuf,
@@ -137,6 +148,7 @@ fn main() -> ExitCode {
         }
         Cmd::Fill { dev, seed, bytes } => ("fill", fill::fill(&dev, seed, bytes)),
         Cmd::Check { dev, seed, bytes } => ("check", fill::check(&dev, seed, bytes)),
+        Cmd::Tree { dir, seed, files, mib } => ("tree", fill::tree(&dir, seed, files, mib)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
