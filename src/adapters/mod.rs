@@ -2,3 +2,7 @@
 pub mod rawdisk;
 pub mod sys;
 pub mod kernel;
+pub mod blockdev;
+pub mod dm;
+pub mod lvm;
+pub mod probe;

@@ -36,6 +36,11 @@ pub struct DeviceFacts {
     /// A luksify journal was found in the tail (conversion in progress), or a fence marker.
     pub luksify_journal: bool,
     pub luksify_marker: bool,
+    /// What the probe could not check or found odd, one sentence each (e.g. no
+    /// device-mapper in this kernel, so holders were not checked; a holder that is not a dm
+    /// device). Empty when everything was checked.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

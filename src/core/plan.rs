@@ -479,6 +479,7 @@ pub(crate) mod tests {
             }),
             luksify_journal: false,
             luksify_marker: false,
+            warnings: vec![],
         }
     }
 

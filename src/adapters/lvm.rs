@@ -1,0 +1,424 @@
+//! LVM through its own reporting commands (`lvm pvs` / `lvm lvs` with `--reportformat json
+//! --units s --nosuffix`): no crate reads LVM metadata properly, and the commands apply the
+//! system's LVM configuration (filters, devices file) exactly as LVM itself will.
+//!
+//! Reading ([`Lvm::facts`]) never changes LVM state. The only commands here that do are
+//! [`Lvm::pvresize`] and [`Lvm::pvscan_cache`], kept separate and named for what they do;
+//! the engine calls them at the points the design names (after the finish, to let LVM see
+//! the PV's new size on the crypt mapping; to refresh LVM's view of which PVs are online).
+//!
+//! Every command runs as `lvm <command> …` (rescue systems and initramfs images often carry
+//! only the `lvm` binary), with `LVM_SUPPRESS_FD_WARNINGS=1`, `LC_ALL=C`, stdin from
+//! /dev/null (a prompt answers itself "no"). LVM's JSON puts every number in a string
+//! (`"pe_start":"2048"`); both strings and numbers are accepted.
+
+use crate::core::facts::{LvFacts, LvmFacts, PvSegment};
+use serde_json::Value;
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// Fields asked of `pvs` for the PV itself.
+pub const PV_FIELDS: &str =
+    "pv_name,pv_uuid,vg_name,vg_uuid,pe_start,pv_size,dev_size,pv_pe_count,pv_pe_alloc_count,pv_mda_count,vg_extent_size";
+/// Fields asked of `pvs --segments` for the PV's extent map.
+pub const PVSEG_FIELDS: &str = "pv_name,pvseg_start,pvseg_size,lv_name";
+/// Fields asked of `lvs -a` (one row per LV segment).
+pub const LV_FIELDS: &str = "vg_name,lv_name,lv_uuid,lv_attr,lv_active,segtype,lv_dm_path,devices,seg_pe_ranges";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LvmError {
+    #[error("cannot run {program}: {source} (is lvm2 installed?)")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("`{cmd}` failed ({status}): {stderr}")]
+    Failed { cmd: String, status: String, stderr: String },
+    #[error("cannot understand the output of `{cmd}`: {why}")]
+    Parse { cmd: String, why: String },
+    #[error("LVM reports no physical volume on {0} (is it excluded by the LVM filter or devices file?)")]
+    NoPv(String),
+}
+
+pub type Result<T> = std::result::Result<T, LvmError>;
+
+/// How to run LVM: the program (default `lvm`, or `$LUKSIFY_LVM`) and extra environment
+/// (tests point `LVM_SYSTEM_DIR` at a private configuration).
+#[derive(Debug, Clone)]
+pub struct Lvm {
+    program: OsString,
+    env: Vec<(OsString, OsString)>,
+}
+
+impl Default for Lvm {
+    fn default() -> Self {
+        Lvm::system()
+    }
+}
+
+/// Keep the end of LVM's stderr for messages: the reason is usually on the last lines.
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let keep = &lines[lines.len().saturating_sub(6)..];
+    keep.join("; ")
+}
+
+impl Lvm {
+    pub fn system() -> Lvm {
+        let program = std::env::var_os("LUKSIFY_LVM").unwrap_or_else(|| "lvm".into());
+        Lvm { program, env: Vec::new() }
+    }
+
+    pub fn with_program(program: impl Into<OsString>) -> Lvm {
+        Lvm { program: program.into(), env: Vec::new() }
+    }
+
+    /// Add an environment variable for every LVM command.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Lvm {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    fn command_line(&self, args: &[&str]) -> String {
+        let mut s = self.program.to_string_lossy().into_owned();
+        for a in args {
+            s.push(' ');
+            s.push_str(a);
+        }
+        s
+    }
+
+    /// Run `lvm <args>`; stdout on success, an error carrying stderr otherwise.
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let mut c = Command::new(&self.program);
+        c.args(args)
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        let out = c.output().map_err(|e| LvmError::Spawn { program: self.program.to_string_lossy().into_owned(), source: e })?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(LvmError::Failed {
+                cmd: self.command_line(args),
+                status: out.status.to_string(),
+                stderr: tail(&String::from_utf8_lossy(&out.stderr)),
+            });
+        }
+        Ok(stdout)
+    }
+
+    fn report(&self, args: &[&str], key: &str) -> Result<Vec<Row>> {
+        let out = self.run(args)?;
+        rows(&out, key).map_err(|why| LvmError::Parse { cmd: self.command_line(args), why })
+    }
+
+    /// Everything the planner needs to know from LVM about the PV on `device`. Read-only.
+    pub fn facts(&self, device: &Path) -> Result<LvmFacts> {
+        let dev = device.to_str().ok_or_else(|| LvmError::NoPv(device.display().to_string()))?;
+        let common = ["--reportformat", "json", "--units", "s", "--nosuffix"];
+        let mut a = vec!["pvs"];
+        a.extend(common);
+        a.extend(["-o", PV_FIELDS, dev]);
+        let pv = self.report(&a, "pv")?;
+        let mut a = vec!["pvs", "--segments"];
+        a.extend(common);
+        a.extend(["-o", PVSEG_FIELDS, dev]);
+        let segs = self.report(&a, "pvseg")?;
+        let vg = pv.first().map(|r| r.str("vg_name")).transpose().map_err(|why| LvmError::Parse { cmd: "pvs".into(), why })?;
+        let lvs = match vg {
+            Some(vg) if !vg.is_empty() => {
+                let mut a = vec!["lvs", "-a"];
+                a.extend(common);
+                a.extend(["-o", LV_FIELDS, vg.as_str()]);
+                self.report(&a, "lv")?
+            }
+            _ => Vec::new(),
+        };
+        assemble(dev, &pv, &segs, &lvs)
+    }
+
+    /// **Changes LVM state.** `lvm pvresize DEVICE`: make the PV fill its device (None), or
+    /// `--setphysicalvolumesize <n>s` (Some(n)); with a size LVM asks for confirmation, and
+    /// since this call is the explicit decision, `--yes` is passed.
+    pub fn pvresize(&self, device: &Path, size_sectors: Option<u64>) -> Result<()> {
+        let dev = device.to_string_lossy().into_owned();
+        let size = size_sectors.map(|s| format!("{s}s"));
+        let mut a = vec!["pvresize"];
+        if let Some(s) = &size {
+            a.extend(["--yes", "--setphysicalvolumesize", s.as_str()]);
+        }
+        a.push(&dev);
+        self.run(&a).map(|_| ())
+    }
+
+    /// **Changes LVM's run-time state** (not metadata): `lvm pvscan --cache [DEVICE]`, which
+    /// re-reads the device(s) and updates LVM's record of online PVs.
+    pub fn pvscan_cache(&self, device: Option<&Path>) -> Result<()> {
+        let dev = device.map(|d| d.to_string_lossy().into_owned());
+        let mut a = vec!["pvscan", "--cache"];
+        if let Some(d) = &dev {
+            a.push(d);
+        }
+        self.run(&a).map(|_| ())
+    }
+}
+
+/// [`Lvm::facts`] with the system's `lvm`.
+pub fn facts(device: &Path) -> Result<LvmFacts> {
+    Lvm::system().facts(device)
+}
+
+/// [`Lvm::pvresize`] with the system's `lvm`. Changes LVM metadata.
+pub fn pvresize(device: &Path, size_sectors: Option<u64>) -> Result<()> {
+    Lvm::system().pvresize(device, size_sectors)
+}
+
+/// [`Lvm::pvscan_cache`] with the system's `lvm`.
+pub fn pvscan_cache(device: Option<&Path>) -> Result<()> {
+    Lvm::system().pvscan_cache(device)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing
+
+/// One report row.
+#[derive(Debug, Clone)]
+pub struct Row(serde_json::Map<String, Value>);
+
+impl Row {
+    pub fn str(&self, f: &str) -> std::result::Result<String, String> {
+        match self.0.get(f) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            Some(Value::Null) | None => Err(format!("field {f} is missing")),
+            Some(v) => Err(format!("field {f} is not a string: {v}")),
+        }
+    }
+
+    pub fn num(&self, f: &str) -> std::result::Result<u64, String> {
+        match self.0.get(f) {
+            Some(Value::Number(n)) => n.as_u64().ok_or_else(|| format!("field {f} is not a whole number: {n}")),
+            Some(Value::String(s)) => parse_number(s).ok_or_else(|| format!("field {f} is not a whole number: {s:?}")),
+            Some(Value::Null) | None => Err(format!("field {f} is missing")),
+            Some(v) => Err(format!("field {f} is not a number: {v}")),
+        }
+    }
+}
+
+/// A number as LVM prints it in a string: "2048", " 2048", "2048s" / "2048S" (if the suffix
+/// was not suppressed), "2048.00" (whole numbers only).
+pub fn parse_number(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let s = s.strip_suffix(['s', 'S']).unwrap_or(s);
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    if int.is_empty() || !frac.bytes().all(|b| b == b'0') {
+        return None;
+    }
+    int.parse().ok()
+}
+
+/// The rows under `key` (e.g. "pv", "pvseg", "lv") in every section of a JSON report.
+pub fn rows(json: &str, key: &str) -> std::result::Result<Vec<Row>, String> {
+    let v: Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
+    let report = v.get("report").and_then(Value::as_array).ok_or("no \"report\" array")?;
+    let mut out = Vec::new();
+    for sec in report {
+        let Some(arr) = sec.get(key) else { continue };
+        let arr = arr.as_array().ok_or_else(|| format!("\"{key}\" is not an array"))?;
+        for r in arr {
+            let m = r.as_object().ok_or_else(|| format!("a \"{key}\" row is not an object"))?;
+            out.push(Row(m.clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// LVM's name for hidden LVs is bracketed ("[pool_tdata]"); facts use the bare name.
+pub fn bare_lv_name(n: &str) -> &str {
+    n.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(n)
+}
+
+/// The dm name LVM gives an LV: VG and LV names with '-' doubled, joined by '-'.
+pub fn dm_name(vg: &str, lv: &str) -> String {
+    format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"))
+}
+
+/// The `devices` field: "/dev/sda5(0),/dev/sdb1(10)" or "pool_tdata(0)" → (name, start).
+pub fn parse_devices(s: &str) -> Vec<(String, u64)> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| match d.rsplit_once('(') {
+            Some((name, rest)) => (name.to_string(), rest.trim_end_matches(')').parse().unwrap_or(0)),
+            None => (d.to_string(), 0),
+        })
+        .collect()
+}
+
+/// Whether a `devices` entry names a PV (a device path, or "[unknown]" for a missing PV)
+/// rather than a sub-LV.
+fn is_pv_entry(name: &str) -> bool {
+    name.starts_with('/') || name == "[unknown]"
+}
+
+/// lv_attr's 5th character (state): anything but '-' (inactive), 'h' (historical) and 'X'
+/// (unknown: no device-mapper) means a dm device exists for the LV.
+fn attr_active(attr: &str) -> bool {
+    attr.chars().nth(4).map(|c| "asISmMdicC".contains(c)).unwrap_or(false)
+}
+
+/// Build the facts from the three reports. `device` is what the PV was asked by; the PV's
+/// name as LVM reports it is what the LVs' `devices` fields use.
+pub fn assemble(device: &str, pv: &[Row], segs: &[Row], lvs: &[Row]) -> Result<LvmFacts> {
+    let perr = |why: String| LvmError::Parse { cmd: "pvs".into(), why };
+    let p = match pv {
+        [] => return Err(LvmError::NoPv(device.to_string())),
+        [p] => p,
+        _ => return Err(perr(format!("{} PVs reported for {device}, expected one", pv.len()))),
+    };
+    let pv_name = p.str("pv_name").map_err(perr)?;
+    let vg_name = p.str("vg_name").map_err(perr)?;
+    let mut segments = Vec::new();
+    for s in segs {
+        let serr = |why: String| LvmError::Parse { cmd: "pvs --segments".into(), why };
+        if s.0.contains_key("pv_name") && s.str("pv_name").map_err(serr)? != pv_name {
+            continue;
+        }
+        let extents = s.num("pvseg_size").map_err(serr)?;
+        if extents == 0 {
+            continue; // an orphan PV reports one empty segment
+        }
+        let lv = s.str("lv_name").map_err(serr)?;
+        segments.push(PvSegment {
+            start_extent: s.num("pvseg_start").map_err(serr)?,
+            extents,
+            lv: if lv.is_empty() { None } else { Some(bare_lv_name(&lv).to_string()) },
+        });
+    }
+    segments.sort_by_key(|s| s.start_extent);
+
+    // LVs, one row per segment: keep those with a segment on this PV.
+    struct Acc {
+        key: String,
+        f: LvFacts,
+        on_this_pv: bool,
+    }
+    let mut acc: Vec<Acc> = Vec::new();
+    for r in lvs {
+        let lerr = |why: String| LvmError::Parse { cmd: "lvs".into(), why };
+        let name = bare_lv_name(&r.str("lv_name").map_err(lerr)?).to_string();
+        let vg = r.str("vg_name").unwrap_or_else(|_| vg_name.clone());
+        let key = match r.str("lv_uuid") {
+            Ok(u) if !u.is_empty() => u,
+            _ => format!("{vg}/{name}"),
+        };
+        let attr = r.str("lv_attr").map_err(lerr)?;
+        let segtype = r.str("segtype").map_err(lerr)?;
+        let devices = parse_devices(&r.str("devices").unwrap_or_default());
+        let active_field = r.str("lv_active").unwrap_or_default();
+        let path = r.str("lv_dm_path").unwrap_or_default();
+        let dm = match path.rsplit_once('/') {
+            Some((_, n)) if !n.is_empty() => n.to_string(),
+            _ => dm_name(&vg, &name),
+        };
+        let idx = match acc.iter().position(|a| a.key == key) {
+            Some(i) => i,
+            None => {
+                acc.push(Acc {
+                    key: key.clone(),
+                    f: LvFacts {
+                        name: name.clone(),
+                        attr: attr.clone(),
+                        segtypes: Vec::new(),
+                        dm_name: dm,
+                        active: attr_active(&attr) || active_field == "active",
+                        spans_other_pvs: false,
+                    },
+                    on_this_pv: false,
+                });
+                acc.len() - 1
+            }
+        };
+        let a = &mut acc[idx];
+        if !a.f.segtypes.contains(&segtype) {
+            a.f.segtypes.push(segtype);
+        }
+        for (d, _) in &devices {
+            if *d == pv_name {
+                a.on_this_pv = true;
+            } else if is_pv_entry(d) {
+                a.f.spans_other_pvs = true;
+            }
+        }
+    }
+    let mut lvs: Vec<LvFacts> = acc.into_iter().filter(|a| a.on_this_pv).map(|a| a.f).collect();
+    lvs.sort_by(|a, b| a.name.cmp(&b.name));
+
+    Ok(LvmFacts {
+        pv_uuid: p.str("pv_uuid").map_err(perr)?,
+        vg_name,
+        vg_uuid: p.str("vg_uuid").map_err(perr)?,
+        pe_start: p.num("pe_start").map_err(perr)?,
+        extent_size: p.num("vg_extent_size").map_err(perr)?,
+        pe_count: p.num("pv_pe_count").map_err(perr)?,
+        pe_alloc_count: p.num("pv_pe_alloc_count").map_err(perr)?,
+        pv_size: p.num("pv_size").map_err(perr)?,
+        dev_size: p.num("dev_size").map_err(perr)?,
+        mda_count: p.num("pv_mda_count").map_err(perr)? as u32,
+        segments,
+        lvs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_in_strings() {
+        assert_eq!(parse_number("2048"), Some(2048));
+        assert_eq!(parse_number(" 2048 "), Some(2048));
+        assert_eq!(parse_number("2048S"), Some(2048));
+        assert_eq!(parse_number("2048s"), Some(2048));
+        assert_eq!(parse_number("2048.00"), Some(2048));
+        assert_eq!(parse_number("2048.50"), None);
+        assert_eq!(parse_number(""), None);
+        assert_eq!(parse_number("-1"), None);
+        assert_eq!(parse_number("1.00g"), None);
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(dm_name("vg0", "root"), "vg0-root");
+        assert_eq!(dm_name("my-vg", "lv-one"), "my--vg-lv--one");
+        assert_eq!(bare_lv_name("[pool_tdata]"), "pool_tdata");
+        assert_eq!(bare_lv_name("root"), "root");
+        assert_eq!(
+            parse_devices("/dev/loop0(30),/dev/loop1(0)"),
+            vec![("/dev/loop0".to_string(), 30), ("/dev/loop1".to_string(), 0)]
+        );
+        assert_eq!(parse_devices("pool_tdata(0)"), vec![("pool_tdata".to_string(), 0)]);
+        assert!(parse_devices("").is_empty());
+    }
+
+    #[test]
+    fn empty_report_is_no_pv() {
+        // What `pvs --reportformat json` prints (LVM 2.03.16) when it finds nothing.
+        let empty = "  {\n      \"report\": [\n          {\n              \"pv\": [\n              ]\n          }\n      ]\n  }\n";
+        let r = rows(empty, "pv").unwrap();
+        assert!(r.is_empty());
+        assert!(matches!(assemble("/dev/sda5", &r, &[], &[]), Err(LvmError::NoPv(_))));
+        assert!(rows("not json", "pv").is_err());
+        assert!(rows("{\"report\": 3}", "pv").is_err());
+    }
+
+    #[test]
+    fn json_numbers_are_accepted_too() {
+        let r = rows(r#"{"report":[{"pv":[{"pe_start":2048,"pv_name":"/dev/x"}]}]}"#, "pv").unwrap();
+        assert_eq!(r[0].num("pe_start"), Ok(2048));
+        assert!(r[0].num("nothing").is_err());
+    }
+}
