@@ -42,6 +42,14 @@ run() { # run a command; on failure name the step
     local what=$1; shift
     "$@" || failed "$what (command: $*)"
 }
+cleanup() { # leave nothing mounted or active, also after a failure
+    [ "$keep" = 1 ] && return 0
+    umount /mnt/vroot 2>/dev/null; umount /mnt/vhome 2>/dev/null
+    vgchange -q -an "${vg:-vg0}" >/dev/null 2>&1
+    [ "$mode" = luks ] && [ -n "$name" ] && cryptsetup close "$name" 2>/dev/null
+    return 0
+}
+trap cleanup EXIT
 [ -f "$state/disk.env" ] || failed "no $state/disk.env (was the disk made by mkdisk.sh?)"
 . "$state/disk.env"
 vg=${VG:-vg0}
@@ -113,9 +121,4 @@ if [ -n "${BOOT_DEV:-}" ] && [ -f "$state/boot.sha256" ]; then
     [ "$(devhash "$BOOT_DEV")" = "$(cat "$state/boot.sha256")" ] || failed "partition $BOOT_DEV changed"
 fi
 
-if [ "$keep" = 0 ]; then
-    umount /mnt/vroot /mnt/vhome
-    vgchange -q -an "$vg" >/dev/null
-    [ "$mode" = luks ] && cryptsetup close "$name"
-fi
 echo "VERIFY OK ($mode)" >&2

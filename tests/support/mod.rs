@@ -1,0 +1,508 @@
+//! Shared harness for the User-Mode Linux tests (`tests/uml_*.rs`).
+//!
+//! Each test file does `mod support;` and then, for example:
+//!
+//! ```ignore
+//! let dir = support::test_dir("my_test");
+//! let (d1, d2) = support::laptop_disks(&dir);
+//! let run = support::uml().disk(&d1).disk(&d2).out_dir(dir.join("out"))
+//!     .run_script(&format!("{}\nbash \"$UML_LIB/verify.sh\" --plain", support::MKDISK));
+//! run.assert_ok();
+//! ```
+//!
+//! The guest's root is the host's / mounted read-only; scripts run as bash with
+//! `set -euo pipefail` and `$UML_LIB/common.sh` already sourced, and get
+//! OUT (= the out dir, shared with the host), LUKSIFY, LKTEST, REPO, QEMU_DIR,
+//! UML_LIB in their environment (see qemu/uml/init).
+//!
+//! Missing User-Mode Linux is a loud failure, never a skip.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+pub const UML_BIN: &str = "/usr/bin/linux.uml";
+pub const UML_MODULES: &str = "/usr/lib/uml/modules";
+
+/// Builds the realistic laptop disks on /dev/ubda + /dev/ubdb (see qemu/uml/lib/mkdisk.sh).
+pub const MKDISK: &str = r#"bash "$UML_LIB/mkdisk.sh" --disk1 /dev/ubda --disk2 /dev/ubdb"#;
+
+/// The repository root (where Cargo.toml of luksify is).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Root of per-test scratch directories: $CARGO_TARGET_TMPDIR/uml-tests if
+/// cargo gives one, else <repo>/target/uml-tests.
+pub fn tests_root() -> PathBuf {
+    let base = option_env!("CARGO_TARGET_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"));
+    let p = base.join("uml-tests");
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+/// A fresh (emptied) scratch directory for one test.
+pub fn test_dir(name: &str) -> PathBuf {
+    let p = tests_root().join(name);
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+/// A sparse image file of `mib` MiB (created or resized; content kept).
+pub fn sparse_image(dir: &Path, name: &str, mib: u64) -> PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).unwrap();
+    f.set_len(mib << 20).unwrap();
+    p
+}
+
+/// Image sizes for `mkdisk.sh` with the given PV and tail sizes (MiB).
+pub fn disk1_mib(pv_mib: u64, tail_mib: u64) -> u64 {
+    1 + 8 + 1 + pv_mib + tail_mib + 2
+}
+
+/// Two sparse images sized for the default mkdisk.sh layout (PV 256 MiB, tail 20 MiB).
+pub fn laptop_disks(dir: &Path) -> (PathBuf, PathBuf) {
+    (sparse_image(dir, "disk1.img", disk1_mib(256, 20)), sparse_image(dir, "disk2.img", 64))
+}
+
+/// sha256 of a host file, hex.
+pub fn sha256_file(p: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut f = std::fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Copy a (sparse) image or a directory tree of small files, keeping holes.
+pub fn copy_sparse(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .args(["-a", "--sparse=always", "--reflink=auto"])
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp {} {}", from.display(), to.display());
+}
+
+fn check_uml_installed() {
+    let kver_ok = std::fs::read_dir(UML_MODULES)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    if !Path::new(UML_BIN).exists() || !kver_ok {
+        panic!(
+            "User-Mode Linux is not installed ({UML_BIN} and modules in {UML_MODULES} are required): \
+             apt-get install user-mode-linux lvm2 cryptsetup-bin kmod e2fsprogs xfsprogs fdisk \
+             (these tests never skip)"
+        );
+    }
+    for tool in ["/usr/sbin/lvm", "/usr/sbin/cryptsetup", "/usr/sbin/sfdisk", "/usr/sbin/mkfs.xfs", "/usr/sbin/dmsetup"] {
+        if !Path::new(tool).exists() {
+            panic!("{tool} missing: apt-get install lvm2 cryptsetup-bin fdisk xfsprogs dmsetup");
+        }
+    }
+}
+
+/// Newest mtime of the files under `dir` (recursive).
+fn newest_mtime(dir: &Path) -> SystemTime {
+    let mut t = SystemTime::UNIX_EPOCH;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if let Ok(md) = std::fs::symlink_metadata(&p) {
+                let m = if md.is_dir() { newest_mtime(&p) } else { md.modified().unwrap() };
+                t = t.max(m);
+            }
+        }
+    }
+    t
+}
+
+/// Path of an up-to-date `lktest` binary, building it if needed. When the
+/// lktest next to the luksify binary under test (`cargo build --workspace`
+/// puts it there) is missing or older than testkit's sources, it is
+/// built into target/uml-tests/testkit-target (a separate target dir, so this
+/// never waits on the build lock of the `cargo test` that runs us).
+pub fn lktest() -> PathBuf {
+    static LK: OnceLock<PathBuf> = OnceLock::new();
+    LK.get_or_init(|| {
+        if let Ok(p) = std::env::var("LKTEST_BIN") {
+            return PathBuf::from(p);
+        }
+        let src = newest_mtime(&repo().join("testkit"));
+        let fresh = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).map(|m| m >= src).unwrap_or(false);
+        let main = Path::new(env!("CARGO_BIN_EXE_luksify")).with_file_name("lktest");
+        if fresh(&main) {
+            return main;
+        }
+        let tdir = tests_root().join("testkit-target");
+        let side = tdir.join("debug/lktest");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .current_dir(repo())
+            .args(["build", "-p", "luksify-testkit", "--bin", "lktest", "--target-dir"])
+            .arg(&tdir)
+            .status()
+            .expect("run cargo build -p luksify-testkit");
+        assert!(st.success(), "cargo build -p luksify-testkit failed");
+        assert!(side.exists(), "{} missing after build", side.display());
+        side
+    })
+    .clone()
+}
+
+/// The luksify binary under test (cargo builds it for integration tests).
+pub fn luksify_bin() -> PathBuf {
+    std::env::var("LUKSIFY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_BIN_EXE_luksify")))
+}
+
+// ---- limiting concurrent guests ------------------------------------------------
+
+/// A slot among $LUKSIFY_UML_JOBS (default 2) concurrent UML guests, shared by
+/// every test process on the machine (flock on files in tests_root()).
+pub struct Slot {
+    _f: std::fs::File,
+}
+
+pub fn slot() -> Slot {
+    let jobs: usize = std::env::var("LUKSIFY_UML_JOBS").ok().and_then(|s| s.parse().ok()).unwrap_or(2).max(1);
+    loop {
+        for i in 0..jobs {
+            let p = tests_root().join(format!(".uml-slot-{i}.lock"));
+            let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).unwrap();
+            // SAFETY: flock on an fd we own
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Slot { _f: f };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+// ---- the builder ------------------------------------------------------------------
+
+/// Start describing a guest. Panics (never skips) if UML is not installed.
+pub fn uml() -> Uml {
+    check_uml_installed();
+    Uml { disks: Vec::new(), timeout: 120, mem: "384M".into(), out_dir: None, env: Vec::new() }
+}
+
+#[derive(Clone)]
+pub struct Uml {
+    disks: Vec<PathBuf>,
+    timeout: u64,
+    mem: String,
+    out_dir: Option<PathBuf>,
+    env: Vec<(String, String)>,
+}
+
+impl Uml {
+    /// Add a disk: the first is /dev/ubda, then /dev/ubdb, ...
+    pub fn disk(mut self, p: impl AsRef<Path>) -> Self {
+        self.disks.push(p.as_ref().to_path_buf());
+        self
+    }
+    /// Guest wall-clock limit in seconds (default 120); the runner then kills it.
+    pub fn timeout(mut self, secs: u64) -> Self {
+        self.timeout = secs;
+        self
+    }
+    /// Guest memory, e.g. "384M" (default).
+    pub fn mem(mut self, m: &str) -> Self {
+        self.mem = m.into();
+        self
+    }
+    /// Host directory mounted at /run/out ($OUT) in the guest. Use the same one
+    /// for several boots to carry state (manifests, acked records) across them.
+    /// Default: a fresh temp dir per run.
+    pub fn out_dir(mut self, p: impl AsRef<Path>) -> Self {
+        self.out_dir = Some(p.as_ref().to_path_buf());
+        self
+    }
+    /// Extra variable for the script: exported at the top of it.
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    fn prepare(&self, script: &str) -> (PathBuf, PathBuf) {
+        let out = match &self.out_dir {
+            Some(p) => p.clone(),
+            None => {
+                static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                test_dir(&format!("anon-{}-{n}", std::process::id()))
+            }
+        };
+        std::fs::create_dir_all(&out).unwrap();
+        let mut text = String::from("set -euo pipefail\n. \"$UML_LIB/common.sh\"\n");
+        for (k, v) in &self.env {
+            text.push_str(&format!("export {k}='{}'\n", v.replace('\'', "'\\''")));
+        }
+        text.push_str(script);
+        text.push('\n');
+        let sp = out.join("scenario.sh");
+        std::fs::write(&sp, text).unwrap();
+        (out, sp)
+    }
+
+    fn command(&self, out: &Path, scenario: &Path) -> Command {
+        let mut c = Command::new(repo().join("qemu/uml/run"));
+        c.arg("--out").arg(out).arg("--mem").arg(&self.mem).arg("--timeout").arg(self.timeout.to_string());
+        for d in &self.disks {
+            c.arg("--disk").arg(d);
+        }
+        c.arg(scenario);
+        c.env("LUKSIFY_BIN", luksify_bin()).env("LKTEST_BIN", lktest());
+        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c
+    }
+
+    /// Boot, run `script` (bash) as the guest's payload, power off; wait.
+    pub fn run_script(&self, script: &str) -> GuestRun {
+        self.spawn_script(script).wait()
+    }
+
+    /// Boot and run `script` in the background; returns at once (once UML started).
+    pub fn spawn_script(&self, script: &str) -> RunningGuest {
+        let slot = slot();
+        let (out, sp) = self.prepare(script);
+        let _ = std::fs::remove_file(out.join("uml.pgid"));
+        let started = Instant::now();
+        let child = self.command(&out, &sp).spawn().expect("start qemu/uml/run");
+        let g = RunningGuest { child: Some(child), out_dir: out, started, _slot: slot };
+        // the runner writes the pgid right after starting UML
+        g.wait_for_file("uml.pgid", Duration::from_secs(30));
+        g
+    }
+}
+
+/// A finished guest.
+#[derive(Debug)]
+pub struct GuestRun {
+    /// the scenario's exit status; 124 = timed out, 125 = died without rc (power cut, crash)
+    pub rc: i32,
+    /// the guest's log: init messages + the scenario's stdout and stderr
+    pub log: String,
+    /// what the runner printed (its own summary line, errors)
+    pub runner_output: String,
+    pub out_dir: PathBuf,
+    pub elapsed: Duration,
+}
+
+impl GuestRun {
+    fn tail(&self) -> String {
+        let lines: Vec<&str> = self.log.lines().collect();
+        let from = lines.len().saturating_sub(80);
+        format!(
+            "--- last {} lines of {}/guest.log ---\n{}\n--- runner ---\n{}",
+            lines.len() - from,
+            self.out_dir.display(),
+            lines[from..].join("\n"),
+            self.runner_output
+        )
+    }
+    /// Panic with the log's tail unless the scenario exited 0.
+    pub fn assert_ok(&self) -> &Self {
+        self.assert_rc(0)
+    }
+    pub fn assert_rc(&self, rc: i32) -> &Self {
+        assert_eq!(self.rc, rc, "guest exit status {} (expected {rc})\n{}", self.rc, self.tail());
+        self
+    }
+    /// Panic unless the log contains `s`.
+    pub fn assert_log_contains(&self, s: &str) -> &Self {
+        assert!(self.log.contains(s), "guest log lacks {s:?}\n{}", self.tail());
+        self
+    }
+    /// Contents of a file the guest wrote in $OUT.
+    pub fn file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.out_dir.join(name))
+            .unwrap_or_else(|e| panic!("{}/{name}: {e}\n{}", self.out_dir.display(), self.tail()))
+    }
+}
+
+/// A guest running in the background.
+pub struct RunningGuest {
+    child: Option<Child>,
+    pub out_dir: PathBuf,
+    started: Instant,
+    _slot: Slot,
+}
+
+impl RunningGuest {
+    /// Process group of the UML kernel (all its host processes).
+    pub fn pgid(&self) -> i32 {
+        std::fs::read_to_string(self.out_dir.join("uml.pgid")).unwrap().trim().parse().unwrap()
+    }
+    fn alive(&self) -> bool {
+        // SAFETY: signal 0 only checks existence
+        unsafe { libc::kill(-self.pgid(), 0) == 0 }
+    }
+    /// Wait until $OUT/name exists; panic after `timeout` or if the guest ended.
+    pub fn wait_for_file(&self, name: &str, timeout: Duration) {
+        self.wait_until(&format!("{name} to exist"), timeout, |_| true, name)
+    }
+    /// Wait until $OUT/name has at least `n` complete lines.
+    pub fn wait_for_lines(&self, name: &str, n: usize, timeout: Duration) {
+        self.wait_until(
+            &format!("{n} lines in {name}"),
+            timeout,
+            |t| t.bytes().filter(|&b| b == b'\n').count() >= n,
+            name,
+        )
+    }
+    fn wait_until(&self, what: &str, timeout: Duration, ok: impl Fn(&str) -> bool, name: &str) {
+        let p = self.out_dir.join(name);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(t) = std::fs::read(&p) {
+                if ok(&String::from_utf8_lossy(&t)) {
+                    return;
+                }
+            }
+            let ended = self.out_dir.join("rc").exists() || (name != "uml.pgid" && !self.alive());
+            if ended || Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.out_dir.join("guest.log")).unwrap_or_default();
+                panic!(
+                    "waited {:?} for {what}: {}\n--- {}/guest.log ---\n{log}",
+                    timeout,
+                    if ended { "the guest ended first" } else { "timed out" },
+                    self.out_dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    /// Cut the power: SIGKILL the whole UML process group, at once.
+    pub fn power_cut(&mut self) {
+        let pg = self.pgid();
+        // SAFETY: kill on the process group we started
+        let r = unsafe { libc::kill(-pg, libc::SIGKILL) };
+        assert!(r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH));
+    }
+    /// Wait for the guest to end (normally, by timeout or by power_cut).
+    pub fn wait(mut self) -> GuestRun {
+        let child = self.child.take().unwrap();
+        let o = child.wait_with_output().expect("wait for qemu/uml/run");
+        let rc = o.status.code().unwrap_or(-1);
+        let log = std::fs::read_to_string(self.out_dir.join("guest.log")).unwrap_or_default();
+        let runner_output = String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
+        let run = GuestRun { rc, log, runner_output, out_dir: self.out_dir.clone(), elapsed: self.started.elapsed() };
+        eprintln!("uml guest in {} ended with {rc} after {:.1}s", run.out_dir.display(), run.elapsed.as_secs_f64());
+        run
+    }
+}
+
+impl Drop for RunningGuest {
+    fn drop(&mut self) {
+        // a panicking test must not leave a guest behind
+        if let Some(mut c) = self.child.take() {
+            if let Ok(s) = std::fs::read_to_string(self.out_dir.join("uml.pgid")) {
+                if let Ok(pg) = s.trim().parse::<i32>() {
+                    // SAFETY: our own process group
+                    unsafe { libc::kill(-pg, libc::SIGKILL) };
+                }
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+// ---- a shared, once-built realistic disk ----------------------------------------
+
+/// State of a disk built by mkdisk.sh: the images and the out dir holding its
+/// manifests (disk.env, manifest.*, lvhash.txt, boot.sha256).
+pub struct BuiltDisk {
+    pub disk1: PathBuf,
+    pub disk2: PathBuf,
+    pub state: PathBuf,
+    /// the guest run that built it
+    pub build_log: String,
+    pub build_secs: f64,
+}
+
+/// The realistic laptop disk, built once per test process (in
+/// tests_root()/golden-<pid>), for tests to copy with `fresh_copy`.
+pub fn golden() -> &'static BuiltDisk {
+    static G: OnceLock<BuiltDisk> = OnceLock::new();
+    static BUILDING: Mutex<()> = Mutex::new(());
+    let _g = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    G.get_or_init(|| {
+        let dir = test_dir(&format!("golden-{}", std::process::id()));
+        let (d1, d2) = laptop_disks(&dir);
+        let state = dir.join("state");
+        let run = uml().disk(&d1).disk(&d2).out_dir(&state).timeout(120).run_script(MKDISK);
+        run.assert_ok();
+        BuiltDisk {
+            disk1: d1,
+            disk2: d2,
+            state,
+            build_log: run.log.clone(),
+            build_secs: run.elapsed.as_secs_f64(),
+        }
+    })
+}
+
+/// A private copy of the golden disk for one test: images and state in `dir`
+/// (the state dir is `dir/out`, to be used as the guest's out dir).
+pub fn fresh_copy(dir: &Path) -> BuiltDisk {
+    let g = golden();
+    let d1 = dir.join("disk1.img");
+    let d2 = dir.join("disk2.img");
+    copy_sparse(&g.disk1, &d1);
+    copy_sparse(&g.disk2, &d2);
+    let state = dir.join("out");
+    std::fs::create_dir_all(&state).unwrap();
+    for e in std::fs::read_dir(&g.state).unwrap().flatten() {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        if n.starts_with("manifest.") || ["disk.env", "lvhash.txt", "boot.sha256", "key"].contains(&n.as_ref()) {
+            std::fs::copy(e.path(), state.join(&*n)).unwrap();
+        }
+    }
+    BuiltDisk { disk1: d1, disk2: d2, state, build_log: String::new(), build_secs: 0.0 }
+}
+
+// ---- host-side checks ------------------------------------------------------------
+
+/// Files under `dir` whose mtime or ctime is at or after `since` (unreadable entries skipped).
+pub fn changed_since(dir: &Path, since: SystemTime) -> Vec<PathBuf> {
+    let since_ns = since.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as i128;
+    let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(md) = std::fs::symlink_metadata(&p) else { continue };
+            if ns(md.mtime(), md.mtime_nsec()) >= since_ns || ns(md.ctime(), md.ctime_nsec()) >= since_ns {
+                out.push(p.clone());
+            }
+            if md.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
