@@ -12,7 +12,7 @@ fn boot_sees_dm_targets_and_ubd_partitions_and_rc_propagates() {
     let run = uml().disk(&d1).out_dir(dir.join("out")).timeout(60).run_script(
         r#"
 dmsetup targets | tee "$OUT/targets"
-for t in linear mirror crypt flakey; do dmsetup targets | grep -qw "^$t" || die "no dm target $t"; done
+for t in linear mirror crypt flakey; do dmsetup targets | grep -w "^$t" >/dev/null || die "no dm target $t"; done
 # partitions appear as ubda1, ubda5 (logical) on devtmpfs
 printf 'label: dos\n,16M,83\n,,5\n,8M,8e\n' | sfdisk -q /dev/ubda
 wait_dev /dev/ubda1; wait_dev /dev/ubda5
@@ -190,4 +190,73 @@ echo RO-OK
     assert!(!std::path::Path::new("/etc/lvm/harmless").exists(), "/etc/lvm/harmless exists on the host");
     let changed = changed_since(std::path::Path::new("/etc"), stamp);
     assert!(changed.is_empty(), "files under the host's /etc changed during the test: {changed:?}");
+}
+
+#[test]
+fn luks_variant_verifies_through_cryptsetup_and_a_wrong_key_fails() {
+    let dir = test_dir("luks-variant");
+    let (d1, d2) = laptop_disks(&dir);
+    let run = uml().disk(&d1).disk(&d2).out_dir(dir.join("out")).run_script(&format!(
+        r#"
+{MKDISK} --variant luks --quick
+cryptsetup isLuks /dev/ubda5 || die "not LUKS"
+bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key"
+grep -q "^Version:.*2" "$OUT/luksDump.txt" || die "luksDump not recorded"
+printf 'wrong key' > /tmp/wrong
+if bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file /tmp/wrong 2>"$OUT/wrong.err"; then die "opened with a wrong key"; fi
+grep -q "VERIFY FAILED: cryptsetup open" "$OUT/wrong.err" || {{ cat "$OUT/wrong.err"; die "wrong failure"; }}
+# a plain disk is not LUKS: the LUKS verifier refuses it
+{MKDISK} --quick
+if bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key" 2>"$OUT/plain.err"; then die "plain disk passed as LUKS"; fi
+grep -q "VERIFY FAILED: isLuks" "$OUT/plain.err" || {{ cat "$OUT/plain.err"; die "wrong failure"; }}
+echo LUKS-VERIFY-OK
+"#
+    ));
+    run.assert_ok().assert_log_contains("VERIFY OK (luks)").assert_log_contains("LUKS-VERIFY-OK");
+    eprintln!("luks variant test boot took {:.1}s", run.elapsed.as_secs_f64());
+}
+
+#[test]
+fn refusal_variants_have_the_advertised_shape() {
+    let dir = test_dir("variants");
+    let (d1, d2) = laptop_disks(&dir);
+    let run = uml().disk(&d1).disk(&d2).out_dir(dir.join("out")).run_script(&format!(
+        r#"
+tail_sectors() {{ # sectors of ubda5 past the PV's last extent (pe_start + pe_count * extent)
+    local dev
+    dev=$(blockdev --getsz /dev/ubda5)
+    pvs --noheadings --units s --nosuffix -o pe_start,pv_pe_count,vg_extent_size /dev/ubda5 |
+        awk -v dev="$dev" '{{ print dev - ($1 + $2 * $3) }}'
+}}
+last_seg_lv() {{ pvs --noheadings --segments -o lv_name /dev/ubda5 | tail -1 | tr -d ' '; }}
+
+{MKDISK} --variant lastused --quick
+vgchange -ay vg0 >/dev/null
+[ "$(last_seg_lv)" = filler ] || die "lastused: last extents are not allocated"
+[ "$(tail_sectors)" -ge $((20 * 2048)) ] || die "lastused: no tail"
+vgchange -an vg0 >/dev/null
+
+{MKDISK} --quick
+[ -z "$(last_seg_lv)" ] || die "realistic: last extents should be free"
+
+{MKDISK} --variant notail --quick
+t=$(tail_sectors); echo "notail: $t sectors past the PV"
+[ "$t" -lt 32768 ] || die "notail: $t sectors of tail, room for a 16 MiB header"
+
+{MKDISK} --variant snapshot --quick
+lvs --noheadings -o lv_name,origin vg0 | grep "rootsnap *root" >/dev/null || die "snapshot: no rootsnap of root"
+
+{MKDISK} --variant plainfs --quick
+[ "$(blkid -o value -s TYPE /dev/ubda5)" = ext4 ] || die "plainfs: not ext4"
+mount -o ro /dev/ubda5 /mnt && "$LKTEST" verify-manifest --root /mnt --manifest "$OUT/manifest.plain" && umount /mnt
+
+{MKDISK} --variant blank
+[ -z "$(blkid -p -o value -s TYPE /dev/ubda5)" ] || die "blank: has a signature"
+# the unrelated partition is always there
+[ "$(blkid -o value -s LABEL /dev/ubda1)" = boot ] || die "no boot partition"
+echo VARIANTS-OK
+"#
+    ));
+    run.assert_ok().assert_log_contains("VARIANTS-OK");
+    eprintln!("variants test boot took {:.1}s", run.elapsed.as_secs_f64());
 }

@@ -2,7 +2,7 @@
 # Build the test disks INSIDE the UML guest (it needs device-mapper and LVM).
 #
 #   mkdisk.sh --disk1 /dev/ubda [--disk2 /dev/ubdb] [--tail-mib 20] [--pv-mib 256]
-#             [--extent-mib 4] [--variant V] [--keep-active] [--key-file K]
+#             [--extent-mib 4] [--variant V] [--keep-active] [--key-file K] [--quick]
 #
 # Disk 1, msdos label (the laptop of the story):
 #   p1  8 MiB ext4 "boot" (unrelated, must stay untouched)
@@ -29,12 +29,13 @@
 #   disk.env        shell variables: PV_DEV, DISK1, DISK2, VARIANT, PV_MIB, TAIL_MIB, ...
 #   manifest.root, manifest.home (manifest.plain for plainfs)
 #   lvhash.txt      "LV sha256" for raw, split, span (whole LV)
+# --quick puts far fewer files in the filesystems (for tests of the layout only).
 # Unless --keep-active, everything is unmounted and vg0 deactivated at the end;
 # with it, root is mounted at /mnt/root and home at /mnt/home.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-disk1="" disk2="" tail=20 pv=256 ext=4 variant=realistic keep=0 key=""
+disk1="" disk2="" tail=20 pv=256 ext=4 variant=realistic keep=0 key="" quick=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --disk1) disk1=$2; shift 2 ;;
@@ -45,6 +46,7 @@ while [ $# -gt 0 ]; do
         --variant) variant=$2; shift 2 ;;
         --keep-active) keep=1; shift ;;
         --key-file) key=$2; shift 2 ;;
+        --quick) quick=1; shift ;;
         *) die "mkdisk: unknown argument $1" ;;
     esac
 done
@@ -99,6 +101,10 @@ fi
 
 populate_root() { # DIR: a few MB of varied files
     local d=$1 i
+    if [ "$quick" = 1 ]; then
+        "$LKTEST" tree "$d/data" --seed 13 --files 20 --mib 1 >/dev/null
+        return 0
+    fi
     mkdir -p "$d/etc" "$d/usr/share/doc" "$d/var/log" "$d/srv/random" "$d/deep/a/b/c/d/e/f/g"
     # real text (a few docs from the host; hostfs is slow per file, keep it short)
     cp -a /usr/share/doc/bash /usr/share/doc/lvm2 "$d/usr/share/doc/" 2>/dev/null || true
@@ -201,7 +207,7 @@ mount /dev/vg0/root /mnt/root
 mount /dev/vg0/home /mnt/home
 populate_root /mnt/root
 mkdir -p /mnt/home/user
-"$LKTEST" tree /mnt/home/user --seed 12 --files 60 --mib 2 >/dev/null
+"$LKTEST" tree /mnt/home/user --seed 12 --files $([ "$quick" = 1 ] && echo 10 || echo 60) --mib 2 >/dev/null
 head -c 300007 /dev/urandom > /mnt/home/user/blob
 sync
 make_manifest root /mnt/root

@@ -17,6 +17,7 @@
 # and home; verify raw LV hashes; verify-records. Exit non-zero with a
 # "VERIFY FAILED: <step>" line naming the first step that failed.
 set -uo pipefail
+PS4='+ ${EPOCHREALTIME} '
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 luks="" key="" name="" state=${OUT:-} records="" min_acked=0 replay=1 keep=0 mode=""
@@ -76,8 +77,8 @@ for lv in root home raw split; do
     [ -b "/dev/$vg/$lv" ] || failed "LV $vg/$lv missing after activation"
 done
 if [ "$mode" = luks ]; then
-    pvs --noheadings -o pv_name 2>/dev/null | grep -q "/dev/mapper/$name" ||
-        failed "the PV is not on /dev/mapper/$name: $(pvs --noheadings -o pv_name 2>&1 | tr '\n' ' ')"
+    pvlist=$(pvs --noheadings -o pv_name 2>&1)
+    case "$pvlist" in *"/dev/mapper/$name"*) ;; *) failed "the PV is not on /dev/mapper/$name: $pvlist" ;; esac
 fi
 
 mkdir -p /mnt/vroot /mnt/vhome
