@@ -6,3 +6,4 @@ pub mod blockdev;
 pub mod dm;
 pub mod lvm;
 pub mod probe;
+pub mod luks;
