@@ -1,12 +1,379 @@
-//! Dispatch of the command line onto the engine and the adapters.
+//! Dispatch of the command line onto the planner, the engine and the adapters.
 
-use crate::cli::{Cli, Command};
+use crate::adapters::kernel::DmKernel;
+use crate::adapters::rawdisk::RawDisk;
+use crate::adapters::{luks, lvm, probe, sys};
+use crate::cli::{exit, Cli, Command, ConvertOpts, KeyOpts, RunOpts};
+use crate::core::journal::{Record, State};
+use crate::core::plan::{self, LuksVersion};
+use crate::core::state as fsm;
+use crate::core::tables::DevRef;
+use crate::engine::{Engine, EngineError, Event, Hooks};
 use crate::error::{Error, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::{IsTerminal, Seek, SeekFrom, Write};
+use std::path::Path;
 
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
-        Some(Command::Status { .. }) => Err(Error::Failed("status: not built yet".into())),
-        Some(Command::Resume { .. }) => Err(Error::Failed("resume: not built yet".into())),
-        None => Err(Error::Failed("not built yet".into())),
+        Some(Command::Status { json, device }) => status(&device, json),
+        Some(Command::Resume { opts, run, device }) => resume(&device, &opts, &run),
+        None => {
+            let device = cli.device.expect("clap requires DEVICE");
+            if cli.dry_run {
+                dry_run(&device, &cli.opts, cli.json)
+            } else {
+                convert(&device, &cli.opts)
+            }
+        }
     }
+}
+
+fn probe_device(device: &Path) -> Result<crate::core::facts::DeviceFacts> {
+    probe::probe(device).map_err(|e| Error::Refused(e.to_string()))
+}
+
+fn dry_run(device: &Path, o: &ConvertOpts, json: bool) -> Result<i32> {
+    let facts = probe_device(device)?;
+    let p = plan::plan(&facts, &o.plan_options());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&p).expect("plan serialises"));
+    } else {
+        print!("{}", plan::render(&p));
+    }
+    if p.ok() {
+        Ok(exit::OK)
+    } else {
+        for r in &p.refusals {
+            eprintln!("luksify: refused: {}", r.message);
+        }
+        Ok(exit::REFUSED)
+    }
+}
+
+/// Size of a block device (or file) in sectors, by seeking to its end.
+fn size_sectors(device: &Path) -> Result<u64> {
+    let mut f = std::fs::File::open(device).map_err(|e| Error::Refused(format!("cannot open {}: {e}", device.display())))?;
+    let bytes = f.seek(SeekFrom::End(0)).map_err(|e| Error::Failed(format!("cannot size {}: {e}", device.display())))?;
+    Ok(bytes / 512)
+}
+
+fn raw_devref(device: &Path) -> Result<DevRef> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let md = std::fs::metadata(device).map_err(|e| Error::Refused(format!("{}: {e}", device.display())))?;
+    if !md.file_type().is_block_device() {
+        return Err(Error::Refused(format!("{} is not a block device", device.display())));
+    }
+    let rdev = md.rdev();
+    Ok(DevRef { major: nix::sys::stat::major(rdev) as u32, minor: nix::sys::stat::minor(rdev) as u32 })
+}
+
+fn open_disk(device: &Path, writable: bool) -> Result<RawDisk> {
+    RawDisk::open(device, writable).map_err(|e| Error::Failed(format!("cannot open {}: {e}", device.display())))
+}
+
+fn engine_err(e: EngineError, device: &Path) -> Error {
+    match e {
+        EngineError::Stopped(c) => Error::Paused(format!("cursor {c}"), device.display().to_string()),
+        EngineError::Refused(m) => Error::Refused(m),
+        other => Error::Failed(format!(
+            "{other}\nluksify: the journal on {} records the last safe state; `luksify status {0}` shows it and `luksify resume {0}` continues",
+            device.display()
+        )),
+    }
+}
+
+#[derive(serde::Serialize)]
+struct StatusJson<'a> {
+    device: String,
+    in_progress: bool,
+    state: Option<&'a str>,
+    cursor: Option<u64>,
+    move_sectors: Option<u64>,
+    progress: Option<f64>,
+    name: Option<&'a str>,
+    luks_version: Option<u8>,
+    luks_uuid: Option<&'a str>,
+    seq: Option<u64>,
+}
+
+fn status(device: &Path, json: bool) -> Result<i32> {
+    let n = size_sectors(device)?;
+    let mut disk = open_disk(device, false)?;
+    let rec = Engine::<RawDisk, DmKernel>::read_journal(&mut disk, n).map_err(|e| Error::Failed(e.to_string()))?;
+    let cursor = rec.as_ref().and_then(|r| match r.state {
+        State::Migrating { cursor } => Some(cursor),
+        _ => None,
+    });
+    if json {
+        let s = StatusJson {
+            device: device.display().to_string(),
+            in_progress: rec.is_some(),
+            state: rec.as_ref().map(|r| r.state.name()),
+            cursor,
+            move_sectors: rec.as_ref().map(|r| r.geometry.l),
+            progress: rec.as_ref().map(|r| fsm::progress(&r.geometry, r.state)),
+            name: rec.as_ref().map(|r| r.name.as_str()),
+            luks_version: rec.as_ref().map(|r| r.luks_version),
+            luks_uuid: rec.as_ref().map(|r| r.luks_uuid.as_str()),
+            seq: rec.as_ref().map(|r| r.seq),
+        };
+        println!("{}", serde_json::to_string_pretty(&s).expect("serialises"));
+    } else {
+        match &rec {
+            None => println!("{}: no luksify conversion in progress", device.display()),
+            Some(r) => {
+                println!("{}: luksify conversion in progress", device.display());
+                println!("  state:    {}", r.state.name());
+                if let Some(c) = cursor {
+                    println!("  cursor:   sector {c} of {} ({} sectors left to move)", r.geometry.l, c);
+                }
+                println!("  progress: {:.1}%", 100.0 * fsm::progress(&r.geometry, r.state));
+                println!("  target:   LUKS{} {} as /dev/mapper/{} (UUID {})", r.luks_version, r.cipher, r.name, r.luks_uuid);
+                println!("  continue: luksify resume {}", device.display());
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn passphrase(k: &KeyOpts, confirm: bool) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    let src = match &k.key_file {
+        Some(p) => sys::KeySource::File(p),
+        None => {
+            if !std::io::stdin().is_terminal() {
+                return Err(Error::Usage("no terminal to ask for the passphrase: use --key-file FILE (or - for standard input)".into()));
+            }
+            sys::KeySource::Terminal { confirm }
+        }
+    };
+    sys::read_passphrase(src).map_err(Error::Usage)
+}
+
+fn lock(device: &Path) -> Result<std::fs::File> {
+    match sys::lock_device(device) {
+        Ok(Some(f)) => Ok(f),
+        Ok(None) => Err(Error::Refused(format!(
+            "another luksify is running on {} (it holds the device lock); wait for it or stop it with Ctrl-C",
+            device.display()
+        ))),
+        Err(e) => Err(Error::Refused(format!("cannot open {}: {e}", device.display()))),
+    }
+}
+
+/// Progress on the terminal (a bar) or as JSON lines.
+struct CliHooks {
+    bar: Option<ProgressBar>,
+    json: bool,
+    l: u64,
+    name: String,
+    last_line_pct: i64,
+}
+
+impl CliHooks {
+    fn new(run: &RunOpts, l: u64, moved: u64, name: &str) -> CliHooks {
+        let tty = std::io::stderr().is_terminal();
+        let bar = (!run.progress_json && tty).then(|| {
+            let b = ProgressBar::new(l * 512);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                )
+                .expect("template")
+                .progress_chars("=> "),
+            );
+            b.set_position(moved * 512);
+            b
+        });
+        CliHooks { bar, json: run.progress_json, l, name: name.to_string(), last_line_pct: -1 }
+    }
+}
+
+impl Hooks for CliHooks {
+    fn event(&mut self, e: &Event) {
+        match e {
+            Event::ChunkDone { from, .. } => {
+                let moved = self.l - from;
+                if let Some(b) = &self.bar {
+                    b.set_position(moved * 512);
+                } else if self.json {
+                    eprintln!("{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{}}}", self.l);
+                } else {
+                    let pct = (moved * 100 / self.l) as i64;
+                    if pct / 10 != self.last_line_pct / 10 {
+                        self.last_line_pct = pct;
+                        eprintln!("luksify: {pct}% moved ({moved} of {} sectors)", self.l);
+                    }
+                }
+            }
+            Event::Committed(st) => {
+                if self.json {
+                    eprintln!("{{\"event\":\"commit\",\"state\":\"{}\"}}", st.name());
+                } else if self.bar.is_none() {
+                    match st {
+                        State::Bridged => eprintln!("luksify: bridge /dev/mapper/{} inserted under the live mappings", self.name),
+                        State::Migrating { cursor } if *cursor == self.l => {
+                            eprintln!("luksify: raw partition fenced; moving data")
+                        }
+                        State::HeaderWritten => eprintln!("luksify: LUKS header written"),
+                        _ => {}
+                    }
+                }
+            }
+            Event::Done => {
+                if let Some(b) = &self.bar {
+                    b.finish();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn stop_requested(&self) -> bool {
+        sys::stop_requested()
+    }
+
+    fn lvm_resize(&mut self, bridge: &str) -> std::result::Result<(), String> {
+        let dev = format!("/dev/mapper/{bridge}");
+        lvm::pvresize(Path::new(&dev), None).map_err(|e| {
+            eprintln!("luksify: warning: `pvresize {dev}` failed ({e}); run it yourself, the data is intact");
+            e.to_string()
+        })
+    }
+}
+
+fn confirm(device: &Path, run: &RunOpts) -> Result<()> {
+    if run.yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(Error::Usage("not asking for confirmation without a terminal: pass --yes".into()));
+    }
+    eprint!(
+        "luksify will encrypt {} in place while it is in use. Back up what you cannot lose.\nType YES to go on: ",
+        device.display()
+    );
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).map_err(|e| Error::Usage(e.to_string()))?;
+    if line.trim() != "YES" {
+        return Err(Error::Usage("not confirmed; nothing was changed".into()));
+    }
+    Ok(())
+}
+
+fn require_no_integrate(run: &RunOpts) -> Result<()> {
+    if !run.no_integrate {
+        return Err(Error::Usage(
+            "system integration (/etc/crypttab, initramfs, LVM devices file) is not built yet: pass --no-integrate and add the crypttab entry yourself (luksify prints it at the end); nothing was changed".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn print_after(device: &Path, name: &str, uuid: &str) {
+    eprintln!("luksify: done: {} is now LUKS (UUID {uuid}), open as /dev/mapper/{name}", device.display());
+    eprintln!("luksify: to boot from it, add to /etc/crypttab:  {name} UUID={uuid} none luks,discard");
+    eprintln!("luksify: and regenerate the initramfs (Debian/Ubuntu: update-initramfs -u -k all; Fedora: dracut -f)");
+}
+
+fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
+    require_no_integrate(&o.run)?;
+    let _lock = lock(device)?;
+    let facts = probe_device(device)?;
+    let popts = o.plan_options();
+    let p = plan::plan(&facts, &popts);
+    if !p.ok() {
+        let msgs: Vec<String> = p.refusals.iter().map(|r| r.message.clone()).collect();
+        return Err(Error::Refused(msgs.join("\nluksify: ")));
+    }
+    let g = p.geometry.expect("an accepted plan has a geometry");
+    if o.key_size % 8 != 0 || o.key_size == 0 {
+        return Err(Error::Usage(format!("--key-size {} is not a whole number of bytes", o.key_size)));
+    }
+    let pass = passphrase(&o.key, true)?;
+    confirm(device, &o.run)?;
+
+    let (cipher, mode) = o.cipher.split_once('-').ok_or_else(|| Error::Usage(format!("--cipher {} is not of the form cipher-mode", o.cipher)))?;
+    let key = luks::VolumeKey::generate((o.key_size / 8) as usize).map_err(|e| Error::Failed(e.to_string()))?;
+    let params = luks::HeaderParams {
+        luks_type: match popts.luks {
+            LuksVersion::Luks1 => luks::LuksType::Luks1,
+            LuksVersion::Luks2 => luks::LuksType::Luks2,
+        },
+        cipher: cipher.to_string(),
+        cipher_mode: mode.to_string(),
+        key_bytes: (o.key_size / 8) as usize,
+        hash: o.hash.clone(),
+        pbkdf: o.pbkdf.clone(),
+        pbkdf_force_iterations: o.pbkdf_force_iterations,
+        iter_time_ms: o.iter_time,
+        data_offset_sectors: g.s,
+        uuid: None,
+        label: None,
+    };
+    let header = luks::format_header(&params, &key, &pass).map_err(|e| Error::Failed(format!("formatting the LUKS header: {e}; nothing was changed")))?;
+    drop(pass);
+    let pv_uuid = facts.lvm.as_ref().map(|l| l.pv_uuid.clone()).unwrap_or_default();
+    let raw = raw_devref(device)?;
+
+    sys::install_stop_handlers().map_err(|e| Error::Failed(format!("installing signal handlers: {e}")))?;
+    sys::lock_memory().map_err(|e| Error::Failed(format!("mlockall failed ({e}); refusing to suspend devices without it; nothing was changed")))?;
+    let disk = open_disk(device, true)?;
+    let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
+    let mut engine = Engine::prepare(
+        disk,
+        kernel,
+        raw,
+        g,
+        &p.name,
+        popts.luks.number(),
+        &header.uuid,
+        &o.cipher,
+        o.allow_discards,
+        &pv_uuid,
+        key.as_bytes(),
+        header.bytes.clone(),
+    )
+    .map_err(|e| engine_err(e, device))?;
+    drop(key);
+    let mut hooks = CliHooks::new(&o.run, g.l, 0, &p.name);
+    engine.run(&mut hooks).map_err(|e| engine_err(e, device))?;
+    let _ = engine.kernel.ensure_node(&p.name);
+    print_after(device, &p.name, &header.uuid);
+    Ok(exit::OK)
+}
+
+fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
+    require_no_integrate(run)?;
+    let _lock = lock(device)?;
+    let n = size_sectors(device)?;
+    let raw = raw_devref(device)?;
+    let mut disk = open_disk(device, true)?;
+    let rec: Record = Engine::<RawDisk, DmKernel>::read_journal(&mut disk, n)
+        .map_err(|e| engine_err(e, device))?
+        .ok_or_else(|| Error::Refused(format!("no luksify conversion in progress on {} (no journal): nothing to resume", device.display())))?;
+    let header = Engine::<RawDisk, DmKernel>::read_header_copy(&mut disk, &rec).map_err(|e| engine_err(e, device))?;
+    let pass = passphrase(k, false)?;
+    let key = luks::unlock(&header, &pass).map_err(|e| Error::Refused(format!("{e}; nothing was changed")))?;
+    drop(pass);
+    sys::install_stop_handlers().map_err(|e| Error::Failed(format!("installing signal handlers: {e}")))?;
+    sys::lock_memory().map_err(|e| Error::Failed(format!("mlockall failed ({e}); nothing was changed")))?;
+    let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
+    let name = rec.name.clone();
+    let uuid = rec.luks_uuid.clone();
+    let l = rec.geometry.l;
+    let moved = match rec.state {
+        State::Migrating { cursor } => l - cursor,
+        State::HeaderWritten => l,
+        _ => 0,
+    };
+    eprintln!("luksify: resuming from state {} ({:.1}% moved)", rec.state.name(), 100.0 * fsm::progress(&rec.geometry, rec.state));
+    let mut engine = Engine::reopen(disk, kernel, raw, rec, key.as_bytes(), header).map_err(|e| engine_err(e, device))?;
+    drop(key);
+    let mut hooks = CliHooks::new(run, l, moved, &name);
+    engine.run(&mut hooks).map_err(|e| engine_err(e, device))?;
+    let _ = engine.kernel.ensure_node(&name);
+    print_after(device, &name, &uuid);
+    Ok(exit::OK)
 }

@@ -28,11 +28,15 @@ impl DmKernel {
     /// Create /dev/mapper/<name> if udev did not (rescue systems and test beds run without it).
     pub fn ensure_node(&self, n: &str) -> KResult<()> {
         let p = std::path::Path::new("/dev/mapper").join(n);
-        for _ in 0..10 {
+        let tries = if std::path::Path::new("/run/udev/control").exists() { 10 } else { 0 };
+        for _ in 0..tries {
             if p.exists() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        if p.exists() {
+            return Ok(());
         }
         let d = self.dm.info(n).map_err(k)?.ok_or_else(|| KernelError(format!("{n} does not exist")))?;
         let _ = std::fs::create_dir_all("/dev/mapper");
@@ -85,7 +89,14 @@ impl Kernel for DmKernel {
     }
 
     fn resume(&mut self, n: &str) -> KResult<()> {
-        self.dm.resume(n).map_err(k)
+        self.dm.resume(n).map_err(k)?;
+        // A public device (the bridge) needs its /dev/mapper node for LVM and the user; udev
+        // makes it where udev runs, luksify where it does not (rescue media, the test bed).
+        let public = self.dm.info(n).map_err(k)?.map(|d| !d.uuid.starts_with(super::dm::PRIVATE_UUID_PREFIX)).unwrap_or(false);
+        if public && !std::path::Path::new("/dev/mapper").join(n).exists() && !std::path::Path::new("/run/udev/control").exists() {
+            self.ensure_node(n)?;
+        }
+        Ok(())
     }
 
     fn remove(&mut self, n: &str) -> KResult<()> {

@@ -1,0 +1,178 @@
+//! The online conversion on a real kernel (User-Mode Linux): the realistic laptop disk is
+//! converted while its filesystems are mounted, written (fsync'd records) and read (static
+//! files checked continuously); then a fresh boot verifies everything through cryptsetup.
+//! These never skip: without UML they fail with the install command.
+mod support;
+
+use std::time::Duration;
+use support::*;
+
+/// Bring the laptop up as a running system would have it: VG active, root and home mounted,
+/// the fsync'ing writer on root and a reader checking root's static files.
+const LIVE: &str = r#"
+vgchange -ay vg0 >/dev/null; mknodes
+mkdir -p /mnt/root /mnt/home
+mount /dev/vg0/root /mnt/root; mount /dev/vg0/home /mnt/home
+printf 'correct horse battery staple' > "$OUT/key"
+start_writer /mnt/root/records.dat "$OUT/acked"
+"$LKTEST" reader --root /mnt/home --manifest "$OUT/manifest.home" --until "$OUT/stop-reader" > "$OUT/reader.log" 2>&1 &
+READER=$!
+wait_acked 20
+FAST="--pbkdf pbkdf2 --pbkdf-force-iterations 1000"
+"#;
+
+/// Stop the writer and the reader; the reader must have seen no mismatch.
+const STOP_LIVE: &str = r#"
+stop_writer
+touch "$OUT/stop-reader"; wait $READER || die "the reader saw wrong data during the conversion: $(cat "$OUT/reader.log")"
+cat "$OUT/reader.log"
+umount /mnt/root /mnt/home
+vgchange -an vg0 >/dev/null
+"#;
+
+fn verify_fresh_boot(d: &BuiltDisk, min_acked: usize, name: &str) -> GuestRun {
+    let run = uml()
+        .disk(&d.disk1)
+        .disk(&d.disk2)
+        .out_dir(&d.state)
+        .run_script(&format!(
+            r#"bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key" --name {name} --min-acked {min_acked}"#
+        ));
+    run.assert_ok().assert_log_contains("VERIFY OK (luks)");
+    run
+}
+
+fn acked(d: &BuiltDisk) -> usize {
+    std::fs::read_to_string(d.state.join("acked")).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+#[test]
+fn luks2_online_with_live_writer_and_reader_then_fresh_boot_verifies() {
+    let dir = test_dir("convert-luks2");
+    let d = fresh_copy(&dir);
+    let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(&format!(
+        r#"{LIVE}
+# While converting (after the fence), LVM and blkid must see the PV once, on the bridge.
+( while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep -q '"state": "migrating"'; do sleep 0.2; done
+  blkid -p /dev/ubda5 > "$OUT/blkid-raw.txt" 2>&1 || true
+  lvm pvscan > "$OUT/pvscan.txt" 2>&1 || true
+  pvs --noheadings -o pv_name > "$OUT/pvs-during.txt" 2>&1 || true
+  touch "$OUT/checked-during" ) &
+CHECKER=$!
+t0=$EPOCHREALTIME
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --chunk 8192 /dev/ubda5
+echo "$EPOCHREALTIME - $t0" | bc > "$OUT/convert.secs" 2>/dev/null || echo "?" > "$OUT/convert.secs"
+wait $CHECKER
+{STOP_LIVE}
+cryptsetup status ubda5_crypt | tee "$OUT/cs-status.txt"
+vgchange -ay vg0 >/dev/null; pvs 2>&1 | tee "$OUT/pvs-after.txt"
+vgchange -an vg0 >/dev/null
+dmsetup remove ubda5_crypt
+echo CONVERTED
+"#
+    ));
+    run.assert_ok().assert_log_contains("CONVERTED");
+    assert!(d.state.join("checked-during").exists());
+    let blkid = run.file("blkid-raw.txt");
+    assert!(!blkid.contains("LVM2_member"), "blkid sees a PV on the raw partition mid-way: {blkid}");
+    let pvs = run.file("pvs-during.txt");
+    assert!(pvs.contains("/dev/mapper/ubda5_crypt") || pvs.contains("/dev/dm-"), "pvs during: {pvs}");
+    assert!(!pvs.contains("/dev/ubda5"), "pvs sees the raw partition mid-way: {pvs}");
+    assert_eq!(pvs.lines().filter(|l| l.contains("ubda5") || l.contains("dm-")).count(), 1, "PV seen more than once: {pvs}");
+    let scan = run.file("pvscan.txt");
+    assert!(!scan.contains("/dev/ubda5 "), "pvscan sees the raw partition: {scan}");
+    let st = run.file("cs-status.txt");
+    assert!(st.contains("type:    LUKS2") && st.contains("device:  /dev/ubda5") && st.contains("is active"), "{st}");
+    let after = run.file("pvs-after.txt");
+    assert!(!after.contains("WARNING"), "LVM still disagrees on sizes after pvresize: {after}");
+    let n = acked(&d);
+    assert!(n > 20, "the writer acked only {n} records");
+    eprintln!("converted in {} s with {n} records acked", run.file("convert.secs").trim());
+    verify_fresh_boot(&d, n, "ubda5_crypt");
+}
+
+/// LUKS1; a chunk that does not divide L; the smallest tail the plan accepts (the data
+/// offset is chosen so that the tail is exactly what luksify needs, and 8 sectors more
+/// is refused); and the LV that spans a second PV keeps its other segment in place.
+#[test]
+fn luks1_odd_chunk_smallest_tail_and_spanning_lv() {
+    let dir = test_dir("convert-luks1");
+    let d = fresh_copy(&dir);
+    let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(&format!(
+        r#"{LIVE}
+"$LUKSIFY" --dry-run --json --type luks1 /dev/ubda5 > "$OUT/plan.json"
+have=$(sed -n 's/.*"tail_have_sectors": \([0-9]*\).*/\1/p' "$OUT/plan.json")
+need=$(sed -n 's/.*"tail_need_sectors": \([0-9]*\).*/\1/p' "$OUT/plan.json")
+s=$(sed -n 's/.*"shift_sectors": \([0-9]*\).*/\1/p' "$OUT/plan.json")
+S=$(( s + have - need ))
+echo "tail have=$have need=$need: using data offset $S" | tee "$OUT/offset.txt"
+if "$LUKSIFY" --dry-run --type luks1 --offset $((S + 8)) /dev/ubda5 > "$OUT/too-big.txt" 2>&1; then die "an offset 8 sectors too big was accepted"; fi
+grep -q too_little_tail "$OUT/too-big.txt" || die "wrong refusal: $(cat "$OUT/too-big.txt")"
+dmsetup table vg0-span | tee "$OUT/span-before.txt"
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --type luks1 --offset $S --chunk 3000 /dev/ubda5
+dmsetup table vg0-span | tee "$OUT/span-after.txt"
+{STOP_LIVE}
+cryptsetup luksDump /dev/ubda5 | tee "$OUT/dump.txt"
+dmsetup remove ubda5_crypt
+echo CONVERTED
+"#
+    ));
+    run.assert_ok().assert_log_contains("CONVERTED");
+    let dump = run.file("dump.txt");
+    assert!(dump.contains("Version:       \t1") || dump.contains("Version:        1") || dump.contains("Version:\t1"), "{dump}");
+    let before = run.file("span-before.txt");
+    let after = run.file("span-after.txt");
+    // The segment on disk 2 (98:16 + partition) is untouched; the one on ubda5 moved to the bridge.
+    let b: Vec<&str> = before.lines().collect();
+    let a: Vec<&str> = after.lines().collect();
+    assert_eq!(b.len(), 2, "{before}");
+    assert_eq!(b[1], a[1], "the segment on the second PV must not change");
+    assert_ne!(b[0], a[0], "the segment on the converted PV must move to the bridge");
+    verify_fresh_boot(&d, acked(&d), "ubda5_crypt");
+}
+
+/// SIGINT stops at a commit point with the system running on the bridge; `resume` on the
+/// live system continues. A kill -9 mid-way leaves the raw partition fenced (blkid sees no
+/// PV), and resume on the live system picks up from the journal.
+#[test]
+fn pause_and_kill_then_live_resume() {
+    let dir = test_dir("convert-pause");
+    let d = fresh_copy(&dir);
+    let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(&format!(
+        r#"{LIVE}
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --chunk 4096 /dev/ubda5 2> "$OUT/run1.err" &
+P=$!
+while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep -q '"state": "migrating"'; do sleep 0.1; done
+sleep 1
+kill -INT $P
+set +e; wait $P; rc=$?; set -e
+echo "first run exit $rc"; cat "$OUT/run1.err"
+[ $rc = 4 ] || die "SIGINT: expected exit 4 (paused), got $rc"
+grep -q "luksify resume" "$OUT/run1.err" || die "no resume hint"
+"$LUKSIFY" status /dev/ubda5 | tee "$OUT/status-paused.txt"
+grep -q migrating "$OUT/status-paused.txt" || die "status after pause"
+# a second luksify while the device is converting is refused
+if "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" /dev/ubda5 2> "$OUT/second.err"; then die "second conversion accepted"; fi
+grep -q "resume" "$OUT/second.err" || die "second conversion: $(cat "$OUT/second.err")"
+# resume, then kill -9 it mid-way
+"$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" /dev/ubda5 2> "$OUT/run2.err" &
+P=$!
+sleep 1.5
+kill -9 $P; wait $P || true
+blkid -p /dev/ubda5 > "$OUT/blkid-killed.txt" 2>&1 || true
+"$LUKSIFY" status /dev/ubda5 | tee "$OUT/status-killed.txt"
+"$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" /dev/ubda5
+{STOP_LIVE}
+"$LUKSIFY" status /dev/ubda5 | tee "$OUT/status-done.txt"
+dmsetup remove ubda5_crypt
+echo RESUMED
+"#
+    ));
+    run.assert_ok().assert_log_contains("RESUMED");
+    let b = run.file("blkid-killed.txt");
+    assert!(!b.contains("LVM2_member"), "after kill -9 the raw partition shows a PV: {b}");
+    assert!(run.file("status-killed.txt").contains("in progress"));
+    assert!(run.file("status-done.txt").contains("no luksify conversion in progress"));
+    verify_fresh_boot(&d, acked(&d), "ubda5_crypt");
+    let _ = Duration::from_secs(0);
+}
