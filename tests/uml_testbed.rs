@@ -87,8 +87,8 @@ bash "$UML_LIB/verify.sh" --plain
 }
 
 #[test]
-fn verifier_catches_missing_record_and_flipped_byte() {
-    let dir = test_dir("verifier");
+fn verifier_catches_a_missing_record() {
+    let dir = test_dir("verifier-records");
     let d = fresh_copy(&dir);
     let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).run_script(
         r#"
@@ -107,14 +107,38 @@ grep -q "VERIFY FAILED: acked records" "$OUT/v1.err" || die "wrong failure for a
 grep -q "record #25: missing" "$OUT/v1.err" || die "the missing record is not named"
 sed -i '$d' "$OUT/acked"
 
+echo CAUGHT-MISSING
+"#,
+    );
+    run.assert_ok().assert_log_contains("CAUGHT-MISSING");
+    eprintln!("verifier (records) test boot took {:.1}s", run.elapsed.as_secs_f64());
+}
+
+#[test]
+fn verifier_and_reader_catch_a_flipped_byte() {
+    let dir = test_dir("verifier-bytes");
+    let d = fresh_copy(&dir);
+    let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).run_script(
+        r#"
 # (2) one byte flipped on the device under a static file of root
 vgchange -ay vg0; mknodes
+# the continuous reader first passes (O_DIRECT reads), then catches it
+mkdir -p /mnt/r; mount -o ro /dev/vg0/root /mnt/r
+"$LKTEST" reader --root /mnt/r --manifest "$OUT/manifest.root" --until /tmp/never --passes 2 --status "$OUT/reader.status"
+grep -q "failures 0" "$OUT/reader.status" || die "reader status: $(cat "$OUT/reader.status")"
+umount /mnt/r
 bs=$(dumpe2fs -h /dev/vg0/root 2>/dev/null | awk '/^Block size:/ {print $3}')
 blk=$(debugfs -R "bmap /srv/random/r65536 3" /dev/vg0/root 2>/dev/null)
 echo "flipping a byte in block $blk (block size $bs)"
 off=$((blk * bs + 100))
 old=$(dd if=/dev/vg0/root bs=1 skip=$off count=1 status=none | od -An -tu1 | tr -d ' ')
 printf "\\$(printf %o $(( (old ^ 1) & 255 )))" | dd of=/dev/vg0/root bs=1 seek=$off count=1 conv=notrunc,fsync status=none
+mkdir -p /mnt/r; mount -o ro /dev/vg0/root /mnt/r
+if "$LKTEST" reader --root /mnt/r --manifest "$OUT/manifest.root" --until /tmp/never --passes 1 --status "$OUT/reader.status" 2>"$OUT/reader.err"; then
+    die "reader passed with a flipped byte"
+fi
+cat "$OUT/reader.err"; grep -q "r65536: sha256" "$OUT/reader.err" || die "reader did not name the file"
+umount /mnt/r
 vgchange -an vg0
 if bash "$UML_LIB/verify.sh" --plain 2>"$OUT/v2.err"; then die "verify passed with a flipped byte"; fi
 cat "$OUT/v2.err"
@@ -132,11 +156,11 @@ printf 'X' | dd of=/dev/vg0/raw bs=1 seek=12345 conv=notrunc,fsync status=none
 vgchange -an vg0
 if bash "$UML_LIB/verify.sh" --plain --no-replay 2>"$OUT/v3.err"; then die "verify passed with a changed raw LV"; fi
 grep -q "VERIFY FAILED: LV vg0/raw content changed" "$OUT/v3.err" || { cat "$OUT/v3.err"; die "wrong failure for raw LV"; }
-echo CAUGHT-ALL
+echo CAUGHT-CORRUPTION
 "#,
     );
-    run.assert_ok().assert_log_contains("CAUGHT-ALL");
-    eprintln!("verifier test boot took {:.1}s", run.elapsed.as_secs_f64());
+    run.assert_ok().assert_log_contains("CAUGHT-CORRUPTION");
+    eprintln!("verifier (bytes) test boot took {:.1}s", run.elapsed.as_secs_f64());
 }
 
 #[test]
@@ -147,7 +171,7 @@ fn writer_survives_power_cut_and_acked_records_verify() {
         r#"
 vgchange -ay vg0; mknodes
 mkdir -p /mnt/r; mount /dev/vg0/root /mnt/r
-start_writer /mnt/r/records.dat "$OUT/acked"
+WRITER_ARGS="--latency-out $OUT/latency" start_writer /mnt/r/records.dat "$OUT/acked"
 sleep 600
 "#,
     );
@@ -158,6 +182,8 @@ sleep 600
     let acked = std::fs::read_to_string(d.state.join("acked")).unwrap();
     let n = acked.lines().count();
     assert!(n >= 200, "only {n} acked");
+    let lat = std::fs::read_to_string(d.state.join("latency")).unwrap();
+    assert!(lat.lines().count() >= 32, "latency log has {} lines", lat.lines().count());
 
     let run = uml()
         .disk(&d.disk1)
@@ -216,47 +242,71 @@ echo LUKS-VERIFY-OK
     eprintln!("luks variant test boot took {:.1}s", run.elapsed.as_secs_f64());
 }
 
-#[test]
-fn refusal_variants_have_the_advertised_shape() {
-    let dir = test_dir("variants");
-    let (d1, d2) = laptop_disks(&dir);
-    let run = uml().disk(&d1).disk(&d2).out_dir(dir.join("out")).run_script(&format!(
-        r#"
-tail_sectors() {{ # sectors of ubda5 past the PV's last extent (pe_start + pe_count * extent)
+/// Shell helpers for the variant tests.
+const VARIANT_HELPERS: &str = r#"
+tail_sectors() { # sectors of ubda5 past the PV's last extent (pe_start + pe_count * extent)
     local dev
     dev=$(blockdev --getsz /dev/ubda5)
     pvs --noheadings --units s --nosuffix -o pe_start,pv_pe_count,vg_extent_size /dev/ubda5 |
-        awk -v dev="$dev" '{{ print dev - ($1 + $2 * $3) }}'
-}}
-last_seg_lv() {{ pvs --noheadings --segments -o lv_name /dev/ubda5 | tail -1 | tr -d ' '; }}
+        awk -v dev="$dev" '{ print dev - ($1 + $2 * $3) }'
+}
+last_seg_lv() { pvs --noheadings --segments -o lv_name /dev/ubda5 | tail -1 | tr -d ' '; }
+"#;
 
-{MKDISK} --variant lastused --quick
+fn variant_test(name: &str, script: &str) {
+    let dir = test_dir(name);
+    let (d1, d2) = laptop_disks(&dir);
+    let run = uml()
+        .disk(&d1)
+        .disk(&d2)
+        .out_dir(dir.join("out"))
+        .run_script(&format!("{VARIANT_HELPERS}\n{}\necho VARIANTS-OK", script.replace("MKDISK", MKDISK)));
+    run.assert_ok().assert_log_contains("VARIANTS-OK");
+    eprintln!("{name} test boot took {:.1}s", run.elapsed.as_secs_f64());
+}
+
+#[test]
+fn variants_last_extents_allocated_or_free() {
+    variant_test(
+        "variants-last",
+        r#"
+MKDISK --variant lastused --quick
 vgchange -ay vg0 >/dev/null
 [ "$(last_seg_lv)" = filler ] || die "lastused: last extents are not allocated"
 [ "$(tail_sectors)" -ge $((20 * 2048)) ] || die "lastused: no tail"
 vgchange -an vg0 >/dev/null
-
-{MKDISK} --quick
+MKDISK --quick
 [ -z "$(last_seg_lv)" ] || die "realistic: last extents should be free"
+"#,
+    );
+}
 
-{MKDISK} --variant notail --quick
+#[test]
+fn variants_no_tail_room_and_snapshot() {
+    variant_test(
+        "variants-notail",
+        r#"
+MKDISK --variant notail --quick
 t=$(tail_sectors); echo "notail: $t sectors past the PV"
 [ "$t" -lt 32768 ] || die "notail: $t sectors of tail, room for a 16 MiB header"
-
-{MKDISK} --variant snapshot --quick
+MKDISK --variant snapshot --quick
 lvs --noheadings -o lv_name,origin vg0 | grep "rootsnap *root" >/dev/null || die "snapshot: no rootsnap of root"
+"#,
+    );
+}
 
-{MKDISK} --variant plainfs --quick
+#[test]
+fn variants_plain_filesystem_and_blank() {
+    variant_test(
+        "variants-plain",
+        r#"
+MKDISK --variant plainfs --quick
 [ "$(blkid -o value -s TYPE /dev/ubda5)" = ext4 ] || die "plainfs: not ext4"
 mount -o ro /dev/ubda5 /mnt && "$LKTEST" verify-manifest --root /mnt --manifest "$OUT/manifest.plain" && umount /mnt
-
-{MKDISK} --variant blank
+MKDISK --variant blank
 [ -z "$(blkid -p -o value -s TYPE /dev/ubda5)" ] || die "blank: has a signature"
 # the unrelated partition is always there
 [ "$(blkid -o value -s LABEL /dev/ubda1)" = boot ] || die "no boot partition"
-echo VARIANTS-OK
-"#
-    ));
-    run.assert_ok().assert_log_contains("VARIANTS-OK");
-    eprintln!("variants test boot took {:.1}s", run.elapsed.as_secs_f64());
+"#,
+    );
 }

@@ -19,7 +19,7 @@ wait_dev() {
 mknodes() { dmsetup mknodes >/dev/null 2>&1; vgscan --mknodes >/dev/null 2>&1 || true; }
 
 # sha256 of a whole device
-devhash() { "$LKTEST" hash-dev "$1" | cut -d' ' -f1; }
+devhash() { local h; h=$(sha256sum < "$1") && echo "${h%% *}"; }  # coreutils: much faster than a debug lktest
 
 # the writer: start_writer FILE [ACKED] -> pid in $OUT/writer.pid
 start_writer() {

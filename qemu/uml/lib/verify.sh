@@ -38,7 +38,8 @@ done
 [ -n "$mode" ] || { echo "verify: say --luks DEV --key-file K, or --plain" >&2; exit 2; }
 
 failed() { echo "VERIFY FAILED: $*" >&2; exit 1; }
-step() { echo "== verify: $*" >&2; }
+t0=${EPOCHREALTIME/./}
+step() { local us=$(( ${EPOCHREALTIME/./} - t0 )); printf '== verify [+%d.%02ds]: %s\n' $((us / 1000000)) $((us % 1000000 / 10000)) "$*" >&2; }
 run() { # run a command; on failure name the step
     local what=$1; shift
     "$@" || failed "$what (command: $*)"
@@ -122,4 +123,5 @@ if [ -n "${BOOT_DEV:-}" ] && [ -f "$state/boot.sha256" ]; then
     [ "$(devhash "$BOOT_DEV")" = "$(cat "$state/boot.sha256")" ] || failed "partition $BOOT_DEV changed"
 fi
 
+step "done"
 echo "VERIFY OK ($mode)" >&2
