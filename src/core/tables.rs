@@ -101,6 +101,11 @@ pub struct Devices {
     pub raw: DevRef,
     /// The staging crypt device (maps [0, L) to raw at S with the new key).
     pub staging: DevRef,
+    /// The private mirror device that holds the chunk in flight. The mirror lives in its own
+    /// helper, not in the bridge, because LVM skips every dm device with a mirror target
+    /// (`devices/ignore_lvm_mirrors`, on by default): with the mirror in the bridge, LVM on
+    /// the live system would lose sight of the PV during every copy.
+    pub mirror: DevRef,
 }
 
 /// What the bridge maps, phase by phase.
@@ -132,15 +137,18 @@ fn source_lines(g: &Geometry, raw: DevRef, a: u64, b: u64, out: &mut Table) {
     }
 }
 
-/// Mirror lines for [a, b): leg 0 is the same source as [`source_lines`], leg 1 the staging
-/// device at the same offset (so IV = plaintext sector).
-fn mirror_lines(g: &Geometry, d: Devices, a: u64, b: u64, out: &mut Table) {
+/// The mirror device's table while chunk [a, b) moves: sector x of it is bridge sector a+x.
+/// Leg 0 is the same source as [`source_lines`], leg 1 the staging device at the same
+/// plaintext sector (so IV = plaintext sector).
+pub fn mirror_table(g: &Geometry, d: Devices, a: u64, b: u64) -> Table {
+    assert!(a < b && b <= g.l && b - a <= g.k);
     let mut src = Vec::new();
     source_lines(g, d.raw, a, b, &mut src);
+    let mut out = Vec::new();
     for l in src {
         let Target::Linear { offset, .. } = l.target else { unreachable!() };
         out.push(Line {
-            start: l.start,
+            start: l.start - a,
             length: l.length,
             target: Target::Mirror {
                 region: g.region_for(l.length),
@@ -148,6 +156,13 @@ fn mirror_lines(g: &Geometry, d: Devices, a: u64, b: u64, out: &mut Table) {
             },
         });
     }
+    out
+}
+
+/// What the mirror device maps when no chunk is in flight: an idle placeholder of the
+/// largest chunk's size (a table that references it must fit in it), reading staging.
+pub fn mirror_idle_table(g: &Geometry, d: Devices) -> Table {
+    vec![Line { start: 0, length: g.k.min(g.l), target: Target::Linear { dev: d.staging, offset: 0 } }]
 }
 
 /// The moved part [a, L): ciphertext shifted by S, IV = plaintext sector.
@@ -176,7 +191,7 @@ pub fn bridge_table(g: &Geometry, spec: &CryptSpec, d: Devices, phase: BridgePha
         BridgePhase::Mirroring { from, to } => {
             assert!(from < to && to <= g.l && to - from <= g.k);
             source_lines(g, d.raw, 0, from, &mut t);
-            mirror_lines(g, d, from, to, &mut t);
+            t.push(Line { start: from, length: to - from, target: Target::Linear { dev: d.mirror, offset: 0 } });
             if to < g.l {
                 t.push(crypt_line(g, spec, d.raw, to, g.l));
             }
@@ -242,7 +257,8 @@ mod tests {
 
     const RAW: DevRef = DevRef { major: 98, minor: 5 };
     const STG: DevRef = DevRef { major: 254, minor: 1 };
-    const D: Devices = Devices { raw: RAW, staging: STG };
+    const MIR: DevRef = DevRef { major: 254, minor: 2 };
+    const D: Devices = Devices { raw: RAW, staging: STG, mirror: MIR };
 
     fn spec() -> CryptSpec {
         CryptSpec { cipher: "aes-xts-plain64".into(), allow_discards: false }
@@ -298,14 +314,19 @@ mod tests {
             for &(m, c) in &sch {
                 let t = bridge_table(&g, &spec(), D, BridgePhase::Mirroring { from: m, to: c });
                 assert!(covers(&t, l), "mirroring {m}..{c}: {}", show(&t));
+                assert!(t.iter().all(|l| !l.is_mirror()), "the bridge itself never holds a mirror (LVM would skip it)");
+                let mt = mirror_table(&g, D, m, c);
+                assert!(covers(&mt, c - m));
                 for x in m..c {
-                    let r = resolve(&t, x);
+                    let via = resolve(&t, x);
+                    assert_eq!(via, vec![(MIR, x - m, None)], "chunk sector {x} goes through the mirror device");
+                    let r = resolve(&mt, x - m);
                     assert_eq!(r.len(), 2, "sector {x} in flight must be mirrored");
                     let want_src = if x < g.f { g.shadow + x } else { x };
                     assert_eq!(r[0], (RAW, want_src, None), "leg 0 is the intact source");
                     assert_eq!(r[1], (STG, x, None), "leg 1 is staging at the same sector");
                 }
-                for l in t.iter().filter(|l| l.is_mirror()) {
+                for l in mt.iter().filter(|l| l.is_mirror()) {
                     let Target::Mirror { region, .. } = l.target else { unreachable!() };
                     assert!(region <= l.length.max(8) && region.is_power_of_two());
                 }
@@ -323,10 +344,13 @@ mod tests {
         let shown = show(&t);
         assert!(!shown.contains("deadbeef"));
         assert!(t.iter().any(|l| l.params("deadbeef").contains("deadbeef")));
-        assert_eq!(
-            t[2].params("k"),
-            format!("core 1 1024 2 98:5 32768 254:1 32768")
-        );
+        assert_eq!(t[2].params("k"), "254:2 0");
+        let mt = mirror_table(&g, D, 32768, 36864);
+        assert_eq!(mt[0].to_string(), "0 4096 mirror core 1 1024 2 98:5 32768 254:1 32768");
+        // The last chunk reads the fenced label sectors from the shadow.
+        let mt = mirror_table(&g, D, 0, 4096);
+        assert_eq!(mt[0].to_string(), format!("0 8 mirror core 1 8 2 98:5 {} 254:1 0", g.shadow));
+        assert_eq!(mt[1].to_string(), "8 4088 mirror core 1 1024 2 98:5 8 254:1 8");
     }
 
     #[test]

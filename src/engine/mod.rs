@@ -76,6 +76,9 @@ pub struct Names {
     pub bridge_uuid: String,
     pub staging: String,
     pub staging_uuid: String,
+    /// The private helper holding the chunk in flight (see `tables::Devices::mirror`).
+    pub mirror: String,
+    pub mirror_uuid: String,
 }
 
 impl Names {
@@ -89,6 +92,8 @@ impl Names {
             bridge_uuid: format!("CRYPT-LUKS{luks_version}-{u}-{name}"),
             staging: format!("{name}-luksify"),
             staging_uuid: format!("CRYPT-SUBDEV-{u}-{name}-luksify"),
+            mirror: format!("{name}-luksify-mirror"),
+            mirror_uuid: format!("CRYPT-SUBDEV-{u}-{name}-luksify-mirror"),
         }
     }
 }
@@ -114,8 +119,41 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         &self.rec.geometry
     }
 
-    fn devices(&self, staging: DevRef) -> Devices {
-        Devices { raw: self.raw, staging }
+    /// The devices the tables refer to; helpers that do not exist are named by the raw
+    /// device (only tables that do not reference them are built then).
+    fn devices(&mut self) -> EResult<Devices> {
+        let staging = kern(self.kernel.lookup(&self.names.staging))?.unwrap_or(self.raw);
+        let mirror = kern(self.kernel.lookup(&self.names.mirror))?.unwrap_or(self.raw);
+        Ok(Devices { raw: self.raw, staging, mirror })
+    }
+
+    /// The staging crypt device and the idle mirror device, created if missing.
+    fn ensure_helpers(&mut self) -> EResult<Devices> {
+        let staging = self.ensure_staging()?;
+        let (n, u) = (self.names.mirror.clone(), self.names.mirror_uuid.clone());
+        let mirror = match kern(self.kernel.lookup(&n))? {
+            Some(d) => d,
+            None => {
+                let d = kern(self.kernel.create(&n, &u, true))?;
+                let t = tables::mirror_idle_table(self.g(), Devices { raw: self.raw, staging, mirror: d });
+                if let Err(e) = self.kernel.load(&n, &t, &self.key_hex).and_then(|_| self.kernel.resume(&n)) {
+                    let _ = self.kernel.remove(&n);
+                    return Err(EngineError::Kernel(format!("setting up the mirror device: {e}")));
+                }
+                d
+            }
+        };
+        Ok(Devices { raw: self.raw, staging, mirror })
+    }
+
+    /// Remove the helpers (nothing references them once the bridge is pure crypt).
+    fn remove_helpers(&mut self) -> EResult<()> {
+        for n in [self.names.mirror.clone(), self.names.staging.clone()] {
+            if kern(self.kernel.lookup(&n))?.is_some() {
+                kern(self.kernel.remove(&n))?;
+            }
+        }
+        Ok(())
     }
 
     /// Start a fresh conversion: write the header copy and the first journal record
@@ -256,9 +294,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// Make the dm devices match the journal: create what is missing, reload what exists.
     fn rebuild(&mut self) -> EResult<()> {
         let st = self.rec.state;
-        let staging = if state::needs_staging(st) { Some(self.ensure_staging()?) } else { None };
+        let d = if state::needs_staging(st) { self.ensure_helpers()? } else { self.devices()? };
         let phase = state::resume_phase(st);
-        let table = tables::bridge_table(self.g(), &self.spec, self.devices(staging.unwrap_or(self.raw)), phase);
+        let table = tables::bridge_table(self.g(), &self.spec, d, phase);
         match kern(self.kernel.lookup(&self.names.bridge))? {
             Some(_) => {
                 // Live resume: whatever the bridge had (even a mirror in flight, whose source
@@ -290,9 +328,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             self.write_marker()?;
         }
         if st == State::HeaderWritten || st == (State::Migrating { cursor: 0 }) {
-            if kern(self.kernel.lookup(&self.names.staging))?.is_some() {
-                kern(self.kernel.remove(&self.names.staging))?;
-            }
+            self.remove_helpers()?;
         }
         Ok(())
     }
@@ -379,15 +415,15 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
 
     /// Prepared → Bridged: staging + bridge devices, every LV rerouted onto the bridge.
     fn insert_bridge(&mut self) -> EResult<()> {
-        let staging = self.ensure_staging()?;
+        let d = self.ensure_helpers()?;
         let created_bridge = kern(self.kernel.lookup(&self.names.bridge))?.is_none();
         if created_bridge {
-            let t = tables::bridge_table(self.g(), &self.spec, self.devices(staging), BridgePhase::Linear);
+            let t = tables::bridge_table(self.g(), &self.spec, d, BridgePhase::Linear);
             let (n, u) = (self.names.bridge.clone(), self.names.bridge_uuid.clone());
             kern(self.kernel.create(&n, &u, false))?;
             if let Err(e) = self.kernel.load(&n, &t, &self.key_hex).and_then(|_| self.kernel.resume(&n)) {
                 let _ = self.kernel.remove(&n);
-                let _ = self.kernel.remove(&self.names.staging.clone());
+                let _ = self.remove_helpers();
                 return Err(EngineError::Kernel(format!("setting up the bridge: {e}")));
             }
         }
@@ -396,7 +432,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         if let Err(e) = self.reroute(holders) {
             if created_bridge {
                 let _ = self.kernel.remove(&self.names.bridge.clone());
-                let _ = self.kernel.remove(&self.names.staging.clone());
+                let _ = self.remove_helpers();
             }
             return Err(e);
         }
@@ -463,10 +499,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// Bridged → Migrating{L}: shadow the label sectors, map them from the shadow, then
     /// overwrite them on the raw device with the marker.
     fn fence(&mut self) -> EResult<()> {
-        let staging = kern(self.kernel.lookup(&self.names.staging))?
-            .ok_or_else(|| EngineError::Kernel("the staging device vanished".into()))?;
+        let d = self.devices()?;
         let g = *self.g();
-        let table = tables::bridge_table(&g, &self.spec, self.devices(staging), BridgePhase::Steady { cursor: g.l });
+        let table = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: g.l });
         let bridge = self.names.bridge.clone();
         kern(self.kernel.load(&bridge, &table, &self.key_hex))?;
         if let Err(e) = self.kernel.suspend(&bridge) {
@@ -491,16 +526,34 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
 
     /// Migrating{to} → Migrating{from}: the commit protocol of DESIGN.md.
     fn move_chunk(&mut self, from: u64, to: u64) -> EResult<()> {
-        let staging = kern(self.kernel.lookup(&self.names.staging))?
-            .ok_or_else(|| EngineError::Kernel("the staging device vanished".into()))?;
+        let d = self.ensure_helpers()?;
         let g = *self.g();
-        let d = self.devices(staging);
         let bridge = self.names.bridge.clone();
-        // 1. chunk as mirror, live.
-        let mirror = tables::bridge_table(&g, &self.spec, d, BridgePhase::Mirroring { from, to });
-        self.swap_table(&bridge, &mirror, "bridge")?;
+        let mirror = self.names.mirror.clone();
+        // 1. chunk as mirror, live. The bridge is suspended while the mirror device gets the
+        //    chunk's table, so no write can reach the source behind the mirror's back.
+        let mt = tables::mirror_table(&g, d, from, to);
+        let bt = tables::bridge_table(&g, &self.spec, d, BridgePhase::Mirroring { from, to });
+        kern(self.kernel.load(&mirror, &mt, &self.key_hex))?;
+        if let Err(e) = self.kernel.load(&bridge, &bt, &self.key_hex) {
+            let _ = self.kernel.clear_inactive(&mirror);
+            return Err(EngineError::Kernel(e.0));
+        }
+        let r = self
+            .kernel
+            .suspend(&bridge)
+            .and_then(|_| self.kernel.suspend(&mirror))
+            .and_then(|_| self.kernel.resume(&mirror))
+            .and_then(|_| self.kernel.resume(&bridge));
+        if let Err(e) = r {
+            let _ = self.kernel.clear_inactive(&bridge);
+            let _ = self.kernel.clear_inactive(&mirror);
+            let _ = self.kernel.resume(&mirror);
+            let _ = self.kernel.resume(&bridge);
+            return Err(EngineError::Kernel(format!("switching chunk {from}..{to} to the mirror: {e}")));
+        }
         // 2. wait until every region is in sync and both legs are healthy.
-        match kern(self.kernel.wait_mirror(&bridge))? {
+        match kern(self.kernel.wait_mirror(&mirror))? {
             MirrorOutcome::Synced => {}
             MirrorOutcome::Failed(health) => {
                 // Back to the journaled state: the source leg is complete.
@@ -523,14 +576,13 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let g = *self.g();
         let bridge = self.names.bridge.clone();
         let table = kern(self.kernel.table(&bridge))?;
-        let want = tables::bridge_table(&g, &self.spec, self.devices(self.raw), BridgePhase::Final);
+        let d = self.devices()?;
+        let want = tables::bridge_table(&g, &self.spec, d, BridgePhase::Final);
         if table.len() != 1 || table[0].target_type != "crypt" || table[0].length != g.l {
             // Not yet the pure crypt table (a resume at cursor 0 may land here): load it.
             self.swap_table(&bridge, &want, "bridge")?;
         }
-        if kern(self.kernel.lookup(&self.names.staging))?.is_some() {
-            kern(self.kernel.remove(&self.names.staging.clone()))?;
-        }
+        self.remove_helpers()?;
         // [F, S) first, then [0, F) (where the marker is) in one 4 KiB write.
         let f = (g.f * 512) as usize;
         let mut area = vec![0u8; (g.s * 512) as usize];

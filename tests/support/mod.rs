@@ -286,6 +286,8 @@ impl Uml {
         let slot = slot();
         let (out, sp) = self.prepare(script);
         let _ = std::fs::remove_file(out.join("uml.pgid"));
+        // an out dir reused from an earlier boot still holds that boot's status
+        let _ = std::fs::remove_file(out.join("rc"));
         let started = Instant::now();
         let child = self.command(&out, &sp).spawn().expect("start qemu/uml/run");
         let g = RunningGuest { child: Some(child), out_dir: out, started, _slot: slot };
@@ -441,25 +443,81 @@ pub struct BuiltDisk {
     pub build_secs: f64,
 }
 
-/// The realistic laptop disk, built once per test process (in
-/// tests_root()/golden-<pid>), for tests to copy with `fresh_copy`.
+/// Hash of everything that decides what mkdisk.sh builds: the guest-side
+/// scripts and lktest's sources.
+fn golden_key() -> String {
+    use sha2::{Digest, Sha256};
+    let mut files = Vec::new();
+    for d in ["qemu/uml/lib", "qemu/uml/init", "testkit/src", "testkit/Cargo.toml"] {
+        let mut stack = vec![repo().join(d)];
+        while let Some(p) = stack.pop() {
+            if p.is_dir() {
+                for e in std::fs::read_dir(&p).unwrap().flatten() {
+                    stack.push(e.path());
+                }
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f.strip_prefix(repo()).unwrap().to_string_lossy().as_bytes());
+        h.update(std::fs::read(&f).unwrap_or_default());
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
+/// The realistic laptop disk (default mkdisk.sh), built once and cached in
+/// tests_root()/golden-<key> (key: hash of the scripts and lktest sources, so
+/// a change rebuilds it); shared by test processes. Copy it with `fresh_copy`.
 pub fn golden() -> &'static BuiltDisk {
     static G: OnceLock<BuiltDisk> = OnceLock::new();
     static BUILDING: Mutex<()> = Mutex::new(());
     let _g = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
     G.get_or_init(|| {
-        let dir = test_dir(&format!("golden-{}", std::process::id()));
+        let key = golden_key();
+        let dir = tests_root().join(format!("golden-{key}"));
+        // one builder at a time across processes
+        let lockf = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(tests_root().join(".golden.lock"))
+            .unwrap();
+        // SAFETY: flock on an fd we own; released when lockf drops
+        unsafe { libc::flock(lockf.as_raw_fd(), libc::LOCK_EX) };
+        let done = |dir: &Path| BuiltDisk {
+            disk1: dir.join("disk1.img"),
+            disk2: dir.join("disk2.img"),
+            state: dir.join("state"),
+            build_log: std::fs::read_to_string(dir.join("state/guest.log")).unwrap_or_default(),
+            build_secs: std::fs::read_to_string(dir.join("build_secs"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0.0),
+        };
+        if dir.join("complete").exists() {
+            eprintln!("using the cached golden disk {}", dir.display());
+            return done(&dir);
+        }
+        // stale goldens of older scripts go
+        for e in std::fs::read_dir(tests_root()).unwrap().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("golden-") && e.path() != dir {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
         let (d1, d2) = laptop_disks(&dir);
         let state = dir.join("state");
-        let run = uml().disk(&d1).disk(&d2).out_dir(&state).timeout(120).run_script(MKDISK);
+        let run = uml().disk(&d1).disk(&d2).out_dir(&state).timeout(180).run_script(MKDISK);
         run.assert_ok();
-        BuiltDisk {
-            disk1: d1,
-            disk2: d2,
-            state,
-            build_log: run.log.clone(),
-            build_secs: run.elapsed.as_secs_f64(),
-        }
+        std::fs::write(dir.join("build_secs"), format!("{:.1}", run.elapsed.as_secs_f64())).unwrap();
+        std::fs::write(dir.join("complete"), "").unwrap();
+        done(&dir)
     })
 }
 
