@@ -145,7 +145,8 @@ pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
     let s = o.shift.unwrap_or_else(|| o.luks.default_shift());
     let k = o.chunk.unwrap_or(s);
 
-    if f.luksify_journal || f.luksify_marker || f.content == Content::LuksifyMarker {
+    let in_progress = f.luksify_journal || f.luksify_marker || f.content == Content::LuksifyMarker;
+    if in_progress {
         refuse(
             &mut refusals,
             "conversion_in_progress",
@@ -260,6 +261,12 @@ pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
         }
     }
 
+    if in_progress {
+        // Everything else follows from the conversion itself (its bridge and helpers hold
+        // the device, its marker hides the PV): say only what matters.
+        refusals.retain(|r| r.code == "conversion_in_progress");
+        geometry = None;
+    }
     let steps = geometry.map(|g| g.steps()).unwrap_or(0);
     let move_bytes = l * SECTOR;
     let estimate_seconds = move_bytes.div_ceil(ASSUMED_MIB_PER_S << 20);

@@ -312,7 +312,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         }
         // LVs still on the raw device: fine before the fence (they get rerouted by the
         // bridge step); after it, something activated them over moved data.
-        let except = [self.names.bridge.as_str(), self.names.staging.as_str()];
+        let except = [self.names.bridge.as_str(), self.names.staging.as_str(), self.names.mirror.as_str()];
         let holders = kern(self.kernel.holders_of(self.raw, &except))?;
         if matches!(st, State::Migrating { .. } | State::HeaderWritten) && !holders.is_empty() {
             let names: Vec<_> = holders.iter().map(|h| h.name.clone()).collect();
@@ -427,7 +427,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 return Err(EngineError::Kernel(format!("setting up the bridge: {e}")));
             }
         }
-        let except = [self.names.bridge.as_str(), self.names.staging.as_str()];
+        let except = [self.names.bridge.as_str(), self.names.staging.as_str(), self.names.mirror.as_str()];
         let holders = kern(self.kernel.holders_of(self.raw, &except))?;
         if let Err(e) = self.reroute(holders) {
             if created_bridge {
