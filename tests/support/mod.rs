@@ -48,9 +48,27 @@ pub fn tests_root() -> PathBuf {
     p
 }
 
-/// A fresh (emptied) scratch directory for one test.
+/// A fresh scratch directory for one test: tests_root()/<name>-<pid>. The
+/// pid keeps two `cargo test` runs on one machine (two developers sharing a
+/// target dir) out of each other's way; directories of runs that are no
+/// longer alive are removed here.
 pub fn test_dir(name: &str) -> PathBuf {
-    let p = tests_root().join(name);
+    let root = tests_root();
+    let pid = std::process::id();
+    if let Ok(rd) = std::fs::read_dir(&root) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some(old) = n.strip_prefix(&format!("{name}-")).and_then(|s| s.parse::<i32>().ok()) {
+                // SAFETY: signal 0 only checks whether the process exists
+                let alive = unsafe { libc::kill(old, 0) } == 0
+                    || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+                if old as u32 != pid && !alive {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+    let p = root.join(format!("{name}-{pid}"));
     let _ = std::fs::remove_dir_all(&p);
     std::fs::create_dir_all(&p).unwrap();
     p
@@ -249,7 +267,7 @@ impl Uml {
             None => {
                 static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                test_dir(&format!("anon-{}-{n}", std::process::id()))
+                test_dir(&format!("anon-{n}"))
             }
         };
         std::fs::create_dir_all(&out).unwrap();
@@ -502,10 +520,12 @@ pub fn golden() -> &'static BuiltDisk {
             eprintln!("using the cached golden disk {}", dir.display());
             return done(&dir);
         }
-        // stale goldens of older scripts go
+        // goldens of older scripts go, once nobody can still be using them
+        // (another checkout's tests may share this directory)
         for e in std::fs::read_dir(tests_root()).unwrap().flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with("golden-") && e.path() != dir {
+            let age = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+            if n.starts_with("golden-") && e.path() != dir && age.is_some_and(|a| a > Duration::from_secs(3600)) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
