@@ -338,7 +338,15 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     .map_err(|e| engine_err(e, device))?;
     drop(key);
     let mut hooks = CliHooks::new(&o.run, g.l, 0, &p.name);
-    engine.run(&mut hooks).map_err(|e| engine_err(e, device))?;
+    if let Err(e) = engine.run(&mut hooks) {
+        // Failed before anything but the tail changed (e.g. an LV table that would not
+        // reroute): put the tail back, so the device is exactly as it was.
+        return match engine.abandon() {
+            Ok(true) => Err(Error::Failed(format!("{e}; nothing was changed (the device is as it was)"))),
+            Ok(false) => Err(engine_err(e, device)),
+            Err(e2) => Err(Error::Failed(format!("{e}; then restoring the tail failed too ({e2}): run `luksify resume {}`", device.display()))),
+        };
+    }
     let _ = engine.kernel.ensure_node(&p.name);
     print_after(device, &p.name, &header.uuid);
     Ok(exit::OK)

@@ -112,6 +112,9 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// Buffers allocated before any suspend, so that a suspended window allocates nothing.
     fence_buf: Vec<u8>,
     slot_buf: Vec<u8>,
+    /// What the tail held before `prepare` wrote into it: while nothing else has changed
+    /// (state `Prepared`), [`Engine::abandon`] puts it back, byte for byte.
+    original_tail: Option<Vec<u8>>,
 }
 
 impl<D: Disk, K: Kernel> Engine<D, K> {
@@ -195,9 +198,13 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             header_len: h as u32,
             header_crc: crc32fast::hash(&header),
         };
+        let tail_len = (geometry.journal + 2 * JOURNAL_SLOT_SECTORS - geometry.shadow) * 512;
+        let mut original = vec![0u8; tail_len as usize];
+        io(disk.read(geometry.shadow, &mut original), || "reading the tail".into())?;
         io(disk.write(geometry.header_copy, &header), || "writing the header copy into the tail".into())?;
         io(disk.flush(), || "flushing the header copy".into())?;
         let mut e = Self::with_record(disk, kernel, raw, rec, key, header);
+        e.original_tail = Some(original);
         e.write_record()?;
         Ok(e)
     }
@@ -219,6 +226,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             header,
             fence_buf: vec![0u8; (rec.geometry.f * 512) as usize],
             slot_buf: vec![0u8; SLOT_BYTES],
+            original_tail: None,
             rec,
         }
     }
@@ -610,6 +618,26 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             io(self.disk.flush(), || "flushing".into())?;
         }
         Ok(())
+    }
+
+    /// Give up a conversion that has not changed anything yet (state `Prepared`, in the
+    /// process that prepared it): remove our dm devices if any, and restore the tail as it
+    /// was, so the device is byte-for-byte what it was before. Returns false (and does
+    /// nothing) in any other state: there the journal is the way forward.
+    pub fn abandon(&mut self) -> EResult<bool> {
+        let Some(orig) = self.original_tail.take() else { return Ok(false) };
+        if self.rec.state != State::Prepared {
+            self.original_tail = Some(orig);
+            return Ok(false);
+        }
+        if kern(self.kernel.lookup(&self.names.bridge))?.is_some() {
+            kern(self.kernel.remove(&self.names.bridge.clone()))?;
+        }
+        self.remove_helpers()?;
+        let g = *self.g();
+        io(self.disk.write(g.shadow, &orig), || "restoring the tail".into())?;
+        io(self.disk.flush(), || "flushing the tail".into())?;
+        Ok(true)
     }
 
     pub fn state(&self) -> State {

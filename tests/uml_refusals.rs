@@ -1,0 +1,173 @@
+//! The planner and every refusal on a real kernel (User-Mode Linux): the dry-run reads only
+//! (device hashes identical, no dm device created), and bad input leaves the device byte
+//! for byte as it was. These never skip: without UML they fail with the install command.
+mod support;
+
+use support::*;
+
+/// Guest helpers: `snap` records the device hashes and the dm device list; `same` checks
+/// that nothing changed since; `refused CODE ARGS…` runs a dry-run that must refuse with CODE.
+const HELPERS: &str = r#"
+# O_DIRECT: the whole disk's page cache does not see writes made through a partition or dm.
+dh() { dd if="$1" bs=1M iflag=direct status=none | sha256sum | cut -d' ' -f1; }
+snap() { dh /dev/ubda > /tmp/h1; dh /dev/ubdb > /tmp/h2; dmsetup ls | sort > /tmp/dm; }
+same() {
+    [ "$(dh /dev/ubda)" = "$(cat /tmp/h1)" ] || die "$1: disk 1 changed"
+    [ "$(dh /dev/ubdb)" = "$(cat /tmp/h2)" ] || die "$1: disk 2 changed"
+    dmsetup ls | sort | cmp -s - /tmp/dm || die "$1: dm devices changed: $(dmsetup ls)"
+    echo "unchanged: $1"
+}
+refused() {
+    local code=$1; shift
+    snap
+    set +e; "$LUKSIFY" --dry-run "$@" > /tmp/out 2> /tmp/err; local rc=$?; set -e
+    cat /tmp/out /tmp/err
+    [ $rc = 3 ] || die "dry-run $*: exit $rc, expected 3"
+    grep -q "\[$code\]" /tmp/out || die "dry-run $*: no [$code] in the plan"
+    grep -q "^luksify: refused: " /tmp/err || die "dry-run $*: no refusal line on stderr"
+    "$LUKSIFY" --dry-run --json "$@" > "$OUT/$code.json" 2>/dev/null || true
+    same "dry-run $code"
+    echo "REFUSED-OK $code"
+}
+MK() { bash "$UML_LIB/mkdisk.sh" --disk1 /dev/ubda --disk2 /dev/ubdb --quick "$@" > "$OUT/mkdisk.log" 2>&1 || { tail -20 "$OUT/mkdisk.log"; die "mkdisk $*"; }; }
+"#;
+
+#[test]
+fn dry_run_reads_only_and_every_refusal_is_clear() {
+    let dir = test_dir("dryrun");
+    let (d1, d2) = laptop_disks(&dir);
+    let run = uml().disk(&d1).disk(&d2).out_dir(dir.join("out")).timeout(400).run_script(&format!(
+        r#"{HELPERS}
+# The realistic disk, as a running system has it (read-only mounts keep it quiet).
+MK
+vgchange -ay vg0 >/dev/null; mknodes
+mkdir -p /mnt/r /mnt/h; mount -o ro /dev/vg0/root /mnt/r; mount -o ro,norecovery /dev/vg0/home /mnt/h
+snap
+"$LUKSIFY" --dry-run /dev/ubda5 | tee "$OUT/plan.txt"
+"$LUKSIFY" --dry-run --json /dev/ubda5 > "$OUT/plan.json"
+"$LUKSIFY" --dry-run --json --type luks1 /dev/ubda5 > "$OUT/plan-luks1.json"
+same "dry-run realistic"
+umount /mnt/r /mnt/h; vgchange -an vg0 >/dev/null
+
+# Not found, not a block device.
+set +e; "$LUKSIFY" --dry-run /dev/nonexistent 2> "$OUT/nf.err"; rc=$?; set -e
+[ $rc -ne 0 ] && grep -qi "not found\|no such" "$OUT/nf.err" || die "not found: rc $rc $(cat "$OUT/nf.err")"
+set +e; "$LUKSIFY" --dry-run /etc/hostname 2> "$OUT/nb.err"; rc=$?; set -e
+[ $rc -ne 0 ] && grep -q "not a block device" "$OUT/nb.err" || die "not a block device: rc $rc $(cat "$OUT/nb.err")"
+
+# Free extents at the end but too little room: pvresize advice.
+MK --variant notail
+refused too_little_tail /dev/ubda5
+grep -q "pvresize --setphysicalvolumesize" /tmp/out || die "no pvresize advice"
+# Last extents allocated: which LV, and how to move it.
+MK --variant lastused --tail-mib 1
+refused too_little_tail /dev/ubda5
+grep -q "filler" /tmp/out || die "the advice does not name the LV at the end"
+# A snapshot on the PV (active): not linear/striped.
+MK --variant snapshot
+vgchange -ay vg0 >/dev/null
+refused unsupported_lv /dev/ubda5
+vgchange -an vg0 >/dev/null
+# A plain filesystem mounted directly on the partition.
+MK --variant plainfs
+mkdir -p /mnt/p; mount -o ro /dev/ubda5 /mnt/p
+refused mounted_directly /dev/ubda5
+grep -q "offline" /tmp/out || die "no offline hint"
+umount /mnt/p
+# Already LUKS.
+MK --variant luks
+refused already_luks /dev/ubda5
+# Nothing on it.
+MK --variant blank
+refused not_lvm /dev/ubda5
+echo DRYRUN-DONE
+"#
+    ));
+    run.assert_ok().assert_log_contains("DRYRUN-DONE");
+    for code in ["too_little_tail", "unsupported_lv", "mounted_directly", "already_luks", "not_lvm"] {
+        assert!(run.log.contains(&format!("REFUSED-OK {code}")), "{code} not tested");
+    }
+    // The JSON schema (README.md, "Dry-run JSON") on the realistic disk.
+    let j: serde_json::Value = serde_json::from_str(&run.file("plan.json")).expect("plan.json parses");
+    assert_eq!(j["schema"], 1);
+    assert_eq!(j["device"], "/dev/ubda5");
+    assert_eq!(j["name"], "ubda5_crypt");
+    assert_eq!(j["luks"], "luks2");
+    assert_eq!(j["shift_sectors"], 32768);
+    assert!(j["refusals"].as_array().unwrap().is_empty(), "{j}");
+    let l = j["move_sectors"].as_u64().unwrap();
+    assert_eq!(j["move_bytes"].as_u64().unwrap(), l * 512);
+    assert!(j["tail_have_sectors"].as_u64().unwrap() >= j["tail_need_sectors"].as_u64().unwrap());
+    assert!(j["steps"].as_u64().unwrap() >= 1 && j["journal_sector"].as_u64().is_some());
+    let reroute: Vec<String> = j["reroute"].as_array().unwrap().iter().map(|r| r["dm_name"].as_str().unwrap().to_string()).collect();
+    for lv in ["vg0-root", "vg0-home", "vg0-raw", "vg0-split", "vg0-span"] {
+        assert!(reroute.contains(&lv.to_string()), "{lv} missing from {reroute:?}");
+    }
+    let root = j["reroute"].as_array().unwrap().iter().find(|r| r["dm_name"] == "vg0-root").unwrap();
+    assert_eq!(root["mounts"][0], "/mnt/r");
+    let j1: serde_json::Value = serde_json::from_str(&run.file("plan-luks1.json")).unwrap();
+    assert_eq!(j1["shift_sectors"], 4096);
+    let t: serde_json::Value = serde_json::from_str(&run.file("too_little_tail.json")).unwrap();
+    assert_eq!(t["refusals"][0]["code"], "too_little_tail");
+    eprintln!("{}", run.file("plan.txt"));
+}
+
+/// Bad input changes nothing: an empty, missing or unreadable key file; no --yes without a
+/// terminal; an injected failure while rerouting the LV tables (every table back, no bridge
+/// left, the tail restored); a wrong passphrase on resume. A second luksify while one runs
+/// is refused by the lock.
+#[test]
+fn bad_input_leaves_the_device_unchanged() {
+    let dir = test_dir("badinput");
+    let d = fresh_copy(&dir);
+    let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(400).run_script(&format!(
+        r#"{HELPERS}
+vgchange -ay vg0 >/dev/null; mknodes
+mkdir -p /mnt/r; mount -o ro /dev/vg0/root /mnt/r
+FAST="--pbkdf pbkdf2 --pbkdf-force-iterations 1000"
+printf 'good passphrase' > "$OUT/key"; : > /tmp/empty
+fails() {{
+    local what=$1 want=$2; shift 2
+    snap
+    dmsetup table > /tmp/tables
+    set +e; "$LUKSIFY" "$@" < /dev/null > /tmp/out 2> /tmp/err; local rc=$?; set -e
+    cat /tmp/err
+    [ $rc -ne 0 ] || die "$what: accepted"
+    [ "$(wc -l < /tmp/err)" -ge 1 ] || die "$what: no message"
+    grep -q -- "$want" /tmp/err || die "$what: message lacks '$want'"
+    dmsetup table | cmp -s - /tmp/tables || die "$what: dm tables changed"
+    same "$what"
+}}
+fails "empty key file" "empty" --yes --no-integrate --key-file /tmp/empty /dev/ubda5
+fails "missing key file" "cannot read the key file" --yes --no-integrate --key-file /tmp/nope /dev/ubda5
+fails "key file is a directory" "cannot read the key file" --yes --no-integrate --key-file /tmp /dev/ubda5
+fails "no --yes without a terminal" "--yes" --no-integrate --key-file "$OUT/key" $FAST /dev/ubda5
+fails "no --no-integrate" "no-integrate" --yes --key-file "$OUT/key" /dev/ubda5
+LUKSIFY_TEST_FAIL_LOAD=vg0-split fails "reroute failure" "nothing was changed" --yes --no-integrate --key-file "$OUT/key" $FAST /dev/ubda5
+dmsetup ls | grep -q ubda5_crypt && die "a bridge was left behind"
+"$LUKSIFY" status /dev/ubda5 | grep -q "no luksify conversion" || die "a journal was left behind"
+
+# A second luksify while one runs: refused by the lock.
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --chunk 2048 /dev/ubda5 2> "$OUT/first.err" &
+P=$!
+while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep -q '"state": "migrating"'; do sleep 0.1; done
+set +e; "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" /dev/ubda5 2> "$OUT/second.err"; rc=$?; set -e
+cat "$OUT/second.err"
+[ $rc -ne 0 ] && grep -q "another luksify is running" "$OUT/second.err" || die "second luksify: rc $rc"
+set +e; "$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" /dev/ubda5 2> "$OUT/third.err"; rc=$?; set -e
+[ $rc -ne 0 ] && grep -q "another luksify is running" "$OUT/third.err" || die "concurrent resume: rc $rc"
+kill -INT $P; set +e; wait $P; rc=$?; set -e
+[ $rc = 4 ] || die "pause: exit $rc"
+# A wrong passphrase on resume changes nothing.
+printf 'wrong' > /tmp/wrong
+fails "wrong passphrase on resume" "passphrase" resume --yes --no-integrate --key-file /tmp/wrong /dev/ubda5
+"$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" /dev/ubda5
+umount /mnt/r; vgchange -an vg0 >/dev/null; dmsetup remove ubda5_crypt
+echo BADINPUT-DONE
+"#
+    ));
+    run.assert_ok().assert_log_contains("BADINPUT-DONE");
+    for what in ["empty key file", "missing key file", "reroute failure", "wrong passphrase on resume", "no --yes without a terminal"] {
+        assert!(run.log.contains(&format!("unchanged: {what}")), "{what} not checked");
+    }
+}
