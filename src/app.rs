@@ -273,7 +273,7 @@ fn require_no_integrate(run: &RunOpts) -> Result<()> {
 
 fn print_after(device: &Path, name: &str, uuid: &str) {
     eprintln!("luksify: done: {} is now LUKS (UUID {uuid}), open as /dev/mapper/{name}", device.display());
-    eprintln!("luksify: to boot from it, add to /etc/crypttab:  {name} UUID={uuid} none luks,discard");
+    eprintln!("luksify: to boot from it, add to /etc/crypttab:  {name} UUID={uuid} none luks");
     eprintln!("luksify: and regenerate the initramfs (Debian/Ubuntu: update-initramfs -u -k all; Fedora: dracut -f)");
 }
 
