@@ -53,7 +53,7 @@ fn luks2_online_with_live_writer_and_reader_then_fresh_boot_verifies() {
     let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(&format!(
         r#"{LIVE}
 # While converting (after the fence), LVM and blkid must see the PV once, on the bridge.
-( while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep -q '"state": "migrating"'; do sleep 0.2; done
+( while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep '"state": "migrating"' >/dev/null; do sleep 0.2; done
   blkid -p /dev/ubda5 > "$OUT/blkid-raw.txt" 2>&1 || true
   lvm pvscan > "$OUT/pvscan.txt" 2>&1 || true
   pvs --noheadings -o pv_name > "$OUT/pvs-during.txt" 2>&1 || true
@@ -142,7 +142,7 @@ fn pause_and_kill_then_live_resume() {
         r#"{LIVE}
 "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --chunk 4096 /dev/ubda5 2> "$OUT/run1.err" &
 P=$!
-while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep -q '"state": "migrating"'; do sleep 0.1; done
+while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep '"state": "migrating"' >/dev/null; do sleep 0.1; done
 sleep 1
 kill -INT $P
 set +e; wait $P; rc=$?; set -e
