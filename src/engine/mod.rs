@@ -115,6 +115,11 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// What the tail held before `prepare` wrote into it: while nothing else has changed
     /// (state `Prepared`), [`Engine::abandon`] puts it back, byte for byte.
     original_tail: Option<Vec<u8>>,
+    /// TESTS ONLY: flip the bridge table to crypt *before* the journal commit, the order
+    /// DESIGN.md forbids. The crash simulation sets it to prove that its sweep catches a
+    /// wrong order; nothing else may.
+    #[doc(hidden)]
+    pub wrong_order_for_tests: bool,
 }
 
 impl<D: Disk, K: Kernel> Engine<D, K> {
@@ -227,6 +232,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             fence_buf: vec![0u8; (rec.geometry.f * 512) as usize],
             slot_buf: vec![0u8; SLOT_BYTES],
             original_tail: None,
+            wrong_order_for_tests: false,
             rec,
         }
     }
@@ -570,11 +576,16 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 return Err(EngineError::MirrorFailed { from, to, health });
             }
         }
+        let steady = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: from });
+        if self.wrong_order_for_tests {
+            self.swap_table(&bridge, &steady, "bridge")?;
+            io(self.disk.flush(), || "flushing the copied chunk".into())?;
+            return self.commit(State::Migrating { cursor: from });
+        }
         // 3. kcopyd's writes are not FUA: flush, then commit while the mirror is still live.
         io(self.disk.flush(), || "flushing the copied chunk".into())?;
         self.commit(State::Migrating { cursor: from })?;
         // 4. only now map the chunk through crypt alone.
-        let steady = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: from });
         self.swap_table(&bridge, &steady, "bridge")
     }
 
