@@ -5,6 +5,8 @@
 //! crashes it at every I/O and every ioctl in turn.
 
 pub mod traits;
+#[cfg(test)]
+pub mod sim;
 
 use crate::core::geometry::{Geometry, JOURNAL_SLOT_SECTORS};
 use crate::core::journal::{self, Record, State, SLOT_BYTES};
