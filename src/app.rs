@@ -5,7 +5,7 @@ use crate::adapters::rawdisk::RawDisk;
 use crate::adapters::{luks, lvm, probe, sys};
 use crate::cli::{exit, Cli, Command, ConvertOpts, KeyOpts, RunOpts};
 use crate::core::journal::{Record, State};
-use crate::core::plan::{self, LuksVersion};
+use crate::core::plan;
 use crate::core::state as fsm;
 use crate::core::tables::DevRef;
 use crate::engine::{Engine, EngineError, Event, Hooks};
@@ -297,10 +297,7 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     let (cipher, mode) = o.cipher.split_once('-').ok_or_else(|| Error::Usage(format!("--cipher {} is not of the form cipher-mode", o.cipher)))?;
     let key = luks::VolumeKey::generate((o.key_size / 8) as usize).map_err(|e| Error::Failed(e.to_string()))?;
     let params = luks::HeaderParams {
-        luks_type: match popts.luks {
-            LuksVersion::Luks1 => luks::LuksType::Luks1,
-            LuksVersion::Luks2 => luks::LuksType::Luks2,
-        },
+        luks_type: popts.luks,
         cipher: cipher.to_string(),
         cipher_mode: mode.to_string(),
         key_bytes: (o.key_size / 8) as usize,

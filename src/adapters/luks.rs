@@ -108,46 +108,8 @@ pub enum LuksError {
 /// Result of this module.
 pub type Result<T> = std::result::Result<T, LuksError>;
 
-/// LUKS version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LuksType {
-    /// LUKS1 (default data offset 2 MiB = 4096 sectors).
-    Luks1,
-    /// LUKS2 (default data offset 16 MiB = 32768 sectors).
-    Luks2,
-}
-
-impl LuksType {
-    /// 1 or 2.
-    pub fn number(self) -> u8 {
-        match self {
-            LuksType::Luks1 => 1,
-            LuksType::Luks2 => 2,
-        }
-    }
-
-    /// "luks1" / "luks2", as cryptsetup's `--type`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LuksType::Luks1 => "luks1",
-            LuksType::Luks2 => "luks2",
-        }
-    }
-
-    /// cryptsetup's default data offset for this type, in sectors.
-    pub fn default_data_offset_sectors(self) -> u64 {
-        match self {
-            LuksType::Luks1 => 4096,
-            LuksType::Luks2 => 32768,
-        }
-    }
-}
-
-impl fmt::Display for LuksType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// LUKS version: the core's type (one definition for the plan, the journal and here).
+pub use crate::core::plan::LuksVersion as LuksType;
 
 /// What to format. Option names follow cryptsetup's CLI.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,7 +152,7 @@ impl HeaderParams {
             pbkdf: None,
             pbkdf_force_iterations: None,
             iter_time_ms: None,
-            data_offset_sectors: luks_type.default_data_offset_sectors(),
+            data_offset_sectors: luks_type.default_shift(),
             uuid: None,
             label: None,
         }

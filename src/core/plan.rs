@@ -13,14 +13,29 @@ pub const PLAN_SCHEMA_VERSION: u32 = 1;
 /// 80–100 MiB/s; with AES-NI the disk is usually the limit).
 pub const ASSUMED_MIB_PER_S: u64 = 100;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// LUKS version (default data offset: LUKS1 2 MiB = 4096 sectors, LUKS2 16 MiB = 32768).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LuksVersion {
     Luks1,
     Luks2,
 }
 
+impl std::fmt::Display for LuksVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl LuksVersion {
+    /// "luks1" / "luks2", as cryptsetup's `--type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LuksVersion::Luks1 => "luks1",
+            LuksVersion::Luks2 => "luks2",
+        }
+    }
+
     pub fn number(self) -> u8 {
         match self {
             LuksVersion::Luks1 => 1,
