@@ -142,7 +142,14 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let staging = self.ensure_staging()?;
         let (n, u) = (self.names.mirror.clone(), self.names.mirror_uuid.clone());
         let mirror = match kern(self.kernel.lookup(&n))? {
-            Some(d) => d,
+            Some(d) => {
+                if kern(self.kernel.table(&n))?.is_empty() {
+                    let t = tables::mirror_idle_table(self.g(), Devices { raw: self.raw, staging, mirror: d });
+                    kern(self.kernel.load(&n, &t, &self.key_hex))?;
+                    kern(self.kernel.resume(&n))?;
+                }
+                d
+            }
             None => {
                 let d = kern(self.kernel.create(&n, &u, true))?;
                 let t = tables::mirror_idle_table(self.g(), Devices { raw: self.raw, staging, mirror: d });
@@ -262,8 +269,15 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         Ok(rec)
     }
 
-    /// Read the header copy that the journal points at, checked against its CRC.
+    /// The header a resume unlocks the key with: once it is written at [0, S) (state
+    /// `HeaderWritten`), the one on the device (the copy in the tail may already be wiped);
+    /// before, the copy in the tail, checked against its CRC.
     pub fn read_header_copy(disk: &mut D, rec: &Record) -> EResult<Vec<u8>> {
+        if rec.state == State::HeaderWritten {
+            let mut h = vec![0u8; rec.header_len as usize];
+            io(disk.read(0, &mut h), || "reading the LUKS header".into())?;
+            return Ok(h);
+        }
         let mut h = vec![0u8; rec.header_len as usize];
         io(disk.read(rec.geometry.header_copy, &mut h), || "reading the header copy".into())?;
         if crc32fast::hash(&h) != rec.header_crc {
@@ -283,8 +297,13 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let g = rec.geometry;
         let mut label = vec![0u8; (g.f * 512) as usize];
         let fenced = matches!(rec.state, State::Migrating { .. });
-        let at = if fenced { g.shadow } else { 0 };
+        let mut at = if fenced { g.shadow } else { 0 };
         io(disk.read(at, &mut label), || "reading the PV label".into())?;
+        if !fenced && matches!(marker::decode(&label), Some((u, _)) if u == rec.luks_uuid) {
+            // The fence wrote its marker but not its record: the label is in the shadow.
+            at = g.shadow;
+            io(disk.read(at, &mut label), || "reading the PV label".into())?;
+        }
         if !rec.pv_uuid.is_empty() {
             match marker::pv_uuid(&label) {
                 Some(u) if u == rec.pv_uuid => {}
@@ -311,7 +330,16 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     fn rebuild(&mut self) -> EResult<()> {
         let st = self.rec.state;
         let d = if state::needs_staging(st) { self.ensure_helpers()? } else { self.devices()? };
-        let phase = state::resume_phase(st);
+        let mut phase = state::resume_phase(st);
+        if phase == BridgePhase::Linear {
+            // A fence that wrote its marker but not its journal record: the label is in the
+            // shadow, so map it from there (the fence step keeps that shadow).
+            let mut first = vec![0u8; (self.g().f * 512) as usize];
+            io(self.disk.read(0, &mut first), || "reading the label sectors".into())?;
+            if self.is_our_marker(&first) {
+                phase = BridgePhase::Steady { cursor: self.g().l };
+            }
+        }
         let table = tables::bridge_table(self.g(), &self.spec, d, phase);
         match kern(self.kernel.lookup(&self.names.bridge))? {
             Some(_) => {
@@ -351,11 +379,16 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
 
     fn ensure_staging(&mut self) -> EResult<DevRef> {
         let (n, u) = (self.names.staging.clone(), self.names.staging_uuid.clone());
+        let t = tables::staging_table(self.g(), &self.spec, self.raw);
         if let Some(d) = kern(self.kernel.lookup(&n))? {
+            // Left without a table by a crash between create and load: give it its table.
+            if kern(self.kernel.table(&n))?.is_empty() {
+                kern(self.kernel.load(&n, &t, &self.key_hex))?;
+                kern(self.kernel.resume(&n))?;
+            }
             return Ok(d);
         }
         let d = kern(self.kernel.create(&n, &u, true))?;
-        let t = tables::staging_table(self.g(), &self.spec, self.raw);
         if let Err(e) = self.kernel.load(&n, &t, &self.key_hex).and_then(|_| self.kernel.resume(&n)) {
             let _ = self.kernel.remove(&n);
             return Err(EngineError::Kernel(format!("setting up the staging crypt device: {e}")));
@@ -524,20 +557,40 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             let _ = self.kernel.clear_inactive(&bridge);
             return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
         }
-        // Suspended: nothing writes to [0, F) now. Copy, flush, commit, then switch.
-        let r = (|| {
-            io(self.disk.read(0, &mut self.fence_buf), || "reading the label sectors".into())?;
-            io(self.disk.write(g.shadow, &self.fence_buf), || "writing the shadow".into())?;
-            io(self.disk.flush(), || "flushing the shadow".into())?;
-            self.commit(State::Migrating { cursor: g.l })
-        })();
-        if let Err(e) = r {
+        // Suspended: nothing writes to [0, F). Shadow, flush, marker, flush: from the marker
+        // on, the label lives only in the shadow. A fence that finds our marker already in
+        // place (an earlier attempt got that far) keeps the shadow it made.
+        io(self.disk.read(0, &mut self.fence_buf), || "reading the label sectors".into()).map_err(|e| {
             let _ = self.kernel.clear_inactive(&bridge);
             let _ = self.kernel.resume(&bridge);
-            return Err(e);
+            e
+        })?;
+        if !self.is_our_marker(&self.fence_buf.clone()) {
+            let r = (|| {
+                io(self.disk.write(g.shadow, &self.fence_buf), || "writing the shadow".into())?;
+                io(self.disk.flush(), || "flushing the shadow".into())?;
+                let m = marker::encode(&self.rec.luks_uuid, g.journal);
+                io(self.disk.write(0, &m[..(g.f * 512) as usize]), || "writing the fence marker".into())?;
+                io(self.disk.flush(), || "flushing the fence marker".into())
+            })();
+            if let Err(e) = r {
+                // Put the label back where the old table reads it, then back out.
+                let orig = self.fence_buf.clone();
+                let _ = self.disk.write(0, &orig).and_then(|_| self.disk.flush());
+                let _ = self.kernel.clear_inactive(&bridge);
+                let _ = self.kernel.resume(&bridge);
+                return Err(e);
+            }
         }
+        // The shadow-mapped table goes live whatever the journal write does: a resume from
+        // `Bridged` finds the marker and maps the shadow too (see `rebuild`).
+        let c = self.commit(State::Migrating { cursor: g.l });
         kern(self.kernel.resume(&bridge))?;
-        self.write_marker()
+        c
+    }
+
+    fn is_our_marker(&self, first: &[u8]) -> bool {
+        matches!(marker::decode(first), Some((u, _)) if u == self.rec.luks_uuid)
     }
 
     /// Migrating{to} → Migrating{from}: the commit protocol of DESIGN.md.
@@ -584,11 +637,39 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             io(self.disk.flush(), || "flushing the copied chunk".into())?;
             return self.commit(State::Migrating { cursor: from });
         }
-        // 3. kcopyd's writes are not FUA: flush, then commit while the mirror is still live.
-        io(self.disk.flush(), || "flushing the copied chunk".into())?;
-        self.commit(State::Migrating { cursor: from })?;
+        // 3. Quiesce: with the bridge suspended no write can reach the mirror, so the health
+        //    and sync checked now are final. kcopyd's writes are not FUA: flush, then commit
+        //    while the mirror table is still the live one.
+        kern(self.kernel.load(&bridge, &steady, &self.key_hex))?;
+        if let Err(e) = self.kernel.suspend(&bridge) {
+            let _ = self.kernel.clear_inactive(&bridge);
+            return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
+        }
+        let checked = match self.kernel.wait_mirror(&mirror) {
+            Ok(MirrorOutcome::Synced) => Ok(()),
+            Ok(MirrorOutcome::Failed(health)) => Err(EngineError::MirrorFailed { from, to, health }),
+            Err(e) => Err(EngineError::Kernel(e.0)),
+        };
+        if let Err(e) = checked {
+            // A leg failed: nothing was committed; back to the source, whose leg is complete.
+            let back = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: to });
+            let _ = self.kernel.clear_inactive(&bridge);
+            let _ = self.kernel.load(&bridge, &back, &self.key_hex);
+            let _ = self.kernel.resume(&bridge);
+            return Err(e);
+        }
+        let r = io(self.disk.flush(), || "flushing the copied chunk".into())
+            .and_then(|_| self.commit(State::Migrating { cursor: from }));
+        if let Err(e) = r {
+            // The commit failed, so whether it reached the disk is unknown: keep the mirror
+            // live, which keeps both legs identical, so that either cursor the journal may
+            // hold reads the same data. A resume loads the journaled table.
+            let _ = self.kernel.clear_inactive(&bridge);
+            let _ = self.kernel.resume(&bridge);
+            return Err(e);
+        }
         // 4. only now map the chunk through crypt alone.
-        self.swap_table(&bridge, &steady, "bridge")
+        kern(self.kernel.resume(&bridge))
     }
 
     /// Migrating{0} → HeaderWritten: the bridge is already the pure crypt table; drop the
