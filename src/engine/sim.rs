@@ -2214,6 +2214,16 @@ mod tests {
             After::LiveResume => {
                 sim.revive();
                 sim.idle(6);
+                // After a kill, kill the resume too, sometimes, and resume again.
+                if f == Fault::Kill && rng.gen_bool(0.5) {
+                    sim.set_fault(rng.gen_range(0..60), Fault::Kill);
+                    let r = sim.resume(&mut NoHooks);
+                    if sim.fired().is_none() {
+                        r.map_err(|e| ctx(&sim, format!("live resume failed: {e}")))?;
+                    }
+                    sim.revive();
+                    sim.idle(6);
+                }
                 let r = sim.resume(&mut NoHooks);
                 r.map_err(|e| ctx(&sim, format!("live resume failed: {e}")))?;
                 sim.idle(6);
