@@ -5,19 +5,30 @@
 pub const FENCE_MAGIC: &[u8; 16] = b"LUKSIFY-FENCE-V1";
 pub const MARKER_BYTES: usize = 4096;
 
-/// The marker: magic, the LUKS UUID the conversion will produce, the journal's sector, and
-/// a sentence for whoever looks at the raw sectors.
+/// The marker: in every one of its 512-byte sectors the magic, the LUKS UUID the conversion
+/// will produce, the journal's sector and the sector's index, so that no sector of it is
+/// zero and a torn write of it can be recognised sector by sector ([`is_marker_sector`]);
+/// sector 0 also carries a sentence for whoever looks at the raw sectors.
 pub fn encode(luks_uuid: &str, journal_sector: u64) -> Vec<u8> {
     let mut b = vec![0u8; MARKER_BYTES];
-    b[..16].copy_from_slice(FENCE_MAGIC);
-    let u = luks_uuid.as_bytes();
-    let u = &u[..u.len().min(47)];
-    b[16..16 + u.len()].copy_from_slice(u);
-    b[64..72].copy_from_slice(&journal_sector.to_le_bytes());
+    for (i, s) in b.chunks_mut(512).enumerate() {
+        s[..16].copy_from_slice(FENCE_MAGIC);
+        let u = luks_uuid.as_bytes();
+        let u = &u[..u.len().min(47)];
+        s[16..16 + u.len()].copy_from_slice(u);
+        s[64..72].copy_from_slice(&journal_sector.to_le_bytes());
+        s[72..80].copy_from_slice(&(i as u64).to_le_bytes());
+    }
     let text = b"\nThis partition is being encrypted in place by luksify. Do not use it.\n\
 Boot rescue media with luksify and run: luksify resume <this partition>\n";
     b[128..128 + text.len()].copy_from_slice(text);
     b
+}
+
+/// Whether sector `i` of the raw device holds sector `i` of our marker (exactly).
+pub fn is_marker_sector(sector: &[u8], i: usize, luks_uuid: &str, journal_sector: u64) -> bool {
+    let m = encode(luks_uuid, journal_sector);
+    sector == &m[i * 512..(i + 1) * 512]
 }
 
 /// If `b` (at least 4 KiB from sector 0) is a marker: (LUKS UUID, journal sector).
@@ -65,6 +76,12 @@ mod tests {
         assert_eq!(decode(&[0u8; 4096]), None);
         // No LVM label, no LUKS magic in the marker.
         assert!(pv_uuid(&m).is_none());
+        // Every sector is recognisable on its own, and none is all zeros.
+        for i in 0..8 {
+            assert!(is_marker_sector(&m[i * 512..(i + 1) * 512], i, "0b6c1e39-5d8b-4d4f-9a35-2f7e3c1d9a10", 123_456));
+            assert!(!is_marker_sector(&[0u8; 512], i, "0b6c1e39-5d8b-4d4f-9a35-2f7e3c1d9a10", 123_456));
+            assert!(m[i * 512..(i + 1) * 512].iter().any(|&x| x != 0));
+        }
         assert_ne!(&m[..6], b"LUKS\xba\xbe");
     }
 

@@ -201,6 +201,12 @@ pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
     if f.direct_swap {
         refuse(&mut refusals, "swap_directly", format!("{dev} is in use as swap directly: swapoff it first"));
     }
+    if o.cipher != "aes-xts-plain64" || o.key_bits != 512 {
+        refuse(&mut refusals, "unsupported_cipher", format!(
+            "this luksify converts with aes-xts-plain64 and a 512-bit key only (it checks every copied chunk against its source with that cipher before committing it); got {} with {} bits",
+            o.cipher, o.key_bits
+        ));
+    }
     if f.read_only {
         refuse(&mut refusals, "read_only", format!("{dev} is read-only"));
     }

@@ -17,6 +17,10 @@ use crate::core::facts::TableLineFacts;
 pub use traits::{Disk, HolderTable, KResult, Kernel, KernelError, MirrorOutcome};
 use zeroize::Zeroizing;
 
+/// Bytes compared per read when a chunk's copy is verified (two buffers of this size are
+/// allocated up front: nothing is allocated while the bridge is suspended).
+const VERIFY_PIECE: usize = 1 << 20;
+
 /// What went wrong, and in which state the device was left.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -30,6 +34,8 @@ pub enum EngineError {
     Refused(String),
     #[error("the copy of chunk {from}..{to} failed (mirror health {health}); the conversion stopped at a safe point (cursor {to}), nothing is lost; fix the device and run `luksify resume`")]
     MirrorFailed { from: u64, to: u64, health: String },
+    #[error("the copy of chunk {from}..{to} does not match its source at sector {sector} ({why}); dm-mirror reported it in sync (it hides read errors during recovery); the conversion stopped at a safe point (cursor {to}), nothing is lost; fix the device and run `luksify resume`")]
+    CopyMismatch { from: u64, to: u64, sector: u64, why: String },
     #[error("stopped at a safe point (cursor {0})")]
     Stopped(u64),
 }
@@ -114,6 +120,10 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// Buffers allocated before any suspend, so that a suspended window allocates nothing.
     fence_buf: Vec<u8>,
     slot_buf: Vec<u8>,
+    /// The new cipher, to check each copied chunk against its source before the commit.
+    xts: Option<xts_mode::Xts128<aes::Aes256>>,
+    verify_src: Vec<u8>,
+    verify_dst: Vec<u8>,
     /// What the tail held before `prepare` wrote into it: while nothing else has changed
     /// (state `Prepared`), [`Engine::abandon`] puts it back, byte for byte.
     original_tail: Option<Vec<u8>>,
@@ -240,6 +250,15 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             header,
             fence_buf: vec![0u8; (rec.geometry.f * 512) as usize],
             slot_buf: vec![0u8; SLOT_BYTES],
+            xts: (rec.cipher == "aes-xts-plain64" && key.len() == 64).then(|| {
+                use aes::cipher::KeyInit;
+                xts_mode::Xts128::new(
+                    aes::Aes256::new_from_slice(&key[..32]).expect("32-byte key"),
+                    aes::Aes256::new_from_slice(&key[32..]).expect("32-byte key"),
+                )
+            }),
+            verify_src: vec![0u8; VERIFY_PIECE],
+            verify_dst: vec![0u8; VERIFY_PIECE],
             original_tail: None,
             wrong_order_for_tests: false,
             rec,
@@ -299,10 +318,17 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let fenced = matches!(rec.state, State::Migrating { .. });
         let mut at = if fenced { g.shadow } else { 0 };
         io(disk.read(at, &mut label), || "reading the PV label".into())?;
-        if !fenced && matches!(marker::decode(&label), Some((u, _)) if u == rec.luks_uuid) {
-            // The fence wrote its marker but not its record: the label is in the shadow.
-            at = g.shadow;
-            io(disk.read(at, &mut label), || "reading the PV label".into())?;
+        if !fenced {
+            // The fence wrote (part of) its marker but not its record: marked sectors are in
+            // the shadow.
+            let mut sh = vec![0u8; label.len()];
+            io(disk.read(g.shadow, &mut sh), || "reading the shadow".into())?;
+            for i in 0..label.len() / 512 {
+                if marker::is_marker_sector(&label[i * 512..(i + 1) * 512], i, &rec.luks_uuid, g.journal) {
+                    label[i * 512..(i + 1) * 512].copy_from_slice(&sh[i * 512..(i + 1) * 512]);
+                    at = g.shadow;
+                }
+            }
         }
         if !rec.pv_uuid.is_empty() {
             match marker::pv_uuid(&label) {
@@ -334,9 +360,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         if phase == BridgePhase::Linear {
             // A fence that wrote its marker but not its journal record: the label is in the
             // shadow, so map it from there (the fence step keeps that shadow).
-            let mut first = vec![0u8; (self.g().f * 512) as usize];
-            io(self.disk.read(0, &mut first), || "reading the label sectors".into())?;
-            if self.is_our_marker(&first) {
+            if self.fence_merge()? {
                 phase = BridgePhase::Steady { cursor: self.g().l };
             }
         }
@@ -560,12 +584,17 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         // Suspended: nothing writes to [0, F). Shadow, flush, marker, flush: from the marker
         // on, the label lives only in the shadow. A fence that finds our marker already in
         // place (an earlier attempt got that far) keeps the shadow it made.
-        io(self.disk.read(0, &mut self.fence_buf), || "reading the label sectors".into()).map_err(|e| {
+        let merged = self.fence_merge().map_err(|e| {
             let _ = self.kernel.clear_inactive(&bridge);
             let _ = self.kernel.resume(&bridge);
             e
         })?;
-        if !self.is_our_marker(&self.fence_buf.clone()) {
+        if !merged {
+            io(self.disk.read(0, &mut self.fence_buf), || "reading the label sectors".into()).map_err(|e| {
+                let _ = self.kernel.clear_inactive(&bridge);
+                let _ = self.kernel.resume(&bridge);
+                e
+            })?;
             let r = (|| {
                 io(self.disk.write(g.shadow, &self.fence_buf), || "writing the shadow".into())?;
                 io(self.disk.flush(), || "flushing the shadow".into())?;
@@ -589,9 +618,61 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         c
     }
 
-    fn is_our_marker(&self, first: &[u8]) -> bool {
-        matches!(marker::decode(first), Some((u, _)) if u == self.rec.luks_uuid)
+    /// Compare the chunk [from, to) as it now is at its destination with its source,
+    /// encrypted with the new key: every sector must match before the chunk is committed.
+    /// Reads go to the raw device (O_DIRECT), so a source that cannot be read fails here.
+    fn verify_chunk(&mut self, from: u64, to: u64) -> EResult<()> {
+        let Some(xts) = &self.xts else { return Ok(()) };
+        let g = *self.g();
+        let piece = (VERIFY_PIECE / 512) as u64;
+        let mut a = from;
+        while a < to {
+            // Never straddle the fence boundary: [0, F) reads from the shadow.
+            let lim = if a < g.f { g.f } else { to };
+            let b = (a + piece).min(to).min(lim);
+            let n = ((b - a) * 512) as usize;
+            let src_at = if a < g.f { g.shadow + a } else { a };
+            let fail = |why: String| EngineError::CopyMismatch { from, to, sector: a, why };
+            self.disk.read(src_at, &mut self.verify_src[..n]).map_err(|e| fail(format!("reading the source: {e}")))?;
+            self.disk.read(g.s + a, &mut self.verify_dst[..n]).map_err(|e| fail(format!("reading the copy: {e}")))?;
+            xts.encrypt_area(&mut self.verify_src[..n], 512, a as u128, xts_mode::get_tweak_default);
+            if let Some(i) = (0..n / 512).find(|i| self.verify_src[i * 512..(i + 1) * 512] != self.verify_dst[i * 512..(i + 1) * 512]) {
+                return Err(EngineError::CopyMismatch { from, to, sector: a + i as u64, why: "different data".into() });
+            }
+            a = b;
+        }
+        Ok(())
     }
+
+    /// An earlier fence got as far as writing (part of) the marker but not its journal
+    /// record: the shadow it flushed first is where the label is. Sector by sector, a
+    /// sector that holds our marker comes from the shadow, any other from the raw device
+    /// (the marker never reached it). Completes shadow and marker; returns whether there
+    /// was such an earlier fence (false: raw [0, F) holds no sector of our marker).
+    fn fence_merge(&mut self) -> EResult<bool> {
+        let g = *self.g();
+        let f = (g.f * 512) as usize;
+        let mut raw = vec![0u8; f];
+        let mut shadow = vec![0u8; f];
+        io(self.disk.read(0, &mut raw), || "reading the label sectors".into())?;
+        let marked: Vec<bool> = (0..f / 512)
+            .map(|i| marker::is_marker_sector(&raw[i * 512..(i + 1) * 512], i, &self.rec.luks_uuid, g.journal))
+            .collect();
+        if !marked.iter().any(|&m| m) {
+            return Ok(false);
+        }
+        io(self.disk.read(g.shadow, &mut shadow), || "reading the shadow".into())?;
+        for (i, m) in marked.iter().enumerate() {
+            if !m {
+                shadow[i * 512..(i + 1) * 512].copy_from_slice(&raw[i * 512..(i + 1) * 512]);
+            }
+        }
+        io(self.disk.write(g.shadow, &shadow), || "writing the shadow".into())?;
+        io(self.disk.flush(), || "flushing the shadow".into())?;
+        self.write_marker()?;
+        Ok(true)
+    }
+
 
     /// Migrating{to} → Migrating{from}: the commit protocol of DESIGN.md.
     fn move_chunk(&mut self, from: u64, to: u64) -> EResult<()> {
@@ -658,8 +739,16 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             let _ = self.kernel.resume(&bridge);
             return Err(e);
         }
-        let r = io(self.disk.flush(), || "flushing the copied chunk".into())
-            .and_then(|_| self.commit(State::Migrating { cursor: from }));
+        // dm-mirror without handle_errors reports a region whose recovery failed to read
+        // its source as in sync and healthy (seen on Linux 6.1): check the copy ourselves.
+        if let Err(e) = io(self.disk.flush(), || "flushing the copied chunk".into()).and_then(|_| self.verify_chunk(from, to)) {
+            let back = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: to });
+            let _ = self.kernel.clear_inactive(&bridge);
+            let _ = self.kernel.load(&bridge, &back, &self.key_hex);
+            let _ = self.kernel.resume(&bridge);
+            return Err(e);
+        }
+        let r = self.commit(State::Migrating { cursor: from });
         if let Err(e) = r {
             // The commit failed, so whether it reached the disk is unknown: keep the mirror
             // live, which keeps both legs identical, so that either cursor the journal may
