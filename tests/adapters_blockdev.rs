@@ -1,7 +1,7 @@
 //! Host-side tests of the block-device adapter against the real tools: images made by
 //! mkfs.ext2/3/4, mkfs.xfs, mkswap and cryptsetup luksFormat (LUKS1 and LUKS2) must be
-//! recognised as blkid recognises them; block-device ioctls on a loop device. Each case is
-//! skipped (with a note) when its tool is missing.
+//! recognised as blkid recognises them; block-device ioctls on a loop device. A missing tool
+//! fails the test loudly (never a silent skip).
 
 use luksify::adapters::blockdev::{self, BlockDev, OpenMode, Signature, PROBE_BYTES};
 use luksify::core::facts::Content;
@@ -32,12 +32,10 @@ fn tool(cmd: &str, args: &[&str], img: &Path) -> bool {
     match Command::new(cmd).args(args).arg(img).stdin(std::process::Stdio::null()).output() {
         Ok(o) if o.status.success() => true,
         Ok(o) => {
-            eprintln!("skipped: {cmd} failed: {}", String::from_utf8_lossy(&o.stderr));
-            false
+            panic!("cannot run: {cmd} failed: {} (these tests need root, free loop devices and: apt-get install lvm2 cryptsetup-bin e2fsprogs xfsprogs util-linux)", String::from_utf8_lossy(&o.stderr));
         }
         Err(e) => {
-            eprintln!("skipped: {cmd}: {e}");
-            false
+            panic!("cannot run: {cmd}: {e} (these tests need root, free loop devices and: apt-get install lvm2 cryptsetup-bin e2fsprogs xfsprogs util-linux)");
         }
     }
 }
@@ -98,8 +96,7 @@ fn luks1_and_luks2_as_cryptsetup_makes_them() {
         match c.output() {
             Ok(o) if o.status.success() => {}
             _ => {
-                eprintln!("skipped: cryptsetup luksFormat --type {ty} is not available here");
-                continue;
+                panic!("cannot run: cryptsetup luksFormat --type {ty} is not available here (these tests need root, free loop devices and: apt-get install lvm2 cryptsetup-bin e2fsprogs xfsprogs util-linux)");
             }
         }
         let sigs = blockdev::detect_signatures(&head(&img));
@@ -124,8 +121,7 @@ fn a_wiped_luks2_primary_leaves_the_secondary_visible() {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !ok {
-        eprintln!("skipped: no cryptsetup");
-        return;
+        panic!("cannot run: no cryptsetup (these tests need root, free loop devices and: apt-get install lvm2 cryptsetup-bin e2fsprogs xfsprogs util-linux)");
     }
     let d = BlockDev::open(&img, OpenMode { write: true, ..OpenMode::READ }).unwrap();
     d.write_at(0, &[0u8; 4096]).unwrap();
@@ -147,16 +143,14 @@ fn mountinfo_and_swaps_of_this_host_parse() {
 fn loop_device_ioctls_and_sysfs() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: not root");
-        return;
+        panic!("cannot run: not root (these tests need root, free loop devices and: apt-get install lvm2 cryptsetup-bin e2fsprogs xfsprogs util-linux)");
     }
     let t = tmpdir("loopioctl");
     let img = image(&t.0, 8);
     let out = match Command::new("losetup").args(["-f", "--show", "-r"]).arg(&img).output() {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         _ => {
-            eprintln!("skipped: no free loop device");
-            return;
+            panic!("cannot run: no free loop device (these tests need root, free loop devices and: apt-get install lvm2 cryptsetup-bin e2fsprogs xfsprogs util-linux)");
         }
     };
     struct Detach(String);
