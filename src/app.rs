@@ -161,6 +161,10 @@ fn lock(device: &Path) -> Result<std::fs::File> {
     }
 }
 
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 /// Progress on the terminal (a bar) or as JSON lines.
 struct CliHooks {
     bar: Option<ProgressBar>,
@@ -168,6 +172,9 @@ struct CliHooks {
     l: u64,
     name: String,
     last_line_pct: i64,
+    /// The longest time live I/O waited on the bridge, over every step of this run.
+    max_stall: std::time::Duration,
+    chunks: u64,
 }
 
 impl CliHooks {
@@ -185,19 +192,28 @@ impl CliHooks {
             b.set_position(moved * 512);
             b
         });
-        CliHooks { bar, json: run.progress_json, l, name: name.to_string(), last_line_pct: -1 }
+        CliHooks { bar, json: run.progress_json, l, name: name.to_string(), last_line_pct: -1, max_stall: Default::default(), chunks: 0 }
     }
 }
 
 impl Hooks for CliHooks {
     fn event(&mut self, e: &Event) {
         match e {
-            Event::ChunkDone { from, .. } => {
+            Event::ChunkDone { from, stats, .. } => {
                 let moved = self.l - from;
+                self.max_stall = self.max_stall.max(stats.stall);
+                self.chunks += 1;
                 if let Some(b) = &self.bar {
                     b.set_position(moved * 512);
                 } else if self.json {
-                    eprintln!("{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{}}}", self.l);
+                    eprintln!(
+                        "{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{},\"copy_ms\":{:.1},\"verify_ms\":{:.1},\"stall_ms\":{:.1},\"rechecked_sectors\":{}}}",
+                        self.l,
+                        ms(stats.copy),
+                        ms(stats.verify),
+                        ms(stats.stall),
+                        stats.rechecked
+                    );
                 } else {
                     let pct = (moved * 100 / self.l) as i64;
                     if pct / 10 != self.last_line_pct / 10 {
@@ -223,6 +239,13 @@ impl Hooks for CliHooks {
             Event::Done => {
                 if let Some(b) = &self.bar {
                     b.finish();
+                }
+                if self.chunks > 0 {
+                    if self.json {
+                        eprintln!("{{\"event\":\"done\",\"steps\":{},\"max_stall_ms\":{:.1}}}", self.chunks, ms(self.max_stall));
+                    } else {
+                        eprintln!("luksify: {} step(s); live I/O waited at most {:.1} ms at a step", self.chunks, ms(self.max_stall));
+                    }
                 }
             }
             _ => {}
@@ -334,6 +357,7 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     )
     .map_err(|e| engine_err(e, device))?;
     drop(key);
+    engine.rate = o.run.rate_bytes();
     let mut hooks = CliHooks::new(&o.run, g.l, 0, &p.name);
     if let Err(e) = engine.run(&mut hooks) {
         // Failed before anything but the tail changed (e.g. an LV table that would not
@@ -376,6 +400,7 @@ fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     eprintln!("luksify: resuming from state {} ({:.1}% moved)", rec.state.name(), 100.0 * fsm::progress(&rec.geometry, rec.state));
     let mut engine = Engine::reopen(disk, kernel, raw, rec, key.as_bytes(), header).map_err(|e| engine_err(e, device))?;
     drop(key);
+    engine.rate = run.rate_bytes();
     let mut hooks = CliHooks::new(run, l, moved, &name);
     engine.run(&mut hooks).map_err(|e| engine_err(e, device))?;
     let _ = engine.kernel.ensure_node(&name);

@@ -121,6 +121,24 @@ pub struct RunOpts {
     /// Print machine-readable progress lines (one JSON object per step) instead of a bar.
     #[arg(long)]
     pub progress_json: bool,
+    /// Cap the copy at MB/s (10^6 bytes per second, on average over each step), to stay
+    /// out of the way of a machine in use. Default: as fast as the device goes.
+    #[arg(long, value_name = "MB/s", value_parser = parse_rate)]
+    pub rate: Option<f64>,
+}
+
+impl RunOpts {
+    /// `--rate` in bytes per second.
+    pub fn rate_bytes(&self) -> Option<u64> {
+        self.rate.map(|r| (r * 1e6) as u64)
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.1 => Ok(r),
+        _ => Err(format!("`{s}` is not a rate in MB/s (a number, at least 0.1)")),
+    }
 }
 
 impl ConvertOpts {

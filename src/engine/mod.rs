@@ -15,11 +15,14 @@ use crate::core::state::{self, Step};
 use crate::core::tables::{self, BridgePhase, CryptSpec, DevRef, Devices, Line};
 use crate::core::facts::TableLineFacts;
 pub use traits::{Disk, HolderTable, KResult, Kernel, KernelError, MirrorOutcome};
+use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 /// Bytes compared per read when a chunk's copy is verified (two buffers of this size are
 /// allocated up front: nothing is allocated while the bridge is suspended).
 const VERIFY_PIECE: usize = 1 << 20;
+/// Runs of sectors remembered for a recheck (more are merged into the last one).
+const RECHECK_RUNS: usize = 4096;
 
 /// What went wrong, and in which state the device was left.
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +58,21 @@ fn kern<T>(r: KResult<T>) -> EResult<T> {
 pub enum Event {
     Committed(State),
     ChunkStart { from: u64, to: u64 },
-    ChunkDone { from: u64, to: u64 },
+    ChunkDone { from: u64, to: u64, stats: ChunkStats },
     Done,
+}
+
+/// How one chunk went: where its time went, and how long live I/O on the bridge waited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChunkStats {
+    /// From the start of the step until the mirror reported every region in sync.
+    pub copy: Duration,
+    /// Flushing the copy and comparing every sector with its source (bridge live).
+    pub verify: Duration,
+    /// The longest window in which the bridge was suspended (live I/O waited this long).
+    pub stall: Duration,
+    /// Sectors that live writes changed during the check, compared again while suspended.
+    pub rechecked: u64,
 }
 
 /// What the engine asks of its caller besides the kernel and the disk.
@@ -124,6 +140,11 @@ pub struct Engine<D: Disk, K: Kernel> {
     xts: Option<xts_mode::Xts128<aes::Aes256>>,
     verify_src: Vec<u8>,
     verify_dst: Vec<u8>,
+    /// Runs of sectors to compare again (capacity fixed up front).
+    recheck: Vec<(u64, u64)>,
+    /// Cap on the copy rate in bytes per second (`--rate`): the engine pauses between
+    /// chunks so that the average stays below it.
+    pub rate: Option<u64>,
     /// What the tail held before `prepare` wrote into it: while nothing else has changed
     /// (state `Prepared`), [`Engine::abandon`] puts it back, byte for byte.
     original_tail: Option<Vec<u8>>,
@@ -259,6 +280,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             }),
             verify_src: vec![0u8; VERIFY_PIECE],
             verify_dst: vec![0u8; VERIFY_PIECE],
+            recheck: Vec::with_capacity(RECHECK_RUNS),
+            rate: None,
             original_tail: None,
             wrong_order_for_tests: false,
             rec,
@@ -471,8 +494,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 Step::Fence => self.fence()?,
                 Step::MoveChunk { from, to } => {
                     hooks.event(&Event::ChunkStart { from, to });
-                    self.move_chunk(from, to)?;
-                    hooks.event(&Event::ChunkDone { from, to });
+                    let t = Instant::now();
+                    let stats = self.move_chunk(from, to)?;
+                    hooks.event(&Event::ChunkDone { from, to, stats });
+                    self.pace(t, (to - from) * 512, hooks);
                 }
                 Step::Finish => self.finish()?,
                 Step::Cleanup => {
@@ -483,6 +508,20 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             }
             debug_assert_eq!(Some(self.rec.state), state::after_in(self.g(), st, step));
             hooks.event(&Event::Committed(self.rec.state));
+        }
+    }
+
+    /// `--rate`: after a chunk of `bytes` that started at `t`, wait until the average rate is
+    /// back under the cap (a stop request cuts the wait short).
+    fn pace(&self, t: Instant, bytes: u64, hooks: &mut dyn Hooks) {
+        let Some(rate) = self.rate.filter(|&r| r > 0) else { return };
+        let due = t + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        while !hooks.stop_requested() {
+            let now = Instant::now();
+            if now >= due {
+                break;
+            }
+            std::thread::sleep((due - now).min(Duration::from_millis(100)));
         }
     }
 
@@ -618,30 +657,52 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         c
     }
 
-    /// Compare the chunk [from, to) as it now is at its destination with its source,
-    /// encrypted with the new key: every sector must match before the chunk is committed.
-    /// Reads go to the raw device (O_DIRECT), so a source that cannot be read fails here.
-    fn verify_chunk(&mut self, from: u64, to: u64) -> EResult<()> {
-        let Some(xts) = &self.xts else { return Ok(()) };
+    /// Compare the sectors `runs` (half-open ranges inside one chunk) at their destination
+    /// with their source encrypted with the new key. Sectors that differ are appended to
+    /// `bad` as runs (at most `bad`'s capacity; the rest are counted) when `bad` is given;
+    /// without it, the first difference is an error. Reads go to the raw device (O_DIRECT),
+    /// so a source that cannot be read fails here.
+    fn compare_runs(&mut self, chunk: (u64, u64), runs: &[(u64, u64)], mut bad: Option<&mut Vec<(u64, u64)>>) -> EResult<u64> {
+        let Some(xts) = &self.xts else { return Ok(0) };
         let g = *self.g();
+        let (from, to) = chunk;
         let piece = (VERIFY_PIECE / 512) as u64;
-        let mut a = from;
-        while a < to {
-            // Never straddle the fence boundary: [0, F) reads from the shadow.
-            let lim = if a < g.f { g.f } else { to };
-            let b = (a + piece).min(to).min(lim);
-            let n = ((b - a) * 512) as usize;
-            let src_at = if a < g.f { g.shadow + a } else { a };
-            let fail = |why: String| EngineError::CopyMismatch { from, to, sector: a, why };
-            self.disk.read(src_at, &mut self.verify_src[..n]).map_err(|e| fail(format!("reading the source: {e}")))?;
-            self.disk.read(g.s + a, &mut self.verify_dst[..n]).map_err(|e| fail(format!("reading the copy: {e}")))?;
-            xts.encrypt_area(&mut self.verify_src[..n], 512, a as u128, xts_mode::get_tweak_default);
-            if let Some(i) = (0..n / 512).find(|i| self.verify_src[i * 512..(i + 1) * 512] != self.verify_dst[i * 512..(i + 1) * 512]) {
-                return Err(EngineError::CopyMismatch { from, to, sector: a + i as u64, why: "different data".into() });
+        let mut differing = 0u64;
+        for &(ra, rb) in runs {
+            let mut a = ra;
+            while a < rb {
+                // Never straddle the fence boundary: [0, F) reads from the shadow.
+                let lim = if a < g.f { g.f } else { rb };
+                let b = (a + piece).min(rb).min(lim);
+                let n = ((b - a) * 512) as usize;
+                let src_at = if a < g.f { g.shadow + a } else { a };
+                let fail = |why: String| EngineError::CopyMismatch { from, to, sector: a, why };
+                self.disk.read(src_at, &mut self.verify_src[..n]).map_err(|e| fail(format!("reading the source: {e}")))?;
+                self.disk.read(g.s + a, &mut self.verify_dst[..n]).map_err(|e| fail(format!("reading the copy: {e}")))?;
+                xts.encrypt_area(&mut self.verify_src[..n], 512, a as u128, xts_mode::get_tweak_default);
+                for i in 0..n / 512 {
+                    if self.verify_src[i * 512..(i + 1) * 512] == self.verify_dst[i * 512..(i + 1) * 512] {
+                        continue;
+                    }
+                    let sector = a + i as u64;
+                    let Some(bad) = bad.as_deref_mut() else {
+                        return Err(EngineError::CopyMismatch { from, to, sector, why: "different data".into() });
+                    };
+                    differing += 1;
+                    let room = bad.len() < bad.capacity();
+                    match bad.last_mut() {
+                        Some(last) if last.1 == sector || !room => {
+                            // Contiguous, or out of room: widen the last run to cover this
+                            // sector (rechecking more than needed is only slower).
+                            last.1 = sector + 1
+                        }
+                        _ => bad.push((sector, sector + 1)),
+                    }
+                }
+                a = b;
             }
-            a = b;
         }
-        Ok(())
+        Ok(differing)
     }
 
     /// An earlier fence got as far as writing (part of) the marker but not its journal
@@ -675,7 +736,15 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
 
 
     /// Migrating{to} → Migrating{from}: the commit protocol of DESIGN.md.
-    fn move_chunk(&mut self, from: u64, to: u64) -> EResult<()> {
+    ///
+    /// Everything slow happens while the bridge is live: the mirror's copy, the flush that
+    /// makes it durable, and the check of every copied sector against its source. The
+    /// bridge is then suspended only to confirm (mirror still in sync, both legs healthy,
+    /// sectors that live writes changed during the check compared again), commit the
+    /// journal and flip the table.
+    fn move_chunk(&mut self, from: u64, to: u64) -> EResult<ChunkStats> {
+        let t0 = Instant::now();
+        let mut stats = ChunkStats::default();
         let d = self.ensure_helpers()?;
         let g = *self.g();
         let bridge = self.names.bridge.clone();
@@ -689,12 +758,14 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             let _ = self.kernel.clear_inactive(&mirror);
             return Err(EngineError::Kernel(e.0));
         }
+        let w = Instant::now();
         let r = self
             .kernel
             .suspend(&bridge)
             .and_then(|_| self.kernel.suspend(&mirror))
             .and_then(|_| self.kernel.resume(&mirror))
             .and_then(|_| self.kernel.resume(&bridge));
+        stats.stall = w.elapsed();
         if let Err(e) = r {
             let _ = self.kernel.clear_inactive(&bridge);
             let _ = self.kernel.clear_inactive(&mirror);
@@ -702,28 +773,60 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             let _ = self.kernel.resume(&bridge);
             return Err(EngineError::Kernel(format!("switching chunk {from}..{to} to the mirror: {e}")));
         }
+        // Back to the journaled state (cursor `to`: the source leg is complete) after a
+        // failure before the commit.
+        let back = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: to });
         // 2. wait until every region is in sync and both legs are healthy.
         match kern(self.kernel.wait_mirror(&mirror))? {
             MirrorOutcome::Synced => {}
             MirrorOutcome::Failed(health) => {
-                // Back to the journaled state: the source leg is complete.
-                let back = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: to });
                 self.swap_table(&bridge, &back, "bridge")?;
                 return Err(EngineError::MirrorFailed { from, to, health });
             }
         }
+        stats.copy = t0.elapsed();
         let steady = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: from });
         if self.wrong_order_for_tests {
             self.swap_table(&bridge, &steady, "bridge")?;
             io(self.disk.flush(), || "flushing the copied chunk".into())?;
-            return self.commit(State::Migrating { cursor: from });
+            self.commit(State::Migrating { cursor: from })?;
+            return Ok(stats);
         }
-        // 3. Quiesce: with the bridge suspended no write can reach the mirror, so the health
-        //    and sync checked now are final. kcopyd's writes are not FUA: flush, then commit
-        //    while the mirror table is still the live one.
+        // 3. Live: kcopyd's writes are not FUA, so flush them; then check every copied
+        //    sector. Every region is in sync, so live writes now reach both legs (a write
+        //    racing with the check may make a sector differ for a moment: it is rechecked).
+        let t1 = Instant::now();
+        let mut recheck = std::mem::take(&mut self.recheck);
+        recheck.clear();
+        let live = io(self.disk.flush(), || "flushing the copied chunk".into())
+            .and_then(|_| self.compare_runs((from, to), &[(from, to)], Some(&mut recheck)));
+        let live = live.and_then(|mut n| {
+            // A few more live rounds over what differed, so that little is left for the
+            // suspended window.
+            for _ in 0..3 {
+                if n == 0 {
+                    break;
+                }
+                let runs = std::mem::take(&mut recheck);
+                recheck = Vec::with_capacity(runs.capacity());
+                n = self.compare_runs((from, to), &runs, Some(&mut recheck))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = live {
+            self.recheck = recheck;
+            self.swap_table(&bridge, &back, "bridge")?;
+            return Err(e);
+        }
+        stats.verify = t1.elapsed();
+        // 4. Quiesce: with the bridge suspended no write can reach the mirror, so the health
+        //    and sync checked now are final, and so is the recheck of what live writes
+        //    touched during the check. Then commit while the mirror table is still live.
         kern(self.kernel.load(&bridge, &steady, &self.key_hex))?;
+        let w = Instant::now();
         if let Err(e) = self.kernel.suspend(&bridge) {
             let _ = self.kernel.clear_inactive(&bridge);
+            self.recheck = recheck;
             return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
         }
         let checked = match self.kernel.wait_mirror(&mirror) {
@@ -731,18 +834,13 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             Ok(MirrorOutcome::Failed(health)) => Err(EngineError::MirrorFailed { from, to, health }),
             Err(e) => Err(EngineError::Kernel(e.0)),
         };
-        if let Err(e) = checked {
-            // A leg failed: nothing was committed; back to the source, whose leg is complete.
-            let back = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: to });
-            let _ = self.kernel.clear_inactive(&bridge);
-            let _ = self.kernel.load(&bridge, &back, &self.key_hex);
-            let _ = self.kernel.resume(&bridge);
-            return Err(e);
-        }
+        stats.rechecked = recheck.iter().map(|r| r.1 - r.0).sum();
         // dm-mirror without handle_errors reports a region whose recovery failed to read
-        // its source as in sync and healthy (seen on Linux 6.1): check the copy ourselves.
-        if let Err(e) = io(self.disk.flush(), || "flushing the copied chunk".into()).and_then(|_| self.verify_chunk(from, to)) {
-            let back = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: to });
+        // its source as in sync and healthy (seen on Linux 6.1): the check above is ours.
+        let checked = checked.and_then(|_| self.compare_runs((from, to), &recheck, None).map(|_| ()));
+        self.recheck = recheck;
+        if let Err(e) = checked {
+            // Nothing was committed; back to the source, whose leg is complete.
             let _ = self.kernel.clear_inactive(&bridge);
             let _ = self.kernel.load(&bridge, &back, &self.key_hex);
             let _ = self.kernel.resume(&bridge);
@@ -757,8 +855,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             let _ = self.kernel.resume(&bridge);
             return Err(e);
         }
-        // 4. only now map the chunk through crypt alone.
-        kern(self.kernel.resume(&bridge))
+        // 5. only now map the chunk through crypt alone.
+        kern(self.kernel.resume(&bridge))?;
+        stats.stall = stats.stall.max(w.elapsed());
+        Ok(stats)
     }
 
     /// Migrating{0} → HeaderWritten: the bridge is already the pure crypt table; drop the

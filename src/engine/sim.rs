@@ -2158,7 +2158,7 @@ mod tests {
             sim.convert(&mut rec).unwrap_or_else(|e| panic!("{e}\n{}", sim.trace_tail(30)));
             assert_eq!(sim.check_final(true), Ok("converted"));
             let g = sc.geometry();
-            let chunks: Vec<_> = rec.events.iter().filter_map(|e| if let Event::ChunkDone { from, to } = e { Some((*from, *to)) } else { None }).collect();
+            let chunks: Vec<_> = rec.events.iter().filter_map(|e| if let Event::ChunkDone { from, to, .. } = e { Some((*from, *to)) } else { None }).collect();
             assert_eq!(chunks, g.schedule());
             assert_eq!(rec.events.last(), Some(&Event::Done));
             // What `cryptsetup open` + LVM would read: every sector, exactly the latest write.
