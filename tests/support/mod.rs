@@ -374,8 +374,12 @@ impl RunningGuest {
         std::fs::read_to_string(self.out_dir.join("uml.pgid")).unwrap().trim().parse().unwrap()
     }
     fn alive(&self) -> bool {
+        let pg = self.pgid();
+        // The runner writes the pid of setsid's child before that child has made itself a
+        // process group leader: until it has, no group `pg` exists, but the process does
+        // (under load this window was long enough to read a live guest as ended).
         // SAFETY: signal 0 only checks existence
-        unsafe { libc::kill(-self.pgid(), 0) == 0 }
+        unsafe { libc::kill(pg, 0) == 0 || libc::kill(-pg, 0) == 0 }
     }
     /// Wait until $OUT/name exists; panic after `timeout` or if the guest ended.
     pub fn wait_for_file(&self, name: &str, timeout: Duration) {
