@@ -92,7 +92,7 @@ pub struct ConvertOpts {
     #[arg(long, value_name = "SECTORS")]
     pub chunk: Option<u64>,
     /// dm-mirror region size in sectors (a power of two).
-    #[arg(long, value_name = "SECTORS", default_value_t = 1024)]
+    #[arg(long, value_name = "SECTORS", default_value_t = 8192)]
     pub region: u64,
     /// Pass discards through the new mapping (leaks which blocks are unused).
     #[arg(long)]

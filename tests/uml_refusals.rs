@@ -106,7 +106,13 @@ echo DRYRUN-DONE
     let root = j["reroute"].as_array().unwrap().iter().find(|r| r["dm_name"] == "vg0-root").unwrap();
     assert_eq!(root["mounts"][0], "/mnt/r");
     let j1: serde_json::Value = serde_json::from_str(&run.file("plan-luks1.json")).unwrap();
-    assert_eq!(j1["shift_sectors"], 4096);
+    // LUKS1's default offset is 2 MiB; the realistic disk's tail (23 MiB) has room for a
+    // 16 MiB one, so the planner raises it to take 8x fewer steps, and says so.
+    assert_eq!(j1["default_shift_sectors"], 4096);
+    assert_eq!(j1["shift_sectors"], 32768);
+    assert!(j1["notes"][0].as_str().unwrap().contains("data offset raised"), "{j1}");
+    assert_eq!(j["default_shift_sectors"], 32768);
+    assert!(j["notes"].as_array().unwrap().is_empty(), "{j}");
     let t: serde_json::Value = serde_json::from_str(&run.file("too_little_tail.json")).unwrap();
     assert_eq!(t["refusals"][0]["code"], "too_little_tail");
     eprintln!("{}", run.file("plan.txt"));

@@ -13,6 +13,24 @@ pub const PLAN_SCHEMA_VERSION: u32 = 1;
 /// 80–100 MiB/s; with AES-NI the disk is usually the limit).
 pub const ASSUMED_MIB_PER_S: u64 = 100;
 
+/// The largest data offset the planner picks by itself (128 MiB): a larger S than the header
+/// needs means fewer, larger steps (each step has a fixed cost: table loads, suspends, the
+/// mirror's start, a journal commit), and costs nothing when the tail past the PV is unused
+/// anyway.
+pub const MAX_AUTO_SHIFT: u64 = 262144;
+
+/// The data offset S to use when the user gave none: the LUKS version's default, doubled
+/// while the doubled value still fits in the tail past the PV (`tail_have` sectors of a
+/// device of `n`), stays at most [`MAX_AUTO_SHIFT`] and is below L (one step moves
+/// everything already).
+pub fn auto_shift(luks: LuksVersion, n: u64, l: u64, tail_have: u64) -> u64 {
+    let mut s = luks.default_shift();
+    while s * 2 <= MAX_AUTO_SHIFT && s < l && Geometry::tail_needed(n, s * 2) <= tail_have {
+        s *= 2;
+    }
+    s
+}
+
 /// LUKS version (default data offset: LUKS1 2 MiB = 4096 sectors, LUKS2 16 MiB = 32768).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -76,7 +94,7 @@ impl Default for Options {
             name: None,
             shift: None,
             chunk: None,
-            region: 1024,
+            region: 8192,
         }
     }
 }
@@ -106,6 +124,9 @@ pub struct Plan {
     pub key_bits: u32,
     /// Header size / data offset S in sectors.
     pub shift_sectors: u64,
+    /// The LUKS version's default offset; `shift_sectors` is larger when the planner raised
+    /// it because the tail had room (fewer steps), or when `--offset` asked for more.
+    pub default_shift_sectors: u64,
     pub chunk_sectors: u64,
     pub region_sectors: u64,
     /// Sectors to move and encrypt: L.
@@ -124,6 +145,8 @@ pub struct Plan {
     pub actions: Vec<String>,
     pub refusals: Vec<Refusal>,
     pub warnings: Vec<String>,
+    /// Choices the planner made by itself, and why (e.g. a raised data offset).
+    pub notes: Vec<String>,
     #[serde(skip)]
     pub geometry: Option<Geometry>,
 }
@@ -157,8 +180,9 @@ pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
     let mut warnings = Vec::new();
     let dev = &f.path;
     let name = o.name.clone().unwrap_or_else(|| format!("{}_crypt", f.kname));
-    let s = o.shift.unwrap_or_else(|| o.luks.default_shift());
-    let k = o.chunk.unwrap_or(s);
+    let s0 = o.luks.default_shift();
+    // Provisional (S is raised below once L and the tail are known).
+    let mut s = o.shift.unwrap_or(s0);
 
     let in_progress = f.luksify_journal || f.luksify_marker || f.content == Content::LuksifyMarker;
     if in_progress {
@@ -270,7 +294,12 @@ pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
     }
 
     let tail_have = f.size_sectors.saturating_sub(l);
-    let tail_need = Geometry::tail_needed(f.size_sectors, s);
+    if o.shift.is_none() && l > 0 {
+        s = auto_shift(o.luks, f.size_sectors, l, tail_have);
+    }
+    let k = o.chunk.unwrap_or(s);
+    // The room needed is the room for the smallest header that works, not the raised one.
+    let tail_need = Geometry::tail_needed(f.size_sectors, o.shift.unwrap_or(s0));
     let mut geometry = None;
     if f.lvm.is_some() && l <= f.size_sectors {
         match Geometry::new(f.size_sectors, l, s, k, o.region) {
@@ -295,6 +324,14 @@ pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
         format!("generate a {}-bit volume key and format a {} header ({} cipher, data offset {} sectors = {}) in memory",
             o.key_bits, match o.luks { LuksVersion::Luks1 => "LUKS1", LuksVersion::Luks2 => "LUKS2" }, o.cipher, s, mib(s)),
     ];
+    let mut notes = Vec::new();
+    if o.shift.is_none() && s > s0 {
+        let default_steps = geometry.map(|g| g.l.div_ceil(o.chunk.unwrap_or(s0).min(s0))).unwrap_or(0);
+        notes.push(format!(
+            "data offset raised from the default {} to {} because the tail past the PV has room: {steps} step(s) instead of {default_steps}, each with a fixed cost (`--offset {s0}` keeps the default)",
+            mib(s0), mib(s)
+        ));
+    }
     if let Some(g) = &geometry {
         actions.push(format!(
             "write the journal (sectors {}..{}) and a copy of the header (sector {}) into the free tail of {dev}",
@@ -329,6 +366,7 @@ pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
         cipher: o.cipher.clone(),
         key_bits: o.key_bits,
         shift_sectors: s,
+        default_shift_sectors: s0,
         chunk_sectors: k,
         region_sectors: geometry.map(|g| g.region).unwrap_or(o.region),
         move_sectors: l,
@@ -344,6 +382,7 @@ pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
         actions,
         refusals,
         warnings,
+        notes,
         geometry,
     }
 }
@@ -406,6 +445,7 @@ pub fn render(p: &Plan) -> String {
         match p.luks { LuksVersion::Luks1 => "LUKS1", LuksVersion::Luks2 => "LUKS2" },
         p.cipher, p.key_bits, p.shift_sectors, mib(p.shift_sectors)
     ));
+
     s.push_str(&format!("  to move:           {} sectors ({})\n", p.move_sectors, mib(p.move_sectors)));
     s.push_str(&format!("  chunk:             {} sectors, {} step(s), mirror region {} sectors\n", p.chunk_sectors, p.steps, p.region_sectors));
     s.push_str(&format!(
@@ -436,6 +476,9 @@ pub fn render(p: &Plan) -> String {
     s.push_str("  steps:\n");
     for (i, a) in p.actions.iter().enumerate() {
         s.push_str(&format!("    {}. {a}\n", i + 1));
+    }
+    for n in &p.notes {
+        s.push_str(&format!("  note: {n}\n"));
     }
     for w in &p.warnings {
         s.push_str(&format!("  warning: {w}\n"));
@@ -599,11 +642,48 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn luks1_uses_a_2_mib_offset() {
+    fn luks1_uses_a_2_mib_offset_when_the_tail_has_no_more_room() {
+        let mut f = laptop();
+        // Room for a 2 MiB header and the journal, not for a 4 MiB one.
+        f.size_sectors = f.lvm.as_ref().map(|l| l.pe_start + l.pe_count * l.extent_size).unwrap() + 4096 + 2072 + 100;
         let o = Options { luks: LuksVersion::Luks1, ..Options::default() };
-        let p = plan(&laptop(), &o);
-        assert!(p.ok());
+        let p = plan(&f, &o);
+        assert!(p.ok(), "{:?}", p.refusals);
         assert_eq!(p.shift_sectors, 4096);
         assert_eq!(p.chunk_sectors, 4096);
+        assert!(p.notes.is_empty());
+    }
+
+    #[test]
+    fn the_offset_is_raised_while_the_tail_has_room_and_the_dry_run_says_so() {
+        // The laptop's tail is 40960 sectors: room for 32768 + the journal's 2072, not 65536.
+        let o = Options { luks: LuksVersion::Luks1, ..Options::default() };
+        let p = plan(&laptop(), &o);
+        assert!(p.ok(), "{:?}", p.refusals);
+        assert_eq!((p.default_shift_sectors, p.shift_sectors, p.chunk_sectors), (4096, 32768, 32768));
+        assert_eq!(p.steps, p.move_sectors.div_ceil(32768));
+        // Room needed is still that of the default header.
+        assert_eq!(p.tail_need_sectors, Geometry::tail_needed(p.size_sectors, 4096));
+        let text = render(&p);
+        assert!(text.contains("note: data offset raised from the default 2.00 MiB to 16 MiB"), "{text}");
+        // An explicit --offset is kept as it is.
+        let p = plan(&laptop(), &Options { luks: LuksVersion::Luks1, shift: Some(4096), ..Options::default() });
+        assert_eq!(p.shift_sectors, 4096);
+        assert!(p.notes.is_empty());
+    }
+
+    #[test]
+    fn auto_shift_is_bounded() {
+        let big = 1u64 << 40;
+        // A huge tail: capped at 128 MiB.
+        assert_eq!(auto_shift(LuksVersion::Luks2, big, big / 2, big / 2), MAX_AUTO_SHIFT);
+        // Never beyond the first power-of-two multiple of the default that covers L.
+        assert_eq!(auto_shift(LuksVersion::Luks2, big, 40_000, big - 40_000), 65536);
+        // No room: the default.
+        assert_eq!(auto_shift(LuksVersion::Luks2, big, big - 10, 10), 32768);
+        for (l, tail) in [(1u64 << 20, 70_000u64), (1 << 22, 300_000), (1 << 30, 1 << 20)] {
+            let s = auto_shift(LuksVersion::Luks2, l + tail, l, tail);
+            assert!(Geometry::tail_needed(l + tail, s) <= tail && s <= MAX_AUTO_SHIFT, "{l} {tail} {s}");
+        }
     }
 }

@@ -2170,6 +2170,29 @@ mod tests {
         }
     }
 
+    #[test]
+    fn rate_caps_the_copy_and_a_stop_request_cuts_the_wait_short() {
+        let sc = { let mut s = Scenario::small(13); s.writer = WriterConfig::off(); s };
+        let g = sc.geometry();
+        let bytes = g.l * 512;
+        // A cap at which the whole move takes at least 0.4 s: the engine must wait that long.
+        let rate = bytes * 5 / 2;
+        let sim = Sim::new(&sc);
+        let t = std::time::Instant::now();
+        sim.convert_with(&mut Recorder::default(), &mut |e| e.rate = Some(rate)).unwrap();
+        let paced = t.elapsed();
+        assert!(paced.as_secs_f64() >= 0.9 * bytes as f64 / rate as f64, "{paced:?} for {bytes} bytes at {rate} B/s");
+        assert_eq!(sim.check_final(true), Ok("converted"));
+        // A crawl (a full move would take an hour) stopped after the first chunk returns at
+        // once, at a commit point.
+        let sim = Sim::new(&sc);
+        let mut rec = Recorder { stop_after_chunks: Some(1), ..Default::default() };
+        let t = std::time::Instant::now();
+        let r = sim.convert_with(&mut rec, &mut |e| e.rate = Some(bytes / 3600));
+        assert!(t.elapsed().as_secs() < 60, "the pause ignored the stop request");
+        assert!(matches!(r, Err(EngineError::Stopped(_))), "{:?}", r.err());
+    }
+
     // ----- faults -----
 
     /// What to do after the fault fired.
