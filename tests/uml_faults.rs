@@ -4,12 +4,14 @@
 //! so nothing could ever be committed). The copy of the chunk holding them fails;
 //! luksify must stop at a safe state with a clear error, the live system keeps its data, and
 //! once the fault is gone `luksify resume` completes and a fresh boot verifies everything.
+//! (dm-dust fails reads only. Write errors on either leg, and errors of every other
+//! operation, are injected at every step by the crash simulation in `src/engine/sim.rs`.)
 mod support;
 
 use support::*;
 
 #[test]
-fn a_write_error_on_the_destination_stops_safely_and_resume_completes() {
+fn a_read_error_on_the_source_stops_safely_and_resume_completes() {
     let dir = test_dir("fault-dest");
     let d = fresh_copy(&dir);
     let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(
@@ -38,7 +40,7 @@ set +e
 rc=$?
 set -e
 cat "$OUT/fail.err"
-[ $rc -ne 0 ] || die "the conversion did not notice the write errors"
+[ $rc -ne 0 ] || die "the conversion did not notice the read errors"
 grep -q "safe point" "$OUT/fail.err" || die "no safe-state message"
 "$LUKSIFY" status /dev/mapper/fake | tee "$OUT/status-fault.txt"
 # The live system still reads the right data.
