@@ -1,0 +1,235 @@
+#!/bin/bash
+# Guest side of qemu/bench (run inside User-Mode Linux by qemu/uml/run; not by hand).
+#
+#   bench-guest.sh SIZE_MIB BASELINE_SECS WRITER_INTERVAL_MS
+#
+# /dev/ubda holds one partition, /dev/ubda1, of exactly SIZE_MIB: the device every
+# measurement uses. Results go to $OUT/results.env as key=value lines (the host turns them
+# into JSON and a table); logs, luksify's --progress-json lines and the writer's latencies
+# stay in $OUT. Before each measurement: sync, drop caches and, for the conversions, the
+# same plain layout rebuilt (see make_layout).
+set -uo pipefail
+. "$UML_LIB/common.sh"
+PS4='+ ${EPOCHREALTIME} '
+
+SIZE_MIB=$1 BASE_SECS=$2 WRITER_INTERVAL=$3
+DISK=/dev/ubda DEV=/dev/ubda1 NAME=ubda1_crypt VG=bench
+CIPHER=aes-xts-plain64 KEY_BITS=512
+BS=4M                       # dd block size of every dd measurement
+TAIL_MIB=32                 # room past the PV: cryptsetup's --reduce-device-size 32M
+KEY=/tmp/bench.key
+FAST=(--pbkdf pbkdf2 --pbkdf-force-iterations 1000)
+RES=$OUT/results.env
+: > "$RES"
+printf 'bench passphrase' > "$KEY"
+
+result() { echo "$1=$2" >> "$RES"; echo "   $1=$2" >&2; }
+failed() { # NAME MESSAGE: a measurement that failed is recorded, the others still run
+    result "$1_error" "\"$(echo "$2" | tr '"\n' "' " | cut -c1-400)\""
+    echo "BENCH FAILED: $1: $2" >&2
+}
+note() { echo "== [$(cut -d' ' -f1 /proc/uptime)s] $*" >&2; }
+fresh_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+secs_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f", b - a }'; }
+mib_s() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / 1048576 / s }'; }
+
+# --- the device: one partition of exactly SIZE_MIB ------------------------------
+sfdisk -q --wipe always "$DISK" <<EOF || die "sfdisk $DISK"
+label: dos
+unit: sectors
+
+$DEV : start=2048, size=$((SIZE_MIB * 2048)), type=8e
+EOF
+wait_dev "$DEV"
+SIZE=$(blockdev --getsize64 "$DEV")
+[ "$SIZE" -eq $((SIZE_MIB << 20)) ] || die "$DEV has $SIZE bytes, expected $((SIZE_MIB << 20))"
+result size_mib "$SIZE_MIB"
+result device_bytes "$SIZE"
+result device "\"$DEV\""
+result cipher "\"$CIPHER\""
+result key_bits "$KEY_BITS"
+result kernel "\"$(uname -r)\""
+result cryptsetup_version "\"$(cryptsetup --version | awk '{print $2}')\""
+result luksify_version "\"$("$LUKSIFY" --version 2>/dev/null | awk '{print $2}')\""
+mkdir -p /mnt/bench
+# cryptsetup benchmark needs the kernel crypto API from userspace (AF_ALG); a normal system
+# autoloads it, the guest cannot: load it for the whole run, as a normal system would have it
+modprobe -d /run/modroot -a af_alg algif_skcipher 2>/dev/null || note "could not load algif_skcipher"
+
+teardown() { # whatever a measurement left open goes away
+    umount /mnt/bench 2>/dev/null
+    vgchange -an "$VG" >/dev/null 2>&1
+    dmsetup remove "$NAME" 2>/dev/null
+    dmsetup remove bench_crypt 2>/dev/null
+    if [ -n "$(dmsetup ls 2>/dev/null | grep -v 'No devices found')" ]; then
+        dmsetup remove_all --force >/dev/null 2>&1
+    fi
+    return 0
+}
+
+# The plain layout every conversion starts from: a PV of SIZE_MIB - 32 MiB (4 MiB extents)
+# whose one LV `data` is ext4 with 2 MiB of files; 32 MiB of room past the PV. The start
+# and the end of the partition are zeroed first (old LUKS headers, luksify journals); what
+# lies between is whatever an earlier measurement left (the content does not change the
+# speed of a copy).
+make_layout() {
+    note "building the plain layout"
+    teardown
+    dd if=/dev/zero of="$DEV" bs=1M count=34 oflag=direct conv=fsync status=none || return 1
+    dd if=/dev/zero of="$DEV" bs=1M seek=$((SIZE_MIB - 34)) count=34 oflag=direct conv=fsync status=none || return 1
+    pvcreate -q -y -ff --setphysicalvolumesize $((SIZE_MIB - TAIL_MIB))m "$DEV" >/dev/null || return 1
+    vgcreate -q -s 4m "$VG" "$DEV" >/dev/null || return 1
+    lvcreate -q -y -Wy -l 100%FREE -n data "$VG" >/dev/null || return 1   # makes /dev/$VG/data itself
+    mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "/dev/$VG/data" || return 1
+    mount "/dev/$VG/data" /mnt/bench || return 1
+    "$LKTEST" tree /mnt/bench/files --seed 7 --files 20 --mib 2 >/dev/null || return 1
+    umount /mnt/bench
+    vgchange -an "$VG" >/dev/null || return 1
+}
+
+# --- the plan: how many bytes luksify moves (L), the same for every copy below --------
+make_layout || die "building the plain layout failed"
+"$LUKSIFY" --dry-run --json "$DEV" > "$OUT/plan.json" 2> "$OUT/plan.err" || {
+    cat "$OUT/plan.err" "$OUT/plan.json" >&2; die "luksify --dry-run refused $DEV"; }
+plan() { sed -n "s/.*\"$1\": *\([0-9][0-9]*\).*/\1/p" "$OUT/plan.json" | head -1; }
+L=$(plan move_bytes) SHIFT=$(plan shift_sectors)
+[ -n "$L" ] && [ -n "$SHIFT" ] || die "no move_bytes/shift_sectors in the dry-run JSON"
+result move_bytes "$L"
+result shift_sectors "$SHIFT"
+result plan_steps "$(plan steps)"
+result plan_chunk_sectors "$(plan chunk_sectors)"
+teardown
+
+# --- raw: sequential write, read, same-device copy (O_DIRECT) ------------------------
+note "raw write"
+fresh_caches; t0=$EPOCHREALTIME
+if dd if=/dev/zero of="$DEV" bs=$BS iflag=count_bytes count="$SIZE" oflag=direct conv=fsync status=none; then
+    s=$(secs_since "$t0"); result raw_write_s "$s"; result raw_write_mib_s "$(mib_s "$SIZE" "$s")"
+else failed raw_write "dd failed"; fi
+
+note "raw read"
+fresh_caches; t0=$EPOCHREALTIME
+if dd if="$DEV" of=/dev/null bs=$BS iflag=direct status=none; then
+    s=$(secs_since "$t0"); result raw_read_s "$s"; result raw_read_mib_s "$(mib_s "$SIZE" "$s")"
+else failed raw_read "dd failed"; fi
+
+# the copy luksify makes, without the encryption: L bytes moved S sectors up the device
+note "raw copy on the same device"
+fresh_caches; t0=$EPOCHREALTIME
+if dd if="$DEV" of="$DEV" bs=$BS iflag=direct,count_bytes oflag=direct,seek_bytes count="$L" \
+        seek=$((SHIFT * 512)) conv=notrunc,fsync status=none; then
+    s=$(secs_since "$t0"); result raw_copy_s "$s"; result raw_copy_mib_s "$(mib_s "$L" "$s")"
+else failed raw_copy "dd failed"; fi
+
+# --- dm-crypt: cryptsetup benchmark, and dd through a plain crypt mapping -------------
+note "cryptsetup benchmark -c aes-xts -s 512"
+if cryptsetup benchmark -c aes-xts -s 512 > "$OUT/cryptsetup-benchmark.txt" 2>&1; then
+    cat "$OUT/cryptsetup-benchmark.txt" >&2
+    # "aes-xts 512b 1234.5 MiB/s 1250.0 MiB/s" (GiB/s on fast machines)
+    # (no process substitution: the guest has no /dev/fd)
+    ed=$(awk '$1 == "aes-xts" && $2 == "512b" {
+        e = $3; if ($4 ~ /^GiB/) e *= 1024; d = $5; if ($6 ~ /^GiB/) d *= 1024; print e, d }' \
+        "$OUT/cryptsetup-benchmark.txt")
+    enc=${ed% *} dec=${ed#* }
+    if [ -n "${enc:-}" ]; then result cs_bench_enc_mib_s "$enc"; result cs_bench_dec_mib_s "$dec"
+    else failed cs_bench "no aes-xts 512b line: $(cat "$OUT/cryptsetup-benchmark.txt")"; fi
+else failed cs_bench "$(tail -3 "$OUT/cryptsetup-benchmark.txt")"; fi
+
+# THE LIMIT: the same L bytes read from the device and written through dm-crypt to the same
+# device S sectors further up, as luksify's copy does (a plain crypt target, no LUKS).
+note "dd through dm-crypt"
+hexkey=$(od -An -tx1 -N$((KEY_BITS / 8)) /dev/urandom | tr -d ' \n')
+if dmsetup create bench_crypt --table "0 $((L / 512)) crypt $CIPHER $hexkey 0 $DEV $SHIFT"; then
+    dmsetup mknodes bench_crypt
+    fresh_caches; t0=$EPOCHREALTIME
+    if dd if="$DEV" of=/dev/mapper/bench_crypt bs=$BS iflag=direct,count_bytes oflag=direct \
+            count="$L" conv=notrunc,fsync status=none; then
+        s=$(secs_since "$t0"); result dd_crypt_s "$s"; result dd_crypt_mib_s "$(mib_s "$L" "$s")"
+    else failed dd_crypt "dd failed"; fi
+    dmsetup remove bench_crypt
+else failed dd_crypt "dmsetup create failed"; fi
+unset hexkey
+
+# --- cryptsetup reencrypt --encrypt, offline -----------------------------------------
+note "cryptsetup reencrypt --encrypt --type luks2 --reduce-device-size 32M (offline)"
+if make_layout; then
+    fresh_caches; t0=$EPOCHREALTIME
+    if cryptsetup reencrypt --encrypt --type luks2 -c "$CIPHER" -s "$KEY_BITS" \
+            --reduce-device-size ${TAIL_MIB}M --key-file "$KEY" "${FAST[@]}" -q "$DEV" \
+            > "$OUT/reencrypt.log" 2>&1; then
+        s=$(secs_since "$t0"); result reencrypt_s "$s"; result reencrypt_mib_s "$(mib_s "$L" "$s")"
+    else failed reencrypt "$(tail -3 "$OUT/reencrypt.log")"; fi
+else failed reencrypt "building the plain layout failed"; fi
+
+# --- luksify --------------------------------------------------------------------------
+# luksify_run MODE: time one conversion, its --progress-json lines in $OUT/progress.MODE.jsonl
+luksify_run() {
+    local mode=$1 t0 s rc done_line
+    t0=$EPOCHREALTIME
+    "$LUKSIFY" --yes --no-integrate --key-file "$KEY" "${FAST[@]}" --progress-json "$DEV" \
+        2> "$OUT/progress.$mode.jsonl" > "$OUT/luksify.$mode.out"
+    rc=$?
+    s=$(secs_since "$t0")
+    if [ "$rc" != 0 ]; then
+        failed "luksify_$mode" "exit status $rc after ${s}s: $(grep -v '^{' "$OUT/progress.$mode.jsonl" | tail -3)"
+        return 1
+    fi
+    result "luksify_${mode}_s" "$s"
+    result "luksify_${mode}_mib_s" "$(mib_s "$L" "$s")"
+    done_line=$(grep '"event":"done"' "$OUT/progress.$mode.jsonl" | tail -1)
+    result "luksify_${mode}_steps" "$(echo "$done_line" | sed -n 's/.*"steps":\([0-9]*\).*/\1/p')"
+    result "luksify_${mode}_max_stall_ms" "$(echo "$done_line" | sed -n 's/.*"max_stall_ms":\([0-9.]*\).*/\1/p')"
+    result "luksify_${mode}_chunk_lines" "$(grep -c '"event":"chunk"' "$OUT/progress.$mode.jsonl")"
+    # the stall of every step, for a look at its distribution
+    sed -n 's/.*"stall_ms":\([0-9.]*\).*/\1/p' "$OUT/progress.$mode.jsonl" | sort -n > "$OUT/stalls.$mode.txt"
+    result "luksify_${mode}_median_stall_ms" "$(awk '{v[NR]=$1} END {if (NR) print v[int((NR+1)/2)]}' "$OUT/stalls.$mode.txt")"
+    cryptsetup isLuks "$DEV" || { failed "luksify_$mode" "$DEV is not LUKS afterwards"; return 1; }
+}
+
+note "luksify offline (VG inactive, nothing mounted)"
+if make_layout; then
+    fresh_caches
+    luksify_run offline
+else failed luksify_offline "building the plain layout failed"; fi
+
+# lat_stats PREFIX FROM TO: the writer's latencies of records [FROM, TO)
+lat_stats() {
+    awk -v f="$2" -v t="$3" '$1 >= f && $1 < t { print $2 }' "$OUT/latency.us" | sort -n |
+        awk -v p="$1" '{ v[NR] = $1; if ($1 > 100000) o++ }
+        END {
+            i = int(NR * 0.99); if (i < NR * 0.99) i++; if (i < 1) i = 1
+            printf "%s_count=%d\n", p, NR
+            if (NR == 0) exit
+            printf "%s_median_ms=%.3f\n%s_p99_ms=%.3f\n%s_max_ms=%.3f\n%s_over_100ms=%d\n",
+                p, v[int((NR + 1) / 2)] / 1000, p, v[i] / 1000, p, v[NR] / 1000, p, o + 0
+        }' | tee -a "$RES" >&2
+}
+acked() { wc -l < "$OUT/acked" 2>/dev/null || echo 0; }
+
+note "luksify online: LV mounted, a writer fsync'ing a 4 KiB record every ${WRITER_INTERVAL} ms"
+if make_layout; then
+    vgchange -ay "$VG" >/dev/null
+    mount "/dev/$VG/data" /mnt/bench
+    rm -f "$OUT/acked" "$OUT/latency.us"
+    fresh_caches
+    WRITER_ARGS="--latency-out $OUT/latency.us --interval-ms $WRITER_INTERVAL" start_writer /mnt/bench/records.dat "$OUT/acked"
+    wait_acked 1
+    sleep "$BASE_SECS"                 # the baseline: the same writer, before the conversion
+    n0=$(acked)
+    t_base=$BASE_SECS
+    luksify_run online; ok=$?
+    n1=$(acked)
+    stop_writer
+    result writer_interval_ms "$WRITER_INTERVAL"
+    result baseline_secs "$t_base"
+    lat_stats lat_baseline 0 "$n0"
+    lat_stats lat_during "$n0" "$n1"
+    if [ "$ok" = 0 ]; then
+        "$LKTEST" verify-records --file /mnt/bench/records.dat --acked "$OUT/acked" >&2 ||
+            failed luksify_online "acknowledged records lost"
+    fi
+    teardown
+else failed luksify_online "building the plain layout failed"; fi
+
+teardown
+echo "BENCH DONE" >&2
