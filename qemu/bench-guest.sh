@@ -16,7 +16,10 @@ SIZE_MIB=$1 BASE_SECS=$2 WRITER_INTERVAL=$3
 DISK=/dev/ubda DEV=/dev/ubda1 NAME=ubda1_crypt VG=bench
 CIPHER=aes-xts-plain64 KEY_BITS=512
 BS=4M                       # dd block size of every dd measurement
-TAIL_MIB=32                 # room past the PV: cryptsetup's --reduce-device-size 32M
+# Room past the PV, the same for cryptsetup (--reduce-device-size) and luksify: luksify's
+# planner raises its data offset while the tail has room (fewer, larger steps), to 128 MiB
+# with 144 MiB of tail (devices of 1 GiB and more), 32 MiB with 48 MiB.
+TAIL_MIB=$([ "$SIZE_MIB" -ge 1024 ] && echo 144 || echo 48)
 KEY=/tmp/bench.key
 FAST=(--pbkdf pbkdf2 --pbkdf-force-iterations 1000)
 RES=$OUT/results.env
@@ -96,6 +99,7 @@ L=$(plan move_bytes) SHIFT=$(plan shift_sectors)
 [ -n "$L" ] && [ -n "$SHIFT" ] || die "no move_bytes/shift_sectors in the dry-run JSON"
 result move_bytes "$L"
 result shift_sectors "$SHIFT"
+result tail_mib "$TAIL_MIB"
 result plan_steps "$(plan steps)"
 result plan_chunk_sectors "$(plan chunk_sectors)"
 teardown

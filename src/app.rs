@@ -40,6 +40,12 @@ fn dry_run(device: &Path, o: &ConvertOpts, json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&p).expect("plan serialises"));
     } else {
         print!("{}", plan::render(&p));
+        if let Some(cmds) = room_commands(&p).filter(|_| o.make_room) {
+            println!("  with --make-room, luksify would first run (then plan again):");
+            for c in cmds {
+                println!("    {}", c.join(" "));
+            }
+        }
     }
     if p.ok() {
         Ok(exit::OK)
@@ -300,22 +306,57 @@ fn print_after(device: &Path, name: &str, uuid: &str) {
     eprintln!("luksify: and regenerate the initramfs (Debian/Ubuntu: update-initramfs -u -k all; Fedora: dracut -f)");
 }
 
+/// The commands `--make-room` would run: only when the sole refusal is too little tail and
+/// there is something safe to do (not for `MakeRoom::Manual`).
+fn room_commands(p: &plan::Plan) -> Option<Vec<Vec<String>>> {
+    if p.refusals.len() != 1 || p.refusals[0].code != "too_little_tail" {
+        return None;
+    }
+    let cmds = p.make_room.as_ref()?.commands(&p.device);
+    (!cmds.is_empty()).then_some(cmds)
+}
+
+fn refused(p: &plan::Plan) -> Error {
+    let msgs: Vec<String> = p.refusals.iter().map(|r| r.message.clone()).collect();
+    Error::Refused(msgs.join("\nluksify: "))
+}
+
 fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     require_no_integrate(&o.run)?;
     let _lock = lock(device)?;
-    let facts = probe_device(device)?;
+    let mut facts = probe_device(device)?;
     let popts = o.plan_options();
-    let p = plan::plan(&facts, &popts);
-    if !p.ok() {
-        let msgs: Vec<String> = p.refusals.iter().map(|r| r.message.clone()).collect();
-        return Err(Error::Refused(msgs.join("\nluksify: ")));
+    let mut p = plan::plan(&facts, &popts);
+    let room = if o.make_room { room_commands(&p) } else { None };
+    if !p.ok() && room.is_none() {
+        return Err(refused(&p));
     }
-    let g = p.geometry.expect("an accepted plan has a geometry");
     if o.key_size % 8 != 0 || o.key_size == 0 {
         return Err(Error::Usage(format!("--key-size {} is not a whole number of bytes", o.key_size)));
     }
     let pass = passphrase(&o.key, true)?;
+    if let Some(cmds) = &room {
+        eprintln!("luksify: to make room past the PV, luksify will first run:");
+        for c in cmds {
+            eprintln!("luksify:   {}", c.join(" "));
+        }
+    }
     confirm(device, &o.run)?;
+    if let Some(cmds) = &room {
+        lvm::make_room(cmds).map_err(|e| {
+            Error::Failed(format!("making room failed: {e}; the conversion did not start (LVM reports what, if anything, it changed: see `pvs -o+pv_used {}`)", device.display()))
+        })?;
+        facts = probe_device(device)?;
+        p = plan::plan(&facts, &popts);
+        if !p.ok() {
+            return Err(Error::Refused(format!(
+                "after making room the plan still refuses (the PV was shrunk; nothing else changed): {}",
+                p.refusals.iter().map(|r| r.message.clone()).collect::<Vec<_>>().join("; ")
+            )));
+        }
+        eprintln!("luksify: room made: {} sectors past the PV now", p.tail_have_sectors);
+    }
+    let g = p.geometry.expect("an accepted plan has a geometry");
 
     let (cipher, mode) = o.cipher.split_once('-').ok_or_else(|| Error::Usage(format!("--cipher {} is not of the form cipher-mode", o.cipher)))?;
     let key = luks::VolumeKey::generate((o.key_size / 8) as usize).map_err(|e| Error::Failed(e.to_string()))?;

@@ -97,6 +97,11 @@ pub struct ConvertOpts {
     /// Pass discards through the new mapping (leaks which blocks are unused).
     #[arg(long)]
     pub allow_discards: bool,
+    /// When the room past the PV is too small, make it first: shrink the PV over free
+    /// extents at its end (`pvresize`), moving the last extents into free ones elsewhere on
+    /// the PV first if they are in use (`pvmove`). Never shrinks an LV or a filesystem.
+    #[arg(long)]
+    pub make_room: bool,
     #[command(flatten)]
     pub key: KeyOpts,
     #[command(flatten)]

@@ -58,7 +58,7 @@ set +e; "$LUKSIFY" --dry-run /etc/hostname 2> "$OUT/nb.err"; rc=$?; set -e
 # Free extents at the end but too little room: pvresize advice.
 MK --variant notail
 refused too_little_tail /dev/ubda5
-grep -q "pvresize --setphysicalvolumesize" /tmp/out || die "no pvresize advice"
+grep -q "pvresize --yes --setphysicalvolumesize" /tmp/out || die "no pvresize advice"
 # Last extents allocated: which LV, and how to move it.
 MK --variant lastused --tail-mib 1
 refused too_little_tail /dev/ubda5

@@ -36,6 +36,8 @@ pub enum LvmError {
     Parse { cmd: String, why: String },
     #[error("LVM reports no physical volume on {0} (is it excluded by the LVM filter or devices file?)")]
     NoPv(String),
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub type Result<T> = std::result::Result<T, LvmError>;
@@ -154,6 +156,21 @@ impl Lvm {
         self.run(&a).map(|_| ())
     }
 
+    /// **Changes LVM metadata and moves data**: carry out the commands of a
+    /// [`crate::core::plan::MakeRoom`] (`pvmove` of the last extents into free ones, then
+    /// `pvresize --setphysicalvolumesize`), in order, stopping at the first failure. Only
+    /// those two LVM commands are accepted.
+    pub fn make_room(&self, commands: &[Vec<String>]) -> Result<()> {
+        for c in commands {
+            let a: Vec<&str> = c.iter().map(|s| s.as_str()).collect();
+            if !matches!(a.first(), Some(&"pvmove") | Some(&"pvresize")) {
+                return Err(LvmError::Refused(format!("not a command that makes room: {}", c.join(" "))));
+            }
+            self.run(&a)?;
+        }
+        Ok(())
+    }
+
     /// **Changes LVM's run-time state** (not metadata): `lvm pvscan --cache [DEVICE]`, which
     /// re-reads the device(s) and updates LVM's record of online PVs.
     pub fn pvscan_cache(&self, device: Option<&Path>) -> Result<()> {
@@ -174,6 +191,11 @@ pub fn facts(device: &Path) -> Result<LvmFacts> {
 /// [`Lvm::pvresize`] with the system's `lvm`. Changes LVM metadata.
 pub fn pvresize(device: &Path, size_sectors: Option<u64>) -> Result<()> {
     Lvm::system().pvresize(device, size_sectors)
+}
+
+/// [`Lvm::make_room`] with the system's `lvm`.
+pub fn make_room(commands: &[Vec<String>]) -> Result<()> {
+    Lvm::system().make_room(commands)
 }
 
 /// [`Lvm::pvscan_cache`] with the system's `lvm`.

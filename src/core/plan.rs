@@ -147,6 +147,8 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// Choices the planner made by itself, and why (e.g. a raised data offset).
     pub notes: Vec<String>,
+    /// When the tail is too small: what `--make-room` would do (null otherwise).
+    pub make_room: Option<MakeRoom>,
     #[serde(skip)]
     pub geometry: Option<Geometry>,
 }
@@ -301,10 +303,12 @@ pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
     // The room needed is the room for the smallest header that works, not the raised one.
     let tail_need = Geometry::tail_needed(f.size_sectors, o.shift.unwrap_or(s0));
     let mut geometry = None;
+    let mut make_room_plan = None;
     if f.lvm.is_some() && l <= f.size_sectors {
         match Geometry::new(f.size_sectors, l, s, k, o.region) {
             Ok(g) => geometry = Some(g),
             Err(GeometryError::TooLittleTail { need, have, missing }) => {
+                make_room_plan = make_room(f, missing);
                 refuse(&mut refusals, "too_little_tail", too_little_tail_message(f, need, have, missing));
             }
             Err(e) => refuse(&mut refusals, "geometry", format!("cannot lay out the conversion of {dev}: {e}")),
@@ -316,6 +320,7 @@ pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
         // the device, its marker hides the PV): say only what matters.
         refusals.retain(|r| r.code == "conversion_in_progress");
         geometry = None;
+        make_room_plan = None;
     }
     let steps = geometry.map(|g| g.steps()).unwrap_or(0);
     let move_bytes = l * SECTOR;
@@ -383,7 +388,119 @@ pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
         refusals,
         warnings,
         notes,
+        make_room: make_room_plan,
         geometry,
+    }
+}
+
+/// What `--make-room` can do when the tail past the PV is too small.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MakeRoom {
+    /// The last `extents` extents of the PV are free: shrink the PV to `new_pv_sectors`.
+    ShrinkPv { extents: u64, new_pv_sectors: u64 },
+    /// The last `extents` extents, `first..=last`, hold data of `lvs`, and the PV has that
+    /// many free extents elsewhere: move them there (`pvmove`), then shrink the PV.
+    MoveThenShrink { extents: u64, first: u64, last: u64, lvs: Vec<String>, new_pv_sectors: u64 },
+    /// Nothing safe to do automatically: `lvs` on this PV could give `extents` extents
+    /// (`swap` lists the ones in use as swap, the easiest to shrink).
+    Manual { extents: u64, lvs: Vec<String>, swap: Vec<String> },
+}
+
+/// What would make `missing` more sectors of room past the PV of `f`.
+pub fn make_room(f: &DeviceFacts, missing: u64) -> Option<MakeRoom> {
+    let lvm = f.lvm.as_ref()?;
+    let ext = lvm.extent_size.max(1);
+    let extents = missing.div_ceil(ext);
+    if extents > lvm.pe_count {
+        return Some(MakeRoom::Manual { extents, lvs: vec![], swap: vec![] });
+    }
+    let mut segs = lvm.segments.clone();
+    segs.sort_by_key(|s| s.start_extent);
+    let free_at_end = match segs.last() {
+        Some(seg) if seg.lv.is_none() && seg.start_extent + seg.extents == lvm.pe_count => seg.extents,
+        _ => 0,
+    };
+    let first = lvm.pe_count - extents;
+    let new_pv_sectors = lvm.pe_start + first * ext;
+    if free_at_end >= extents {
+        return Some(MakeRoom::ShrinkPv { extents, new_pv_sectors });
+    }
+    // Free extents below `first` (those at or past it are about to be given up).
+    let free_below: u64 = segs
+        .iter()
+        .filter(|s| s.lv.is_none())
+        .map(|s| s.extents.min(first.saturating_sub(s.start_extent)))
+        .sum();
+    let mut owners: Vec<String> = segs
+        .iter()
+        .filter(|s| s.start_extent + s.extents > first)
+        .filter_map(|s| s.lv.clone())
+        .collect();
+    owners.dedup();
+    let used_at_end: u64 = segs
+        .iter()
+        .filter(|s| s.lv.is_some() && s.start_extent + s.extents > first)
+        .map(|s| s.start_extent + s.extents - s.start_extent.max(first))
+        .sum();
+    if free_below >= used_at_end {
+        return Some(MakeRoom::MoveThenShrink { extents, first, last: lvm.pe_count - 1, lvs: owners, new_pv_sectors });
+    }
+    let mut lvs: Vec<String> = lvm.lvs.iter().map(|l| l.name.clone()).collect();
+    lvs.sort();
+    let swap = lvs
+        .iter()
+        .filter(|lv| {
+            let dm = lvm.lvs.iter().find(|l| &l.name == *lv).map(|l| l.dm_name.clone()).unwrap_or_default();
+            f.holders.iter().any(|h| h.swap && (h.name == dm || h.name == format!("{}-{}", lvm.vg_name.replace('-', "--"), lv.replace('-', "--"))))
+        })
+        .cloned()
+        .collect();
+    Some(MakeRoom::Manual { extents, lvs, swap })
+}
+
+impl MakeRoom {
+    /// The LVM commands that carry it out, in order (none for [`MakeRoom::Manual`]).
+    pub fn commands(&self, dev: &str) -> Vec<Vec<String>> {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        match self {
+            MakeRoom::ShrinkPv { new_pv_sectors, .. } => {
+                vec![v(&["pvresize", "--yes", "--setphysicalvolumesize", &format!("{new_pv_sectors}s"), dev])]
+            }
+            MakeRoom::MoveThenShrink { first, last, new_pv_sectors, .. } => vec![
+                // Destination: only the extents the PV keeps.
+                v(&["pvmove", "--alloc", "anywhere", &format!("{dev}:{first}-{last}"), &format!("{dev}:0-{}", first - 1)]),
+                v(&["pvresize", "--yes", "--setphysicalvolumesize", &format!("{new_pv_sectors}s"), dev]),
+            ],
+            MakeRoom::Manual { .. } => vec![],
+        }
+    }
+
+    /// One sentence of advice.
+    pub fn advice(&self, dev: &str) -> String {
+        let cmds = self.commands(dev).iter().map(|c| format!("`{}`", c.join(" "))).collect::<Vec<_>>().join(", then ");
+        match self {
+            MakeRoom::ShrinkPv { extents, .. } => format!(
+                "the last {extents} extent(s) of the PV are free: shrink it with {cmds} (or run luksify with --make-room)"
+            ),
+            MakeRoom::MoveThenShrink { lvs, .. } => format!(
+                "the last extents are used by LV {}, and the PV has enough free extents before them: move them with {cmds} (or run luksify with --make-room, which does both)",
+                lvs.join(", ")
+            ),
+            MakeRoom::Manual { extents, lvs, swap } => {
+                let mut m = format!(
+                    "the PV has too few free extents: shrink an LV or a filesystem on it by {extents} extent(s) (LVs on it: {}), then run luksify with --make-room",
+                    if lvs.is_empty() { "none".to_string() } else { lvs.join(", ") }
+                );
+                if !swap.is_empty() {
+                    m.push_str(&format!(
+                        "; a swap LV is the easiest ({}): swapoff, lvreduce -l -{extents}, mkswap, swapon",
+                        swap.join(", ")
+                    ));
+                }
+                m
+            }
+        }
     }
 }
 
@@ -393,41 +510,9 @@ fn too_little_tail_message(f: &DeviceFacts, need: u64, have: u64, missing: u64) 
         "too little space past the PV on {dev}: luksify needs {need} sectors ({}) after it and there are {have} ({}); {missing} sectors ({}) are missing",
         mib(need), mib(have), mib(missing)
     );
-    let Some(lvm) = &f.lvm else { return m };
-    let ext = lvm.extent_size.max(1);
-    let extents_needed = missing.div_ceil(ext);
-    // Free extents at the very end of the PV?
-    let mut segs = lvm.segments.clone();
-    segs.sort_by_key(|s| s.start_extent);
-    let free_at_end = match segs.last() {
-        Some(seg) if seg.lv.is_none() && seg.start_extent + seg.extents == lvm.pe_count => seg.extents,
-        _ => 0,
-    };
-    let free_total: u64 = segs.iter().filter(|s| s.lv.is_none()).map(|s| s.extents).sum();
-    if free_at_end >= extents_needed {
-        let new_size = lvm.pe_start + (lvm.pe_count - extents_needed) * ext;
-        m.push_str(&format!(
-            "; the last {free_at_end} extents of the PV are free: shrink it with `pvresize --setphysicalvolumesize {new_size}s {dev}` (or run luksify with --make-room)"
-        ));
-    } else {
-        let owners: Vec<String> = segs
-            .iter()
-            .rev()
-            .take_while(|s| s.start_extent + s.extents > lvm.pe_count - extents_needed.min(lvm.pe_count))
-            .filter_map(|s| s.lv.clone())
-            .collect();
-        if free_total >= extents_needed {
-            let first = lvm.pe_count - extents_needed;
-            m.push_str(&format!(
-                "; the last extents are used by LV {}, and the VG has {free_total} free extents elsewhere on this PV: move them with `pvmove --alloc anywhere {dev}:{first}-{} {dev}`, then `pvresize --setphysicalvolumesize {}s {dev}`",
-                owners.join(", "), lvm.pe_count - 1, lvm.pe_start + first * ext
-            ));
-        } else {
-            m.push_str(&format!(
-                "; the last extents are used by LV {} and the PV has too few free extents: shrink an LV (a swap LV: swapoff, lvreduce, mkswap, swapon) or a filesystem by {} extent(s), then pvresize",
-                owners.join(", "), extents_needed
-            ));
-        }
+    if let Some(r) = make_room(f, missing) {
+        m.push_str("; ");
+        m.push_str(&r.advice(dev));
     }
     m
 }
@@ -582,18 +667,48 @@ pub(crate) mod tests {
         let m = &p.refusals[0].message;
         let need = Geometry::tail_needed(f.size_sectors, 32768);
         assert!(m.contains(&format!("{} sectors", need - 1000)), "{m}");
-        assert!(m.contains("pvresize --setphysicalvolumesize"), "{m}");
+        assert!(m.contains("--setphysicalvolumesize"), "{m}");
         // Last extents allocated, free space elsewhere: pvmove advice.
         f.lvm.as_mut().unwrap().segments = vec![
             PvSegment { start_extent: 0, extents: 30, lv: None },
             PvSegment { start_extent: 30, extents: 30, lv: Some("home".into()) },
         ];
-        let m = &plan(&f, &Options::default()).refusals[0].message;
+        let p = plan(&f, &Options::default());
+        let m = &p.refusals[0].message;
         assert!(m.contains("pvmove") && m.contains("home"), "{m}");
-        // Full PV: which LV to shrink.
+        let ext = missing_extents(&p);
+        match p.make_room.clone().unwrap() {
+            MakeRoom::MoveThenShrink { first, last, lvs, new_pv_sectors, .. } => {
+                assert_eq!((first, last, lvs), (60 - ext, 59, vec!["home".to_string()]));
+                assert_eq!(new_pv_sectors, 2048 + (60 - ext) * 8192);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cmds = p.make_room.as_ref().unwrap().commands("/dev/sda5");
+        assert_eq!(cmds[0].join(" "), format!("pvmove --alloc anywhere /dev/sda5:{}-59 /dev/sda5:0-{}", 60 - ext, 59 - ext));
+        assert_eq!(cmds[1][..3].join(" "), "pvresize --yes --setphysicalvolumesize");
+        // Free extents only among the ones given up: not enough to move into.
+        f.lvm.as_mut().unwrap().segments = vec![
+            PvSegment { start_extent: 0, extents: 58, lv: Some("root".into()) },
+            PvSegment { start_extent: 58, extents: 1, lv: None },
+            PvSegment { start_extent: 59, extents: 1, lv: Some("home".into()) },
+        ];
+        assert!(matches!(plan(&f, &Options::default()).make_room, Some(MakeRoom::Manual { .. })));
+        // Full PV: which LVs could give room, the swap one first.
         f.lvm.as_mut().unwrap().segments = vec![PvSegment { start_extent: 0, extents: 60, lv: Some("swap".into()) }];
-        let m = &plan(&f, &Options::default()).refusals[0].message;
-        assert!(m.contains("LV swap") && m.contains("lvreduce"), "{m}");
+        let swap_lv = LvFacts { name: "swap".into(), dm_name: "vg0-swap".into(), ..f.lvm.as_ref().unwrap().lvs[0].clone() };
+        f.lvm.as_mut().unwrap().lvs.push(swap_lv);
+        f.holders.push(Holder { name: "vg0-swap".into(), swap: true, mounts: vec![], ..f.holders[0].clone() });
+        let p = plan(&f, &Options::default());
+        let m = &p.refusals[0].message;
+        assert!(m.contains("swap") && m.contains("lvreduce") && m.contains("root"), "{m}");
+        assert_eq!(p.make_room.unwrap(), MakeRoom::Manual { extents: ext, lvs: vec!["root".into(), "swap".into()], swap: vec!["swap".into()] });
+        // Plenty of room: nothing to make.
+        assert_eq!(plan(&laptop(), &Options::default()).make_room, None);
+    }
+
+    fn missing_extents(p: &Plan) -> u64 {
+        (p.tail_need_sectors - p.tail_have_sectors).div_ceil(8192)
     }
 
     #[test]
