@@ -322,12 +322,14 @@ fn boot_on_pv_after(name: &str, root: &Path) -> bool {
 
 /// After the finish: integrate into `--root` (unless --no-integrate). Exit 5 when something
 /// is left to do by hand.
-fn finish(device: &Path, name: &str, uuid: &str, discard: bool, run: &RunOpts, boot_on_pv: bool) -> Result<i32> {
+fn finish(device: &Path, name: &str, uuid: &str, discard: bool, run: &RunOpts, boot_on_pv: bool, announce: bool) -> Result<i32> {
     if run.no_integrate {
         print_after(device, name, uuid, discard);
         return Ok(exit::OK);
     }
-    eprintln!("luksify: done: {} is now LUKS (UUID {uuid}), open as /dev/mapper/{name}", device.display());
+    if announce {
+        eprintln!("luksify: done: {} is now LUKS (UUID {uuid}), open as /dev/mapper/{name}", device.display());
+    }
     let raw = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
     let input = integ::gather(&run.root, name, uuid, discard, &raw.display().to_string(), boot_on_pv);
     let out = integ::integrate(&input, &mut SystemRunner, &integ::stamp());
@@ -338,8 +340,9 @@ fn finish(device: &Path, name: &str, uuid: &str, discard: bool, run: &RunOpts, b
         eprintln!("luksify: the system in {} is set up to unlock /dev/mapper/{name} at boot", run.root.display());
         Ok(exit::OK)
     } else {
+        let root = if run.root == Path::new("/") { String::new() } else { format!("--root {} ", run.root.display()) };
         Err(Error::Integration(format!(
-            "{}; then `luksify resume {}` checks the integration again",
+            "{}; then `luksify resume {root}{}` checks the integration again",
             out.manual.join("; "),
             device.display()
         )))
@@ -371,7 +374,7 @@ fn resume_finished(device: &Path, run: &RunOpts) -> Result<i32> {
     let crypttab = std::fs::read_to_string(bootprobe::in_root(&run.root, "/etc/crypttab")).unwrap_or_default();
     let discard = crypttab_discard(&crypttab, &name);
     let boot_on_pv = boot_on_pv_after(&name, &run.root);
-    finish(device, &name, &uuid, discard, run, boot_on_pv)
+    finish(device, &name, &uuid, discard, run, boot_on_pv, false)
 }
 
 fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
@@ -443,7 +446,7 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     }
     let _ = engine.kernel.ensure_node(&p.name);
     let boot_on_pv = p.boot.as_ref().map(|b| b.boot_on_pv).unwrap_or(false);
-    finish(device, &p.name, &header.uuid, o.allow_discards, &o.run, boot_on_pv)
+    finish(device, &p.name, &header.uuid, o.allow_discards, &o.run, boot_on_pv, true)
 }
 
 fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
@@ -486,5 +489,5 @@ fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     let _ = engine.kernel.ensure_node(&name);
     drop(engine);
     let boot_on_pv = !run.no_integrate && boot_on_pv_after(&name, &run.root);
-    finish(device, &name, &uuid, discard, run, boot_on_pv)
+    finish(device, &name, &uuid, discard, run, boot_on_pv, true)
 }

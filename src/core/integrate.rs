@@ -79,6 +79,16 @@ pub fn devices_file_has(text: &str, dev: &str) -> bool {
         .any(|l| l.split_whitespace().any(|w| w.strip_prefix("DEVNAME=") == Some(dev)))
 }
 
+/// Whether the devices file has the open LUKS device `uuid` as `name` (IDTYPE=crypt_uuid
+/// IDNAME=CRYPT-LUKS2-<uuid>-<name>), whatever DEVNAME LVM chose for it.
+pub fn devices_file_has_crypt(text: &str, uuid: &str, name: &str) -> bool {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.strip_prefix("IDNAME="))
+        .any(|id| mapping_name_of(id, uuid) == Some(name))
+}
+
 /// A command to run (`lvm lvmdevices`: some distributions ship no `lvmdevices` link): argv, extra environment, and how to tell the user to do it by hand.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cmd {
@@ -120,6 +130,14 @@ pub struct Input {
 /// PATH for the commands (also inside a chroot: `chroot` looks the command up there).
 pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// `lvm lvmdevices --yes --config devices/use_devicesfile=1 ARGS`: the file exists, so it is
+/// edited even where lvm.conf leaves the devices file off (lvmdevices refuses then).
+fn lvmdevices(args: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ["lvm", "lvmdevices", "--yes", "--config", "devices/use_devicesfile=1"].iter().map(|s| s.to_string()).collect();
+    v.extend(args.iter().map(|s| s.to_string()));
+    v
+}
+
 /// The steps for `i`, in order: crypttab, LVM devices file, initramfs, then what is left
 /// to the user.
 pub fn steps(i: &Input) -> Vec<Step> {
@@ -135,16 +153,16 @@ pub fn steps(i: &Input) -> Vec<Step> {
             env.push(("LVM_SYSTEM_DIR".into(), format!("{root}/etc/lvm")));
             hint = format!("LVM_SYSTEM_DIR={root}/etc/lvm ");
         }
-        if !devices_file_has(df, &mapper) {
+        if !devices_file_has(df, &mapper) && !devices_file_has_crypt(df, &i.uuid, &i.name) {
             out.push(Step::Run(Cmd {
-                argv: vec!["lvm".into(), "lvmdevices".into(), "--yes".into(), "--adddev".into(), mapper.clone()],
+                argv: lvmdevices(&["--adddev", &mapper]),
                 env: env.clone(),
                 by_hand: format!("{hint}lvmdevices --adddev {mapper}"),
             }));
         }
         if devices_file_has(df, &i.raw_device) {
             out.push(Step::Run(Cmd {
-                argv: vec!["lvm".into(), "lvmdevices".into(), "--yes".into(), "--deldev".into(), i.raw_device.clone()],
+                argv: lvmdevices(&["--deldev", &i.raw_device]),
                 env,
                 by_hand: format!("{hint}lvmdevices --deldev {}", i.raw_device),
             }));
@@ -279,9 +297,12 @@ mod tests {
         i.devices_file = Some("IDTYPE=devname IDNAME=/dev/sda5 DEVNAME=/dev/sda5 PVID=abc\n".into());
         let s = steps(&i);
         let runs: Vec<&Vec<String>> = s.iter().filter_map(|s| if let Step::Run(c) = s { Some(&c.argv) } else { None }).collect();
-        assert_eq!(runs[0], &vec!["lvm", "lvmdevices", "--yes", "--adddev", "/dev/mapper/sda5_crypt"]);
-        assert_eq!(runs[1], &vec!["lvm", "lvmdevices", "--yes", "--deldev", "/dev/sda5"]);
+        assert_eq!(runs[0], &vec!["lvm", "lvmdevices", "--yes", "--config", "devices/use_devicesfile=1", "--adddev", "/dev/mapper/sda5_crypt"]);
+        assert_eq!(runs[1], &vec!["lvm", "lvmdevices", "--yes", "--config", "devices/use_devicesfile=1", "--deldev", "/dev/sda5"]);
         i.devices_file = Some("IDTYPE=crypt_uuid IDNAME=CRYPT-LUKS2-x DEVNAME=/dev/mapper/sda5_crypt PVID=abc\n".into());
+        let s = steps(&i);
+        assert!(!s.iter().any(|s| matches!(s, Step::Run(c) if c.argv[1] == "lvmdevices")), "{s:?}");
+        i.devices_file = Some(format!("IDTYPE=crypt_uuid IDNAME=CRYPT-LUKS2-{}-sda5_crypt DEVNAME=/dev/dm-3 PVID=abc\n", U.replace('-', "")));
         let s = steps(&i);
         assert!(!s.iter().any(|s| matches!(s, Step::Run(c) if c.argv[1] == "lvmdevices")), "{s:?}");
     }
