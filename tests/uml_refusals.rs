@@ -37,7 +37,7 @@ fn dry_run_reads_only_and_every_refusal_is_clear() {
     let dir = test_dir("dryrun");
     let (d1, d2) = laptop_disks(&dir);
     let run = uml().disk(&d1).disk(&d2).out_dir(dir.join("out")).timeout(400).run_script(&format!(
-        r#"{HELPERS}{FAKE_ROOT_SH}
+        r#"{HELPERS}
 # The realistic disk, as a running system has it (read-only mounts keep it quiet).
 MK
 vgchange -ay vg0 >/dev/null; mknodes
@@ -48,33 +48,6 @@ snap
 "$LUKSIFY" --dry-run --json --type luks1 /dev/ubda5 > "$OUT/plan-luks1.json"
 same "dry-run realistic"
 
-# Boot checks against scratch roots in the guest's tmpfs (never the host's /etc), whose
-# fstab puts / on vg0-root, an LV of the PV being converted.
-fake_root /tmp/nocrypt --no-cryptroot
-refused initramfs_cannot_unlock --root /tmp/nocrypt /dev/ubda5
-grep -q "apt-get install cryptsetup-initramfs" /tmp/out || die "the refusal does not name the package"
-# The conversion itself refuses the same way: exit 3, before any change.
-printf 'good passphrase' > "$OUT/key"
-snap
-set +e; "$LUKSIFY" --yes --key-file "$OUT/key" --root /tmp/nocrypt /dev/ubda5 < /dev/null > /tmp/out 2> /tmp/err; rc=$?; set -e
-cat /tmp/err
-[ $rc = 3 ] || die "convert with root on the PV and no cryptsetup-initramfs: exit $rc, expected 3"
-[ "$(wc -l < /tmp/err)" = 1 ] && grep -q "cryptsetup-initramfs" /tmp/err || die "convert refusal: not one clear line"
-same "convert initramfs_cannot_unlock"
-echo "REFUSED-OK convert initramfs_cannot_unlock"
-fake_root /tmp/unknown --no-generator
-refused unknown_initramfs --root /tmp/unknown /dev/ubda5
-grep -q -- "--force-unknown-boot" /tmp/out || die "no --force-unknown-boot hint"
-"$LUKSIFY" --dry-run --force-unknown-boot --root /tmp/unknown /dev/ubda5 > /tmp/out || die "--force-unknown-boot still refuses: $(cat /tmp/out)"
-grep -q "warning \[unknown_initramfs\]" /tmp/out || die "no unknown_initramfs warning"
-fake_root /tmp/bootonroot --boot-on-root
-refused grub_cannot_open --root /tmp/bootonroot /dev/ubda5
-grep -q "\[grub_cryptodisk_disabled\]" /tmp/out || die "no grub_cryptodisk_disabled"
-refused grub_cryptodisk_disabled --type luks1 --root /tmp/bootonroot /dev/ubda5
-grep -q "\[grub_cannot_open\]" /tmp/out && die "LUKS1 is openable by GRUB"
-mkdir -p /tmp/bootonroot/etc/default; echo 'GRUB_ENABLE_CRYPTODISK=y' > /tmp/bootonroot/etc/default/grub
-"$LUKSIFY" --dry-run --pbkdf pbkdf2 --root /tmp/bootonroot /dev/ubda5 > /tmp/out || die "GRUB-ready root refused: $(cat /tmp/out)"
-"$LUKSIFY" --dry-run --json --root /tmp/nocrypt /dev/ubda5 > "$OUT/boot-nocrypt.json" || true
 umount /mnt/r /mnt/h; vgchange -an vg0 >/dev/null
 
 # Not found, not a block device.
@@ -118,11 +91,6 @@ echo DRYRUN-DONE
         "mounted_directly",
         "already_luks",
         "not_lvm",
-        "initramfs_cannot_unlock",
-        "convert initramfs_cannot_unlock",
-        "unknown_initramfs",
-        "grub_cannot_open",
-        "grub_cryptodisk_disabled",
     ] {
         assert!(run.log.contains(&format!("REFUSED-OK {code}")), "{code} not tested");
     }
@@ -148,14 +116,62 @@ echo DRYRUN-DONE
     assert_eq!(j1["shift_sectors"], 4096);
     assert_eq!(j["boot"]["root_dir"], "/");
     assert_eq!(j["boot"]["root_on_pv"], false, "the guest's / is not on the test disk");
+    let t: serde_json::Value = serde_json::from_str(&run.file("too_little_tail.json")).unwrap();
+    assert_eq!(t["refusals"][0]["code"], "too_little_tail");
+    eprintln!("{}", run.file("plan.txt"));
+}
+
+/// The boot checks refuse before any change, against scratch roots in the guest's tmpfs
+/// (never the host's /etc) whose fstab puts / on vg0-root, an LV of the PV being converted:
+/// no cryptsetup-initramfs (dry-run and convert: exit 3, disks and dm devices unchanged), no
+/// known initramfs generator (and `--force-unknown-boot`), /boot on the PV without a GRUB
+/// that can open it.
+#[test]
+fn boot_checks_refuse_before_any_change() {
+    let dir = test_dir("bootchecks");
+    let d = fresh_copy(&dir);
+    let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(400).run_script(&format!(
+        r#"{HELPERS}{FAKE_ROOT_SH}
+vgchange -ay vg0 >/dev/null; mknodes
+mkdir -p /mnt/r; mount -o ro /dev/vg0/root /mnt/r
+fake_root /tmp/nocrypt --no-cryptroot
+refused initramfs_cannot_unlock --root /tmp/nocrypt /dev/ubda5
+grep -q "apt-get install cryptsetup-initramfs" /tmp/out || die "the refusal does not name the package"
+# The conversion itself refuses the same way: exit 3, before any change.
+printf 'good passphrase' > "$OUT/key"
+snap
+set +e; "$LUKSIFY" --yes --key-file "$OUT/key" --root /tmp/nocrypt /dev/ubda5 < /dev/null > /tmp/out 2> /tmp/err; rc=$?; set -e
+cat /tmp/err
+[ $rc = 3 ] || die "convert with root on the PV and no cryptsetup-initramfs: exit $rc, expected 3"
+[ "$(wc -l < /tmp/err)" = 1 ] && grep -q "cryptsetup-initramfs" /tmp/err || die "convert refusal: not one clear line"
+same "convert initramfs_cannot_unlock"
+echo "REFUSED-OK convert initramfs_cannot_unlock"
+fake_root /tmp/unknown --no-generator
+refused unknown_initramfs --root /tmp/unknown /dev/ubda5
+grep -q -- "--force-unknown-boot" /tmp/out || die "no --force-unknown-boot hint"
+"$LUKSIFY" --dry-run --force-unknown-boot --root /tmp/unknown /dev/ubda5 > /tmp/out || die "--force-unknown-boot still refuses: $(cat /tmp/out)"
+grep -q "warning \[unknown_initramfs\]" /tmp/out || die "no unknown_initramfs warning"
+fake_root /tmp/bootonroot --boot-on-root
+refused grub_cannot_open --root /tmp/bootonroot /dev/ubda5
+grep -q "\[grub_cryptodisk_disabled\]" /tmp/out || die "no grub_cryptodisk_disabled"
+refused grub_cryptodisk_disabled --type luks1 --root /tmp/bootonroot /dev/ubda5
+grep -q "\[grub_cannot_open\]" /tmp/out && die "LUKS1 is openable by GRUB"
+mkdir -p /tmp/bootonroot/etc/default; echo 'GRUB_ENABLE_CRYPTODISK=y' > /tmp/bootonroot/etc/default/grub
+"$LUKSIFY" --dry-run --pbkdf pbkdf2 --root /tmp/bootonroot /dev/ubda5 > /tmp/out || die "GRUB-ready root refused: $(cat /tmp/out)"
+"$LUKSIFY" --dry-run --json --root /tmp/nocrypt /dev/ubda5 > "$OUT/boot-nocrypt.json" || true
+umount /mnt/r; vgchange -an vg0 >/dev/null
+echo BOOTCHECKS-DONE
+"#
+    ));
+    run.assert_ok().assert_log_contains("BOOTCHECKS-DONE");
+    for code in ["initramfs_cannot_unlock", "convert initramfs_cannot_unlock", "unknown_initramfs", "grub_cannot_open", "grub_cryptodisk_disabled"] {
+        assert!(run.log.contains(&format!("REFUSED-OK {code}")), "{code} not tested");
+    }
     let b: serde_json::Value = serde_json::from_str(&run.file("boot-nocrypt.json")).unwrap();
     assert_eq!(b["boot"]["root_on_pv"], true, "{b}");
     assert_eq!(b["boot"]["initramfs_can_unlock"], false, "{b}");
     assert_eq!(b["boot"]["refusals"][0], "initramfs_cannot_unlock", "{b}");
     assert_eq!(b["refusals"][0]["code"], "initramfs_cannot_unlock", "{b}");
-    let t: serde_json::Value = serde_json::from_str(&run.file("too_little_tail.json")).unwrap();
-    assert_eq!(t["refusals"][0]["code"], "too_little_tail");
-    eprintln!("{}", run.file("plan.txt"));
 }
 
 /// Bad input changes nothing: an empty, missing or unreadable key file; no --yes without a
