@@ -234,7 +234,7 @@ mod tests {
 
     #[test]
     fn discard_option_is_read_back() {
-        let t = format!("a UUID=1 none luks,discard\nb UUID=2 none luks\n#c UUID=3 none discard\n");
+        let t = "a UUID=1 none luks,discard\nb UUID=2 none luks\n#c UUID=3 none discard\n";
         assert!(crypttab_discard(&t, "a"));
         assert!(!crypttab_discard(&t, "b"));
         assert!(!crypttab_discard(&t, "c"));
