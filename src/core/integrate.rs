@@ -235,9 +235,9 @@ mod tests {
     #[test]
     fn discard_option_is_read_back() {
         let t = "a UUID=1 none luks,discard\nb UUID=2 none luks\n#c UUID=3 none discard\n";
-        assert!(crypttab_discard(&t, "a"));
-        assert!(!crypttab_discard(&t, "b"));
-        assert!(!crypttab_discard(&t, "c"));
+        assert!(crypttab_discard(t, "a"));
+        assert!(!crypttab_discard(t, "b"));
+        assert!(!crypttab_discard(t, "c"));
     }
 
     #[test]
