@@ -2,10 +2,14 @@
 
 use crate::adapters::kernel::DmKernel;
 use crate::adapters::rawdisk::RawDisk;
-use crate::adapters::{luks, lvm, probe, sys};
+use crate::adapters::blockdev::{BlockDev, OpenMode};
+use crate::adapters::integrate::{self as integ, SystemRunner};
+use crate::adapters::{bootprobe, luks, lvm, probe, sys};
 use crate::cli::{exit, Cli, Command, ConvertOpts, KeyOpts, RunOpts};
 use crate::core::journal::{Record, State};
-use crate::core::plan;
+use crate::core::boot::{self, LuksChoice};
+use crate::core::integrate::{crypttab_discard, luks_uuid, mapping_name_of};
+use crate::core::plan::{self, LuksVersion};
 use crate::core::state as fsm;
 use crate::core::tables::DevRef;
 use crate::engine::{Engine, EngineError, Event, Hooks};
@@ -33,9 +37,24 @@ fn probe_device(device: &Path) -> Result<crate::core::facts::DeviceFacts> {
     probe::probe(device).map_err(|e| Error::Refused(e.to_string()))
 }
 
+/// `--root` must be a directory.
+fn check_root(run: &RunOpts) -> Result<()> {
+    if !run.root.is_dir() {
+        return Err(Error::Usage(format!("--root {}: not a directory; nothing was changed", run.root.display())));
+    }
+    Ok(())
+}
+
+/// The plan with the boot checks of `--root`.
+fn plan_for(facts: &crate::core::facts::DeviceFacts, o: &ConvertOpts) -> Result<plan::Plan> {
+    check_root(&o.run)?;
+    let boot = bootprobe::probe_boot(&o.run.root);
+    Ok(plan::plan_with_boot(facts, Some(&boot), &o.plan_options()))
+}
+
 fn dry_run(device: &Path, o: &ConvertOpts, json: bool) -> Result<i32> {
     let facts = probe_device(device)?;
-    let p = plan::plan(&facts, &o.plan_options());
+    let p = plan_for(&facts, o)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&p).expect("plan serialises"));
     } else {
@@ -291,18 +310,12 @@ fn confirm(device: &Path, run: &RunOpts) -> Result<()> {
     Ok(())
 }
 
-fn require_no_integrate(run: &RunOpts) -> Result<()> {
-    if !run.no_integrate {
-        return Err(Error::Usage(
-            "system integration (/etc/crypttab, initramfs, LVM devices file) is not built yet: pass --no-integrate and add the crypttab entry yourself (luksify prints it at the end); nothing was changed".into(),
-        ));
-    }
-    Ok(())
-}
-
-fn print_after(device: &Path, name: &str, uuid: &str) {
+fn print_after(device: &Path, name: &str, uuid: &str, discard: bool) {
     eprintln!("luksify: done: {} is now LUKS (UUID {uuid}), open as /dev/mapper/{name}", device.display());
-    eprintln!("luksify: to boot from it, add to /etc/crypttab:  {name} UUID={uuid} none luks");
+    eprintln!(
+        "luksify: to boot from it, add to /etc/crypttab:  {}",
+        crate::core::integrate::crypttab_line(name, uuid, discard)
+    );
     eprintln!("luksify: and regenerate the initramfs (Debian/Ubuntu: update-initramfs -u -k all; Fedora: dracut -f)");
 }
 
@@ -321,12 +334,75 @@ fn refused(p: &plan::Plan) -> Error {
     Error::Refused(msgs.join("\nluksify: "))
 }
 
+/// Whether /boot of `--root` is on the PV now open as /dev/mapper/`name` (its LVs hold it).
+fn boot_on_pv_after(name: &str, root: &Path) -> bool {
+    let Ok(facts) = probe::probe(Path::new(&format!("/dev/mapper/{name}"))) else { return false };
+    let choice = LuksChoice { luks: LuksVersion::Luks2, pbkdf: None, force_unknown_boot: true };
+    boot::check(&facts, &bootprobe::probe_boot(root), &choice).0.boot_on_pv
+}
+
+/// After the finish: integrate into `--root` (unless --no-integrate). Exit 5 when something
+/// is left to do by hand.
+fn finish(device: &Path, name: &str, uuid: &str, discard: bool, run: &RunOpts, boot_on_pv: bool, announce: bool) -> Result<i32> {
+    if run.no_integrate {
+        print_after(device, name, uuid, discard);
+        return Ok(exit::OK);
+    }
+    if announce {
+        eprintln!("luksify: done: {} is now LUKS (UUID {uuid}), open as /dev/mapper/{name}", device.display());
+    }
+    let raw = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
+    let input = integ::gather(&run.root, name, uuid, discard, &raw.display().to_string(), boot_on_pv);
+    let out = integ::integrate(&input, &mut SystemRunner, &integ::stamp());
+    for d in &out.done {
+        eprintln!("luksify: integration: {d}");
+    }
+    if out.manual.is_empty() {
+        eprintln!("luksify: the system in {} is set up to unlock /dev/mapper/{name} at boot", run.root.display());
+        Ok(exit::OK)
+    } else {
+        let root = if run.root == Path::new("/") { String::new() } else { format!("--root {} ", run.root.display()) };
+        Err(Error::Integration(format!(
+            "{}; then `luksify resume {root}{}` checks the integration again",
+            out.manual.join("; "),
+            device.display()
+        )))
+    }
+}
+
+/// `resume` on a device whose conversion has finished (LUKS header, no journal): only the
+/// integration is (re)done. The device must be open (its mapping name is taken from it).
+fn resume_finished(device: &Path, run: &RunOpts) -> Result<i32> {
+    let nothing = || Error::Refused(format!("no luksify conversion in progress on {} (no journal): nothing to resume", device.display()));
+    if run.no_integrate {
+        return Err(nothing());
+    }
+    let dev = BlockDev::open(device, OpenMode::READ_DIRECT).map_err(|e| Error::Refused(format!("cannot open {}: {e}", device.display())))?;
+    let mut head = vec![0u8; 4096];
+    dev.read_at(0, &mut head).map_err(|e| Error::Failed(format!("cannot read {}: {e}", device.display())))?;
+    drop(dev);
+    let uuid = luks_uuid(&head).ok_or_else(nothing)?;
+    let dm = crate::adapters::dm::Dm::open().map_err(|e| Error::Failed(e.to_string()))?;
+    let list = dm.list().map_err(|e| Error::Failed(e.to_string()))?;
+    let name = list
+        .iter()
+        .find_map(|d| mapping_name_of(&d.uuid, &uuid).map(str::to_string))
+        .ok_or_else(|| Error::Refused(format!(
+            "{} is LUKS (UUID {uuid}) and no conversion is in progress, but it is not open: `cryptsetup open {} <name>`, then `luksify resume {}` sets up the system integration",
+            device.display(), device.display(), device.display()
+        )))?;
+    eprintln!("luksify: {}: the conversion has finished (LUKS UUID {uuid}, open as /dev/mapper/{name}); checking the system integration", device.display());
+    let crypttab = std::fs::read_to_string(bootprobe::in_root(&run.root, "/etc/crypttab")).unwrap_or_default();
+    let discard = crypttab_discard(&crypttab, &name);
+    let boot_on_pv = boot_on_pv_after(&name, &run.root);
+    finish(device, &name, &uuid, discard, run, boot_on_pv, false)
+}
+
 fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
-    require_no_integrate(&o.run)?;
     let _lock = lock(device)?;
     let mut facts = probe_device(device)?;
     let popts = o.plan_options();
-    let mut p = plan::plan(&facts, &popts);
+    let mut p = plan_for(&facts, o)?;
     let room = if o.make_room { room_commands(&p) } else { None };
     if !p.ok() && room.is_none() {
         return Err(refused(&p));
@@ -347,7 +423,7 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
             Error::Failed(format!("making room failed: {e}; the conversion did not start (LVM reports what, if anything, it changed: see `pvs -o+pv_used {}`)", device.display()))
         })?;
         facts = probe_device(device)?;
-        p = plan::plan(&facts, &popts);
+        p = plan_for(&facts, o)?;
         if !p.ok() {
             return Err(Error::Refused(format!(
                 "after making room the plan still refuses (the PV was shrunk; nothing else changed): {}",
@@ -410,19 +486,26 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
         };
     }
     let _ = engine.kernel.ensure_node(&p.name);
-    print_after(device, &p.name, &header.uuid);
-    Ok(exit::OK)
+    let boot_on_pv = p.boot.as_ref().map(|b| b.boot_on_pv).unwrap_or(false);
+    finish(device, &p.name, &header.uuid, o.allow_discards, &o.run, boot_on_pv, true)
 }
 
 fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
-    require_no_integrate(run)?;
     let _lock = lock(device)?;
+    if !run.no_integrate {
+        check_root(run)?;
+    }
     let n = size_sectors(device)?;
     let raw = raw_devref(device)?;
     let mut disk = open_disk(device, true)?;
-    let rec: Record = Engine::<RawDisk, DmKernel>::read_journal(&mut disk, n)
-        .map_err(|e| engine_err(e, device))?
-        .ok_or_else(|| Error::Refused(format!("no luksify conversion in progress on {} (no journal): nothing to resume", device.display())))?;
+    let rec: Record = match Engine::<RawDisk, DmKernel>::read_journal(&mut disk, n).map_err(|e| engine_err(e, device))? {
+        Some(r) => r,
+        None => {
+            drop(disk);
+            return resume_finished(device, run);
+        }
+    };
+    let discard = rec.allow_discards;
     let header = Engine::<RawDisk, DmKernel>::read_header_copy(&mut disk, &rec).map_err(|e| engine_err(e, device))?;
     let pass = passphrase(k, false)?;
     let key = luks::unlock(&header, &pass).map_err(|e| Error::Refused(format!("{e}; nothing was changed")))?;
@@ -445,6 +528,7 @@ fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     let mut hooks = CliHooks::new(run, l, moved, &name);
     engine.run(&mut hooks).map_err(|e| engine_err(e, device))?;
     let _ = engine.kernel.ensure_node(&name);
-    print_after(device, &name, &uuid);
-    Ok(exit::OK)
+    drop(engine);
+    let boot_on_pv = !run.no_integrate && boot_on_pv_after(&name, &run.root);
+    finish(device, &name, &uuid, discard, run, boot_on_pv, true)
 }

@@ -94,7 +94,8 @@ pub struct ConvertOpts {
     /// dm-mirror region size in sectors (a power of two).
     #[arg(long, value_name = "SECTORS", default_value_t = 8192)]
     pub region: u64,
-    /// Pass discards through the new mapping (leaks which blocks are unused).
+    /// Pass discards through the new mapping (leaks which blocks are unused); the crypttab
+    /// line gets `discard`.
     #[arg(long)]
     pub allow_discards: bool,
     /// When the room past the PV is too small, make it first: shrink the PV over free
@@ -102,6 +103,10 @@ pub struct ConvertOpts {
     /// the PV first if they are in use (`pvmove`). Never shrinks an LV or a filesystem.
     #[arg(long)]
     pub make_room: bool,
+    /// Convert even when the root filesystem is on DEVICE and luksify knows no initramfs
+    /// generator that could unlock it at boot (you make sure yours will).
+    #[arg(long)]
+    pub force_unknown_boot: bool,
     #[command(flatten)]
     pub key: KeyOpts,
     #[command(flatten)]
@@ -123,6 +128,11 @@ pub struct RunOpts {
     /// Do not touch /etc/crypttab, the initramfs or the LVM devices file.
     #[arg(long)]
     pub no_integrate: bool,
+    /// The root directory of the system to check and integrate (its etc/crypttab, initramfs,
+    /// LVM devices file, fstab); commands for it run in `chroot DIR`.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+
     /// Print machine-readable progress lines (one JSON object per step) instead of a bar.
     #[arg(long)]
     pub progress_json: bool,
@@ -159,17 +169,21 @@ impl ConvertOpts {
             shift: self.offset,
             chunk: self.chunk,
             region: self.region,
+            pbkdf: self.pbkdf.clone(),
+            force_unknown_boot: self.force_unknown_boot,
         }
     }
 }
 
 /// Exit codes: 0 success, 1 error (one line on stderr), 2 usage (clap), 3 refused by the plan,
-/// 4 stopped on request (SIGINT/SIGTERM) at a safe point: `luksify resume` continues.
+/// 4 stopped on request (SIGINT/SIGTERM) at a safe point: `luksify resume` continues;
+/// 5 converted, but the system integration is incomplete (the message says what to do).
 pub mod exit {
     pub const OK: i32 = 0;
     pub const ERROR: i32 = 1;
     pub const REFUSED: i32 = 3;
     pub const PAUSED: i32 = 4;
+    pub const INTEGRATION: i32 = 5;
 }
 
 pub fn main() -> i32 {

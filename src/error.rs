@@ -17,6 +17,10 @@ pub enum Error {
     /// An operation failed; the message says what state the device is in.
     #[error("{0}")]
     Failed(String),
+    /// The conversion succeeded but the system integration did not finish: the message
+    /// says what to do by hand.
+    #[error("converted, but integration incomplete: {0}")]
+    Integration(String),
 }
 
 impl Error {
@@ -26,6 +30,7 @@ impl Error {
             Error::Usage(_) => exit::ERROR,
             Error::Paused(..) => exit::PAUSED,
             Error::Failed(_) => exit::ERROR,
+            Error::Integration(_) => exit::INTEGRATION,
         }
     }
 }

@@ -47,6 +47,7 @@ snap
 "$LUKSIFY" --dry-run --json /dev/ubda5 > "$OUT/plan.json"
 "$LUKSIFY" --dry-run --json --type luks1 /dev/ubda5 > "$OUT/plan-luks1.json"
 same "dry-run realistic"
+
 umount /mnt/r /mnt/h; vgchange -an vg0 >/dev/null
 
 # Not found, not a block device.
@@ -84,7 +85,13 @@ echo DRYRUN-DONE
 "#
     ));
     run.assert_ok().assert_log_contains("DRYRUN-DONE");
-    for code in ["too_little_tail", "unsupported_lv", "mounted_directly", "already_luks", "not_lvm"] {
+    for code in [
+        "too_little_tail",
+        "unsupported_lv",
+        "mounted_directly",
+        "already_luks",
+        "not_lvm",
+    ] {
         assert!(run.log.contains(&format!("REFUSED-OK {code}")), "{code} not tested");
     }
     // The JSON schema (README.md, "Dry-run JSON") on the realistic disk.
@@ -113,9 +120,64 @@ echo DRYRUN-DONE
     assert!(j1["notes"][0].as_str().unwrap().contains("data offset raised"), "{j1}");
     assert_eq!(j["default_shift_sectors"], 32768);
     assert!(j["notes"].as_array().unwrap().is_empty(), "{j}");
+    assert_eq!(j["boot"]["root_dir"], "/");
+    assert_eq!(j["boot"]["root_on_pv"], false, "the guest's / is not on the test disk");
     let t: serde_json::Value = serde_json::from_str(&run.file("too_little_tail.json")).unwrap();
     assert_eq!(t["refusals"][0]["code"], "too_little_tail");
     eprintln!("{}", run.file("plan.txt"));
+}
+
+/// The boot checks refuse before any change, against scratch roots in the guest's tmpfs
+/// (never the host's /etc) whose fstab puts / on vg0-root, an LV of the PV being converted:
+/// no cryptsetup-initramfs (dry-run and convert: exit 3, disks and dm devices unchanged), no
+/// known initramfs generator (and `--force-unknown-boot`), /boot on the PV without a GRUB
+/// that can open it.
+#[test]
+fn boot_checks_refuse_before_any_change() {
+    let dir = test_dir("bootchecks");
+    let d = fresh_copy(&dir);
+    let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(400).run_script(&format!(
+        r#"{HELPERS}{FAKE_ROOT_SH}
+vgchange -ay vg0 >/dev/null; mknodes
+mkdir -p /mnt/r; mount -o ro /dev/vg0/root /mnt/r
+fake_root /tmp/nocrypt --no-cryptroot
+refused initramfs_cannot_unlock --root /tmp/nocrypt /dev/ubda5
+grep -q "apt-get install cryptsetup-initramfs" /tmp/out || die "the refusal does not name the package"
+# The conversion itself refuses the same way: exit 3, before any change.
+printf 'good passphrase' > "$OUT/key"
+snap
+set +e; "$LUKSIFY" --yes --key-file "$OUT/key" --root /tmp/nocrypt /dev/ubda5 < /dev/null > /tmp/out 2> /tmp/err; rc=$?; set -e
+cat /tmp/err
+[ $rc = 3 ] || die "convert with root on the PV and no cryptsetup-initramfs: exit $rc, expected 3"
+[ "$(wc -l < /tmp/err)" = 1 ] && grep -q "cryptsetup-initramfs" /tmp/err || die "convert refusal: not one clear line"
+same "convert initramfs_cannot_unlock"
+echo "REFUSED-OK convert initramfs_cannot_unlock"
+fake_root /tmp/unknown --no-generator
+refused unknown_initramfs --root /tmp/unknown /dev/ubda5
+grep -q -- "--force-unknown-boot" /tmp/out || die "no --force-unknown-boot hint"
+"$LUKSIFY" --dry-run --force-unknown-boot --root /tmp/unknown /dev/ubda5 > /tmp/out || die "--force-unknown-boot still refuses: $(cat /tmp/out)"
+grep -q "warning \[unknown_initramfs\]" /tmp/out || die "no unknown_initramfs warning"
+fake_root /tmp/bootonroot --boot-on-root
+refused grub_cannot_open --root /tmp/bootonroot /dev/ubda5
+grep -q "\[grub_cryptodisk_disabled\]" /tmp/out || die "no grub_cryptodisk_disabled"
+refused grub_cryptodisk_disabled --type luks1 --root /tmp/bootonroot /dev/ubda5
+grep -q "\[grub_cannot_open\]" /tmp/out && die "LUKS1 is openable by GRUB"
+mkdir -p /tmp/bootonroot/etc/default; echo 'GRUB_ENABLE_CRYPTODISK=y' > /tmp/bootonroot/etc/default/grub
+"$LUKSIFY" --dry-run --pbkdf pbkdf2 --root /tmp/bootonroot /dev/ubda5 > /tmp/out || die "GRUB-ready root refused: $(cat /tmp/out)"
+"$LUKSIFY" --dry-run --json --root /tmp/nocrypt /dev/ubda5 > "$OUT/boot-nocrypt.json" || true
+umount /mnt/r; vgchange -an vg0 >/dev/null
+echo BOOTCHECKS-DONE
+"#
+    ));
+    run.assert_ok().assert_log_contains("BOOTCHECKS-DONE");
+    for code in ["initramfs_cannot_unlock", "convert initramfs_cannot_unlock", "unknown_initramfs", "grub_cannot_open", "grub_cryptodisk_disabled"] {
+        assert!(run.log.contains(&format!("REFUSED-OK {code}")), "{code} not tested");
+    }
+    let b: serde_json::Value = serde_json::from_str(&run.file("boot-nocrypt.json")).unwrap();
+    assert_eq!(b["boot"]["root_on_pv"], true, "{b}");
+    assert_eq!(b["boot"]["initramfs_can_unlock"], false, "{b}");
+    assert_eq!(b["boot"]["refusals"][0], "initramfs_cannot_unlock", "{b}");
+    assert_eq!(b["refusals"][0]["code"], "initramfs_cannot_unlock", "{b}");
 }
 
 /// Bad input changes nothing: an empty, missing or unreadable key file; no --yes without a
@@ -148,7 +210,7 @@ fails "empty key file" "empty" --yes --no-integrate --key-file /tmp/empty /dev/u
 fails "missing key file" "cannot read the key file" --yes --no-integrate --key-file /tmp/nope /dev/ubda5
 fails "key file is a directory" "cannot read the key file" --yes --no-integrate --key-file /tmp /dev/ubda5
 fails "no --yes without a terminal" "--yes" --no-integrate --key-file "$OUT/key" $FAST /dev/ubda5
-fails "no --no-integrate" "no-integrate" --yes --key-file "$OUT/key" /dev/ubda5
+fails "--root not a directory" "not a directory" --yes --root /nonexistent --key-file "$OUT/key" $FAST /dev/ubda5
 LUKSIFY_TEST_FAIL_LOAD=vg0-split fails "reroute failure" "nothing was changed" --yes --no-integrate --key-file "$OUT/key" $FAST /dev/ubda5
 dmsetup ls | grep -q ubda5_crypt && die "a bridge was left behind"
 "$LUKSIFY" status /dev/ubda5 | grep "no luksify conversion" >/dev/null || die "a journal was left behind"
@@ -173,7 +235,7 @@ echo BADINPUT-DONE
 "#
     ));
     run.assert_ok().assert_log_contains("BADINPUT-DONE");
-    for what in ["empty key file", "missing key file", "reroute failure", "wrong passphrase on resume", "no --yes without a terminal"] {
+    for what in ["empty key file", "missing key file", "reroute failure", "--root not a directory", "wrong passphrase on resume", "no --yes without a terminal"] {
         assert!(run.log.contains(&format!("unchanged: {what}")), "{what} not checked");
     }
 }

@@ -7,3 +7,5 @@ pub mod dm;
 pub mod lvm;
 pub mod probe;
 pub mod luks;
+pub mod bootprobe;
+pub mod integrate;

@@ -2,7 +2,9 @@
 //! it computes the plan, the device-mapper tables of every phase, the journal's bytes and
 //! what to do next from any journaled state.
 
+pub mod boot;
 pub mod facts;
+pub mod integrate;
 pub mod geometry;
 pub mod journal;
 pub mod state;

@@ -1,6 +1,7 @@
 //! The planner: from the facts about a device and the user's options, the plan of the
 //! conversion, or every reason it would refuse. Pure: `--dry-run` prints exactly this.
 
+use super::boot::{self, BootFacts, BootReport, LuksChoice};
 use super::facts::{Content, DeviceFacts, SECTOR};
 use super::geometry::{Geometry, GeometryError, FENCE_SECTORS, HEADER_COPY_SECTORS, JOURNAL_SLOT_SECTORS};
 use serde::Serialize;
@@ -83,6 +84,10 @@ pub struct Options {
     pub chunk: Option<u64>,
     /// dm-mirror region size in sectors.
     pub region: u64,
+    /// `--pbkdf` (None: cryptsetup's default for the type); GRUB cannot open Argon2 keyslots.
+    pub pbkdf: Option<String>,
+    /// `--force-unknown-boot`: convert although the root's initramfs generator is unknown.
+    pub force_unknown_boot: bool,
 }
 
 impl Default for Options {
@@ -95,6 +100,8 @@ impl Default for Options {
             shift: None,
             chunk: None,
             region: 8192,
+            pbkdf: None,
+            force_unknown_boot: false,
         }
     }
 }
@@ -149,6 +156,8 @@ pub struct Plan {
     pub notes: Vec<String>,
     /// When the tail is too small: what `--make-room` would do (null otherwise).
     pub make_room: Option<MakeRoom>,
+    /// The boot checks (null when they were not run).
+    pub boot: Option<BootReport>,
     #[serde(skip)]
     pub geometry: Option<Geometry>,
 }
@@ -176,8 +185,14 @@ fn mib(sectors: u64) -> String {
 const SUPPORTED_TARGETS: &[&str] = &["linear", "striped"];
 const SUPPORTED_SEGTYPES: &[&str] = &["linear", "striped"];
 
-/// Build the plan. Never fails: impossibilities are refusals inside the plan.
+/// Build the plan without boot checks (see [`plan_with_boot`]).
 pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
+    plan_with_boot(f, None, o)
+}
+
+/// Build the plan, with the boot checks of the target root when its facts are given.
+/// Never fails: impossibilities are refusals inside the plan.
+pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> Plan {
     let mut refusals = Vec::new();
     let mut warnings = Vec::new();
     let dev = &f.path;
@@ -315,10 +330,21 @@ pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
         }
     }
 
+    let mut boot_report = None;
+    if let Some(bf) = bf {
+        let choice = LuksChoice { luks: o.luks, pbkdf: o.pbkdf.clone(), force_unknown_boot: o.force_unknown_boot };
+        let (r, mut refs) = boot::check(f, bf, &choice);
+        refusals.append(&mut refs);
+        boot_report = Some(r);
+    }
+
     if in_progress {
         // Everything else follows from the conversion itself (its bridge and helpers hold
         // the device, its marker hides the PV): say only what matters.
         refusals.retain(|r| r.code == "conversion_in_progress");
+        if let Some(b) = &mut boot_report {
+            b.refusals.clear();
+        }
         geometry = None;
         make_room_plan = None;
     }
@@ -361,6 +387,13 @@ pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
     ));
     actions.push(format!("load the pure crypt table, write the LUKS header at [0, {s}) of {dev}"));
     actions.push(format!("pvresize the PV on /dev/mapper/{name}; wipe the journal, header copy and shadow from the tail"));
+    if let Some(b) = &boot_report {
+        actions.push(format!(
+            "integrate (unless --no-integrate) into {}: add `{name} UUID=<new LUKS UUID> none luks` to etc/crypttab, update the LVM devices file if there is one, regenerate the initramfs{}",
+            b.root_dir,
+            b.initramfs.map(|g| format!(" ({g})")).unwrap_or_default()
+        ));
+    }
 
     Plan {
         schema: PLAN_SCHEMA_VERSION,
@@ -389,6 +422,7 @@ pub fn plan(f: &DeviceFacts, o: &Options) -> Plan {
         warnings,
         notes,
         make_room: make_room_plan,
+        boot: boot_report,
         geometry,
     }
 }
@@ -564,6 +598,9 @@ pub fn render(p: &Plan) -> String {
     }
     for n in &p.notes {
         s.push_str(&format!("  note: {n}\n"));
+    }
+    if let Some(b) = &p.boot {
+        s.push_str(&boot::render(b));
     }
     for w in &p.warnings {
         s.push_str(&format!("  warning: {w}\n"));

@@ -32,6 +32,52 @@ pub const UML_MODULES: &str = "/usr/lib/uml/modules";
 /// Builds the realistic laptop disks on /dev/ubda + /dev/ubdb (see qemu/uml/lib/mkdisk.sh).
 pub const MKDISK: &str = r#"bash "$UML_LIB/mkdisk.sh" --disk1 /dev/ubda --disk2 /dev/ubdb"#;
 
+/// Guest shell helper: `fake_root DIR [options]` builds a minimal Debian-like root directory
+/// for `luksify --root DIR` (never the host's /etc: the scratch root lives in the guest's
+/// tmpfs). It has etc/fstab with root on `/dev/mapper/vg0-root` (so "/" is on the PV being
+/// converted), etc/crypttab with a comment and an existing line, etc/initramfs-tools, and a
+/// fake usr/sbin/update-initramfs that appends its arguments to DIR/update-initramfs.log.
+/// `chroot DIR update-initramfs` must work, so /bin/sh and the libraries `ldd` names are
+/// copied in. Options: `--no-cryptroot` (no cryptsetup-initramfs hook), `--no-generator`
+/// (no initramfs-tools at all), `--boot-on-root` (no separate /boot in fstab), `--failing`
+/// (update-initramfs exits 1), `--devices-file DEV` (an LVM devices file listing DEV, made
+/// by `lvmdevices --adddev` with the guest's lvm.conf).
+pub const FAKE_ROOT_SH: &str = r#"
+fake_root() {
+    local R=$1; shift
+    local cryptroot=1 generator=1 boot=1 failing=0 devfile=
+    while [ $# -gt 0 ]; do case "$1" in
+        --no-cryptroot) cryptroot=0 ;; --no-generator) generator=0 ;;
+        --boot-on-root) boot=0 ;; --failing) failing=1 ;;
+        --devices-file) devfile=$2; shift ;;
+        *) die "fake_root: unknown option $1" ;; esac; shift; done
+    rm -rf "$R"; mkdir -p "$R/etc" "$R/usr/sbin" "$R/bin" "$R/tmp"
+    printf '/dev/mapper/vg0-root / ext4 errors=remount-ro 0 1
+' > "$R/etc/fstab"
+    [ $boot = 1 ] && printf 'UUID=0000-fake-boot /boot ext2 defaults 0 2
+' >> "$R/etc/fstab"
+    printf '# <target name> <source device> <key file> <options>
+swap_crypt /dev/sdb2 /dev/urandom swap,cipher=aes-xts-plain64
+' > "$R/etc/crypttab"
+    if [ $generator = 1 ]; then
+        mkdir -p "$R/etc/initramfs-tools" "$R/usr/share/initramfs-tools/hooks"
+        [ $cryptroot = 1 ] && printf '#!/bin/sh
+' > "$R/usr/share/initramfs-tools/hooks/cryptroot"
+        printf '#!/bin/sh
+echo "update-initramfs $*" >> /update-initramfs.log
+exit %s
+' $failing > "$R/usr/sbin/update-initramfs"
+        chmod 755 "$R/usr/sbin/update-initramfs"
+    fi
+    cp /bin/sh "$R/bin/sh"
+    for lib in $(ldd /bin/sh | grep -o '/[^ ]*'); do mkdir -p "$R$(dirname "$lib")"; cp -L "$lib" "$R$lib"; done
+    if [ -n "$devfile" ]; then
+        mkdir -p "$R/etc/lvm/devices"; cp "$LVM_SYSTEM_DIR/lvm.conf" "$R/etc/lvm/lvm.conf"
+        LVM_SYSTEM_DIR="$R/etc/lvm" lvm lvmdevices --yes --config devices/use_devicesfile=1 --adddev "$devfile" || die "lvmdevices --adddev $devfile"
+    fi
+}
+"#;
+
 /// The repository root (where Cargo.toml of luksify is).
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
