@@ -37,10 +37,17 @@ fn one_cut(seed: u64) {
     let mut r = rng(seed);
     let phases = [Phase::Insertion, Phase::Early, Phase::Middle, Phase::Late, Phase::Finish];
     let phase = phases[(seed % 5) as usize];
-    // Aimed at insertion, the delay spreads the cut over header, journal, bridge and fence.
-    let delay_ms = if matches!(phase, Phase::Insertion) { r() % 1500 } else { r() % 400 };
+    // Aimed at insertion, every other such seed waits for the bridge's commit, so that cuts
+    // land in the fence and the first step as well as before the journal's first record;
+    // the delay spreads them over header, journal, bridge and fence.
+    let after_bridge = matches!(phase, Phase::Insertion) && (seed / 5) % 2 == 1;
+    let delay_ms = match phase {
+        Phase::Insertion if after_bridge => r() % 300,
+        Phase::Insertion => r() % 1500,
+        _ => r() % 400,
+    };
     let chunk = [8192u64, 16384, 32768][(r() % 3) as usize];
-    eprintln!("power cut seed {seed}: phase {phase:?}, {delay_ms} ms after the trigger");
+    eprintln!("power cut seed {seed}: phase {phase:?}{}, {delay_ms} ms after the trigger", if after_bridge { " (after the bridge)" } else { "" });
     let (l_third_lo, l_third_hi) = match phase {
         Phase::Early => (2, 3),
         Phase::Middle => (1, 2),
@@ -51,6 +58,8 @@ fn one_cut(seed: u64) {
     // poll; `luksify status` takes about a second per call in the guest).
     let cursor = r#"c=$(grep -o '"cursor":[0-9]*' /tmp/progress | tail -1 | cut -d: -f2)"#;
     let trigger = match phase {
+        // Right after the bridge's commit: the fence, the first step.
+        Phase::Insertion if after_bridge => r#"grep -q '"state":"bridged"' /tmp/progress"#.to_string(),
         // Right after luksify starts: header, journal, bridge insertion, fence.
         Phase::Insertion => "true".to_string(),
         Phase::Finish => r#"grep -q '"cursor":0,' /tmp/progress"#.to_string(),
