@@ -5,5 +5,6 @@ pub mod kernel;
 pub mod blockdev;
 pub mod dm;
 pub mod lvm;
+pub mod lvmlock;
 pub mod probe;
 pub mod luks;
