@@ -55,8 +55,9 @@ fn luks2_online_with_live_writer_and_reader_then_fresh_boot_verifies() {
 # While converting (after the fence), LVM and blkid must see the PV once, on the bridge.
 ( while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep '"state": "migrating"' >/dev/null; do sleep 0.2; done
   blkid -p /dev/ubda5 > "$OUT/blkid-raw.txt" 2>&1 || true
-  lvm pvscan > "$OUT/pvscan.txt" 2>&1 || true
-  pvs --noheadings -o pv_name > "$OUT/pvs-during.txt" 2>&1 || true
+  # luksify holds LVM's VG lock until the finish: look without locking, or LVM would wait.
+  lvm pvscan --nolocking > "$OUT/pvscan.txt" 2>&1 || true
+  pvs --nolocking --noheadings -o pv_name > "$OUT/pvs-during.txt" 2>&1 || true
   touch "$OUT/checked-during" ) &
 CHECKER=$!
 t0=$EPOCHREALTIME
