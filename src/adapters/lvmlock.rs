@@ -281,6 +281,28 @@ mod tests {
     }
 
     #[test]
+    fn another_process_holding_it_blocks_us() {
+        // Another process (as an LVM command would), via util-linux flock(1) if present.
+        let d = tmpdir("process");
+        let p = d.join("V_vg0");
+        let Ok(mut child) = std::process::Command::new("flock").arg("-o").arg("-x").arg(&p).arg("sleep").arg("20").spawn() else {
+            return;
+        };
+        let t = Instant::now();
+        while !p.exists() || try_lock(&p).unwrap().is_some() {
+            assert!(t.elapsed() < Duration::from_secs(10), "flock(1) never took the lock");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let e = VgLock::acquire(&d, "vg0", Duration::from_millis(300), &mut |_| {}).unwrap_err();
+        assert!(matches!(e, LockError::Timeout { .. }), "{e}");
+        let _ = child.kill();
+        let _ = child.wait();
+        let l = VgLock::acquire(&d, "vg0", Duration::from_secs(5), &mut |_| {}).unwrap();
+        drop(l);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
     fn missing_locking_dir_is_created() {
         let d = tmpdir("mkdir").join("lock").join("lvm");
         let l = VgLock::acquire(&d, "vg0", Duration::from_millis(100), &mut |_| {}).unwrap();
