@@ -4,6 +4,7 @@ use crate::adapters::kernel::DmKernel;
 use crate::adapters::rawdisk::RawDisk;
 use crate::adapters::blockdev::{BlockDev, OpenMode};
 use crate::adapters::integrate::{self as integ, SystemRunner};
+use crate::adapters::lvmlock::{self, VgLock};
 use crate::adapters::{bootprobe, luks, lvm, probe, sys};
 use crate::cli::{exit, Cli, Command, ConvertOpts, KeyOpts, RunOpts};
 use crate::core::journal::{Record, State};
@@ -12,7 +13,7 @@ use crate::core::integrate::{crypttab_discard, luks_uuid, mapping_name_of};
 use crate::core::plan::{self, LuksVersion};
 use crate::core::state as fsm;
 use crate::core::tables::DevRef;
-use crate::engine::{Engine, EngineError, Event, Hooks};
+use crate::engine::{Disk, Engine, EngineError, Event, Hooks};
 use crate::error::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Seek, SeekFrom, Write};
@@ -186,6 +187,55 @@ fn lock(device: &Path) -> Result<std::fs::File> {
     }
 }
 
+/// How long to wait for an LVM command holding the VG lock (`LUKSIFY_LVM_LOCK_WAIT_SECS`
+/// overrides it, for tests).
+fn vg_lock_wait() -> std::time::Duration {
+    std::env::var("LUKSIFY_LVM_LOCK_WAIT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_secs)
+        .unwrap_or(lvmlock::DEFAULT_WAIT)
+}
+
+/// Take LVM's own lock on `vg`, exclusively, for the whole migration: no lvcreate, lvextend,
+/// lvchange or autoactivation can reload an LV table of the VG while luksify converts.
+/// Asks LVM for its locking directory first (an LVM command: none may run once the lock is
+/// held, it would wait for us).
+fn lock_vg(vg: &str) -> Result<VgLock> {
+    let dir = lvmlock::locking_dir();
+    let l = VgLock::acquire(&dir, vg, vg_lock_wait(), &mut |p| {
+        eprintln!("luksify: waiting for LVM's lock on VG {vg} ({}): another LVM command holds it", p.display())
+    })
+    .map_err(|e| Error::Refused(e.to_string()))?;
+    eprintln!("luksify: holding LVM's lock on VG {vg} until the finish (LVM commands on it wait until then)");
+    Ok(l)
+}
+
+/// The VG of the PV that `dev` shows, read from its LVM label and metadata area (no LVM
+/// command: a resume may need it while LVM cannot run, or before taking LVM's lock).
+fn vg_on(dev: &Path) -> Option<String> {
+    use crate::core::marker;
+    let mut d = RawDisk::open(dev, false).ok()?;
+    let mut lab = vec![0u8; 4096];
+    d.read(0, &mut lab).ok()?;
+    let (mda, _) = marker::first_mda(&lab)?;
+    let mut h = vec![0u8; 512];
+    d.read(mda / 512, &mut h).ok()?;
+    let (off, len) = marker::mda_text_pieces(&h)?[0];
+    let at = mda + off;
+    let n = len.min(4096) as usize;
+    let skip = (at % 512) as usize;
+    let mut buf = vec![0u8; (skip + n).div_ceil(512) * 512];
+    d.read(at / 512, &mut buf).ok()?;
+    marker::vg_name_of_text(&buf[skip..skip + n])
+}
+
+/// The VG on the bridge `name`, if the bridge exists (its node is made if missing).
+fn vg_on_bridge(kernel: &DmKernel, name: &str) -> Option<String> {
+    kernel.ensure_node(name).ok()?;
+    vg_on(&Path::new("/dev/mapper").join(name))
+}
+
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -200,6 +250,8 @@ struct CliHooks {
     /// The longest time live I/O waited on the bridge, over every step of this run.
     max_stall: std::time::Duration,
     chunks: u64,
+    /// LVM's VG lock: released right before luksify's own `pvresize` (and on every exit).
+    vg_lock: Option<VgLock>,
 }
 
 impl CliHooks {
@@ -217,7 +269,7 @@ impl CliHooks {
             b.set_position(moved * 512);
             b
         });
-        CliHooks { bar, json: run.progress_json, l, name: name.to_string(), last_line_pct: -1, max_stall: Default::default(), chunks: 0 }
+        CliHooks { bar, json: run.progress_json, l, name: name.to_string(), last_line_pct: -1, max_stall: Default::default(), chunks: 0, vg_lock: None }
     }
 }
 
@@ -283,6 +335,10 @@ impl Hooks for CliHooks {
 
     fn lvm_resize(&mut self, bridge: &str) -> std::result::Result<(), String> {
         let dev = format!("/dev/mapper/{bridge}");
+        // Our own LVM command would wait for the lock we hold: give it back first.
+        if let Some(l) = self.vg_lock.take() {
+            l.release();
+        }
         lvm::pvresize(Path::new(&dev), None).map_err(|e| {
             eprintln!("luksify: warning: `pvresize {dev}` failed ({e}); run it yourself, the data is intact");
             e.to_string()
@@ -453,6 +509,11 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     drop(pass);
     let pv_uuid = facts.lvm.as_ref().map(|l| l.pv_uuid.clone()).unwrap_or_default();
     let raw = raw_devref(device)?;
+    // From here to the finish, no LVM command may change the VG (ours included).
+    let vg_lock = match facts.lvm.as_ref().map(|l| l.vg_name.clone()).filter(|v| !v.is_empty()) {
+        Some(vg) => Some(lock_vg(&vg).map_err(|e| Error::Refused(format!("{e}; nothing was changed")))?),
+        None => None,
+    };
 
     sys::install_stop_handlers().map_err(|e| Error::Failed(format!("installing signal handlers: {e}")))?;
     sys::lock_memory().map_err(|e| Error::Failed(format!("mlockall failed ({e}); refusing to suspend devices without it; nothing was changed")))?;
@@ -476,6 +537,7 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     drop(key);
     engine.rate = o.run.rate_bytes();
     let mut hooks = CliHooks::new(&o.run, g.l, 0, &p.name);
+    hooks.vg_lock = vg_lock;
     if let Err(e) = engine.run(&mut hooks) {
         // Failed before anything but the tail changed (e.g. an LV table that would not
         // reroute): put the tail back, so the device is exactly as it was.
@@ -486,6 +548,8 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
         };
     }
     let _ = engine.kernel.ensure_node(&p.name);
+    // The VG lock goes before anything runs LVM again (integration, probes).
+    drop(hooks);
     let boot_on_pv = p.boot.as_ref().map(|b| b.boot_on_pv).unwrap_or(false);
     finish(device, &p.name, &header.uuid, o.allow_discards, &o.run, boot_on_pv, true)
 }
@@ -514,6 +578,17 @@ fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     sys::lock_memory().map_err(|e| Error::Failed(format!("mlockall failed ({e}); nothing was changed")))?;
     let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
     let name = rec.name.clone();
+    // LVM's VG lock, as for a conversion. On a live system the bridge already shows the PV:
+    // lock before rebuilding anything. On rescue media the bridge is made by `reopen`, and
+    // the lock is taken right after (nothing of LVM's maps the device by then).
+    // (Only if reading the bridge cannot block: a luksify killed mid-step may have left it,
+    // or a helper under it, suspended; `reopen` resumes them.)
+    let names = crate::engine::Names::new(&name, rec.luks_version, &rec.luks_uuid);
+    let readable = kernel.is_live(&name) && ![&names.staging, &names.mirror].iter().any(|n| kernel.is_suspended(n));
+    let mut vg_lock = match readable {
+        true => vg_on_bridge(&kernel, &name).map(|vg| lock_vg(&vg)).transpose()?,
+        false => None,
+    };
     let uuid = rec.luks_uuid.clone();
     let l = rec.geometry.l;
     let moved = match rec.state {
@@ -524,11 +599,20 @@ fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     eprintln!("luksify: resuming from state {} ({:.1}% moved)", rec.state.name(), 100.0 * fsm::progress(&rec.geometry, rec.state));
     let mut engine = Engine::reopen(disk, kernel, raw, rec, key.as_bytes(), header).map_err(|e| engine_err(e, device))?;
     drop(key);
+    if vg_lock.is_none() {
+        match vg_on_bridge(&engine.kernel, &name) {
+            Some(vg) => vg_lock = Some(lock_vg(&vg)?),
+            None => eprintln!("luksify: warning: no LVM metadata found on /dev/mapper/{name}; not holding any VG lock"),
+        }
+    }
     engine.rate = run.rate_bytes();
     let mut hooks = CliHooks::new(run, l, moved, &name);
+    hooks.vg_lock = vg_lock;
     engine.run(&mut hooks).map_err(|e| engine_err(e, device))?;
     let _ = engine.kernel.ensure_node(&name);
     drop(engine);
+    // The VG lock goes before anything runs LVM again (integration, probes).
+    drop(hooks);
     let boot_on_pv = !run.no_integrate && boot_on_pv_after(&name, &run.root);
     finish(device, &name, &uuid, discard, run, boot_on_pv, true)
 }

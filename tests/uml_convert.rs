@@ -55,8 +55,9 @@ fn luks2_online_with_live_writer_and_reader_then_fresh_boot_verifies() {
 # While converting (after the fence), LVM and blkid must see the PV once, on the bridge.
 ( while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep '"state": "migrating"' >/dev/null; do sleep 0.2; done
   blkid -p /dev/ubda5 > "$OUT/blkid-raw.txt" 2>&1 || true
-  lvm pvscan > "$OUT/pvscan.txt" 2>&1 || true
-  pvs --noheadings -o pv_name > "$OUT/pvs-during.txt" 2>&1 || true
+  # luksify holds LVM's VG lock until the finish: look without locking, or LVM would wait.
+  lvm pvscan --nolocking > "$OUT/pvscan.txt" 2>&1 || true
+  pvs --nolocking --noheadings -o pv_name > "$OUT/pvs-during.txt" 2>&1 || true
   touch "$OUT/checked-during" ) &
 CHECKER=$!
 t0=$EPOCHREALTIME
@@ -103,7 +104,8 @@ fn luks1_odd_chunk_smallest_tail_and_spanning_lv() {
 "$LUKSIFY" --dry-run --json --type luks1 /dev/ubda5 > "$OUT/plan.json"
 have=$(sed -n 's/.*"tail_have_sectors": \([0-9]*\).*/\1/p' "$OUT/plan.json")
 need=$(sed -n 's/.*"tail_need_sectors": \([0-9]*\).*/\1/p' "$OUT/plan.json")
-s=$(sed -n 's/.*"shift_sectors": \([0-9]*\).*/\1/p' "$OUT/plan.json")
+# The room needed is that of the default offset (the planner raises S when there is more).
+s=$(sed -n 's/.*"default_shift_sectors": \([0-9]*\).*/\1/p' "$OUT/plan.json")
 S=$(( s + have - need ))
 echo "tail have=$have need=$need: using data offset $S" | tee "$OUT/offset.txt"
 if "$LUKSIFY" --dry-run --type luks1 --offset $((S + 8)) /dev/ubda5 > "$OUT/too-big.txt" 2>&1; then die "an offset 8 sectors too big was accepted"; fi

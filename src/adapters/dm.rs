@@ -40,7 +40,7 @@
 //! read). Both are event-driven; neither busy-loops.
 
 use crate::core::facts::TableLineFacts;
-use devicemapper::{DevId, DmFlags, DmName, DmOptions, DmUuid, DM};
+use devicemapper::{DevId, DmFlags, DmName, DmOptions, DmUdevFlags, DmUuid, DM};
 use nix::errno::Errno;
 use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd};
@@ -54,6 +54,18 @@ pub const CONTROL_PATH: &str = "/dev/mapper/control";
 /// DM UUID prefix of luksify's (and cryptsetup's) private helper devices: hidden from udev
 /// rules, blkid and LVM.
 pub const PRIVATE_UUID_PREFIX: &str = "CRYPT-SUBDEV-";
+
+/// The udev flags of a public device that udev rules and LVM must leave alone for now (the
+/// bridge while it still shows the plaintext PV): no blkid, no /dev/disk links, no `pvscan`
+/// autoactivation (DM_UDEV_DISABLE_DISK_RULES_FLAG 0x04 | DM_UDEV_DISABLE_OTHER_RULES_FLAG
+/// 0x08, libdevmapper.h). Unlike a private device's flags, the DM rules still run, so
+/// /dev/mapper/<name> is made.
+pub fn hidden_udev_flags() -> DmUdevFlags {
+    DmUdevFlags::DM_UDEV_DISABLE_DISK_RULES_FLAG | DmUdevFlags::DM_UDEV_DISABLE_OTHER_RULES_FLAG
+}
+
+/// Where udev listens; without it nobody waits for uevents (rescue media, the test bed).
+const UDEV_CONTROL: &str = "/run/udev/control";
 
 /// A table or status line: `(start, length, target type, params)`, sectors of 512 bytes.
 /// Same type as the facts carry, so probe results need no conversion.
@@ -176,6 +188,8 @@ pub struct Dm {
     dm: DM,
     /// Devices this handle created private: their resume and remove carry the udev flags.
     private: HashSet<String>,
+    /// Public devices whose resumes carry [`hidden_udev_flags`] ([`Dm::set_hidden`]).
+    hidden: HashSet<String>,
 }
 
 impl Dm {
@@ -190,7 +204,7 @@ impl Dm {
             devicemapper::DmError::Core(devicemapper::errors::Error::ContextInit(m)) => DmError::Unavailable(m),
             other => DmError::Unavailable(other.to_string()),
         })?;
-        Ok(Dm { dm, private: HashSet::new() })
+        Ok(Dm { dm, private: HashSet::new(), hidden: HashSet::new() })
     }
 
     /// The crate's handle, for what this wrapper does not cover.
@@ -359,11 +373,44 @@ impl Dm {
         Ok(self.info_of(name)?.uuid.starts_with(PRIVATE_UUID_PREFIX))
     }
 
-    /// Resume: the inactive table, if one is loaded, becomes live.
+    /// From now on, resume `name` with [`hidden_udev_flags`] (`hidden`) or without any flags.
+    /// The flags travel in the resume's uevent (DM_COOKIE) and udev keeps them in its
+    /// database, so un-hiding takes a real resume without them (a synthetic "change" event
+    /// would re-import the old flags).
+    pub fn set_hidden(&mut self, name: &str, hidden: bool) {
+        if hidden {
+            self.hidden.insert(name.to_string());
+        } else {
+            self.hidden.remove(name);
+        }
+    }
+
+    /// The udev flags a resume of `name` carries.
+    pub fn resume_udev_flags(&self, name: &str) -> Result<DmUdevFlags> {
+        Ok(if self.is_private(name)? {
+            DmOptions::private().udev_flags()
+        } else if self.hidden.contains(name) {
+            hidden_udev_flags()
+        } else {
+            DmUdevFlags::empty()
+        })
+    }
+
+    /// Resume: the inactive table, if one is loaded, becomes live. A private or hidden
+    /// device's resume carries its udev flags in the uevent cookie. Where udev runs the crate
+    /// sends them (and waits for udev to process the event); where it does not, the crate
+    /// would drop them, so the ioctl is made here with the flags as the cookie, as
+    /// libdevmapper does without udev synchronisation, and a udev started later (or a
+    /// uevent listener) still sees them.
     pub fn resume(&self, name: &str) -> Result<()> {
-        let opts = if self.is_private(name)? { DmOptions::private() } else { DmOptions::default() };
+        let flags = self.resume_udev_flags(name)?;
+        if !flags.is_empty() && !Path::new(UDEV_CONTROL).exists() {
+            let cookie = flags.bits() << 16; // DM_UDEV_FLAGS_SHIFT
+            raw::ioctl(&self.dm, raw::DEV_SUSPEND, name, 0, cookie, 0, &[], "resuming")?;
+            return Ok(());
+        }
         self.dm
-            .device_suspend(&DevId::Name(lookup_name(name)?), opts)
+            .device_suspend(&DevId::Name(lookup_name(name)?), DmOptions::default().set_udev_flags(flags))
             .map(|_| ())
             .map_err(|e| map_crate("resuming", name, e))
     }
@@ -627,6 +674,7 @@ mod raw {
     use zeroize::Zeroizing;
 
     pub const DM_IOCTL: u8 = 0xfd;
+    pub const DEV_SUSPEND: u8 = 6;
     pub const DEV_WAIT: u8 = 8;
     pub const TABLE_LOAD: u8 = 9;
     pub const TABLE_STATUS: u8 = 12;
@@ -937,6 +985,10 @@ mod tests {
         // _IOWR(0xfd, 8, struct dm_ioctl) = 0xc138fd08 (DM_DEV_WAIT as libdevmapper uses it).
         assert_eq!(nix::request_code_readwrite!(raw::DM_IOCTL, raw::DEV_WAIT, raw::HDR) as u32, 0xc138_fd08);
         assert_eq!(nix::request_code_readwrite!(raw::DM_IOCTL, raw::TABLE_LOAD, raw::HDR) as u32, 0xc138_fd09);
+        assert_eq!(nix::request_code_readwrite!(raw::DM_IOCTL, raw::DEV_SUSPEND, raw::HDR) as u32, 0xc138_fd06);
+        // libdevmapper.h: DISABLE_DISK_RULES 0x04, DISABLE_OTHER_RULES 0x08, in the cookie's
+        // upper 16 bits.
+        assert_eq!(hidden_udev_flags().bits(), 0x04 | 0x08);
         assert_eq!(nix::request_code_readwrite!(raw::DM_IOCTL, raw::TABLE_STATUS, raw::HDR) as u32, 0xc138_fd0c);
         assert_eq!(DmFlags::DM_SECURE_DATA.bits(), 1 << 15);
         assert_eq!(DmFlags::DM_STATUS_TABLE.bits(), 1 << 4);

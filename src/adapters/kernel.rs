@@ -25,6 +25,17 @@ impl DmKernel {
         Ok(DmKernel { dm: Dm::open().map_err(k)?, fail_load_of: std::env::var("LUKSIFY_TEST_FAIL_LOAD").ok() })
     }
 
+    /// Whether a dm device of this name exists, has a live table and is not suspended
+    /// (reading it will not block).
+    pub fn is_live(&self, n: &str) -> bool {
+        matches!(self.dm.info(n), Ok(Some(d)) if d.active_table && !d.suspended)
+    }
+
+    /// Whether a dm device of this name exists and is suspended.
+    pub fn is_suspended(&self, n: &str) -> bool {
+        matches!(self.dm.info(n), Ok(Some(d)) if d.suspended)
+    }
+
     /// Create /dev/mapper/<name> if udev did not (rescue systems and test beds run without it).
     pub fn ensure_node(&self, n: &str) -> KResult<()> {
         let p = std::path::Path::new("/dev/mapper").join(n);
@@ -97,6 +108,10 @@ impl Kernel for DmKernel {
             self.ensure_node(n)?;
         }
         Ok(())
+    }
+
+    fn set_udev_hidden(&mut self, n: &str, hidden: bool) {
+        self.dm.set_hidden(n, hidden)
     }
 
     fn remove(&mut self, n: &str) -> KResult<()> {

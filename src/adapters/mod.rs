@@ -5,6 +5,7 @@ pub mod kernel;
 pub mod blockdev;
 pub mod dm;
 pub mod lvm;
+pub mod lvmlock;
 pub mod probe;
 pub mod luks;
 pub mod bootprobe;

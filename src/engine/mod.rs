@@ -254,8 +254,12 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         Ok(e)
     }
 
-    fn with_record(disk: D, kernel: K, raw: DevRef, rec: Record, key: &[u8], header: Vec<u8>) -> Self {
+    fn with_record(disk: D, mut kernel: K, raw: DevRef, rec: Record, key: &[u8], header: Vec<u8>) -> Self {
         let names = Names::new(&rec.name, rec.luks_version, &rec.luks_uuid);
+        // Until the finish, the bridge shows the plaintext PV: keep udev rules (blkid, links)
+        // and LVM's autoactivation (pvscan) off it. `cleanup` shows it to udev once it holds
+        // the pure crypt table and the header is on disk.
+        kernel.set_udev_hidden(&names.bridge, true);
         let mut hex = Zeroizing::new(String::with_capacity(key.len() * 2));
         for b in key {
             use std::fmt::Write;
@@ -890,6 +894,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     fn cleanup(&mut self, hooks: &mut dyn Hooks) -> EResult<()> {
         let g = *self.g();
         let bridge = self.names.bridge.clone();
+        self.show_bridge_to_udev()?;
         let _ = hooks.lvm_resize(&bridge);
         let zeros = vec![0u8; ((g.header_copy_len + g.f) * 512) as usize];
         io(self.disk.write(g.shadow, &zeros), || "wiping the header copy".into())?;
@@ -901,6 +906,17 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             io(self.disk.flush(), || "flushing".into())?;
         }
         Ok(())
+    }
+
+    /// The bridge holds the pure crypt table and the LUKS header is on disk: one real
+    /// suspend/resume without the udev flags, so that udev processes the device as the LUKS
+    /// mapping it now is (blkid, /dev/disk links, LVM's pvscan). A synthetic "change" event
+    /// would not do: udev would re-import the old flags from its database.
+    fn show_bridge_to_udev(&mut self) -> EResult<()> {
+        let bridge = self.names.bridge.clone();
+        self.kernel.set_udev_hidden(&bridge, false);
+        self.kernel.suspend(&bridge).map_err(|e| EngineError::Kernel(format!("suspending the bridge: {e}")))?;
+        kern(self.kernel.resume(&bridge))
     }
 
     /// Give up a conversion that has not changed anything yet (state `Prepared`, in the

@@ -34,7 +34,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::rc::Rc;
 use xts_mode::{get_tweak_default, Xts128};
@@ -833,6 +833,12 @@ pub struct World {
     pub dm_bad_after_sync: Vec<(String, u64, u64, bool)>,
     /// Writes failed by `dm_bad`.
     pub dm_bad_hits: u64,
+    /// Devices the running luksify process resumes with the udev-disable flags (its
+    /// `set_udev_hidden`); a new process starts with none.
+    udev_hidden: BTreeSet<String>,
+    /// The bridge's last uevent let udev (and LVM's autoactivation) see it, and it was the
+    /// finished LUKS mapping then. A later hidden resume clears it again.
+    pub bridge_shown_to_udev: bool,
 }
 
 type Shared = Rc<RefCell<World>>;
@@ -887,6 +893,8 @@ impl World {
             dm_bad: Vec::new(),
             dm_bad_after_sync: Vec::new(),
             dm_bad_hits: 0,
+            udev_hidden: BTreeSet::new(),
+            bridge_shown_to_udev: false,
         };
         if let Some(on) = live_on {
             w.activate_lvs(on).expect("activating the LVs");
@@ -1691,7 +1699,34 @@ impl Kernel for SimKernel {
         if name == BRIDGE && w.deferred.is_some() {
             w.release_armed = true;
         }
+        if name == BRIDGE {
+            // The uevent of this resume: hidden from udev rules and pvscan, or not. Shown, the
+            // bridge must be the finished LUKS mapping (pure crypt table, header on disk):
+            // before, udev and LVM would scan a device that still shows the plaintext PV.
+            if w.udev_hidden.contains(name) {
+                w.bridge_shown_to_udev = false;
+            } else {
+                let d = &w.dm.devs[name];
+                let pure = matches!(d.live.as_deref(), Some([l]) if matches!(l.target, STarget::Crypt { .. }) && l.length == w.g.l);
+                let header = w.disk.current().get(..w.header.len()) == Some(&w.header[..]);
+                if pure && header {
+                    w.bridge_shown_to_udev = true;
+                } else {
+                    let msg = format!("the bridge was resumed without the udev flags before it was the finished LUKS mapping (pure crypt table {pure}, header on disk {header})");
+                    w.violations.push(msg);
+                }
+            }
+        }
         Ok(())
+    }
+
+    fn set_udev_hidden(&mut self, name: &str, hidden: bool) {
+        let mut w = self.0.borrow_mut();
+        if hidden {
+            w.udev_hidden.insert(name.to_string());
+        } else {
+            w.udev_hidden.remove(name);
+        }
     }
 
     fn remove(&mut self, name: &str) -> KResult<()> {
@@ -1847,7 +1882,8 @@ impl Sim {
         tweak: &mut dyn FnMut(&mut Engine<SimDisk, SimKernel>),
     ) -> EResult<Engine<SimDisk, SimKernel>> {
         let (g, key, header) = {
-            let w = self.w.borrow();
+            let mut w = self.w.borrow_mut();
+            w.udev_hidden.clear();
             (w.g, w.key.clone(), w.header.clone())
         };
         let mut e = Engine::prepare(self.disk(), self.kernel(), RAW, g, BRIDGE, 2, LUKS_UUID, CIPHER, false, PV_UUID, &key, header)?;
@@ -1893,6 +1929,8 @@ impl Sim {
         {
             let mut w = self.w.borrow_mut();
             w.dead = false;
+            // A new luksify process: its kernel handle hides nothing yet.
+            w.udev_hidden.clear();
         }
         let n = self.n();
         let mut disk = self.disk();
@@ -1979,6 +2017,9 @@ impl Sim {
             }
             if !d.uuid.starts_with("CRYPT-LUKS2-") || d.private {
                 return Err(format!("the bridge has uuid {} (private {})", d.uuid, d.private));
+            }
+            if !w.bridge_shown_to_udev {
+                return Err("the finished bridge's last uevent still carries the udev-disable flags: udev and LVM never processed it".into());
             }
         }
         Ok(what)
@@ -2168,6 +2209,32 @@ mod tests {
             }
             assert_eq!(Engine::<SimDisk, SimKernel>::read_journal(&mut sim.disk(), sc.n).unwrap(), None);
         }
+    }
+
+    /// udev and LVM's autoactivation stay off the bridge until it is the finished LUKS
+    /// mapping, then see it once: every resume of the bridge before the header is on disk is
+    /// hidden, the last is not. And the check bites: a bridge left visible to udev from the
+    /// start, or never shown at the end, fails it.
+    #[test]
+    fn the_bridge_is_hidden_from_udev_until_the_finish_and_shown_after() {
+        let sim = Sim::new(&Scenario::small(13));
+        sim.convert(&mut NoHooks).unwrap_or_else(|e| panic!("{e}\n{}", sim.trace_tail(30)));
+        assert_eq!(sim.check_final(true), Ok("converted"));
+        assert!(sim.w.borrow().bridge_shown_to_udev);
+
+        // Mutant: the bridge is never hidden (every resume raises a plain uevent).
+        let sim = Sim::new(&Scenario::small(13));
+        let _ = sim.convert_with(&mut NoHooks, &mut |e| e.kernel.set_udev_hidden(BRIDGE, false));
+        let v = sim.w.borrow().violations.clone();
+        assert!(v.iter().any(|m| m.contains("without the udev flags before it was the finished LUKS mapping")), "{v:?}");
+        assert!(sim.check_final(true).is_err());
+
+        // Mutant: the final resume keeps the flags (udev never processes the LUKS device).
+        let sim = Sim::new(&Scenario::small(13));
+        let _ = sim.convert(&mut NoHooks).unwrap();
+        sim.w.borrow_mut().bridge_shown_to_udev = false;
+        let e = sim.check_final(true).unwrap_err();
+        assert!(e.contains("udev-disable flags"), "{e}");
     }
 
     #[test]

@@ -59,6 +59,11 @@ pub trait Kernel {
     fn suspend(&mut self, name: &str) -> KResult<()>;
     /// Resume (making the inactive table live, if one is loaded).
     fn resume(&mut self, name: &str) -> KResult<()>;
+    /// From now on, `name`'s resumes tell udev rules and LVM's autoactivation to ignore it
+    /// (`hidden`: the uevent carries DM_UDEV_DISABLE_DISK_RULES_FLAG and
+    /// DM_UDEV_DISABLE_OTHER_RULES_FLAG) or not. Not an ioctl: it changes how the later
+    /// resumes are sent. Private devices are always hidden.
+    fn set_udev_hidden(&mut self, name: &str, hidden: bool);
     fn remove(&mut self, name: &str) -> KResult<()>;
     /// The live table, keys never included.
     fn table(&mut self, name: &str) -> KResult<Vec<TableLineFacts>>;

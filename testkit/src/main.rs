@@ -7,6 +7,7 @@ mod aligned;
 mod fill;
 mod manifest;
 mod records;
+mod uevents;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -112,6 +113,20 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         mib: u64,
     },
+    /// Append every kernel uevent (NETLINK_KOBJECT_UEVENT) to --out, one line of KEY=value
+    /// pairs per event, until --until FILE exists.
+    Uevents {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        until: Option<PathBuf>,
+        /// written once the socket listens
+        #[arg(long)]
+        ready: Option<PathBuf>,
+        /// only these keys, in this order (e.g. ACTION DM_NAME DM_COOKIE); default all
+        #[arg(long)]
+        keys: Vec<String>,
+    },
     /// Check a device/file holds what `fill --seed SEED` wrote.
     Check {
         dev: PathBuf,
@@ -149,6 +164,7 @@ fn main() -> ExitCode {
         Cmd::Fill { dev, seed, bytes } => ("fill", fill::fill(&dev, seed, bytes)),
         Cmd::Check { dev, seed, bytes } => ("check", fill::check(&dev, seed, bytes)),
         Cmd::Tree { dir, seed, files, mib } => ("tree", fill::tree(&dir, seed, files, mib)),
+        Cmd::Uevents { out, until, ready, keys } => ("uevents", uevents::listen(&out, until.as_deref(), ready.as_deref(), &keys)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
