@@ -878,14 +878,39 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             self.swap_table(&bridge, &want, "bridge")?;
         }
         self.remove_helpers()?;
-        // [F, S) first, then [0, F) (where the marker is) in one 4 KiB write.
+        // [F, S) first, then [0, F) (where the marker is) in one 4 KiB write. The area is
+        // the header followed by zeros (no plaintext may stay behind it), written from one
+        // piece-sized buffer: S may be 128 MiB, and under mlockall a buffer that size is
+        // faulted in and locked page by page (seconds in UML).
         let f = (g.f * 512) as usize;
-        let mut area = vec![0u8; (g.s * 512) as usize];
-        area[..self.header.len()].copy_from_slice(&self.header);
-        io(self.disk.write(g.f, &area[f..]), || "writing the LUKS header".into())?;
-        io(self.disk.flush(), || "flushing the LUKS header".into())?;
-        io(self.disk.write(0, &area[..f]), || "writing the LUKS header".into())?;
-        io(self.disk.flush(), || "flushing the LUKS header".into())?;
+        let s_bytes = (g.s * 512) as usize;
+        let header = std::mem::take(&mut self.header);
+        let mut buf = std::mem::take(&mut self.verify_src);
+        let piece_of = |buf: &mut Vec<u8>, at: usize, n: usize| {
+            buf[..n].fill(0);
+            if at < header.len() {
+                let end = header.len().min(at + n);
+                buf[..end - at].copy_from_slice(&header[at..end]);
+            }
+        };
+        let mut r = Ok(());
+        let mut at = f;
+        while at < s_bytes && r.is_ok() {
+            let n = buf.len().min(s_bytes - at);
+            piece_of(&mut buf, at, n);
+            r = self.disk.write((at / 512) as u64, &buf[..n]);
+            at += n;
+        }
+        let r = r
+            .and_then(|_| self.disk.flush())
+            .and_then(|_| {
+                piece_of(&mut buf, 0, f);
+                self.disk.write(0, &buf[..f])
+            })
+            .and_then(|_| self.disk.flush());
+        self.header = header;
+        self.verify_src = buf;
+        io(r, || "writing the LUKS header".into())?;
         self.commit(State::HeaderWritten)
     }
 
