@@ -301,15 +301,8 @@ mod tests {
     #[test]
     fn the_running_system_runs_commands_directly() {
         let input = Input {
-            root_dir: "/".into(),
-            name: "sda5_crypt".into(),
-            uuid: U.into(),
-            discard: false,
-            raw_device: "/dev/sda5".into(),
-            generator: Some(Generator::InitramfsTools),
-            mkinitcpio_has_encrypt: false,
             devices_file: Some("IDTYPE=devname IDNAME=/dev/sda5 DEVNAME=/dev/sda5 PVID=x\n".into()),
-            boot_on_pv: false,
+            ..crate::core::integrate::tests::input()
         };
         // Only the command sequence (steps); the crypttab of "/" is never touched in tests.
         let cmds: Vec<String> = steps(&input)

@@ -206,7 +206,7 @@ pub fn steps(i: &Input) -> Vec<Step> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const U: &str = "0b2c6f3e-1111-2222-3333-444455556666";
@@ -268,7 +268,8 @@ mod tests {
         assert!(!devices_file_has(t, "/dev/mapper/sda5_crypt"));
     }
 
-    fn input() -> Input {
+    /// A Debian-like running system (`/`, initramfs-tools, no devices file).
+    pub(crate) fn input() -> Input {
         Input {
             root_dir: "/".into(),
             name: "sda5_crypt".into(),
