@@ -103,10 +103,7 @@ mod tests {
     use super::*;
 
     fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("luksify-bootprobe-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        crate::adapters::scratch_dir("bootprobe", name)
     }
 
     fn touch(root: &Path, p: &str) {

@@ -188,8 +188,7 @@ mod tests {
     const U: &str = "0b2c6f3e-1111-2222-3333-444455556666";
 
     fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("luksify-integrate-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
+        let d = crate::adapters::scratch_dir("integrate", name);
         std::fs::create_dir_all(d.join("etc")).unwrap();
         d
     }

@@ -10,3 +10,13 @@ pub mod probe;
 pub mod luks;
 pub mod bootprobe;
 pub mod integrate;
+
+/// A fresh, empty scratch directory for one unit test: `luksify-<module>-<name>-<pid>` under
+/// the temporary directory, whatever an earlier run left there removed first.
+#[cfg(test)]
+pub(crate) fn scratch_dir(module: &str, name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("luksify-{module}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
