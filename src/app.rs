@@ -366,8 +366,12 @@ fn confirm(device: &Path, run: &RunOpts) -> Result<()> {
     Ok(())
 }
 
-fn print_after(device: &Path, name: &str, uuid: &str, discard: bool) {
+fn announce_done(device: &Path, name: &str, uuid: &str) {
     eprintln!("luksify: done: {} is now LUKS (UUID {uuid}), open as /dev/mapper/{name}", device.display());
+}
+
+fn print_after(device: &Path, name: &str, uuid: &str, discard: bool) {
+    announce_done(device, name, uuid);
     eprintln!(
         "luksify: to boot from it, add to /etc/crypttab:  {}",
         crate::core::integrate::crypttab_line(name, uuid, discard)
@@ -405,7 +409,7 @@ fn finish(device: &Path, name: &str, uuid: &str, discard: bool, run: &RunOpts, b
         return Ok(exit::OK);
     }
     if announce {
-        eprintln!("luksify: done: {} is now LUKS (UUID {uuid}), open as /dev/mapper/{name}", device.display());
+        announce_done(device, name, uuid);
     }
     let raw = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
     let input = integ::gather(&run.root, name, uuid, discard, &raw.display().to_string(), boot_on_pv);

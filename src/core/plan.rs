@@ -324,7 +324,7 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
             Ok(g) => geometry = Some(g),
             Err(GeometryError::TooLittleTail { need, have, missing }) => {
                 make_room_plan = make_room(f, missing);
-                refuse(&mut refusals, "too_little_tail", too_little_tail_message(f, need, have, missing));
+                refuse(&mut refusals, "too_little_tail", too_little_tail_message(&f.path, need, have, missing, make_room_plan.as_ref()));
             }
             Err(e) => refuse(&mut refusals, "geometry", format!("cannot lay out the conversion of {dev}: {e}")),
         }
@@ -538,13 +538,12 @@ impl MakeRoom {
     }
 }
 
-fn too_little_tail_message(f: &DeviceFacts, need: u64, have: u64, missing: u64) -> String {
-    let dev = &f.path;
+fn too_little_tail_message(dev: &str, need: u64, have: u64, missing: u64, room: Option<&MakeRoom>) -> String {
     let mut m = format!(
         "too little space past the PV on {dev}: luksify needs {need} sectors ({}) after it and there are {have} ({}); {missing} sectors ({}) are missing",
         mib(need), mib(have), mib(missing)
     );
-    if let Some(r) = make_room(f, missing) {
+    if let Some(r) = room {
         m.push_str("; ");
         m.push_str(&r.advice(dev));
     }
