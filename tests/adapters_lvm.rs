@@ -258,7 +258,6 @@ fn tmpdir(tag: &str) -> Tmp {
 }
 
 fn fake_lvm(dir: &Path, fail: bool) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     std::fs::write(dir.join("pv.json"), PV0).unwrap();
     std::fs::write(dir.join("seg.json"), SEG0).unwrap();
     std::fs::write(dir.join("lvs.json"), LVS0).unwrap();
@@ -280,8 +279,20 @@ esac
         fail = if fail { 1 } else { 0 }
     );
     let p = dir.join("lvm");
-    std::fs::write(&p, script).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Written by a child process, not by us: a file this process holds open for writing is
+    // inherited by any child another test thread forks meanwhile, and exec'ing it then fails
+    // with ETXTBSY ("Text file busy", seen in CI).
+    let mut w = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("cat > \"$1\" && chmod 755 \"$1\"")
+        .arg("sh")
+        .arg(&p)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(w.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
+    drop(w.stdin.take());
+    assert!(w.wait().unwrap().success(), "writing {}", p.display());
     p
 }
 
