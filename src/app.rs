@@ -56,18 +56,24 @@ fn plan_for(facts: &crate::core::facts::DeviceFacts, o: &ConvertOpts) -> Result<
 fn dry_run(device: &Path, o: &ConvertOpts, json: bool) -> Result<i32> {
     let facts = probe_device(device)?;
     let p = plan_for(&facts, o)?;
+    let room = room_commands(&p).filter(|_| o.make_room);
     if json {
         println!("{}", serde_json::to_string_pretty(&p).expect("plan serialises"));
     } else {
         print!("{}", plan::render(&p));
-        if let Some(cmds) = room_commands(&p).filter(|_| o.make_room) {
+        if let Some(cmds) = &room {
             println!("  with --make-room, luksify would first run (then plan again):");
             for c in cmds {
                 println!("    {}", c.join(" "));
             }
+            println!("  verdict with --make-room: GO once the room is made");
         }
     }
     if p.ok() {
+        Ok(exit::OK)
+    } else if room.is_some() {
+        // `luksify --make-room DEVICE` would make the room and go ahead: the dry-run of
+        // that command says yes.
         Ok(exit::OK)
     } else {
         for r in &p.refusals {

@@ -348,7 +348,8 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
         geometry = None;
         make_room_plan = None;
     }
-    let steps = geometry.map(|g| g.steps()).unwrap_or(0);
+    // Without a geometry (the tail is too small) the count the default offset would give.
+    let steps = geometry.map(|g| g.steps()).unwrap_or_else(|| if k > 0 { l.div_ceil(k) } else { 0 });
     let move_bytes = l * SECTOR;
     let estimate_seconds = move_bytes.div_ceil(ASSUMED_MIB_PER_S << 20);
     let mut actions = vec![
