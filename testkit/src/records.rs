@@ -113,6 +113,13 @@ pub fn writer(o: &WriterOpts) -> Result<()> {
         .append(true)
         .open(&o.acked)
         .map_err(ioe("open", &o.acked))?;
+    // A serial port (the QEMU full-system test acks on /dev/ttyS1) cannot be fsync'd:
+    // wait instead until the tty has sent the line. An ack that never leaves the guest
+    // only weakens the check; the record it names was fsync'd before the ack was written.
+    let ack_is_tty = {
+        use std::os::unix::fs::FileTypeExt;
+        ack.metadata().map_err(ioe("stat", &o.acked))?.file_type().is_char_device()
+    };
     let mut lat = match &o.latency_out {
         Some(p) => Some(BufWriter::new(
             OpenOptions::new().create(true).append(true).open(p).map_err(ioe("open", p))?,
@@ -142,7 +149,15 @@ pub fn writer(o: &WriterOpts) -> Result<()> {
         f.sync_all().map_err(ioe("fsync", &o.file))?;
         let us = t0.elapsed().as_micros();
         writeln!(ack, "{n}").map_err(ioe("write", &o.acked))?;
-        ack.sync_all().map_err(ioe("fsync", &o.acked))?;
+        if ack_is_tty {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: tcdrain on a file descriptor we own; it only waits.
+            if unsafe { libc::tcdrain(ack.as_raw_fd()) } != 0 {
+                return Err(ioe("tcdrain", &o.acked)(std::io::Error::last_os_error()));
+            }
+        } else {
+            ack.sync_all().map_err(ioe("fsync", &o.acked))?;
+        }
         if let Some(l) = lat.as_mut() {
             writeln!(l, "{n} {us}").map_err(ioe("write", o.latency_out.as_ref().unwrap()))?;
             if n % 32 == 0 {
