@@ -1,0 +1,23 @@
+# Stage "convert": the booted laptop converts its own PV online, with the live writer
+# appending fsync'd records to a file on the root filesystem and acking each one on the
+# second serial port (the host keeps the acks, also across a power cut).
+. "$CTL/common.sh"
+result root_source "$(findmnt -n -o SOURCE /)"
+result usr_digest "$(usr_digest)"
+mkdir -p "$(dirname "$RECORDS")"
+stty -F /dev/ttyS1 raw -echo
+"$LKTEST" writer --file "$RECORDS" --acked /dev/ttyS1 --interval-ms 20 2>/dev/null &
+writer=$!
+for i in $(seq 1 100); do [ -s "$RECORDS" ] && break; sleep 0.1; done
+"$LUKSIFY" --dry-run --make-room /dev/vda5
+rc=0
+"$LUKSIFY" --make-room --yes --key-file "$CTL/passphrase" --progress-json /dev/vda5 || rc=$?
+result luksify_rc $rc
+sleep 2
+kill $writer; wait $writer || true
+result records "$(( $(stat -c %s "$RECORDS") / 4096 ))"
+cat /etc/crypttab
+dmsetup table
+result initramfs_cryptsetup "$(lsinitramfs "/boot/initrd.img-$(uname -r)" | grep -c 'sbin/cryptsetup$' || true)"
+sync
+exit $rc

@@ -1,0 +1,386 @@
+//! The full-system acceptance test: a real Debian bookworm (systemd, udev, lvm2,
+//! cryptsetup-initramfs) booted under QEMU converts its own root PV online, then boots
+//! through its encrypted root, the test typing the passphrase at the initramfs prompt on
+//! the serial console. A second scenario cuts the power mid-conversion, finishes it from
+//! rescue media, and boots the system normally.
+//!
+//! The image comes from `qemu/debian/build-image` (cached; see qemu/debian/README.md).
+//! Each boot gets a control disk (ext4 `LKCTL`) with luksify, lktest and one stage script
+//! of `qemu/debian/stages/`, which the image's `luksify-ctl.service` runs; the stage
+//! reports `LKRESULT key=value` lines on the console. Acks of the live writer leave the
+//! guest on its second serial port, into a host file that survives the power cut.
+//!
+//! Missing QEMU or debootstrap is a loud failure, never a skip.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const QEMU: &str = "qemu-system-x86_64";
+const PASSPHRASE: &str = "correct horse battery staple";
+const NAME: &str = "vda5_crypt";
+
+fn check_installed() {
+    for (tool, _pkg) in [(QEMU, "qemu-system-x86"), ("debootstrap", "debootstrap"), ("debugfs", "e2fsprogs")] {
+        let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().unwrap().success();
+        if !found {
+            panic!("{tool} missing: apt-get install qemu-system-x86 debootstrap e2fsprogs (this test never skips)");
+        }
+    }
+}
+
+/// The cached image directory (built on first use; a lock in build-image serialises builders).
+fn image() -> PathBuf {
+    check_installed();
+    let _slot = support::slot(); // the build boots a UML guest
+    let out = Command::new(support::repo().join("qemu/debian/build-image"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run qemu/debian/build-image");
+    assert!(out.status.success(), "qemu/debian/build-image failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().expect("build-image printed no directory").trim())
+}
+
+/// A control disk for one boot: luksify, lktest, the stage script as stage.sh, common.sh,
+/// and `extra` files (name, content).
+fn ctl_disk(dir: &Path, stage: &str, extra: &[(&str, String)]) -> PathBuf {
+    let c = dir.join("ctl");
+    let _ = std::fs::remove_dir_all(&c);
+    std::fs::create_dir_all(&c).unwrap();
+    let stages = support::repo().join("qemu/debian/stages");
+    std::fs::copy(stages.join(format!("{stage}.sh")), c.join("stage.sh")).unwrap();
+    std::fs::copy(stages.join("common.sh"), c.join("common.sh")).unwrap();
+    std::fs::copy(support::luksify_bin(), c.join("luksify")).unwrap();
+    std::fs::copy(support::lktest(), c.join("lktest")).unwrap();
+    std::fs::write(c.join("passphrase"), PASSPHRASE).unwrap();
+    std::fs::write(c.join("name"), NAME).unwrap();
+    for (n, s) in extra {
+        std::fs::write(c.join(n), s).unwrap();
+    }
+    let img = dir.join("ctl.img");
+    let _ = std::fs::remove_file(&img);
+    let st = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-L", "LKCTL", "-d"])
+        .arg(&c)
+        .arg(&img)
+        .arg("128M")
+        .status()
+        .unwrap();
+    assert!(st.success(), "mke2fs for the control disk");
+    img
+}
+
+/// Copies /vmlinuz-* and /initrd.img-* out of the /boot partition (p1) of `disk` with
+/// debugfs (nothing is mounted on the host): the files the installed system made itself.
+fn boot_files(disk: &Path, kver: &str, dir: &Path) -> (PathBuf, PathBuf) {
+    let out = Command::new("sfdisk").arg("-J").arg(disk).output().unwrap();
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sfdisk -J");
+    let start = j["partitiontable"]["partitions"][0]["start"].as_u64().expect("p1 start");
+    let dev = format!("{}?offset={}", disk.display(), start * 512);
+    let mut got = Vec::new();
+    for f in [format!("vmlinuz-{kver}"), format!("initrd.img-{kver}")] {
+        let to = dir.join(&f);
+        let _ = std::fs::remove_file(&to);
+        let st = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("dump /{f} {}", to.display()))
+            .arg(&dev)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success() && to.exists(), "debugfs could not read /{f} from the /boot partition");
+        got.push(to);
+    }
+    (got[0].clone(), got[1].clone())
+}
+
+/// One QEMU boot: console on stdio (kept in a buffer and in `<log>`), acks on the second
+/// serial port into `acks`.
+struct Vm {
+    child: Child,
+    stdin: ChildStdin,
+    out: Arc<Mutex<Vec<u8>>>,
+    started: Instant,
+    name: String,
+    _slot: support::Slot,
+}
+
+struct Boot<'a> {
+    kernel: &'a Path,
+    initrd: &'a Path,
+    append: &'a str,
+    disks: Vec<&'a Path>,
+    acks: &'a Path,
+    log: PathBuf,
+}
+
+impl Vm {
+    fn start(name: &str, b: Boot) -> Vm {
+        let slot = support::slot();
+        let mut cmd = Command::new(QEMU);
+        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "1024"])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot", "-serial", "stdio"])
+            .arg("-serial")
+            .arg(format!("file:{}", b.acks.display()))
+            .arg("-kernel")
+            .arg(b.kernel)
+            .arg("-initrd")
+            .arg(b.initrd)
+            .arg("-append")
+            .arg(format!("{} console=ttyS0 panic=-1", b.append));
+        for d in &b.disks {
+            cmd.arg("-drive").arg(format!("file={},if=virtio,format=raw", d.display()));
+        }
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        eprintln!("[{name}] boot: {}", b.append);
+        let mut child = cmd.spawn().expect("start qemu-system-x86_64");
+        let stdin = child.stdin.take().unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut log = std::fs::File::create(&b.log).unwrap();
+        for mut src in [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())] {
+            let out = out.clone();
+            let mut log = log.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = src.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock().unwrap().extend_from_slice(&buf[..n]);
+                    let _ = log.write_all(&buf[..n]);
+                }
+            });
+        }
+        let _ = log.flush();
+        Vm { child, stdin, out, started: Instant::now(), name: name.into(), _slot: slot }
+    }
+
+    fn console(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
+    /// Waits until the console shows `pat` (panics on timeout or when QEMU ends first).
+    fn wait_for(&mut self, pat: &str, timeout: Duration) {
+        let t0 = Instant::now();
+        loop {
+            if self.console().contains(pat) {
+                eprintln!("[{}] {:.0} s: saw {pat:?}", self.name, self.started.elapsed().as_secs_f64());
+                return;
+            }
+            if self.exited() {
+                std::thread::sleep(Duration::from_millis(300)); // let the readers drain
+                if self.console().contains(pat) {
+                    return;
+                }
+                panic!("[{}] QEMU ended before the console showed {pat:?}; console:\n{}", self.name, tail(&self.console(), 60));
+            }
+            if t0.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!("[{}] no {pat:?} on the console after {timeout:?}; console:\n{}", self.name, tail(&self.console(), 60));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the console has a luksify progress line with moved_sectors at least
+    /// `frac` of the total.
+    fn wait_for_progress(&mut self, frac: f64, timeout: Duration) {
+        let t0 = Instant::now();
+        loop {
+            let c = self.console();
+            let reached = c.lines().filter(|l| l.contains("\"event\":\"chunk\"")).any(|l| {
+                let j: serde_json::Value = match serde_json::from_str(l.trim()) {
+                    Ok(j) => j,
+                    Err(_) => return false,
+                };
+                let (m, t) = (j["moved_sectors"].as_f64().unwrap_or(0.0), j["total_sectors"].as_f64().unwrap_or(1.0));
+                m >= frac * t
+            });
+            if reached {
+                eprintln!("[{}] {:.0} s: conversion {:.0}% moved", self.name, self.started.elapsed().as_secs_f64(), frac * 100.0);
+                return;
+            }
+            assert!(!self.exited(), "[{}] QEMU ended before the conversion got {frac} of the way:\n{}", self.name, tail(&c, 60));
+            assert!(t0.elapsed() < timeout, "[{}] the conversion did not get {frac} of the way in {timeout:?}:\n{}", self.name, tail(&c, 60));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn type_line(&mut self, s: &str) {
+        self.stdin.write_all(format!("{s}\r").as_bytes()).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// The power cut: SIGKILL to QEMU (what the guest wrote and had acknowledged is in the
+    /// image file; nothing else is).
+    fn power_cut(mut self) -> String {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        eprintln!("[{}] power cut at {:.0} s", self.name, self.started.elapsed().as_secs_f64());
+        std::thread::sleep(Duration::from_millis(300));
+        self.console()
+    }
+
+    /// Waits for the guest to power off; returns the console and the stage's results.
+    fn finish(mut self, timeout: Duration) -> (String, BTreeMap<String, String>) {
+        let t0 = Instant::now();
+        while !self.exited() {
+            if t0.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!("[{}] still running after {timeout:?}; console:\n{}", self.name, tail(&self.console(), 80));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let c = self.console();
+        eprintln!("[{}] powered off after {:.0} s", self.name, self.started.elapsed().as_secs_f64());
+        let r = results(&c);
+        (c, r)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn results(console: &str) -> BTreeMap<String, String> {
+    let mut r = BTreeMap::new();
+    for l in console.lines() {
+        if let Some(kv) = l.trim_end_matches('\r').strip_prefix("LKRESULT ") {
+            if let Some((k, v)) = kv.split_once('=') {
+                r.insert(k.to_string(), v.to_string());
+            }
+        }
+        if let Some(rc) = l.trim_end_matches('\r').strip_prefix("LKCTL: stage rc=") {
+            r.insert("stage_rc".into(), rc.into());
+        }
+    }
+    r
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(n)..].join("\n")
+}
+
+fn get<'a>(r: &'a BTreeMap<String, String>, k: &str, console: &str) -> &'a str {
+    r.get(k).map(String::as_str).unwrap_or_else(|| panic!("no LKRESULT {k}; console:\n{}", tail(console, 80)))
+}
+
+fn acked_count(acks: &Path) -> usize {
+    std::fs::read_to_string(acks).unwrap_or_default().lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+const SYSTEM_ROOT: &str = "root=/dev/mapper/vg0-root ro";
+const BOOT_LIMIT: Duration = Duration::from_secs(900);
+
+/// Boots the converted system: the initramfs must ask for the passphrase on the console,
+/// the root must come up on the LVs over the LUKS mapping, and every acked record and
+/// every file of /usr must be intact.
+fn boot_encrypted_and_verify(dir: &Path, disk: &Path, kver: &str, acks: &Path, usr_digest: &str, tag: &str) {
+    let (kernel, initrd) = boot_files(disk, kver, dir);
+    let n = acked_count(acks);
+    assert!(n >= 20, "only {n} records acked during the conversion");
+    let ctl = ctl_disk(dir, "verify", &[("acked", std::fs::read_to_string(acks).unwrap()), ("min_acked", n.to_string())]);
+    let sink = dir.join(format!("acks-{tag}.log"));
+    let mut vm = Vm::start(
+        tag,
+        Boot { kernel: &kernel, initrd: &initrd, append: SYSTEM_ROOT, disks: vec![disk, &ctl], acks: &sink, log: dir.join(format!("{tag}.console.log")) },
+    );
+    vm.wait_for(&format!("Please unlock disk {NAME}"), BOOT_LIMIT);
+    std::thread::sleep(Duration::from_millis(500));
+    vm.type_line(PASSPHRASE);
+    let (c, r) = vm.finish(BOOT_LIMIT);
+    assert!(c.contains(&format!("{NAME}: set up successfully")) || c.contains("set up successfully"), "the initramfs did not report the unlocked device:\n{}", tail(&c, 80));
+    assert_eq!(get(&r, "stage_rc", &c), "0", "verify stage failed:\n{}", tail(&c, 80));
+    assert_eq!(get(&r, "root_source", &c), "/dev/mapper/vg0-root");
+    let stack = get(&r, "root_stack", &c);
+    assert!(stack.contains(&format!("{NAME} crypt")) && stack.contains("vda5 part"), "root is not on vg0 over {NAME} over vda5: {stack}");
+    assert_eq!(get(&r, "usr_digest", &c), usr_digest, "/usr changed across the conversion");
+    assert_eq!(get(&r, "records_verified", &c), "yes");
+}
+
+fn fresh_system(dir: &Path, img: &Path) -> PathBuf {
+    let disk = dir.join("system.img");
+    support::copy_sparse(&img.join("system.img"), &disk);
+    disk
+}
+
+#[test]
+fn booted_debian_converts_its_root_pv_online_and_boots_through_the_passphrase_prompt() {
+    let img = image();
+    let kver = std::fs::read_to_string(img.join("kver")).unwrap().trim().to_string();
+    let dir = support::test_dir("qemu_convert");
+    let disk = fresh_system(&dir, &img);
+    let acks = dir.join("acks");
+    let ctl = ctl_disk(&dir, "convert", &[]);
+    let vm = Vm::start(
+        "convert",
+        Boot { kernel: &img.join("vmlinuz"), initrd: &img.join("initrd.img"), append: SYSTEM_ROOT, disks: vec![&disk, &ctl], acks: &acks, log: dir.join("convert.console.log") },
+    );
+    let (c, r) = vm.finish(BOOT_LIMIT);
+    assert_eq!(get(&r, "root_source", &c), "/dev/mapper/vg0-root");
+    assert_eq!(get(&r, "luksify_rc", &c), "0", "luksify failed in the booted system:\n{}", tail(&c, 80));
+    assert_eq!(get(&r, "stage_rc", &c), "0");
+    assert!(c.contains("\"event\":\"done\""), "no done line from luksify");
+    assert_ne!(get(&r, "initramfs_cryptsetup", &c), "0", "the regenerated initramfs has no cryptsetup");
+    let usr = get(&r, "usr_digest", &c).to_string();
+    boot_encrypted_and_verify(&dir, &disk, &kver, &acks, &usr, "verify");
+}
+
+#[test]
+fn power_cut_mid_conversion_then_rescue_media_resume_then_the_system_boots_encrypted() {
+    let img = image();
+    let kver = std::fs::read_to_string(img.join("kver")).unwrap().trim().to_string();
+    let dir = support::test_dir("qemu_powercut");
+    let disk = fresh_system(&dir, &img);
+    let acks = dir.join("acks");
+    let ctl = ctl_disk(&dir, "convert", &[]);
+    let mut vm = Vm::start(
+        "powercut",
+        Boot { kernel: &img.join("vmlinuz"), initrd: &img.join("initrd.img"), append: SYSTEM_ROOT, disks: vec![&disk, &ctl], acks: &acks, log: dir.join("convert.console.log") },
+    );
+    vm.wait_for_progress(0.4, BOOT_LIMIT);
+    let c = vm.power_cut();
+    let r = results(&c);
+    let usr = get(&r, "usr_digest", &c).to_string();
+
+    // Rescue media: the same kernel and initramfs, root on the rescue disk; its udev and
+    // LVM autoactivation see the half-converted disk.
+    let rescue = dir.join("rescue.img");
+    support::copy_sparse(&img.join("rescue.img"), &rescue);
+    let ctl = ctl_disk(&dir, "rescue", &[]);
+    let vm = Vm::start(
+        "rescue",
+        Boot {
+            kernel: &img.join("vmlinuz"),
+            initrd: &img.join("initrd.img"),
+            append: "root=LABEL=LKRESCUE rw",
+            disks: vec![&disk, &rescue, &ctl],
+            acks: &dir.join("acks-rescue.log"),
+            log: dir.join("rescue.console.log"),
+        },
+    );
+    let (c, r) = vm.finish(BOOT_LIMIT);
+    assert_eq!(get(&r, "rescue_root", &c), "/dev/vdb");
+    assert_eq!(get(&r, "fence_blkid", &c), "none", "the half-converted partition looks like something to blkid");
+    assert_eq!(get(&r, "fence_active_lvs", &c), "0", "something activated LVs over the half-converted PV");
+    assert_eq!(get(&r, "fence_pvs", &c), "", "LVM sees a PV on the half-converted partition");
+    assert_eq!(get(&r, "resume_rc", &c), "0", "luksify resume failed on the rescue system:\n{}", tail(&c, 80));
+    assert_eq!(get(&r, "integrate_rc", &c), "0", "integration into the installed system failed:\n{}", tail(&c, 80));
+    assert_ne!(get(&r, "initramfs_cryptsetup", &c), "0", "the installed system's initramfs has no cryptsetup");
+    assert_eq!(get(&r, "stage_rc", &c), "0");
+    boot_encrypted_and_verify(&dir, &disk, &kver, &acks, &usr, "after-rescue");
+}
