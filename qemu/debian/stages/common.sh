@@ -5,3 +5,15 @@ result() { echo "LKRESULT $1=$2"; }
 # one digest of every file under /usr: the same before the conversion and after it
 usr_digest() { find /usr -xdev -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-64; }
 RECORDS=/var/lib/lktest/records
+# Seconds since the stage started (bash's clock: no fork, so it also runs while luksify
+# holds the root device suspended): `stamp NAME` reports one as a result, `timed` prefixes
+# each line it copies with one.
+T0US=${EPOCHREALTIME/./}
+stamp() { local d=$(( (${EPOCHREALTIME/./} - T0US) / 100000 )); result "t_$1" "$((d / 10)).$((d % 10))"; }
+timed() {
+    local l d
+    while IFS= read -r l; do
+        d=$(( (${EPOCHREALTIME/./} - T0US) / 100000 ))
+        printf '[+%d.%d] %s\n' $((d / 10)) $((d % 10)) "$l"
+    done
+}

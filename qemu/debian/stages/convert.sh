@@ -4,15 +4,18 @@
 . "$CTL/common.sh"
 result root_source "$(findmnt -n -o SOURCE /)"
 result usr_digest "$(usr_digest)"
+stamp digest
 mkdir -p "$(dirname "$RECORDS")"
 stty -F /dev/ttyS1 raw -echo
 "$LKTEST" writer --file "$RECORDS" --acked /dev/ttyS1 --interval-ms 20 2>/dev/null &
 writer=$!
 for i in $(seq 1 100); do [ -s "$RECORDS" ] && break; sleep 0.1; done
 "$LUKSIFY" --dry-run --make-room /dev/vda5
+stamp dry_run
 rc=0
-"$LUKSIFY" --make-room --yes --key-file "$CTL/passphrase" --progress-json /dev/vda5 || rc=$?
+"$LUKSIFY" --make-room --yes --key-file "$CTL/passphrase" --progress-json /dev/vda5 2>&1 | timed || rc=$?
 result luksify_rc $rc
+stamp luksify
 sleep 2
 kill $writer; wait $writer || true
 result records "$(( $(stat -c %s "$RECORDS") / 4096 ))"

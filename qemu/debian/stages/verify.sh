@@ -8,5 +8,7 @@ result root_stack "$(lsblk -s -n -r -o NAME,TYPE "$src" | tr '\n' ' ')"
 cryptsetup status "$(cat "$CTL/name")"
 swapon --show
 result usr_digest "$(usr_digest)"
+stamp digest
 "$LKTEST" verify-records --file "$RECORDS" --acked "$CTL/acked" --min-acked "$(cat "$CTL/min_acked")"
 result records_verified yes
+stamp records
