@@ -3,7 +3,8 @@
 # on the serial console, which the host test reads.
 result() { echo "LKRESULT $1=$2"; }
 # one digest of every file under /usr: the same before the conversion and after it
-usr_digest() { find /usr -xdev -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-64; }
+# (md5: a check for damage, not for an adversary, and about twice as fast under emulation)
+usr_digest() { find /usr -xdev -type f -print0 | LC_ALL=C sort -z | xargs -0 md5sum | md5sum | cut -c1-32; }
 RECORDS=/var/lib/lktest/records
 # Seconds since the stage started (bash's clock: no fork, so it also runs while luksify
 # holds the root device suspended): `stamp NAME` reports one as a result, `timed` prefixes

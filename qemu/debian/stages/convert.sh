@@ -7,7 +7,7 @@ result usr_digest "$(usr_digest)"
 stamp digest
 mkdir -p "$(dirname "$RECORDS")"
 stty -F /dev/ttyS1 raw -echo
-"$LKTEST" writer --file "$RECORDS" --acked /dev/ttyS1 --interval-ms 20 2>/dev/null &
+"$LKTEST" writer --file "$RECORDS" --acked /dev/ttyS1 --interval-ms 50 2>/dev/null &
 writer=$!
 for i in $(seq 1 100); do [ -s "$RECORDS" ] && break; sleep 0.1; done
 "$LUKSIFY" --dry-run --make-room /dev/vda5
