@@ -151,7 +151,7 @@ impl Vm {
         let mut child = cmd.spawn().expect("start qemu-system-x86_64");
         let stdin = child.stdin.take().unwrap();
         let out = Arc::new(Mutex::new(Vec::new()));
-        let mut log = std::fs::File::create(&b.log).unwrap();
+        let log = std::fs::File::create(&b.log).unwrap();
         for mut src in [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())] {
             let out = out.clone();
             let mut log = log.try_clone().unwrap();
@@ -166,7 +166,6 @@ impl Vm {
                 }
             });
         }
-        let _ = log.flush();
         Vm { child, stdin, out, started: Instant::now(), name: name.into(), _slot: slot }
     }
 
