@@ -11,3 +11,4 @@ pub mod state;
 pub mod tables;
 pub mod plan;
 pub mod marker;
+pub mod xts;

@@ -137,7 +137,7 @@ pub struct Engine<D: Disk, K: Kernel> {
     fence_buf: Vec<u8>,
     slot_buf: Vec<u8>,
     /// The new cipher, to check each copied chunk against its source before the commit.
-    xts: Option<xts_mode::Xts128<aes::Aes256>>,
+    xts: Option<crate::core::xts::Xts>,
     verify_src: Vec<u8>,
     verify_dst: Vec<u8>,
     /// Runs of sectors to compare again (capacity fixed up front).
@@ -275,13 +275,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             header,
             fence_buf: vec![0u8; (rec.geometry.f * 512) as usize],
             slot_buf: vec![0u8; SLOT_BYTES],
-            xts: (rec.cipher == "aes-xts-plain64" && key.len() == 64).then(|| {
-                use aes::cipher::KeyInit;
-                xts_mode::Xts128::new(
-                    aes::Aes256::new_from_slice(&key[..32]).expect("32-byte key"),
-                    aes::Aes256::new_from_slice(&key[32..]).expect("32-byte key"),
-                )
-            }),
+            xts: (rec.cipher == "aes-xts-plain64").then(|| crate::core::xts::Xts::new(key)).flatten(),
             verify_src: vec![0u8; VERIFY_PIECE],
             verify_dst: vec![0u8; VERIFY_PIECE],
             recheck: Vec::with_capacity(RECHECK_RUNS),
@@ -683,7 +677,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 let fail = |why: String| EngineError::CopyMismatch { from, to, sector: a, why };
                 self.disk.read(src_at, &mut self.verify_src[..n]).map_err(|e| fail(format!("reading the source: {e}")))?;
                 self.disk.read(g.s + a, &mut self.verify_dst[..n]).map_err(|e| fail(format!("reading the copy: {e}")))?;
-                xts.encrypt_area(&mut self.verify_src[..n], 512, a as u128, xts_mode::get_tweak_default);
+                xts.encrypt_sectors(&mut self.verify_src[..n], a);
                 for i in 0..n / 512 {
                     if self.verify_src[i * 512..(i + 1) * 512] == self.verify_dst[i * 512..(i + 1) * 512] {
                         continue;
