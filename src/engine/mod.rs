@@ -856,6 +856,13 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         // 5. only now map the chunk through crypt alone.
         kern(self.kernel.resume(&bridge))?;
         stats.stall = stats.stall.max(w.elapsed());
+        // 6. Nothing maps through the mirror device any more: give it back its idle table
+        //    now, while the bridge is live, so that tearing down the chunk's mirror targets
+        //    (their kcopyd clients and workqueues) is not inside the next chunk's stall.
+        //    The chunk is committed, so a failure here only leaves that cost to the next
+        //    chunk's switch (which loads the mirror device whatever it holds).
+        let idle = tables::mirror_idle_table(&g, d);
+        let _ = self.swap_table(&mirror, &idle, "mirror device");
         Ok(stats)
     }
 
