@@ -19,7 +19,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Seek, SeekFrom, Write};
 use std::path::Path;
 
+/// When this run started: `--progress-json` lines carry `t_ms`, the time since then.
+static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+fn t_ms() -> f64 {
+    ms(START.get_or_init(std::time::Instant::now).elapsed())
+}
+
 pub fn run(cli: Cli) -> Result<i32> {
+    START.get_or_init(std::time::Instant::now);
     match cli.command {
         Some(Command::Status { json, device }) => status(&device, json),
         Some(Command::Resume { opts, run, device }) => resume(&device, &opts, &run),
@@ -290,12 +298,14 @@ impl Hooks for CliHooks {
                     b.set_position(moved * 512);
                 } else if self.json {
                     eprintln!(
-                        "{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{},\"copy_ms\":{:.1},\"verify_ms\":{:.1},\"stall_ms\":{:.1},\"rechecked_sectors\":{}}}",
+                        "{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{},\"copy_ms\":{:.1},\"verify_ms\":{:.1},\"stall_ms\":{:.1},\"rechecked_sectors\":{},\"streams\":{},\"t_ms\":{:.0}}}",
                         self.l,
                         ms(stats.copy),
                         ms(stats.verify),
                         ms(stats.stall),
-                        stats.rechecked
+                        stats.rechecked,
+                        stats.streams,
+                        t_ms()
                     );
                 } else {
                     let pct = (moved * 100 / self.l) as i64;
@@ -307,7 +317,7 @@ impl Hooks for CliHooks {
             }
             Event::Committed(st) => {
                 if self.json {
-                    eprintln!("{{\"event\":\"commit\",\"state\":\"{}\"}}", st.name());
+                    eprintln!("{{\"event\":\"commit\",\"state\":\"{}\",\"t_ms\":{:.0}}}", st.name(), t_ms());
                 } else if self.bar.is_none() {
                     match st {
                         State::Bridged => eprintln!("luksify: bridge /dev/mapper/{} inserted under the live mappings", self.name),
@@ -325,7 +335,7 @@ impl Hooks for CliHooks {
                 }
                 if self.chunks > 0 {
                     if self.json {
-                        eprintln!("{{\"event\":\"done\",\"steps\":{},\"max_stall_ms\":{:.1}}}", self.chunks, ms(self.max_stall));
+                        eprintln!("{{\"event\":\"done\",\"steps\":{},\"max_stall_ms\":{:.1},\"t_ms\":{:.0}}}", self.chunks, ms(self.max_stall), t_ms());
                     } else {
                         eprintln!("luksify: {} step(s); live I/O waited at most {:.1} ms at a step", self.chunks, ms(self.max_stall));
                     }
@@ -546,6 +556,7 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     .map_err(|e| engine_err(e, device))?;
     drop(key);
     engine.rate = o.run.rate_bytes();
+    engine.streams = o.run.streams;
     let mut hooks = CliHooks::new(&o.run, g.l, 0, &p.name);
     hooks.vg_lock = vg_lock;
     if let Err(e) = engine.run(&mut hooks) {
@@ -616,6 +627,7 @@ fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
         }
     }
     engine.rate = run.rate_bytes();
+    engine.streams = run.streams;
     let mut hooks = CliHooks::new(run, l, moved, &name);
     hooks.vg_lock = vg_lock;
     engine.run(&mut hooks).map_err(|e| engine_err(e, device))?;

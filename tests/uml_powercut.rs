@@ -111,7 +111,8 @@ for lv in /dev/mapper/vg0-root /dev/mapper/vg0-home; do
     if [ -b "$lv" ]; then echo "rescue: $lv came up"; fsck -p "$lv" || true; fi
 done | tee "$OUT/rescue-fsck.txt"
 if "$LUKSIFY" status --json /dev/ubda5 | grep '"in_progress": true' >/dev/null; then
-    "$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" /dev/ubda5
+    "$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" --progress-json /dev/ubda5 2> "$OUT/resume.jsonl"
+    rc=$?; cat "$OUT/resume.jsonl" >&2; [ $rc -eq 0 ] || die "resume failed ($rc)"
 fi
 vgchange -an vg0 >/dev/null 2>&1 || true
 dmsetup remove ubda5_crypt 2>/dev/null || true
@@ -120,6 +121,12 @@ echo RESCUE-DONE
 "#,
     );
     rescue.assert_ok().assert_log_contains("RESCUE-DONE");
+    // No LV is active on rescue media: the resume copies with several mirror targets.
+    if let Ok(j) = std::fs::read_to_string(d.state.join("resume.jsonl")) {
+        for l in j.lines().filter(|l| l.contains("\"event\":\"chunk\"")) {
+            assert!(l.contains("\"streams\":4"), "seed {seed}: an offline resume copied with one target: {l}");
+        }
+    }
     let status = rescue.file("status-rescue.txt");
     if status.contains("migrating") || status.contains("header-written") {
         // The fence: nothing saw a PV on the raw partition, nothing came up to fsck.

@@ -73,6 +73,8 @@ pub struct ChunkStats {
     pub stall: Duration,
     /// Sectors that live writes changed during the check, compared again while suspended.
     pub rechecked: u64,
+    /// Mirror targets that copied the chunk side by side.
+    pub streams: u64,
 }
 
 /// What the engine asks of its caller besides the kernel and the disk.
@@ -145,6 +147,9 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// Cap on the copy rate in bytes per second (`--rate`): the engine pauses between
     /// chunks so that the average stays below it.
     pub rate: Option<u64>,
+    /// Mirror targets per chunk (`--streams`); None: chosen by [`Engine::streams`].
+    pub streams: Option<u64>,
+    auto_streams: Option<u64>,
     /// What the tail held before `prepare` wrote into it: while nothing else has changed
     /// (state `Prepared`), [`Engine::abandon`] puts it back, byte for byte.
     original_tail: Option<Vec<u8>>,
@@ -280,6 +285,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             verify_dst: vec![0u8; VERIFY_PIECE],
             recheck: Vec::with_capacity(RECHECK_RUNS),
             rate: None,
+            streams: None,
+            auto_streams: None,
             original_tail: None,
             wrong_order_for_tests: false,
             rec,
@@ -749,7 +756,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let mirror = self.names.mirror.clone();
         // 1. chunk as mirror, live. The bridge is suspended while the mirror device gets the
         //    chunk's table, so no write can reach the source behind the mirror's back.
-        let mt = tables::mirror_table(&g, d, from, to);
+        stats.streams = self.streams()?;
+        let mt = tables::mirror_table(&g, d, from, to, stats.streams);
         let bt = tables::bridge_table(&g, &self.spec, d, BridgePhase::Mirroring { from, to });
         kern(self.kernel.load(&mirror, &mt, &self.key_hex))?;
         if let Err(e) = self.kernel.load(&bridge, &bt, &self.key_hex) {
@@ -864,6 +872,25 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let idle = tables::mirror_idle_table(&g, d);
         let _ = self.swap_table(&mirror, &idle, "mirror device");
         Ok(stats)
+    }
+
+    /// Mirror targets per chunk: `--streams`, else [`tables::OFFLINE_STREAMS`] when nothing
+    /// is mapped on the bridge (no LV active: an offline conversion or a resume from rescue
+    /// media, where no live write can wait on a region being copied), else one. Decided at
+    /// the first chunk of a run: LVM's VG lock, held until the finish, keeps LVs from being
+    /// activated meanwhile.
+    fn streams(&mut self) -> EResult<u64> {
+        if let Some(n) = self.streams {
+            return Ok(n.clamp(1, tables::MAX_STREAMS));
+        }
+        if let Some(n) = self.auto_streams {
+            return Ok(n);
+        }
+        let bridge = kern(self.kernel.lookup(&self.names.bridge))?
+            .ok_or_else(|| EngineError::Kernel(format!("{} disappeared", self.names.bridge)))?;
+        let n = if kern(self.kernel.holders_of(bridge, &[]))?.is_empty() { tables::OFFLINE_STREAMS } else { 1 };
+        self.auto_streams = Some(n);
+        Ok(n)
     }
 
     /// Migrating{0} → HeaderWritten: the bridge is already the pure crypt table; drop the

@@ -738,6 +738,8 @@ pub struct Scenario {
     /// Mutation for the tests of the tests: every chunk commit reaches the disk only after the
     /// bridge has flipped to crypt (what an engine with the wrong commit order would do).
     pub late_commit_mutant: bool,
+    /// `--streams` for every engine of the scenario (None: the engine's own choice).
+    pub streams: Option<u64>,
 }
 
 impl Scenario {
@@ -747,14 +749,14 @@ impl Scenario {
     pub fn small(seed: u64) -> Scenario {
         let (l, s) = (256, 32);
         let n = (l..).find(|&n| n - l >= Geometry::tail_needed(n, s)).unwrap();
-        Scenario { n, l, s, k: 24, region: 16, pe_start: 16, extent: 8, seed, writer: WriterConfig::busy(), late_commit_mutant: false }
+        Scenario { n, l, s, k: 24, region: 16, pe_start: 16, extent: 8, seed, writer: WriterConfig::busy(), late_commit_mutant: false, streams: None }
     }
 
     /// L = 2048, S = 128, k = 120 (L mod k != 0), region 16, some unused room in the tail.
     pub fn larger(seed: u64) -> Scenario {
         let (l, s) = (2048, 128);
         let n = (l..).find(|&n| n - l >= Geometry::tail_needed(n, s)).unwrap() + 301;
-        Scenario { n, l, s, k: 120, region: 16, pe_start: 64, extent: 32, seed, writer: WriterConfig::busy(), late_commit_mutant: false }
+        Scenario { n, l, s, k: 120, region: 16, pe_start: 64, extent: 32, seed, writer: WriterConfig::busy(), late_commit_mutant: false, streams: None }
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -1887,6 +1889,7 @@ impl Sim {
             (w.g, w.key.clone(), w.header.clone())
         };
         let mut e = Engine::prepare(self.disk(), self.kernel(), RAW, g, BRIDGE, 2, LUKS_UUID, CIPHER, false, PV_UUID, &key, header)?;
+        e.streams = self.w.borrow().sc.streams;
         tweak(&mut e);
         if let Err(err) = e.run(hooks) {
             // What the app does: a run that failed before anything but the tail changed puts
@@ -1939,6 +1942,7 @@ impl Sim {
         };
         let header = Engine::<SimDisk, SimKernel>::read_header_copy(&mut disk, &rec)?;
         let mut e = Engine::reopen(disk, self.kernel(), RAW, rec, &self.key(), header)?;
+        e.streams = self.w.borrow().sc.streams;
         after_reopen(self);
         e.run(hooks)?;
         Ok(Resumed::Done)
@@ -2235,6 +2239,41 @@ mod tests {
         sim.w.borrow_mut().bridge_shown_to_udev = false;
         let e = sim.check_final(true).unwrap_err();
         assert!(e.contains("udev-disable flags"), "{e}");
+    }
+
+    /// The mirror targets of each chunk load (the trace shows every table loaded).
+    fn mirror_targets_per_chunk(sim: &Sim) -> Vec<usize> {
+        let t = sim.w.borrow().trace.clone();
+        t.iter().filter(|l| l.contains(" mirror core ")).map(|l| l.matches(" mirror core ").count()).collect()
+    }
+
+    /// A conversion under a running system copies each chunk with one mirror target (a live
+    /// write to a region being copied waits for it); with no LV active, or when told, with
+    /// several side by side. Either way the result is the same.
+    #[test]
+    fn streams_one_under_live_lvs_several_offline_or_when_told() {
+        let sim = Sim::new(&Scenario::small(23));
+        sim.convert(&mut NoHooks).unwrap_or_else(|e| panic!("{e}\n{}", sim.trace_tail(30)));
+        assert_eq!(sim.check_final(true), Ok("converted"));
+        let live = mirror_targets_per_chunk(&sim);
+        // (The last chunk is cut where its source changes from the shadow to the raw device.)
+        let (last, rest) = live.split_last().expect("mirror loads");
+        assert!(rest.iter().all(|&n| n == 1) && *last <= 2, "{live:?}");
+
+        let sim = Sim::new(&Scenario::small(23));
+        sim.w.borrow_mut().deactivate_lvs();
+        sim.convert(&mut NoHooks).unwrap_or_else(|e| panic!("{e}\n{}", sim.trace_tail(30)));
+        assert_eq!(sim.check_final(false), Ok("converted"));
+        let offline = mirror_targets_per_chunk(&sim);
+        // k = 24 sectors, region 16: two targets (16 + 8) a chunk, one for the last (16).
+        assert!(offline.iter().filter(|&&n| n == 2).count() >= offline.len() - 1, "{offline:?}");
+
+        let sc = Scenario { streams: Some(2), ..Scenario::larger(24) };
+        let sim = Sim::new(&sc);
+        sim.convert(&mut NoHooks).unwrap_or_else(|e| panic!("{e}\n{}", sim.trace_tail(30)));
+        assert_eq!(sim.check_final(true), Ok("converted"));
+        let told = mirror_targets_per_chunk(&sim);
+        assert!(told.iter().filter(|&&n| n == 2).count() >= told.len() - 1, "{told:?}");
     }
 
     #[test]
@@ -2810,6 +2849,14 @@ mod tests {
     fn power_cut_at_every_operation_loses_nothing() {
         let s = sweep(&Scenario::small(100), Fault::PowerCut, After::Reboot { nested: true }, 40);
         assert_clean("power cut", &s);
+    }
+
+    /// The same sweep with every chunk carried by several mirror targets side by side.
+    #[test]
+    fn power_cut_at_every_operation_with_several_mirror_targets_loses_nothing() {
+        let sc = Scenario { streams: Some(4), ..Scenario::small(150) };
+        let s = sweep(&sc, Fault::PowerCut, After::Reboot { nested: true }, 40);
+        assert_clean("power cut, 4 streams", &s);
     }
 
     #[test]
