@@ -248,6 +248,23 @@ fn luks2_nondefault_offset_and_random_uuid() {
     assert!(dump.contains("Label:         \tluksify-test"), "{dump}");
 }
 
+/// luksify's raised offsets (up to 128 MiB) keep cryptsetup's default 16 MiB keyslots area:
+/// libcryptsetup would otherwise size it to the offset and fill it with random bytes (3 s of
+/// the startup in UML at 128 MiB). Small offsets get what fits.
+#[test]
+fn luks2_keyslots_area_stays_default_with_a_large_offset() {
+    let key = VolumeKey::generate(64).unwrap();
+    for (s, want) in [(262144u64, luks::LUKS2_DEFAULT_KEYSLOTS_BYTES), (16392, 16392 * 512 - 32768)] {
+        let mut p = cheap(LuksType::Luks2, UUID2);
+        p.data_offset_sectors = s;
+        let header = luks::format_header(&p, &key, PASS).unwrap();
+        check_common(&header, &p, &key);
+        let dump = check_with_cryptsetup(&header, &key, "l2ks");
+        assert!(dump.contains(&format!("Keyslots area: \t{want} [bytes]")), "S = {s}:\n{dump}");
+        assert!(dump.contains(&format!("offset: {} [bytes]", s * 512)), "{dump}");
+    }
+}
+
 #[test]
 fn luks2_argon2id_low_cost() {
     let key = VolumeKey::generate(64).unwrap();

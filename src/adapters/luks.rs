@@ -46,6 +46,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 
 use libcryptsetup_rs::consts::flags::{CryptPbkdf, CryptVolumeKey};
+use libcryptsetup_rs::consts::vals::{KeyslotsSize, MetadataSize};
 use libcryptsetup_rs::consts::vals::{CryptKdf, EncryptionFormat};
 use libcryptsetup_rs::{
     CryptDevice, CryptInit, CryptParamsLuks1, CryptParamsLuks1Ref, CryptParamsLuks2,
@@ -61,6 +62,8 @@ pub const HEADER_ALIGN: u64 = 4096;
 const AF_STRIPES: u64 = 4000;
 /// Default LUKS2 metadata size (binary header + JSON area), one copy; there are two.
 const LUKS2_DEFAULT_METADATA: u64 = 16 * 1024;
+/// The keyslots area cryptsetup gives a LUKS2 header at its default 16 MiB data offset.
+pub const LUKS2_DEFAULT_KEYSLOTS_BYTES: u64 = 16 * 1024 * 1024 - 2 * LUKS2_DEFAULT_METADATA;
 /// Sparse room after the data offset in the memfd "device".
 const DEVICE_MARGIN: u64 = 1024 * 1024;
 
@@ -684,6 +687,19 @@ mod worker {
         let vk = Either::Left(key.as_bytes());
         match p.luks_type {
             LuksType::Luks2 => {
+                // libcryptsetup sizes the keyslots area to fill the whole data offset (up to
+                // 128 MiB with luksify's raised offsets) and fills it with random bytes, which
+                // luksify then replaces by zeros: in UML that took 3 s of the startup at
+                // S = 128 MiB. Keep cryptsetup's default area (16 MiB less the two metadata
+                // copies, room for 32 keyslots) whatever the offset.
+                let room = (s * SECTOR).saturating_sub(2 * LUKS2_DEFAULT_METADATA) / 4096 * 4096;
+                let ks = LUKS2_DEFAULT_KEYSLOTS_BYTES.min(room);
+                cd.settings_handle()
+                    .set_metadata_size(
+                        MetadataSize::Default,
+                        KeyslotsSize::try_from(ks).map_err(|e| crypt_err("LUKS2 keyslots size", e))?,
+                    )
+                    .map_err(|e| crypt_err("crypt_set_metadata_size", e))?;
                 let lp = CryptParamsLuks2 {
                     pbkdf: Some(pbkdf),
                     integrity: None,
