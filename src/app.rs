@@ -298,13 +298,14 @@ impl Hooks for CliHooks {
                     b.set_position(moved * 512);
                 } else if self.json {
                     eprintln!(
-                        "{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{},\"copy_ms\":{:.1},\"verify_ms\":{:.1},\"stall_ms\":{:.1},\"rechecked_sectors\":{},\"streams\":{},\"t_ms\":{:.0}}}",
+                        "{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{},\"copy_ms\":{:.1},\"verify_ms\":{:.1},\"stall_ms\":{:.1},\"rechecked_sectors\":{},\"streams\":{},\"region_sectors\":{},\"t_ms\":{:.0}}}",
                         self.l,
                         ms(stats.copy),
                         ms(stats.verify),
                         ms(stats.stall),
                         stats.rechecked,
                         stats.streams,
+                        stats.region,
                         t_ms()
                     );
                 } else {

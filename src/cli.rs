@@ -140,9 +140,9 @@ pub struct RunOpts {
     /// out of the way of a machine in use. Default: as fast as the device goes.
     #[arg(long, value_name = "MB/s", value_parser = parse_rate)]
     pub rate: Option<f64>,
-    /// Regions copied side by side (1–8). Default: 4 when no LV of the PV is active (nothing
-    /// can wait), 1 while the system runs on it: a live write to a region being copied waits
-    /// for that region, and more streams make that wait longer.
+    /// Mirror targets copying each step side by side (1–8, default 4). While the system runs
+    /// on the PV they share one --region (a live write to a region being copied waits for
+    /// it, so the wait stays that of one region); offline each gets a whole one.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=8))]
     pub streams: Option<u64>,
 }

@@ -75,6 +75,8 @@ pub struct ChunkStats {
     pub rechecked: u64,
     /// Mirror targets that copied the chunk side by side.
     pub streams: u64,
+    /// Their region size in sectors.
+    pub region: u64,
 }
 
 /// What the engine asks of its caller besides the kernel and the disk.
@@ -147,9 +149,10 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// Cap on the copy rate in bytes per second (`--rate`): the engine pauses between
     /// chunks so that the average stays below it.
     pub rate: Option<u64>,
-    /// Mirror targets per chunk (`--streams`); None: chosen by [`Engine::streams`].
+    /// Mirror targets per chunk (`--streams`); None: [`tables::STREAMS`].
     pub streams: Option<u64>,
-    auto_streams: Option<u64>,
+    /// How chunks are copied in this run, decided at its first chunk ([`Engine::copy_shape`]).
+    shape: Option<tables::CopyShape>,
     /// What the tail held before `prepare` wrote into it: while nothing else has changed
     /// (state `Prepared`), [`Engine::abandon`] puts it back, byte for byte.
     original_tail: Option<Vec<u8>>,
@@ -286,7 +289,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             recheck: Vec::with_capacity(RECHECK_RUNS),
             rate: None,
             streams: None,
-            auto_streams: None,
+            shape: None,
             original_tail: None,
             wrong_order_for_tests: false,
             rec,
@@ -756,8 +759,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let mirror = self.names.mirror.clone();
         // 1. chunk as mirror, live. The bridge is suspended while the mirror device gets the
         //    chunk's table, so no write can reach the source behind the mirror's back.
-        stats.streams = self.streams()?;
-        let mt = tables::mirror_table(&g, d, from, to, stats.streams);
+        let shape = self.copy_shape()?;
+        (stats.streams, stats.region) = (shape.streams, shape.region);
+        let mt = tables::mirror_table(&g, d, from, to, shape);
         let bt = tables::bridge_table(&g, &self.spec, d, BridgePhase::Mirroring { from, to });
         kern(self.kernel.load(&mirror, &mt, &self.key_hex))?;
         if let Err(e) = self.kernel.load(&bridge, &bt, &self.key_hex) {
@@ -874,23 +878,21 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         Ok(stats)
     }
 
-    /// Mirror targets per chunk: `--streams`, else [`tables::OFFLINE_STREAMS`] when nothing
-    /// is mapped on the bridge (no LV active: an offline conversion or a resume from rescue
-    /// media, where no live write can wait on a region being copied), else one. Decided at
-    /// the first chunk of a run: LVM's VG lock, held until the finish, keeps LVs from being
-    /// activated meanwhile.
-    fn streams(&mut self) -> EResult<u64> {
-        if let Some(n) = self.streams {
-            return Ok(n.clamp(1, tables::MAX_STREAMS));
-        }
-        if let Some(n) = self.auto_streams {
-            return Ok(n);
+    /// How this run copies its chunks ([`tables::copy_shape`]): `--streams` targets (default
+    /// [`tables::STREAMS`]), with regions shrunk to share one plan region among them when
+    /// something is mapped on the bridge (the LVs of a running system, whose writes may wait
+    /// on a region being copied). Decided at the first chunk: LVM's VG lock, held until the
+    /// finish, keeps LVs from being activated or removed meanwhile.
+    fn copy_shape(&mut self) -> EResult<tables::CopyShape> {
+        if let Some(c) = self.shape {
+            return Ok(c);
         }
         let bridge = kern(self.kernel.lookup(&self.names.bridge))?
             .ok_or_else(|| EngineError::Kernel(format!("{} disappeared", self.names.bridge)))?;
-        let n = if kern(self.kernel.holders_of(bridge, &[]))?.is_empty() { tables::OFFLINE_STREAMS } else { 1 };
-        self.auto_streams = Some(n);
-        Ok(n)
+        let live = !kern(self.kernel.holders_of(bridge, &[]))?.is_empty();
+        let c = tables::copy_shape(self.g(), self.streams.unwrap_or(tables::STREAMS), live);
+        self.shape = Some(c);
+        Ok(c)
     }
 
     /// Migrating{0} → HeaderWritten: the bridge is already the pure crypt table; drop the
