@@ -882,7 +882,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// [`tables::STREAMS`]), with regions shrunk to share one plan region among them when
     /// something is mapped on the bridge (the LVs of a running system, whose writes may wait
     /// on a region being copied). Decided at the first chunk: LVM's VG lock, held until the
-    /// finish, keeps LVs from being activated or removed meanwhile.
+    /// finish, keeps LVs from being activated or removed meanwhile (and the shape only
+    /// decides how long a live write may wait, never where data goes).
     fn copy_shape(&mut self) -> EResult<tables::CopyShape> {
         if let Some(c) = self.shape {
             return Ok(c);
