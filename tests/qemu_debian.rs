@@ -311,10 +311,6 @@ fn get<'a>(r: &'a BTreeMap<String, String>, k: &str, console: &str) -> &'a str {
     r.get(k).map(String::as_str).unwrap_or_else(|| panic!("no LKRESULT {k}; console:\n{}", tail(console, 80)))
 }
 
-fn acked_count(acks: &Path) -> usize {
-    std::fs::read_to_string(acks).unwrap_or_default().lines().filter(|l| !l.trim().is_empty()).count()
-}
-
 const SYSTEM_ROOT: &str = "root=/dev/mapper/vg0-root ro";
 const BOOT_LIMIT: Duration = Duration::from_secs(900);
 
@@ -323,8 +319,7 @@ const BOOT_LIMIT: Duration = Duration::from_secs(900);
 /// every file of /usr must be intact.
 fn boot_encrypted_and_verify(dir: &Path, disk: &Path, kver: &str, acks: &Path, usr_digest: &str, tag: &str) {
     let (kernel, initrd) = boot_files(disk, kver, dir);
-    let n = acked_count(acks);
-    assert!(n >= 20, "only {n} records acked during the conversion");
+    let n = support::acked_count(acks, 20);
     let ctl = ctl_disk(dir, "verify", &[("acked", std::fs::read_to_string(acks).unwrap()), ("min_acked", n.to_string())]);
     let sink = dir.join(format!("acks-{tag}.log"));
     let mut vm = Vm::start(

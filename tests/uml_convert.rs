@@ -43,7 +43,7 @@ fn verify_fresh_boot(d: &BuiltDisk, min_acked: usize, name: &str) -> GuestRun {
 }
 
 fn acked(d: &BuiltDisk) -> usize {
-    std::fs::read_to_string(d.state.join("acked")).map(|s| s.matches('\n').count()).unwrap_or(0)
+    acked_count(&d.state.join("acked"), 0)
 }
 
 #[test]

@@ -95,7 +95,7 @@ sleep 600
     std::thread::sleep(Duration::from_millis(delay_ms));
     g.power_cut();
     let cut = g.wait();
-    let acked_n = std::fs::read_to_string(d.state.join("acked")).map(|s| s.matches('\n').count()).unwrap_or(0);
+    let acked_n = acked_count(&d.state.join("acked"), 0);
     let finished_before = cut.log.contains("CONVERSION FINISHED BEFORE THE CUT");
     eprintln!("seed {seed}: cut with {acked_n} records acked (finished before the cut: {finished_before})");
 

@@ -613,6 +613,16 @@ pub fn fresh_copy(dir: &Path) -> BuiltDisk {
 
 // ---- host-side checks ------------------------------------------------------------
 
+/// How many records the writer acknowledged: the complete, non-blank lines of its ack file
+/// (a line cut short by a power cut does not count; 0 if there is no file). Tests whose
+/// writer must have acked give the least they expect.
+pub fn acked_count(acks: &Path, at_least: usize) -> usize {
+    let s = std::fs::read_to_string(acks).unwrap_or_default();
+    let n = s.split_inclusive('\n').filter(|l| l.ends_with('\n') && !l.trim().is_empty()).count();
+    assert!(n >= at_least, "{}: {n} records acked, expected at least {at_least}", acks.display());
+    n
+}
+
 /// Files under `dir` whose mtime or ctime is at or after `since` (unreadable entries skipped).
 pub fn changed_since(dir: &Path, since: SystemTime) -> Vec<PathBuf> {
     let since_ns = since.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as i128;
