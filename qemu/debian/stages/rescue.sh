@@ -34,6 +34,10 @@ stamp integrate
 cat /target/etc/crypttab
 result initramfs_cryptsetup "$(lsinitramfs /target/boot/initrd.img-$(uname -r) | grep -c 'sbin/cryptsetup$' || true)"
 umount /target/dev /target/sys /target/proc /target/boot /target
-vgchange -an vg0
+# Tidy up before the power-off, without waiting on udev: on a starved TCG guest a udev
+# worker can be killed mid-event, and LVM would then wait for its cookie forever (seen
+# once in CI: the stage never returned). The power-off does not need the LVs down.
+echo "rescue: deactivating vg0"
+timeout 120 vgchange -an --noudevsync vg0 || echo "rescue: vgchange -an vg0 failed or timed out ($?); powering off anyway"
 sync
 exit $rc
