@@ -164,8 +164,14 @@ impl Geometry {
     /// Region size for a mirror segment of `len` sectors: the plan's region, but never more
     /// than the segment (dm-mirror refuses a region larger than the target).
     pub fn region_for(&self, len: u64) -> u64 {
-        prev_power_of_two(self.region.min(len.max(8)))
+        region_within(self.region, len)
     }
+}
+
+/// A region of at most `region` sectors for a mirror segment of `len` sectors: a power of
+/// two, never more than the segment (dm-mirror refuses that), at least 8.
+pub fn region_within(region: u64, len: u64) -> u64 {
+    prev_power_of_two(region.min(len.max(8)))
 }
 
 /// Largest power of two <= x (x >= 1).

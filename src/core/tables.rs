@@ -172,7 +172,7 @@ pub fn copy_shape(g: &Geometry, streams: u64, live: bool) -> CopyShape {
 /// shadow to the raw device), each recovering its own regions.
 pub fn mirror_table(g: &Geometry, d: Devices, a: u64, b: u64, c: CopyShape) -> Table {
     assert!(a < b && b <= g.l && b - a <= g.k);
-    let region_for = |len: u64| super::geometry::prev_power_of_two(c.region.min(g.region).min(len.max(8)).max(8));
+    let region_for = |len: u64| super::geometry::region_within(c.region, len);
     let region = region_for(b - a);
     let seg = (b - a).div_ceil(c.streams.clamp(1, MAX_STREAMS)).div_ceil(region).max(1) * region;
     let mut src = Vec::new();
