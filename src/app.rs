@@ -298,14 +298,12 @@ impl Hooks for CliHooks {
                     b.set_position(moved * 512);
                 } else if self.json {
                     eprintln!(
-                        "{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{},\"copy_ms\":{:.1},\"verify_ms\":{:.1},\"stall_ms\":{:.1},\"rechecked_sectors\":{},\"streams\":{},\"region_sectors\":{},\"t_ms\":{:.0}}}",
+                        "{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{},\"copy_ms\":{:.1},\"verify_ms\":{:.1},\"stall_ms\":{:.1},\"rechecked_sectors\":{},\"t_ms\":{:.0}}}",
                         self.l,
                         ms(stats.copy),
                         ms(stats.verify),
                         ms(stats.stall),
                         stats.rechecked,
-                        stats.streams,
-                        stats.region,
                         t_ms()
                     );
                 } else {
@@ -557,7 +555,6 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     .map_err(|e| engine_err(e, device))?;
     drop(key);
     engine.rate = o.run.rate_bytes();
-    engine.streams = o.run.streams;
     let mut hooks = CliHooks::new(&o.run, g.l, 0, &p.name);
     hooks.vg_lock = vg_lock;
     if let Err(e) = engine.run(&mut hooks) {
@@ -628,7 +625,6 @@ fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
         }
     }
     engine.rate = run.rate_bytes();
-    engine.streams = run.streams;
     let mut hooks = CliHooks::new(run, l, moved, &name);
     hooks.vg_lock = vg_lock;
     engine.run(&mut hooks).map_err(|e| engine_err(e, device))?;

@@ -88,10 +88,13 @@ pub struct ConvertOpts {
     /// LUKS data offset in 512-byte sectors (default: 32768 for LUKS2, 4096 for LUKS1).
     #[arg(long, value_name = "SECTORS")]
     pub offset: Option<u64>,
-    /// Sectors moved per step (at most the data offset; default: the data offset).
+    /// Sectors moved per chunk (at most the data offset; default: the data offset or 16384,
+    /// whichever is less). A step never moves more than 16384 sectors (8 MiB): a larger
+    /// chunk is committed in steps of that size.
     #[arg(long, value_name = "SECTORS")]
     pub chunk: Option<u64>,
-    /// dm-mirror region size in sectors (a power of two).
+    /// Region size in sectors (a power of two) of the dm-mirror luksify falls back to
+    /// when a journal commit fails (it keeps both copies of the step identical).
     #[arg(long, value_name = "SECTORS", default_value_t = 8192)]
     pub region: u64,
     /// Pass discards through the new mapping (leaks which blocks are unused); the crypttab
@@ -140,11 +143,6 @@ pub struct RunOpts {
     /// out of the way of a machine in use. Default: as fast as the device goes.
     #[arg(long, value_name = "MB/s", value_parser = parse_rate)]
     pub rate: Option<f64>,
-    /// Mirror targets copying each step side by side (1–8, default 4). While the system runs
-    /// on the PV they share one --region (a live write to a region being copied waits for
-    /// it, so the wait stays that of one region); offline each gets a whole one.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=8))]
-    pub streams: Option<u64>,
 }
 
 impl RunOpts {

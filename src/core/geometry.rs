@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 
 /// Label sectors shadowed by the fence: 4 KiB, where LVM's label (sectors 0..3) and blkid look.
 pub const FENCE_SECTORS: u64 = 8;
+/// The most sectors one step moves (8 MiB): each step's plaintext and ciphertext are held
+/// in memory, and while the bridge is suspended its source is read once more to catch the
+/// last live writes, so this bounds both the memory and the stall.
+pub const MAX_STEP: u64 = 16384;
 /// One journal slot: 4 KiB.
 pub const JOURNAL_SLOT_SECTORS: u64 = 8;
 /// Room reserved for the copy of the LUKS header (binary header, JSON, used keyslot areas).

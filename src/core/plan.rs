@@ -3,7 +3,7 @@
 
 use super::boot::{self, BootFacts, BootReport, LuksChoice};
 use super::facts::{Content, DeviceFacts, SECTOR};
-use super::geometry::{Geometry, GeometryError, FENCE_SECTORS, HEADER_COPY_SECTORS, JOURNAL_SLOT_SECTORS};
+use super::geometry::{Geometry, GeometryError, FENCE_SECTORS, HEADER_COPY_SECTORS, JOURNAL_SLOT_SECTORS, MAX_STEP};
 use serde::Serialize;
 
 /// Version of the `--dry-run --json` schema (documented in README.md). Bump on any change
@@ -14,11 +14,12 @@ pub const PLAN_SCHEMA_VERSION: u32 = 1;
 /// 80–100 MiB/s; with AES-NI the disk is usually the limit).
 pub const ASSUMED_MIB_PER_S: u64 = 100;
 
-/// The largest data offset the planner picks by itself (128 MiB): a larger S than the header
-/// needs means fewer, larger steps (each step has a fixed cost: table loads, suspends, the
-/// mirror's start, a journal commit), and costs nothing when the tail past the PV is unused
-/// anyway.
-pub const MAX_AUTO_SHIFT: u64 = 262144;
+/// The largest data offset the planner picks by itself: that of the largest step
+/// ([`MAX_STEP`], 8 MiB; a step moves at most S). A larger S than the header needs means
+/// fewer, larger steps (each has a fixed cost: a table load, a suspend, a journal commit)
+/// and costs nothing when the tail past the PV is unused anyway; beyond the largest step
+/// it would only waste space. Only LUKS1's 2 MiB default is ever raised.
+pub const MAX_AUTO_SHIFT: u64 = MAX_STEP;
 
 /// The data offset S to use when the user gave none: the LUKS version's default, doubled
 /// while the doubled value still fits in the tail past the PV (`tail_have` sectors of a
@@ -314,7 +315,7 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
     if o.shift.is_none() && l > 0 {
         s = auto_shift(o.luks, f.size_sectors, l, tail_have);
     }
-    let k = o.chunk.unwrap_or(s);
+    let k = o.chunk.unwrap_or(s.min(MAX_STEP));
     // The room needed is the room for the smallest header that works, not the raised one.
     let tail_need = Geometry::tail_needed(f.size_sectors, o.shift.unwrap_or(s0));
     let mut geometry = None;
@@ -383,7 +384,7 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
         FENCE_SECTORS * SECTOR / 1024
     ));
     actions.push(format!(
-        "move {} ({} sectors) from the end towards the start in {steps} step(s) of up to {} sectors, each through a dm-mirror into the crypt mapping, committing the cursor after each",
+        "move {} ({} sectors) from the end towards the start in {steps} step(s) of up to {} sectors: read, encrypted and written by luksify while the system runs, read back (also through dm-crypt), then rechecked against the source under a brief suspend and committed to the journal before the step is mapped through crypt",
         mib(l), l, k
     ));
     actions.push(format!("load the pure crypt table, write the LUKS header at [0, {s}) of {dev}"));
@@ -686,7 +687,7 @@ pub(crate) mod tests {
         assert!(p.ok(), "{:?}", p.refusals);
         assert_eq!(p.move_sectors, 2048 + 60 * 8192);
         assert_eq!(p.shift_sectors, 32768);
-        assert_eq!(p.steps, (2048 + 60 * 8192u64).div_ceil(32768));
+        assert_eq!((p.chunk_sectors, p.steps), (16384, (2048 + 60 * 8192u64).div_ceil(16384)));
         assert_eq!(p.name, "sda5_crypt");
         let text = render(&p);
         assert!(text.contains("can convert"), "{text}");
@@ -812,12 +813,12 @@ pub(crate) mod tests {
         let o = Options { luks: LuksVersion::Luks1, ..Options::default() };
         let p = plan(&laptop(), &o);
         assert!(p.ok(), "{:?}", p.refusals);
-        assert_eq!((p.default_shift_sectors, p.shift_sectors, p.chunk_sectors), (4096, 32768, 32768));
-        assert_eq!(p.steps, p.move_sectors.div_ceil(32768));
+        assert_eq!((p.default_shift_sectors, p.shift_sectors, p.chunk_sectors), (4096, 16384, 16384));
+        assert_eq!(p.steps, p.move_sectors.div_ceil(16384));
         // Room needed is still that of the default header.
         assert_eq!(p.tail_need_sectors, Geometry::tail_needed(p.size_sectors, 4096));
         let text = render(&p);
-        assert!(text.contains("note: data offset raised from the default 2.00 MiB to 16 MiB"), "{text}");
+        assert!(text.contains("note: data offset raised from the default 2.00 MiB to 8.00 MiB"), "{text}");
         // An explicit --offset is kept as it is.
         let p = plan(&laptop(), &Options { luks: LuksVersion::Luks1, shift: Some(4096), ..Options::default() });
         assert_eq!(p.shift_sectors, 4096);
@@ -827,14 +828,15 @@ pub(crate) mod tests {
     #[test]
     fn auto_shift_is_bounded() {
         let big = 1u64 << 40;
-        // A huge tail: capped at 128 MiB.
-        assert_eq!(auto_shift(LuksVersion::Luks2, big, big / 2, big / 2), MAX_AUTO_SHIFT);
+        // A huge tail: capped at the largest step; LUKS2's default is already larger.
+        assert_eq!(auto_shift(LuksVersion::Luks1, big, big / 2, big / 2), MAX_AUTO_SHIFT);
+        assert_eq!(auto_shift(LuksVersion::Luks2, big, big / 2, big / 2), 32768);
         // Never beyond the first power-of-two multiple of the default that covers L.
-        assert_eq!(auto_shift(LuksVersion::Luks2, big, 40_000, big - 40_000), 65536);
+        assert_eq!(auto_shift(LuksVersion::Luks1, big, 6_000, big - 6_000), 8192);
         // No room: the default.
-        assert_eq!(auto_shift(LuksVersion::Luks2, big, big - 10, 10), 32768);
-        for (l, tail) in [(1u64 << 20, 70_000u64), (1 << 22, 300_000), (1 << 30, 1 << 20)] {
-            let s = auto_shift(LuksVersion::Luks2, l + tail, l, tail);
+        assert_eq!(auto_shift(LuksVersion::Luks1, big, big - 10, 10), 4096);
+        for (l, tail) in [(1u64 << 20, 9_000u64), (1 << 22, 300_000), (1 << 30, 1 << 20)] {
+            let s = auto_shift(LuksVersion::Luks1, l + tail, l, tail);
             assert!(Geometry::tail_needed(l + tail, s) <= tail && s <= MAX_AUTO_SHIFT, "{l} {tail} {s}");
         }
     }

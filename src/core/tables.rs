@@ -66,10 +66,12 @@ impl Line {
                 }
                 p
             }
-            // No "nosync": the mirror must copy every region. No handle_errors: without
-            // dmeventd it would hold I/O; a failed leg shows in the status health letters.
+            // "nosync": the mirror is only ever loaded over legs that luksify has just made
+            // identical (checked while the bridge was suspended); it copies nothing, it only
+            // keeps them identical by writing to both. No handle_errors: without dmeventd it
+            // would hold I/O.
             Target::Mirror { region, legs } => format!(
-                "core 1 {region} 2 {} {} {} {}",
+                "core 2 {region} nosync 2 {} {} {} {}",
                 legs[0].0, legs[0].1, legs[1].0, legs[1].1
             ),
         }
@@ -137,66 +139,25 @@ fn source_lines(g: &Geometry, raw: DevRef, a: u64, b: u64, out: &mut Table) {
     }
 }
 
-/// Mirror targets side by side over one chunk, unless `--streams` says otherwise.
-/// dm-mirror recovers one region at a time per target (`MAX_RECOVERY 1` in dm-raid1.c);
-/// with several, the reads of one overlap the encryption and writes of the others.
-pub const STREAMS: u64 = 4;
-/// The most `--streams` takes.
-pub const MAX_STREAMS: u64 = 8;
-
-/// How one chunk is copied: `streams` mirror targets side by side, each recovering regions
-/// of (at most) `region` sectors one at a time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CopyShape {
-    pub streams: u64,
-    pub region: u64,
-}
-
-/// The copy of each chunk with `streams` targets. While the system runs on the PV (`live`),
-/// a write to a region being recovered waits for it; with n targets each region gets 1/n of
-/// the copy's speed, so the region shrinks n-fold: the wait, and the part of the chunk in
-/// flight, stay what one target with the plan's region gives. Measured in the UML
-/// benchmark at 2 GiB (online, writer fsync'ing every 10 ms): 1 target of 4 MiB regions,
-/// copy 19.7 s, writer p99 27.7 ms; 4 targets of 1 MiB, copy 16.8 s, p99 32.9 ms; 4 targets
-/// of 4 MiB, p99 127 ms. Offline nothing waits: full regions.
-pub fn copy_shape(g: &Geometry, streams: u64, live: bool) -> CopyShape {
-    let n = streams.clamp(1, MAX_STREAMS);
-    let region = if live { super::geometry::prev_power_of_two((g.region / n).max(8)) } else { g.region };
-    CopyShape { streams: n, region }
-}
-
-/// The mirror device's table while chunk [a, b) moves: sector x of it is bridge sector a+x.
-/// Leg 0 is the same source as [`source_lines`], leg 1 the staging device at the same
-/// plaintext sector (so IV = plaintext sector). The chunk is cut into up to `c.streams`
-/// targets of whole regions (and at the fence boundary, where the source changes from the
-/// shadow to the raw device), each recovering its own regions.
-pub fn mirror_table(g: &Geometry, d: Devices, a: u64, b: u64, c: CopyShape) -> Table {
+/// The mirror device's table over step [a, b): sector x of it is bridge sector a+x. Leg 0
+/// is the same source as [`source_lines`], leg 1 the staging device at the same plaintext
+/// sector (so IV = plaintext sector); one target per source line (the fence boundary is
+/// where the source changes from the shadow to the raw device). Only loaded when a commit
+/// failed with both copies identical: it keeps them so, whichever cursor the journal holds.
+pub fn mirror_table(g: &Geometry, d: Devices, a: u64, b: u64) -> Table {
     assert!(a < b && b <= g.l && b - a <= g.k);
-    let region_for = |len: u64| super::geometry::region_within(c.region, len);
-    let region = region_for(b - a);
-    let seg = (b - a).div_ceil(c.streams.clamp(1, MAX_STREAMS)).div_ceil(region).max(1) * region;
     let mut src = Vec::new();
     source_lines(g, d.raw, a, b, &mut src);
-    let mut out = Vec::new();
-    for l in src {
-        let Target::Linear { offset, .. } = l.target else { unreachable!() };
-        let mut x = l.start;
-        let end = l.start + l.length;
-        while x < end {
-            // segment boundaries at a + k*seg
-            let e = (a + ((x - a) / seg + 1) * seg).min(end);
-            out.push(Line {
-                start: x - a,
-                length: e - x,
-                target: Target::Mirror {
-                    region: region_for(e - x),
-                    legs: [(d.raw, offset + (x - l.start)), (d.staging, x)],
-                },
-            });
-            x = e;
-        }
-    }
-    out
+    src.into_iter()
+        .map(|l| {
+            let Target::Linear { offset, .. } = l.target else { unreachable!() };
+            Line {
+                start: l.start - a,
+                length: l.length,
+                target: Target::Mirror { region: g.region_for(l.length), legs: [(d.raw, offset), (d.staging, l.start)] },
+            }
+        })
+        .collect()
 }
 
 /// What the mirror device maps when no chunk is in flight: an idle placeholder of the
@@ -355,9 +316,9 @@ mod tests {
                 let t = bridge_table(&g, &spec(), D, BridgePhase::Mirroring { from: m, to: c });
                 assert!(covers(&t, l), "mirroring {m}..{c}: {}", show(&t));
                 assert!(t.iter().all(|l| !l.is_mirror()), "the bridge itself never holds a mirror (LVM would skip it)");
-                let mt = mirror_table(&g, D, m, c, copy_shape(&g, STREAMS, false));
-                let one = mirror_table(&g, D, m, c, copy_shape(&g, 1, true));
-                assert_eq!(one.len() as u64, 1 + u64::from(m < g.f && c > g.f), "one stream: {}", show(&one));
+                let mt = mirror_table(&g, D, m, c);
+                let fence_cut = u64::from(m < g.f && c > g.f);
+                assert_eq!(mt.len() as u64, 1 + fence_cut, "one target, cut only at the fence: {}", show(&mt));
                 assert!(covers(&mt, c - m));
                 for x in m..c {
                     let via = resolve(&t, x);
@@ -373,14 +334,6 @@ mod tests {
                     assert!(region <= l.length.max(8) && region.is_power_of_two());
                 }
                 assert!(mt.iter().all(|l| l.is_mirror()));
-                let fence_cut = u64::from(m < g.f && c > g.f);
-                assert!(mt.len() as u64 <= STREAMS + fence_cut, "at most {STREAMS} targets (+1 at the fence): {}", show(&mt));
-                let live = mirror_table(&g, D, m, c, copy_shape(&g, STREAMS, true));
-                assert!(covers(&live, c - m) && live.len() as u64 <= STREAMS + fence_cut, "{}", show(&live));
-                for l in &live {
-                    let Target::Mirror { region, .. } = l.target else { unreachable!() };
-                    assert!(region * STREAMS <= g.region.max(8 * STREAMS), "live: the regions in flight stay within one plan region: {}", show(&live));
-                }
             }
             let f = bridge_table(&g, &spec(), D, BridgePhase::Final);
             assert_eq!(f, staging_table(&g, &spec(), RAW));
@@ -396,32 +349,12 @@ mod tests {
         assert!(!shown.contains("deadbeef"));
         assert!(t.iter().any(|l| l.params("deadbeef").contains("deadbeef")));
         assert_eq!(t[2].params("k"), "254:2 0");
-        let mt = mirror_table(&g, D, 32768, 36864, copy_shape(&g, 4, false));
-        assert_eq!(show(&mirror_table(&g, D, 32768, 36864, copy_shape(&g, 1, true))), "0 4096 mirror core 1 1024 2 98:5 32768 254:1 32768");
-        // Live, 4 targets of a quarter region each.
-        assert_eq!(
-            show(&mirror_table(&g, D, 32768, 36864, copy_shape(&g, 4, true))),
-            "0 1024 mirror core 1 256 2 98:5 32768 254:1 32768\n\
-             1024 1024 mirror core 1 256 2 98:5 33792 254:1 33792\n\
-             2048 1024 mirror core 1 256 2 98:5 34816 254:1 34816\n\
-             3072 1024 mirror core 1 256 2 98:5 35840 254:1 35840"
-        );
-        assert_eq!(
-            show(&mt),
-            "0 1024 mirror core 1 1024 2 98:5 32768 254:1 32768\n\
-             1024 1024 mirror core 1 1024 2 98:5 33792 254:1 33792\n\
-             2048 1024 mirror core 1 1024 2 98:5 34816 254:1 34816\n\
-             3072 1024 mirror core 1 1024 2 98:5 35840 254:1 35840"
-        );
-        // The last chunk reads the fenced label sectors from the shadow.
-        let mt = mirror_table(&g, D, 0, 4096, copy_shape(&g, 4, false));
-        assert_eq!(mt[0].to_string(), format!("0 8 mirror core 1 8 2 98:5 {} 254:1 0", g.shadow));
-        assert_eq!(mt[1].to_string(), "8 1016 mirror core 1 512 2 98:5 8 254:1 8");
-        assert_eq!(mt[2].to_string(), "1024 1024 mirror core 1 1024 2 98:5 1024 254:1 1024");
-        assert_eq!(mt.len(), 5);
-        // A chunk of one region stays one target.
-        let g = geo(40_960, 1024, 1024);
-        assert_eq!(show(&mirror_table(&g, D, 4096, 5120, copy_shape(&g, 4, false))), "0 1024 mirror core 1 1024 2 98:5 4096 254:1 4096");
+        assert_eq!(show(&mirror_table(&g, D, 32768, 36864)), "0 4096 mirror core 2 1024 nosync 2 98:5 32768 254:1 32768");
+        // The last step reads the fenced label sectors from the shadow.
+        let mt = mirror_table(&g, D, 0, 4096);
+        assert_eq!(mt[0].to_string(), format!("0 8 mirror core 2 8 nosync 2 98:5 {} 254:1 0", g.shadow));
+        assert_eq!(mt[1].to_string(), "8 4088 mirror core 2 1024 nosync 2 98:5 8 254:1 8");
+        assert_eq!(mt.len(), 2);
     }
 
     #[test]

@@ -8,21 +8,24 @@ pub mod traits;
 #[cfg(test)]
 pub mod sim;
 
-use crate::core::geometry::{Geometry, JOURNAL_SLOT_SECTORS};
+use crate::core::geometry::{self, Geometry, JOURNAL_SLOT_SECTORS};
 use crate::core::journal::{self, Record, State, SLOT_BYTES};
 use crate::core::marker;
 use crate::core::state::{self, Step};
 use crate::core::tables::{self, BridgePhase, CryptSpec, DevRef, Devices, Line};
 use crate::core::facts::TableLineFacts;
-pub use traits::{Disk, HolderTable, KResult, Kernel, KernelError, MirrorOutcome};
+pub use traits::{Disk, HolderTable, KResult, Kernel, KernelError};
 use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
-/// Bytes compared per read when a chunk's copy is verified (two buffers of this size are
-/// allocated up front: nothing is allocated while the bridge is suspended).
+/// Bytes per read or write of the copy and its checks (the buffers are allocated up front:
+/// nothing is allocated while the bridge is suspended).
 const VERIFY_PIECE: usize = 1 << 20;
 /// Runs of sectors remembered for a recheck (more are merged into the last one).
 const RECHECK_RUNS: usize = 4096;
+/// Sectors read back through the kernel's dm-crypt after each step's copy, to check that
+/// the kernel decrypts what luksify encrypted.
+const KERNEL_CHECK_SECTORS: u64 = 8;
 
 /// What went wrong, and in which state the device was left.
 #[derive(Debug, thiserror::Error)]
@@ -35,10 +38,8 @@ pub enum EngineError {
     Journal(String),
     #[error("{0}")]
     Refused(String),
-    #[error("the copy of chunk {from}..{to} failed (mirror health {health}); the conversion stopped at a safe point (cursor {to}), nothing is lost; fix the device and run `luksify resume`")]
-    MirrorFailed { from: u64, to: u64, health: String },
-    #[error("the copy of chunk {from}..{to} does not match its source at sector {sector} ({why}); dm-mirror reported it in sync (it hides read errors during recovery); the conversion stopped at a safe point (cursor {to}), nothing is lost; fix the device and run `luksify resume`")]
-    CopyMismatch { from: u64, to: u64, sector: u64, why: String },
+    #[error("the copy of sectors {from}..{to} failed at sector {sector} ({why}); the conversion stopped at a safe point (cursor {to}), nothing is lost; fix the device and run `luksify resume`")]
+    CopyFailed { from: u64, to: u64, sector: u64, why: String },
     #[error("stopped at a safe point (cursor {0})")]
     Stopped(u64),
 }
@@ -65,18 +66,16 @@ pub enum Event {
 /// How one chunk went: where its time went, and how long live I/O on the bridge waited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ChunkStats {
-    /// From the start of the step until the mirror reported every region in sync.
+    /// Reading, encrypting and writing the chunk, and flushing it (bridge live).
     pub copy: Duration,
-    /// Flushing the copy and comparing every sector with its source (bridge live).
+    /// Reading the copy back, through the disk and through dm-crypt, and copying again
+    /// what live writes changed meanwhile (bridge live).
     pub verify: Duration,
     /// The longest window in which the bridge was suspended (live I/O waited this long).
     pub stall: Duration,
-    /// Sectors that live writes changed during the check, compared again while suspended.
+    /// Sectors that live writes changed after they were copied, copied again (live, then
+    /// while suspended).
     pub rechecked: u64,
-    /// Mirror targets that copied the chunk side by side.
-    pub streams: u64,
-    /// Their region size in sectors.
-    pub region: u64,
 }
 
 /// What the engine asks of its caller besides the kernel and the disk.
@@ -140,8 +139,12 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// Buffers allocated before any suspend, so that a suspended window allocates nothing.
     fence_buf: Vec<u8>,
     slot_buf: Vec<u8>,
-    /// The new cipher, to check each copied chunk against its source before the commit.
+    /// The new cipher: luksify encrypts each step itself.
     xts: Option<crate::core::xts::Xts>,
+    /// The step in flight: its plaintext as last read from the source, and its ciphertext
+    /// as written to the destination (up to [`geometry::MAX_STEP`] sectors each).
+    plain: Vec<u8>,
+    cipher: Vec<u8>,
     verify_src: Vec<u8>,
     verify_dst: Vec<u8>,
     /// Runs of sectors to compare again (capacity fixed up front).
@@ -149,10 +152,9 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// Cap on the copy rate in bytes per second (`--rate`): the engine pauses between
     /// chunks so that the average stays below it.
     pub rate: Option<u64>,
-    /// Mirror targets per chunk (`--streams`); None: [`tables::STREAMS`].
-    pub streams: Option<u64>,
-    /// How chunks are copied in this run, decided at its first chunk ([`Engine::copy_shape`]).
-    shape: Option<tables::CopyShape>,
+    /// Whether something is mapped on the bridge (a running system), decided at the first
+    /// chunk ([`Engine::is_live`]).
+    live: Option<bool>,
     /// What the tail held before `prepare` wrote into it: while nothing else has changed
     /// (state `Prepared`), [`Engine::abandon`] puts it back, byte for byte.
     original_tail: Option<Vec<u8>>,
@@ -284,12 +286,13 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             fence_buf: vec![0u8; (rec.geometry.f * 512) as usize],
             slot_buf: vec![0u8; SLOT_BYTES],
             xts: (rec.cipher == "aes-xts-plain64").then(|| crate::core::xts::Xts::new(key)).flatten(),
+            plain: vec![0u8; (rec.geometry.k.min(geometry::MAX_STEP) * 512) as usize],
+            cipher: vec![0u8; (rec.geometry.k.min(geometry::MAX_STEP) * 512) as usize],
             verify_src: vec![0u8; VERIFY_PIECE],
             verify_dst: vec![0u8; VERIFY_PIECE],
             recheck: Vec::with_capacity(RECHECK_RUNS),
             rate: None,
-            streams: None,
-            shape: None,
+            live: None,
             original_tail: None,
             wrong_order_for_tests: false,
             rec,
@@ -665,52 +668,122 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         c
     }
 
-    /// Compare the sectors `runs` (half-open ranges inside one chunk) at their destination
-    /// with their source encrypted with the new key. Sectors that differ are appended to
-    /// `bad` as runs (at most `bad`'s capacity; the rest are counted) when `bad` is given;
-    /// without it, the first difference is an error. Reads go to the raw device (O_DIRECT),
-    /// so a source that cannot be read fails here.
-    fn compare_runs(&mut self, chunk: (u64, u64), runs: &[(u64, u64)], mut bad: Option<&mut Vec<(u64, u64)>>) -> EResult<u64> {
-        let Some(xts) = &self.xts else { return Ok(0) };
+    /// Copy step [a, b): read its source into `plain`, encrypt it into `cipher`, write that
+    /// at the destination (S + a), flush. Only luksify writes there: the bridge maps
+    /// nothing onto [S + a, S + b) until the step is committed.
+    fn copy_step(&mut self, a: u64, b: u64) -> EResult<()> {
         let g = *self.g();
-        let (from, to) = chunk;
-        let piece = (VERIFY_PIECE / 512) as u64;
-        let mut differing = 0u64;
+        let Some(xts) = &self.xts else { return Err(EngineError::Refused(format!("luksify cannot encrypt with {}", self.rec.cipher))) };
+        let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
+        let mut x = a;
+        while x < b {
+            let e = piece_end(&g, x, b);
+            let (o, n) = (((x - a) * 512) as usize, ((e - x) * 512) as usize);
+            self.disk.read(source_of(&g, x), &mut self.plain[o..o + n]).map_err(|er| fail(x, format!("reading the source: {er}")))?;
+            self.cipher[o..o + n].copy_from_slice(&self.plain[o..o + n]);
+            xts.encrypt_sectors(&mut self.cipher[o..o + n], x);
+            self.disk.write(g.s + x, &self.cipher[o..o + n]).map_err(|er| fail(x, format!("writing the copy: {er}")))?;
+            x = e;
+        }
+        self.disk.flush().map_err(|er| fail(a, format!("flushing the copy: {er}")))
+    }
+
+    /// Read the sectors `runs` of step [a, b) back from the destination and compare them with
+    /// what was written (`cipher`): the copy is on the disk, not only in a cache that lied.
+    fn check_written(&mut self, a: u64, b: u64, runs: &[(u64, u64)]) -> EResult<()> {
+        let s = self.g().s;
         for &(ra, rb) in runs {
-            let mut a = ra;
-            while a < rb {
-                // Never straddle the fence boundary: [0, F) reads from the shadow.
-                let lim = if a < g.f { g.f } else { rb };
-                let b = (a + piece).min(rb).min(lim);
-                let n = ((b - a) * 512) as usize;
-                let src_at = if a < g.f { g.shadow + a } else { a };
-                let fail = |why: String| EngineError::CopyMismatch { from, to, sector: a, why };
-                self.disk.read(src_at, &mut self.verify_src[..n]).map_err(|e| fail(format!("reading the source: {e}")))?;
-                self.disk.read(g.s + a, &mut self.verify_dst[..n]).map_err(|e| fail(format!("reading the copy: {e}")))?;
-                xts.encrypt_sectors(&mut self.verify_src[..n], a);
-                for i in 0..n / 512 {
-                    if self.verify_src[i * 512..(i + 1) * 512] == self.verify_dst[i * 512..(i + 1) * 512] {
-                        continue;
-                    }
-                    let sector = a + i as u64;
-                    let Some(bad) = bad.as_deref_mut() else {
-                        return Err(EngineError::CopyMismatch { from, to, sector, why: "different data".into() });
-                    };
-                    differing += 1;
-                    let room = bad.len() < bad.capacity();
-                    match bad.last_mut() {
-                        Some(last) if last.1 == sector || !room => {
-                            // Contiguous, or out of room: widen the last run to cover this
-                            // sector (rechecking more than needed is only slower).
-                            last.1 = sector + 1
-                        }
-                        _ => bad.push((sector, sector + 1)),
-                    }
+            let mut x = ra;
+            while x < rb {
+                let e = (x + (VERIFY_PIECE / 512) as u64).min(rb);
+                let (o, n) = (((x - a) * 512) as usize, ((e - x) * 512) as usize);
+                let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
+                self.disk.read(s + x, &mut self.verify_dst[..n]).map_err(|er| fail(x, format!("reading the copy back: {er}")))?;
+                if let Some(i) = (0..n / 512).find(|i| self.verify_dst[i * 512..(i + 1) * 512] != self.cipher[o + i * 512..o + (i + 1) * 512]) {
+                    return Err(fail(x + i as u64, "the disk returned other data than was written".into()));
                 }
-                a = b;
+                x = e;
             }
         }
-        Ok(differing)
+        Ok(())
+    }
+
+    /// Read the first sectors of step [a, b) through the staging device, that is through
+    /// the kernel's dm-crypt with the new key: they must be the plaintext luksify encrypted.
+    /// This is what proves, on every step, that luksify's cipher is the one the kernel (and
+    /// later `cryptsetup open`) decrypts with.
+    fn check_kernel(&mut self, a: u64, b: u64) -> EResult<()> {
+        let n = ((b - a).min(KERNEL_CHECK_SECTORS) * 512) as usize;
+        let staging = self.names.staging.clone();
+        self.kernel
+            .read(&staging, a, &mut self.verify_dst[..n])
+            .map_err(|e| EngineError::CopyFailed { from: a, to: b, sector: a, why: format!("reading the copy through dm-crypt: {e}") })?;
+        if self.verify_dst[..n] != self.plain[..n] {
+            return Err(EngineError::CopyFailed {
+                from: a,
+                to: b,
+                sector: a,
+                why: "dm-crypt decrypts the copy to other data: luksify's cipher is not the kernel's".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Compare the source of step [a, b) with `plain` (what was copied) and copy again every
+    /// sector that a live write changed since; then check those at the destination.
+    /// Returns the number of sectors copied again. While the bridge is suspended this
+    /// allocates nothing and leaves the destination equal to the encrypted source.
+    fn refresh(&mut self, a: u64, b: u64) -> EResult<u64> {
+        let mut runs = std::mem::take(&mut self.recheck);
+        runs.clear();
+        let r = self.refresh_into(a, b, &mut runs);
+        self.recheck = runs;
+        r
+    }
+
+    fn refresh_into(&mut self, a: u64, b: u64, runs: &mut Vec<(u64, u64)>) -> EResult<u64> {
+        let g = *self.g();
+        let Some(xts) = &self.xts else { return Ok(0) };
+        let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
+        let mut changed = 0u64;
+        let mut x = a;
+        while x < b {
+            let e = piece_end(&g, x, b);
+            let n = ((e - x) * 512) as usize;
+            self.disk.read(source_of(&g, x), &mut self.verify_src[..n]).map_err(|er| fail(x, format!("reading the source: {er}")))?;
+            let base = ((x - a) * 512) as usize;
+            let same = |src: &[u8], plain: &[u8], i: usize| src[i * 512..(i + 1) * 512] == plain[base + i * 512..base + (i + 1) * 512];
+            let mut i = 0;
+            while i < n / 512 {
+                if same(&self.verify_src, &self.plain, i) {
+                    i += 1;
+                    continue;
+                }
+                let j = i;
+                while i < n / 512 && !same(&self.verify_src, &self.plain, i) {
+                    i += 1;
+                }
+                let (ra, rb) = (x + j as u64, x + i as u64);
+                let (o0, o1) = (base + j * 512, base + i * 512);
+                self.plain[o0..o1].copy_from_slice(&self.verify_src[j * 512..i * 512]);
+                self.cipher[o0..o1].copy_from_slice(&self.plain[o0..o1]);
+                xts.encrypt_sectors(&mut self.cipher[o0..o1], ra);
+                self.disk.write(g.s + ra, &self.cipher[o0..o1]).map_err(|er| fail(ra, format!("writing the copy: {er}")))?;
+                changed += rb - ra;
+                let room = runs.len() < runs.capacity();
+                match runs.last_mut() {
+                    // Out of room: widen the last run (checking more is only slower).
+                    Some(last) if !room => last.1 = rb,
+                    _ => runs.push((ra, rb)),
+                }
+            }
+            x = e;
+        }
+        if changed > 0 {
+            self.disk.flush().map_err(|er| fail(a, format!("flushing the copy: {er}")))?;
+            self.check_written(a, b, runs)?;
+        }
+        Ok(changed)
     }
 
     /// An earlier fence got as far as writing (part of) the marker but not its journal
@@ -743,157 +816,121 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     }
 
 
-    /// Migrating{to} → Migrating{from}: the commit protocol of DESIGN.md.
-    ///
-    /// Everything slow happens while the bridge is live: the mirror's copy, the flush that
-    /// makes it durable, and the check of every copied sector against its source. The
-    /// bridge is then suspended only to confirm (mirror still in sync, both legs healthy,
-    /// sectors that live writes changed during the check compared again), commit the
-    /// journal and flip the table.
+    /// Migrating{to} → Migrating{from}, in steps of at most the copy buffer (one step
+    /// unless the journal was written with a larger chunk), each committed on its own.
     fn move_chunk(&mut self, from: u64, to: u64) -> EResult<ChunkStats> {
-        let t0 = Instant::now();
-        let mut stats = ChunkStats::default();
         let d = self.ensure_helpers()?;
+        let live = self.is_live()?;
+        let step = (self.plain.len() / 512) as u64;
+        let mut stats = ChunkStats::default();
+        let mut b = to;
+        while b > from {
+            let a = b.saturating_sub(step).max(from);
+            self.move_step(d, a, b, live, &mut stats)?;
+            b = a;
+        }
+        Ok(stats)
+    }
+
+    /// Migrating{b} → Migrating{a}: the commit protocol.
+    ///
+    /// Everything slow happens while the bridge is live and still maps the step linear to
+    /// its source, so that live writes go there: luksify reads the source, encrypts it with
+    /// the new key and writes it to the destination, which nothing else maps yet; reads it
+    /// back; reads its first sectors through the kernel's dm-crypt; and copies again what
+    /// live writes changed meanwhile. The bridge is then suspended (no write in flight, none
+    /// can start) only to compare the source with what was copied once more, copy again
+    /// the few sectors that changed, commit the journal and flip the table to crypt. At
+    /// the commit the destination holds exactly the encrypted source, and the source does
+    /// not change until the flip.
+    fn move_step(&mut self, d: Devices, a: u64, b: u64, live: bool, stats: &mut ChunkStats) -> EResult<()> {
         let g = *self.g();
         let bridge = self.names.bridge.clone();
-        let mirror = self.names.mirror.clone();
-        // 1. chunk as mirror, live. The bridge is suspended while the mirror device gets the
-        //    chunk's table, so no write can reach the source behind the mirror's back.
-        let shape = self.copy_shape()?;
-        (stats.streams, stats.region) = (shape.streams, shape.region);
-        let mt = tables::mirror_table(&g, d, from, to, shape);
-        let bt = tables::bridge_table(&g, &self.spec, d, BridgePhase::Mirroring { from, to });
-        kern(self.kernel.load(&mirror, &mt, &self.key_hex))?;
-        if let Err(e) = self.kernel.load(&bridge, &bt, &self.key_hex) {
-            let _ = self.kernel.clear_inactive(&mirror);
-            return Err(EngineError::Kernel(e.0));
-        }
-        let w = Instant::now();
-        let r = self
-            .kernel
-            .suspend(&bridge)
-            .and_then(|_| self.kernel.suspend(&mirror))
-            .and_then(|_| self.kernel.resume(&mirror))
-            .and_then(|_| self.kernel.resume(&bridge));
-        stats.stall = w.elapsed();
-        if let Err(e) = r {
-            let _ = self.kernel.clear_inactive(&bridge);
-            let _ = self.kernel.clear_inactive(&mirror);
-            let _ = self.kernel.resume(&mirror);
-            let _ = self.kernel.resume(&bridge);
-            return Err(EngineError::Kernel(format!("switching chunk {from}..{to} to the mirror: {e}")));
-        }
-        // Back to the journaled state (cursor `to`: the source leg is complete) after a
-        // failure before the commit.
-        let back = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: to });
-        // 2. wait until every region is in sync and both legs are healthy.
-        match kern(self.kernel.wait_mirror(&mirror))? {
-            MirrorOutcome::Synced => {}
-            MirrorOutcome::Failed(health) => {
-                self.swap_table(&bridge, &back, "bridge")?;
-                return Err(EngineError::MirrorFailed { from, to, health });
-            }
-        }
-        stats.copy = t0.elapsed();
-        let steady = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: from });
-        if self.wrong_order_for_tests {
-            self.swap_table(&bridge, &steady, "bridge")?;
-            io(self.disk.flush(), || "flushing the copied chunk".into())?;
-            self.commit(State::Migrating { cursor: from })?;
-            return Ok(stats);
-        }
-        // 3. Live: kcopyd's writes are not FUA, so flush them; then check every copied
-        //    sector. Every region is in sync, so live writes now reach both legs (a write
-        //    racing with the check may make a sector differ for a moment: it is rechecked).
+        // 1. Copy and check, live.
+        let t0 = Instant::now();
+        self.copy_step(a, b)?;
+        stats.copy += t0.elapsed();
         let t1 = Instant::now();
-        let mut recheck = std::mem::take(&mut self.recheck);
-        recheck.clear();
-        let live = io(self.disk.flush(), || "flushing the copied chunk".into())
-            .and_then(|_| self.compare_runs((from, to), &[(from, to)], Some(&mut recheck)));
-        let live = live.and_then(|mut n| {
-            // A few more live rounds over what differed, so that little is left for the
-            // suspended window.
-            for _ in 0..3 {
-                if n == 0 {
-                    break;
-                }
-                let runs = std::mem::take(&mut recheck);
-                recheck = Vec::with_capacity(runs.capacity());
-                n = self.compare_runs((from, to), &runs, Some(&mut recheck))?;
-            }
-            Ok(())
-        });
-        if let Err(e) = live {
-            self.recheck = recheck;
-            self.swap_table(&bridge, &back, "bridge")?;
-            return Err(e);
+        self.check_written(a, b, &[(a, b)])?;
+        self.check_kernel(a, b)?;
+        if live {
+            // One live round over what changed during the copy, so that little is left for
+            // the suspended window.
+            stats.rechecked += self.refresh(a, b)?;
         }
-        stats.verify = t1.elapsed();
-        // 4. Quiesce: with the bridge suspended no write can reach the mirror, so the health
-        //    and sync checked now are final, and so is the recheck of what live writes
-        //    touched during the check. Then commit while the mirror table is still live.
+        stats.verify += t1.elapsed();
+        // 2. Suspended: the last comparison, then commit, then flip.
+        let steady = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: a });
         kern(self.kernel.load(&bridge, &steady, &self.key_hex))?;
         let w = Instant::now();
         if let Err(e) = self.kernel.suspend(&bridge) {
             let _ = self.kernel.clear_inactive(&bridge);
-            self.recheck = recheck;
             return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
         }
-        let checked = match self.kernel.wait_mirror(&mirror) {
-            Ok(MirrorOutcome::Synced) => Ok(()),
-            Ok(MirrorOutcome::Failed(health)) => Err(EngineError::MirrorFailed { from, to, health }),
-            Err(e) => Err(EngineError::Kernel(e.0)),
-        };
-        stats.rechecked = recheck.iter().map(|r| r.1 - r.0).sum();
-        // dm-mirror without handle_errors reports a region whose recovery failed to read
-        // its source as in sync and healthy (seen on Linux 6.1): the check above is ours.
-        let checked = checked.and_then(|_| self.compare_runs((from, to), &recheck, None).map(|_| ()));
-        self.recheck = recheck;
-        if let Err(e) = checked {
-            // Nothing was committed; back to the source, whose leg is complete.
-            let _ = self.kernel.clear_inactive(&bridge);
-            let _ = self.kernel.load(&bridge, &back, &self.key_hex);
-            let _ = self.kernel.resume(&bridge);
+        match self.refresh(a, b) {
+            Ok(n) => stats.rechecked += n,
+            Err(e) => {
+                // Nothing was committed; the live table still maps the step to its source.
+                let _ = self.kernel.clear_inactive(&bridge);
+                let _ = self.kernel.resume(&bridge);
+                return Err(e);
+            }
+        }
+        if self.wrong_order_for_tests {
+            kern(self.kernel.resume(&bridge))?;
+            return self.commit(State::Migrating { cursor: a });
+        }
+        if let Err(e) = self.commit(State::Migrating { cursor: a }) {
+            // Whether the commit reached the disk is unknown: the journal may say either
+            // cursor. Both copies are identical now; a mirror over them keeps them so
+            // until a resume loads the journaled table.
+            self.keep_both(d, a, b);
             return Err(e);
         }
-        let r = self.commit(State::Migrating { cursor: from });
-        if let Err(e) = r {
-            // The commit failed, so whether it reached the disk is unknown: keep the mirror
-            // live, which keeps both legs identical, so that either cursor the journal may
-            // hold reads the same data. A resume loads the journaled table.
-            let _ = self.kernel.clear_inactive(&bridge);
-            let _ = self.kernel.resume(&bridge);
-            return Err(e);
-        }
-        // 5. only now map the chunk through crypt alone.
+        // 3. Only now map the step through crypt alone.
         kern(self.kernel.resume(&bridge))?;
         stats.stall = stats.stall.max(w.elapsed());
-        // 6. Nothing maps through the mirror device any more: give it back its idle table
-        //    now, while the bridge is live, so that tearing down the chunk's mirror targets
-        //    (their kcopyd clients and workqueues) is not inside the next chunk's stall.
-        //    The chunk is committed, so a failure here only leaves that cost to the next
-        //    chunk's switch (which loads the mirror device whatever it holds).
-        let idle = tables::mirror_idle_table(&g, d);
-        let _ = self.swap_table(&mirror, &idle, "mirror device");
-        Ok(stats)
+        Ok(())
     }
 
-    /// How this run copies its chunks ([`tables::copy_shape`]): `--streams` targets (default
-    /// [`tables::STREAMS`]), with regions shrunk to share one plan region among them when
-    /// something is mapped on the bridge (the LVs of a running system, whose writes may wait
-    /// on a region being copied). Decided at the first chunk: LVM's VG lock, held until the
-    /// finish, keeps LVs from being activated or removed meanwhile (and the shape only
-    /// decides how long a live write may wait, never where data goes).
-    fn copy_shape(&mut self) -> EResult<tables::CopyShape> {
-        if let Some(c) = self.shape {
-            return Ok(c);
+    /// After a failed commit, with the bridge suspended and step [a, b) identical at its
+    /// source and (encrypted) at its destination: map it through a mirror over both, which
+    /// writes to both and so keeps them identical, whichever cursor the journal holds.
+    /// Best effort: if even that fails, the bridge resumes with the table it had (the
+    /// source), and the journal most likely holds the old cursor too (its write failed).
+    fn keep_both(&mut self, d: Devices, a: u64, b: u64) {
+        let g = *self.g();
+        let bridge = self.names.bridge.clone();
+        let mirror = self.names.mirror.clone();
+        let _ = self.kernel.clear_inactive(&bridge);
+        let mt = tables::mirror_table(&g, d, a, b);
+        let bt = tables::bridge_table(&g, &self.spec, d, BridgePhase::Mirroring { from: a, to: b });
+        let r = self
+            .kernel
+            .load(&mirror, &mt, &self.key_hex)
+            .and_then(|_| self.kernel.suspend(&mirror))
+            .and_then(|_| self.kernel.resume(&mirror))
+            .and_then(|_| self.kernel.load(&bridge, &bt, &self.key_hex));
+        if r.is_err() {
+            let _ = self.kernel.clear_inactive(&bridge);
+        }
+        let _ = self.kernel.resume(&bridge);
+    }
+
+    /// Whether a running system uses the bridge (something is mapped on it): then each
+    /// step gets a live round of copying again what changed, which keeps the suspended
+    /// window short. Decided at the first chunk: LVM's VG lock, held until the finish,
+    /// keeps LVs from being activated or removed meanwhile (and this only decides how much
+    /// is left for the suspended window, never whether it is checked).
+    fn is_live(&mut self) -> EResult<bool> {
+        if let Some(l) = self.live {
+            return Ok(l);
         }
         let bridge = kern(self.kernel.lookup(&self.names.bridge))?
             .ok_or_else(|| EngineError::Kernel(format!("{} disappeared", self.names.bridge)))?;
-        let live = !kern(self.kernel.holders_of(bridge, &[]))?.is_empty();
-        let c = tables::copy_shape(self.g(), self.streams.unwrap_or(tables::STREAMS), live);
-        self.shape = Some(c);
-        Ok(c)
+        let l = !kern(self.kernel.holders_of(bridge, &[]))?.is_empty();
+        self.live = Some(l);
+        Ok(l)
     }
 
     /// Migrating{0} → HeaderWritten: the bridge is already the pure crypt table; drop the
@@ -1002,6 +1039,23 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     pub fn into_parts(self) -> (D, K) {
         (self.disk, self.kernel)
     }
+}
+
+/// Where the unmoved plaintext of sector `x` is read from (as the bridge maps it): the
+/// shadow for the fenced label sectors [0, F), in place for the rest.
+fn source_of(g: &Geometry, x: u64) -> u64 {
+    if x < g.f {
+        g.shadow + x
+    } else {
+        x
+    }
+}
+
+/// The end of the piece of [x, b) that one read takes: at most [`VERIFY_PIECE`], never
+/// across the fence boundary (where the source changes from the shadow to the raw device).
+fn piece_end(g: &Geometry, x: u64, b: u64) -> u64 {
+    let lim = if x < g.f { g.f.min(b) } else { b };
+    (x + (VERIFY_PIECE / 512) as u64).min(lim)
 }
 
 /// Whether every line of `table` that references `raw` maps only sectors below `l`.

@@ -34,15 +34,6 @@ pub struct HolderTable {
     pub table: Vec<TableLineFacts>,
 }
 
-/// How a wait for a mirror ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MirrorOutcome {
-    /// Every region of every mirror target in the live table is in sync, every leg healthy.
-    Synced,
-    /// A leg failed: health letters per mirror target (e.g. "AD").
-    Failed(String),
-}
-
 /// The device-mapper, as the engine uses it. Every call is checked; a failed `load` leaves
 /// the live table in place (and the engine must not assume otherwise).
 pub trait Kernel {
@@ -69,8 +60,8 @@ pub trait Kernel {
     fn table(&mut self, name: &str) -> KResult<Vec<TableLineFacts>>;
     /// Every dm device whose live table maps `dev`, except those named in `except`.
     fn holders_of(&mut self, dev: DevRef, except: &[&str]) -> KResult<Vec<HolderTable>>;
-    /// Block until every mirror target in `name`'s live table reports all regions in sync
-    /// with healthy legs, or a leg fails. Event-driven (no busy loop). `stop` is polled
-    /// after every event; a stop request does not interrupt the wait (the chunk finishes).
-    fn wait_mirror(&mut self, name: &str) -> KResult<MirrorOutcome>;
+    /// Read from a dm device (O_DIRECT: what the kernel maps now, no page cache), `buf`
+    /// a whole number of sectors. The engine reads each step back through the staging
+    /// crypt device this way.
+    fn read(&mut self, name: &str, sector: u64, buf: &mut [u8]) -> KResult<()>;
 }
