@@ -14,6 +14,9 @@ pub struct DmKernel {
     /// Test-only fault injection (LUKSIFY_TEST_FAIL_LOAD=<dm name>): loading a rerouted LV
     /// table into that device fails as if the kernel refused it.
     fail_load_of: Option<String>,
+    /// Devices opened by [`Kernel::read`], by name, with their device number: kept open
+    /// (the engine reads the staging device at every step), closed before a remove.
+    readers: std::collections::HashMap<String, (u64, crate::adapters::rawdisk::RawDisk)>,
 }
 
 fn k(e: DmError) -> KernelError {
@@ -22,7 +25,7 @@ fn k(e: DmError) -> KernelError {
 
 impl DmKernel {
     pub fn new() -> KResult<DmKernel> {
-        Ok(DmKernel { dm: Dm::open().map_err(k)?, fail_load_of: std::env::var("LUKSIFY_TEST_FAIL_LOAD").ok() })
+        Ok(DmKernel { dm: Dm::open().map_err(k)?, fail_load_of: std::env::var("LUKSIFY_TEST_FAIL_LOAD").ok(), readers: Default::default() })
     }
 
     /// Whether a dm device of this name exists, has a live table and is not suspended
@@ -115,6 +118,7 @@ impl Kernel for DmKernel {
     }
 
     fn remove(&mut self, n: &str) -> KResult<()> {
+        self.readers.remove(n);
         self.dm.remove(n).map_err(k)?;
         let _ = std::fs::remove_file(std::path::Path::new("/dev/mapper").join(n));
         Ok(())
@@ -142,6 +146,12 @@ impl Kernel for DmKernel {
         use crate::engine::Disk;
         let d = self.dm.info(n).map_err(k)?.ok_or_else(|| KernelError(format!("{n} does not exist")))?;
         let dev = nix::sys::stat::makedev(d.major as u64, d.minor as u64);
+        if let Some((rdev, disk)) = self.readers.get_mut(n) {
+            if *rdev == dev {
+                return disk.read(sector, buf).map_err(|e| KernelError(format!("reading {n} at sector {sector}: {e}")));
+            }
+        }
+        self.readers.remove(n);
         // The kernel's own node (devtmpfs) if it is there; else a node of our own in /dev,
         // removed once open (private devices get no /dev/mapper node from udev).
         let kernel_node = std::path::PathBuf::from(format!("/dev/dm-{}", d.minor));
@@ -158,11 +168,12 @@ impl Kernel for DmKernel {
                 .map_err(|e| KernelError(format!("creating a node for {n}: {e}")))?;
             ours.clone()
         };
-        let disk = crate::adapters::rawdisk::RawDisk::open(&path, false);
+        let disk = crate::adapters::rawdisk::RawDisk::open_with_bounce(&path, false, 64 << 10);
         if path == ours {
             let _ = std::fs::remove_file(&ours);
         }
-        let mut disk = disk.map_err(|e| KernelError(format!("opening {n}: {e}")))?;
+        let disk = disk.map_err(|e| KernelError(format!("opening {n}: {e}")))?;
+        let (_, disk) = self.readers.entry(n.to_string()).or_insert((dev, disk));
         disk.read(sector, buf).map_err(|e| KernelError(format!("reading {n} at sector {sector}: {e}")))
     }
 }

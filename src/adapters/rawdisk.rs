@@ -49,6 +49,13 @@ impl RawDisk {
     /// Open read-write with O_DIRECT (falls back to buffered I/O + fsync where O_DIRECT is
     /// refused, e.g. on a plain file on tmpfs in tests).
     pub fn open(path: &Path, writable: bool) -> io::Result<RawDisk> {
+        Self::open_with_bounce(path, writable, BOUNCE)
+    }
+
+    /// As [`RawDisk::open`], with a bounce buffer of `bounce` bytes (a multiple of 4096):
+    /// larger I/O loops over it.
+    pub fn open_with_bounce(path: &Path, writable: bool, bounce: usize) -> io::Result<RawDisk> {
+        assert!(bounce > 0 && bounce % ALIGN == 0);
         let direct = OpenOptions::new()
             .read(true)
             .write(writable)
@@ -61,7 +68,7 @@ impl RawDisk {
             }
             Err(e) => return Err(e),
         };
-        Ok(RawDisk { file, bounce: Aligned::new(BOUNCE), direct })
+        Ok(RawDisk { file, bounce: Aligned::new(bounce), direct })
     }
 
     pub fn file(&self) -> &File {
@@ -83,7 +90,8 @@ fn check(sector: u64, len: usize) -> io::Result<u64> {
 impl Disk for RawDisk {
     fn read(&mut self, sector: u64, buf: &mut [u8]) -> io::Result<()> {
         let mut off = check(sector, buf.len())?;
-        for piece in buf.chunks_mut(BOUNCE) {
+        let bounce = self.bounce.len;
+        for piece in buf.chunks_mut(bounce) {
             // O_DIRECT needs the length aligned too: round up, copy out what was asked.
             let n = piece.len().div_ceil(512) * 512;
             let b = &mut self.bounce.as_mut()[..n];
@@ -96,7 +104,8 @@ impl Disk for RawDisk {
 
     fn write(&mut self, sector: u64, buf: &[u8]) -> io::Result<()> {
         let mut off = check(sector, buf.len())?;
-        for piece in buf.chunks(BOUNCE) {
+        let bounce = self.bounce.len;
+        for piece in buf.chunks(bounce) {
             let b = &mut self.bounce.as_mut()[..piece.len()];
             b.copy_from_slice(piece);
             self.file.write_all_at(b, off)?;
