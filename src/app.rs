@@ -42,6 +42,14 @@ pub fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+/// `--progress-json`: a line saying that a phase of the start-up is done (where the time
+/// before the first step goes).
+fn phase(run: &RunOpts, name: &str) {
+    if run.progress_json {
+        eprintln!("{{\"event\":\"phase\",\"phase\":\"{name}\",\"t_ms\":{:.0}}}", t_ms());
+    }
+}
+
 fn probe_device(device: &Path) -> Result<crate::core::facts::DeviceFacts> {
     probe::probe(device).map_err(|e| Error::Refused(e.to_string()))
 }
@@ -476,8 +484,10 @@ fn resume_finished(device: &Path, run: &RunOpts) -> Result<i32> {
 fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     let _lock = lock(device)?;
     let mut facts = probe_device(device)?;
+    phase(&o.run, "probed");
     let popts = o.plan_options();
     let mut p = plan_for(&facts, o)?;
+    phase(&o.run, "planned");
     let room = if o.make_room { room_commands(&p) } else { None };
     if !p.ok() && room.is_none() {
         return Err(refused(&p));
@@ -526,6 +536,7 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     };
     let header = luks::format_header(&params, &key, &pass).map_err(|e| Error::Failed(format!("formatting the LUKS header: {e}; nothing was changed")))?;
     drop(pass);
+    phase(&o.run, "header_formatted");
     let pv_uuid = facts.lvm.as_ref().map(|l| l.pv_uuid.clone()).unwrap_or_default();
     let raw = raw_devref(device)?;
     // From here to the finish, no LVM command may change the VG (ours included).
@@ -536,6 +547,7 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
 
     sys::install_stop_handlers().map_err(|e| Error::Failed(format!("installing signal handlers: {e}")))?;
     sys::lock_memory().map_err(|e| Error::Failed(format!("mlockall failed ({e}); refusing to suspend devices without it; nothing was changed")))?;
+    phase(&o.run, "memory_locked");
     let disk = open_disk(device, true)?;
     let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
     let mut engine = Engine::prepare(
@@ -554,6 +566,7 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     )
     .map_err(|e| engine_err(e, device))?;
     drop(key);
+    phase(&o.run, "prepared");
     engine.rate = o.run.rate_bytes();
     let mut hooks = CliHooks::new(&o.run, g.l, 0, &p.name);
     hooks.vg_lock = vg_lock;

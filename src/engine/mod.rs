@@ -68,13 +68,12 @@ pub enum Event {
 pub struct ChunkStats {
     /// Reading, encrypting and writing the chunk, and flushing it (bridge live).
     pub copy: Duration,
-    /// Reading the copy back, through the disk and through dm-crypt, and copying again
-    /// what live writes changed meanwhile (bridge live).
+    /// Reading the copy back, through the disk and through dm-crypt (bridge live).
     pub verify: Duration,
     /// The longest window in which the bridge was suspended (live I/O waited this long).
     pub stall: Duration,
-    /// Sectors that live writes changed after they were copied, copied again (live, then
-    /// while suspended).
+    /// Sectors that live writes changed after they were copied, copied again while the
+    /// bridge was suspended.
     pub rechecked: u64,
 }
 
@@ -152,9 +151,6 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// Cap on the copy rate in bytes per second (`--rate`): the engine pauses between
     /// chunks so that the average stays below it.
     pub rate: Option<u64>,
-    /// Whether something is mapped on the bridge (a running system), decided at the first
-    /// chunk ([`Engine::is_live`]).
-    live: Option<bool>,
     /// What the tail held before `prepare` wrote into it: while nothing else has changed
     /// (state `Prepared`), [`Engine::abandon`] puts it back, byte for byte.
     original_tail: Option<Vec<u8>>,
@@ -292,7 +288,6 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             verify_dst: vec![0u8; VERIFY_PIECE],
             recheck: Vec::with_capacity(RECHECK_RUNS),
             rate: None,
-            live: None,
             original_tail: None,
             wrong_order_for_tests: false,
             rec,
@@ -820,13 +815,12 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// unless the journal was written with a larger chunk), each committed on its own.
     fn move_chunk(&mut self, from: u64, to: u64) -> EResult<ChunkStats> {
         let d = self.ensure_helpers()?;
-        let live = self.is_live()?;
         let step = (self.plain.len() / 512) as u64;
         let mut stats = ChunkStats::default();
         let mut b = to;
         while b > from {
             let a = b.saturating_sub(step).max(from);
-            self.move_step(d, a, b, live, &mut stats)?;
+            self.move_step(d, a, b, &mut stats)?;
             b = a;
         }
         Ok(stats)
@@ -837,13 +831,15 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// Everything slow happens while the bridge is live and still maps the step linear to
     /// its source, so that live writes go there: luksify reads the source, encrypts it with
     /// the new key and writes it to the destination, which nothing else maps yet; reads it
-    /// back; reads its first sectors through the kernel's dm-crypt; and copies again what
-    /// live writes changed meanwhile. The bridge is then suspended (no write in flight, none
-    /// can start) only to compare the source with what was copied once more, copy again
-    /// the few sectors that changed, commit the journal and flip the table to crypt. At
+    /// back; and reads its first sectors through the kernel's dm-crypt. The bridge is then
+    /// suspended (no write in flight, none can start) only to compare the source with what
+    /// was copied, copy again the few sectors live writes changed since, commit the journal
+    /// and flip the table to crypt. (A live round of that comparison before the suspend
+    /// was measured: it cost a read of every step and saved the suspended window almost
+    /// nothing, the writes that land in one step's window being few.) At
     /// the commit the destination holds exactly the encrypted source, and the source does
     /// not change until the flip.
-    fn move_step(&mut self, d: Devices, a: u64, b: u64, live: bool, stats: &mut ChunkStats) -> EResult<()> {
+    fn move_step(&mut self, d: Devices, a: u64, b: u64, stats: &mut ChunkStats) -> EResult<()> {
         let g = *self.g();
         let bridge = self.names.bridge.clone();
         // 1. Copy and check, live.
@@ -853,11 +849,6 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let t1 = Instant::now();
         self.check_written(a, b, &[(a, b)])?;
         self.check_kernel(a, b)?;
-        if live {
-            // One live round over what changed during the copy, so that little is left for
-            // the suspended window.
-            stats.rechecked += self.refresh(a, b)?;
-        }
         stats.verify += t1.elapsed();
         // 2. Suspended: the last comparison, then commit, then flip.
         let steady = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: a });
@@ -915,22 +906,6 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             let _ = self.kernel.clear_inactive(&bridge);
         }
         let _ = self.kernel.resume(&bridge);
-    }
-
-    /// Whether a running system uses the bridge (something is mapped on it): then each
-    /// step gets a live round of copying again what changed, which keeps the suspended
-    /// window short. Decided at the first chunk: LVM's VG lock, held until the finish,
-    /// keeps LVs from being activated or removed meanwhile (and this only decides how much
-    /// is left for the suspended window, never whether it is checked).
-    fn is_live(&mut self) -> EResult<bool> {
-        if let Some(l) = self.live {
-            return Ok(l);
-        }
-        let bridge = kern(self.kernel.lookup(&self.names.bridge))?
-            .ok_or_else(|| EngineError::Kernel(format!("{} disappeared", self.names.bridge)))?;
-        let l = !kern(self.kernel.holders_of(bridge, &[]))?.is_empty();
-        self.live = Some(l);
-        Ok(l)
     }
 
     /// Migrating{0} → HeaderWritten: the bridge is already the pure crypt table; drop the
