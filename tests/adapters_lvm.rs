@@ -257,9 +257,22 @@ fn tmpdir(tag: &str) -> Tmp {
     Tmp(d)
 }
 
+/// What `pvs --segments -o PV_FIELDS,PVSEG_FIELDS` reports: SEG0's rows, each with PV0's
+/// fields (as LVM repeats a PV's fields on every segment row).
+fn pv_and_segments_report() -> String {
+    let pv: serde_json::Value = serde_json::from_str(PV0).unwrap();
+    let mut seg: serde_json::Value = serde_json::from_str(SEG0).unwrap();
+    let pv_row = pv["report"][0]["pv"][0].as_object().unwrap().clone();
+    for r in seg["report"][0]["pvseg"].as_array_mut().unwrap() {
+        for (k, v) in &pv_row {
+            r.as_object_mut().unwrap().insert(k.clone(), v.clone());
+        }
+    }
+    seg.to_string()
+}
+
 fn fake_lvm(dir: &Path, fail: bool) -> PathBuf {
-    std::fs::write(dir.join("pv.json"), PV0).unwrap();
-    std::fs::write(dir.join("seg.json"), SEG0).unwrap();
+    std::fs::write(dir.join("seg.json"), pv_and_segments_report()).unwrap();
     std::fs::write(dir.join("lvs.json"), LVS0).unwrap();
     let script = format!(
         r#"#!/bin/sh
@@ -269,7 +282,6 @@ echo "FD=$LVM_SUPPRESS_FD_WARNINGS LC=$LC_ALL X=$EXTRA :: $*" >> "$D/log"
 if [ "{fail}" = 1 ]; then echo "  WARNING: noise" >&2; echo "  Cannot use /dev/sda5: device is rejected by filter config" >&2; exit 5; fi
 case "$*" in
   "pvs --segments"*) cat "$D/seg.json" ;;
-  pvs*) cat "$D/pv.json" ;;
   lvs*) cat "$D/lvs.json" ;;
   pvresize*|"pvscan --cache"*) echo "  Physical volume changed" ;;
   *) echo "unexpected command: $*" >&2; exit 3 ;;
@@ -312,8 +324,7 @@ fn fake_lvm_command_lines_and_environment() {
     assert_eq!(
         lines,
         vec![
-            format!("{env}pvs --reportformat json --units s --nosuffix -o {} /dev/loop0", lvm::PV_FIELDS),
-            format!("{env}pvs --segments --reportformat json --units s --nosuffix -o {} /dev/loop0", lvm::PVSEG_FIELDS),
+            format!("{env}pvs --segments --reportformat json --units s --nosuffix -o {},{} /dev/loop0", lvm::PV_FIELDS, lvm::PVSEG_FIELDS),
             format!("{env}lvs -a --reportformat json --units s --nosuffix -o {} vg0", lvm::LV_FIELDS),
             format!("{env}pvresize /dev/mapper/sda5_crypt"),
             format!("{env}pvresize --yes --setphysicalvolumesize 395264s /dev/loop0"),
@@ -330,7 +341,7 @@ fn fake_lvm_failure_carries_lvms_reason() {
     let e = l.facts(Path::new("/dev/sda5")).unwrap_err();
     match &e {
         LvmError::Failed { cmd, stderr, .. } => {
-            assert!(cmd.contains("pvs --reportformat json"), "{cmd}");
+            assert!(cmd.contains("pvs --segments --reportformat json"), "{cmd}");
             assert!(stderr.contains("rejected by filter config"), "{stderr}");
         }
         other => panic!("unexpected {other}"),

@@ -21,8 +21,9 @@ use std::process::{Command, Stdio};
 /// Fields asked of `pvs` for the PV itself.
 pub const PV_FIELDS: &str =
     "pv_name,pv_uuid,vg_name,vg_uuid,pe_start,pv_size,dev_size,pv_pe_count,pv_pe_alloc_count,pv_mda_count,vg_extent_size";
-/// Fields asked of `pvs --segments` for the PV's extent map.
-pub const PVSEG_FIELDS: &str = "pv_name,pvseg_start,pvseg_size,lv_name";
+/// Fields asked of `pvs --segments` for the PV's extent map, after [`PV_FIELDS`] (one call
+/// reports both: every segment row repeats its PV's fields).
+pub const PVSEG_FIELDS: &str = "pvseg_start,pvseg_size,lv_name";
 /// Fields asked of `lvs -a` (one row per LV segment).
 pub const LV_FIELDS: &str = "vg_name,lv_name,lv_uuid,lv_attr,lv_active,segtype,lv_dm_path,devices,seg_pe_ranges";
 
@@ -121,14 +122,20 @@ impl Lvm {
     pub fn facts(&self, device: &Path) -> Result<LvmFacts> {
         let dev = device.to_str().ok_or_else(|| LvmError::NoPv(device.display().to_string()))?;
         let common = ["--reportformat", "json", "--units", "s", "--nosuffix"];
-        let mut a = vec!["pvs"];
-        a.extend(common);
-        a.extend(["-o", PV_FIELDS, dev]);
-        let pv = self.report(&a, "pv")?;
+        // One LVM command for the PV and its segments (each LVM command costs a process
+        // and a device scan: most of the start-up time in the test bed).
+        let fields = format!("{PV_FIELDS},{PVSEG_FIELDS}");
         let mut a = vec!["pvs", "--segments"];
         a.extend(common);
-        a.extend(["-o", PVSEG_FIELDS, dev]);
+        a.extend(["-o", fields.as_str(), dev]);
         let segs = self.report(&a, "pvseg")?;
+        let mut pv: Vec<Row> = Vec::new();
+        for r in &segs {
+            let name = r.str("pv_name").map_err(|why| LvmError::Parse { cmd: self.command_line(&a), why })?;
+            if !pv.iter().any(|p| p.str("pv_name").as_deref() == Ok(name.as_str())) {
+                pv.push(r.clone());
+            }
+        }
         let vg = pv.first().map(|r| r.str("vg_name")).transpose().map_err(|why| LvmError::Parse { cmd: "pvs".into(), why })?;
         let lvs = match vg {
             Some(vg) if !vg.is_empty() => {

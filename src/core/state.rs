@@ -18,7 +18,8 @@ pub enum Step {
     InsertBridge,
     /// Shadow [0, F) in the tail, map it from the shadow, write the marker on the raw device.
     Fence,
-    /// Mirror [from, to) into the staging crypt device, commit, flip the table to crypt.
+    /// Copy [from, to) encrypted to S+from, check it, commit, flip the table to crypt (in
+    /// steps of at most 8 MiB, each committed).
     MoveChunk { from: u64, to: u64 },
     /// Pure crypt table, staging removed, header written at [0, S).
     Finish,

@@ -103,7 +103,8 @@ pub struct Devices {
     pub raw: DevRef,
     /// The staging crypt device (maps [0, L) to raw at S with the new key).
     pub staging: DevRef,
-    /// The private mirror device that holds the chunk in flight. The mirror lives in its own
+    /// The private mirror device that holds a step whose commit failed (both copies
+    /// identical, kept so by a nosync mirror until a resume). The mirror lives in its own
     /// helper, not in the bridge, because LVM skips every dm device with a mirror target
     /// (`devices/ignore_lvm_mirrors`, on by default): with the mirror in the bridge, LVM on
     /// the live system would lose sight of the PV during every copy.
@@ -117,7 +118,8 @@ pub enum BridgePhase {
     Linear,
     /// Fenced, chunks [cursor, L) moved; nothing in flight.
     Steady { cursor: u64 },
-    /// Fenced, chunks [to, L) moved, chunk [from, to) being mirrored.
+    /// Fenced, [to, L) moved, step [from, to) on both copies through the mirror device
+    /// (only after a commit failed: either cursor reads the same data).
     Mirroring { from: u64, to: u64 },
     /// Everything moved: exactly what `cryptsetup open` maps.
     Final,
@@ -160,7 +162,7 @@ pub fn mirror_table(g: &Geometry, d: Devices, a: u64, b: u64) -> Table {
         .collect()
 }
 
-/// What the mirror device maps when no chunk is in flight: an idle placeholder of the
+/// What the mirror device maps when it holds no step: an idle placeholder of the
 /// largest chunk's size (a table that references it must fit in it), reading staging.
 pub fn mirror_idle_table(g: &Geometry, d: Devices) -> Table {
     vec![Line { start: 0, length: g.k.min(g.l), target: Target::Linear { dev: d.staging, offset: 0 } }]

@@ -102,7 +102,7 @@ pub struct Names {
     pub bridge_uuid: String,
     pub staging: String,
     pub staging_uuid: String,
-    /// The private helper holding the chunk in flight (see `tables::Devices::mirror`).
+    /// The private helper that holds a step whose commit failed (see `tables::Devices::mirror`).
     pub mirror: String,
     pub mirror_uuid: String,
 }
