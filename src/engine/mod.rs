@@ -142,10 +142,10 @@ pub struct Engine<D: Disk, K: Kernel> {
     xts: Option<crate::core::xts::Xts>,
     /// The step in flight: its plaintext as last read from the source, and its ciphertext
     /// as written to the destination (up to [`geometry::MAX_STEP`] sectors each).
-    plain: Vec<u8>,
-    cipher: Vec<u8>,
-    verify_src: Vec<u8>,
-    verify_dst: Vec<u8>,
+    plain: IoBuf,
+    cipher: IoBuf,
+    verify_src: IoBuf,
+    verify_dst: IoBuf,
     /// Runs of sectors to compare again (capacity fixed up front).
     recheck: Vec<(u64, u64)>,
     /// Cap on the copy rate in bytes per second (`--rate`): the engine pauses between
@@ -286,10 +286,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             fence_buf: buf((rec.geometry.f * 512) as usize),
             slot_buf: buf(SLOT_BYTES),
             xts: (rec.cipher == "aes-xts-plain64").then(|| crate::core::xts::Xts::new(key)).flatten(),
-            plain: buf((rec.geometry.k.min(geometry::MAX_STEP) * 512) as usize),
-            cipher: buf((rec.geometry.k.min(geometry::MAX_STEP) * 512) as usize),
-            verify_src: buf(VERIFY_PIECE),
-            verify_dst: buf(VERIFY_PIECE),
+            plain: IoBuf::new((rec.geometry.k.min(geometry::MAX_STEP) * 512) as usize),
+            cipher: IoBuf::new((rec.geometry.k.min(geometry::MAX_STEP) * 512) as usize),
+            verify_src: IoBuf::new(VERIFY_PIECE),
+            verify_dst: IoBuf::new(VERIFY_PIECE),
             recheck,
             rate: None,
             original_tail: None,
@@ -933,7 +933,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let s_bytes = (g.s * 512) as usize;
         let header = std::mem::take(&mut self.header);
         let mut buf = std::mem::take(&mut self.verify_src);
-        let piece_of = |buf: &mut Vec<u8>, at: usize, n: usize| {
+        let piece_of = |buf: &mut [u8], at: usize, n: usize| {
             buf[..n].fill(0);
             if at < header.len() {
                 let end = header.len().min(at + n);
@@ -1031,6 +1031,38 @@ fn prefaulted(mut buf: Vec<u8>) -> Vec<u8> {
         unsafe { std::ptr::write_volatile(&mut page[0], 0) };
     }
     buf
+}
+
+/// A zeroed byte buffer that starts on a 4 KiB boundary, so that the raw disk's O_DIRECT
+/// I/O uses it as it is (no copy through a bounce buffer), every page written once
+/// ([`prefaulted`]).
+#[derive(Default)]
+struct IoBuf {
+    v: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl IoBuf {
+    fn new(len: usize) -> IoBuf {
+        let v = prefaulted(vec![0u8; len + 4096]);
+        // The heap block does not move when the Vec does: the offset stays right.
+        let off = v.as_ptr().align_offset(4096);
+        IoBuf { v, off, len }
+    }
+}
+
+impl std::ops::Deref for IoBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.v[self.off..self.off + self.len]
+    }
+}
+
+impl std::ops::DerefMut for IoBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.v[self.off..self.off + self.len]
+    }
 }
 
 /// Where the unmoved plaintext of sector `x` is read from (as the bridge maps it): the
