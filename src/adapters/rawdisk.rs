@@ -2,8 +2,7 @@
 //! allocated once (so nothing is allocated while the bridge is suspended), and a flush that
 //! reaches the disk's cache (fsync on a block device issues a cache flush).
 
-use crate::engine::Disk;
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use crate::engine::{Disk, IoBuf};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -12,36 +11,9 @@ use std::path::Path;
 const ALIGN: usize = 4096;
 const BOUNCE: usize = 1 << 20;
 
-/// A 4 KiB-aligned heap buffer.
-struct Aligned {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let layout = Layout::from_size_align(len, ALIGN).unwrap();
-        // SAFETY: layout has non-zero size; checked for null below.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        assert!(!ptr.is_null(), "out of memory for the I/O buffer");
-        Aligned { ptr, len }
-    }
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: ptr is valid for len bytes and uniquely borrowed through &mut self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { dealloc(self.ptr, Layout::from_size_align(self.len, ALIGN).unwrap()) }
-    }
-}
-
 pub struct RawDisk {
     file: File,
-    bounce: Aligned,
+    bounce: IoBuf,
     direct: bool,
 }
 
@@ -68,7 +40,7 @@ impl RawDisk {
             }
             Err(e) => return Err(e),
         };
-        Ok(RawDisk { file, bounce: Aligned::new(bounce), direct })
+        Ok(RawDisk { file, bounce: IoBuf::new(bounce), direct })
     }
 
     pub fn file(&self) -> &File {
@@ -99,11 +71,11 @@ impl Disk for RawDisk {
         if direct_ok(buf) {
             return self.file.read_exact_at(buf, off);
         }
-        let bounce = self.bounce.len;
+        let bounce = self.bounce.len();
         for piece in buf.chunks_mut(bounce) {
             // O_DIRECT needs the length aligned too: round up, copy out what was asked.
             let n = piece.len().div_ceil(512) * 512;
-            let b = &mut self.bounce.as_mut()[..n];
+            let b = &mut self.bounce[..n];
             self.file.read_exact_at(b, off)?;
             piece.copy_from_slice(&b[..piece.len()]);
             off += piece.len() as u64;
@@ -116,9 +88,9 @@ impl Disk for RawDisk {
         if direct_ok(buf) {
             return self.file.write_all_at(buf, off);
         }
-        let bounce = self.bounce.len;
+        let bounce = self.bounce.len();
         for piece in buf.chunks(bounce) {
-            let b = &mut self.bounce.as_mut()[..piece.len()];
+            let b = &mut self.bounce[..piece.len()];
             b.copy_from_slice(piece);
             self.file.write_all_at(b, off)?;
             off += piece.len() as u64;
@@ -153,16 +125,16 @@ mod tests {
         assert!(one.iter().all(|&b| b == 0));
         assert!(d.write(0, &[1u8; 100]).is_err());
         // An aligned buffer goes to the file as it is (no bounce); both paths agree.
-        let mut a = Aligned::new(8192);
-        assert!(direct_ok(a.as_mut()));
-        a.as_mut().copy_from_slice(&data[..8192]);
-        d.write(40, a.as_mut()).unwrap();
+        let mut a = IoBuf::new(8192);
+        assert!(direct_ok(&a));
+        a.copy_from_slice(&data[..8192]);
+        d.write(40, &a).unwrap();
         let mut back = vec![0u8; 8192 + 512];
         d.read(40, &mut back[512..]).unwrap();
         assert_eq!(&back[512..], &data[..8192]);
-        a.as_mut().fill(0);
-        d.read(40, a.as_mut()).unwrap();
-        assert_eq!(a.as_mut(), &data[..8192]);
+        a.fill(0);
+        d.read(40, &mut a).unwrap();
+        assert_eq!(&a[..], &data[..8192]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1039,18 +1039,18 @@ fn prefaulted(mut buf: Vec<u8>) -> Vec<u8> {
     buf
 }
 
-/// A zeroed byte buffer that starts on a 4 KiB boundary, so that the raw disk's O_DIRECT
-/// I/O uses it as it is (no copy through a bounce buffer), every page written once
-/// ([`prefaulted`]).
+/// A zeroed byte buffer that starts on a 4 KiB boundary, so that O_DIRECT I/O uses it as
+/// it is, every page written once ([`prefaulted`]): the engine's step buffers and the raw
+/// disk's bounce buffer.
 #[derive(Default)]
-struct IoBuf {
+pub struct IoBuf {
     v: Vec<u8>,
     off: usize,
     len: usize,
 }
 
 impl IoBuf {
-    fn new(len: usize) -> IoBuf {
+    pub fn new(len: usize) -> IoBuf {
         let v = prefaulted(vec![0u8; len + 4096]);
         // The heap block does not move when the Vec does: the offset stays right.
         let off = v.as_ptr().align_offset(4096);
