@@ -153,6 +153,16 @@ impl Geometry {
         (c.saturating_sub(self.k), c)
     }
 
+    /// Where the unmoved plaintext of sector `x` is while converting: the shadow for the
+    /// fenced label sectors [0, F), in place for the rest.
+    pub fn source_of(&self, x: u64) -> u64 {
+        if x < self.f {
+            self.shadow + x
+        } else {
+            x
+        }
+    }
+
     /// Every chunk in the order they move: from the tail down to sector 0.
     pub fn schedule(&self) -> Vec<(u64, u64)> {
         let mut out = Vec::with_capacity(self.steps() as usize);

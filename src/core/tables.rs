@@ -133,11 +133,11 @@ fn source_lines(g: &Geometry, raw: DevRef, a: u64, b: u64, out: &mut Table) {
     }
     if a < g.f {
         let e = b.min(g.f);
-        out.push(Line { start: a, length: e - a, target: Target::Linear { dev: raw, offset: g.shadow + a } });
+        out.push(Line { start: a, length: e - a, target: Target::Linear { dev: raw, offset: g.source_of(a) } });
     }
     let a2 = a.max(g.f);
     if a2 < b {
-        out.push(Line { start: a2, length: b - a2, target: Target::Linear { dev: raw, offset: a2 } });
+        out.push(Line { start: a2, length: b - a2, target: Target::Linear { dev: raw, offset: g.source_of(a2) } });
     }
 }
 

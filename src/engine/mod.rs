@@ -673,13 +673,13 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// nothing onto [S + a, S + b) until the step is committed.
     fn copy_step(&mut self, a: u64, b: u64) -> EResult<()> {
         let g = *self.g();
-        let Some(xts) = &self.xts else { return Err(EngineError::Refused(format!("luksify cannot encrypt with {}", self.rec.cipher))) };
+        let Some(xts) = &self.xts else { return Err(no_cipher(&self.rec.cipher)) };
         let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
         let mut x = a;
         while x < b {
             let e = piece_end(&g, x, b);
             let (o, n) = (((x - a) * 512) as usize, ((e - x) * 512) as usize);
-            self.disk.read(source_of(&g, x), &mut self.plain[o..o + n]).map_err(|er| fail(x, format!("reading the source: {er}")))?;
+            self.disk.read(g.source_of(x), &mut self.plain[o..o + n]).map_err(|er| fail(x, format!("reading the source: {er}")))?;
             self.verify_dst[..n].copy_from_slice(&self.plain[o..o + n]);
             xts.encrypt_sectors(&mut self.verify_dst[..n], x);
             self.disk.write(g.s + x, &self.verify_dst[..n]).map_err(|er| fail(x, format!("writing the copy: {er}")))?;
@@ -693,7 +693,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// cache that lied.
     fn check_written(&mut self, a: u64, b: u64, runs: &[(u64, u64)]) -> EResult<()> {
         let s = self.g().s;
-        let Some(xts) = &self.xts else { return Err(EngineError::Refused(format!("luksify cannot encrypt with {}", self.rec.cipher))) };
+        let Some(xts) = &self.xts else { return Err(no_cipher(&self.rec.cipher)) };
         for &(ra, rb) in runs {
             let mut x = ra;
             while x < rb {
@@ -747,14 +747,14 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
 
     fn refresh_into(&mut self, a: u64, b: u64, runs: &mut Vec<(u64, u64)>) -> EResult<u64> {
         let g = *self.g();
-        let Some(xts) = &self.xts else { return Ok(0) };
+        let Some(xts) = &self.xts else { return Err(no_cipher(&self.rec.cipher)) };
         let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
         let mut changed = 0u64;
         let mut x = a;
         while x < b {
             let e = piece_end(&g, x, b);
             let n = ((e - x) * 512) as usize;
-            self.disk.read(source_of(&g, x), &mut self.verify_src[..n]).map_err(|er| fail(x, format!("reading the source: {er}")))?;
+            self.disk.read(g.source_of(x), &mut self.verify_src[..n]).map_err(|er| fail(x, format!("reading the source: {er}")))?;
             let base = ((x - a) * 512) as usize;
             let same = |src: &[u8], plain: &[u8], i: usize| src[i * 512..(i + 1) * 512] == plain[base + i * 512..base + (i + 1) * 512];
             let mut i = 0;
@@ -1071,14 +1071,10 @@ impl std::ops::DerefMut for IoBuf {
     }
 }
 
-/// Where the unmoved plaintext of sector `x` is read from (as the bridge maps it): the
-/// shadow for the fenced label sectors [0, F), in place for the rest.
-fn source_of(g: &Geometry, x: u64) -> u64 {
-    if x < g.f {
-        g.shadow + x
-    } else {
-        x
-    }
+/// The error of a step that cannot be copied because luksify has no implementation of the
+/// journaled cipher (the planner accepts only aes-xts-plain64 with a 512-bit key).
+fn no_cipher(cipher: &str) -> EngineError {
+    EngineError::Refused(format!("luksify cannot encrypt with {cipher}"))
 }
 
 /// The end of the piece of [x, b) that one read takes: at most [`VERIFY_PIECE`], never
