@@ -238,14 +238,12 @@ pub struct DiskImage {
     pub bad: Vec<BadArea>,
     pub writes: u64,
     pub flushes: u64,
-    /// Set while the kernel's mirror recovery does I/O.
-    in_recovery: bool,
 }
 
 impl DiskImage {
     fn new(image: Vec<u8>) -> DiskImage {
         let n = (image.len() / SECTOR) as u64;
-        DiskImage { n, durable: image.clone(), current: image, cache: Vec::new(), bad: Vec::new(), writes: 0, flushes: 0, in_recovery: false }
+        DiskImage { n, durable: image.clone(), current: image, cache: Vec::new(), bad: Vec::new(), writes: 0, flushes: 0 }
     }
 
     fn range(&self, sector: u64, len: usize) -> Result<std::ops::Range<usize>, String> {
@@ -836,10 +834,6 @@ pub struct World {
     release_armed: bool,
     /// Mirror recovery writes (the kernel's).
     pub recovery_steps: u64,
-    /// Failing areas of dm devices: (device name, first sector, end, also kcopyd's writes).
-    pub dm_bad: Vec<(String, u64, u64, bool)>,
-    /// Writes failed by `dm_bad`.
-    pub dm_bad_hits: u64,
     /// Devices the running luksify process resumes with the udev-disable flags (its
     /// `set_udev_hidden`); a new process starts with none.
     udev_hidden: BTreeSet<String>,
@@ -897,8 +891,6 @@ impl World {
             swallow_flush: false,
             release_armed: false,
             recovery_steps: 0,
-            dm_bad: Vec::new(),
-            dm_bad_hits: 0,
             udev_hidden: BTreeSet::new(),
             bridge_shown_to_udev: false,
         };
@@ -1256,10 +1248,6 @@ impl World {
             return Err(IoFail::Blocked);
         }
         let name = name.clone();
-        if write && self.dm_bad.iter().any(|b| b.0 == name && b.1 <= s && s < b.2 && (b.3 || !self.disk.in_recovery)) {
-            self.dm_bad_hits += 1;
-            return Err(IoFail::Error(format!("EIO writing sector {s} of {name}")));
-        }
         let t = d.live.as_ref().ok_or_else(|| IoFail::Error(format!("{name} has no table")))?;
         let li = Self::line_at(t, s).ok_or_else(|| IoFail::Error(format!("sector {s} beyond the end of {name}")))?;
         let l = &t[li];
@@ -1356,7 +1344,6 @@ impl World {
         }
         let mut data = vec![0u8; ((b - a) as usize) * SECTOR];
         let mut failed = None;
-        self.disk.in_recovery = true;
         for (i, o) in (a..b).enumerate() {
             if self.dev_io(legs[0].0, legs[0].1 + o, &mut data[i * SECTOR..(i + 1) * SECTOR], false).is_err() {
                 failed = Some(0);
@@ -1371,7 +1358,6 @@ impl World {
                 }
             }
         }
-        self.disk.in_recovery = false;
         self.recovery_steps += 1;
         match failed {
             // A failed copy is a sync error on that leg; the region stays out of sync.
