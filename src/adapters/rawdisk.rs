@@ -40,7 +40,7 @@ impl RawDisk {
             }
             Err(e) => return Err(e),
         };
-        Ok(RawDisk { file, bounce: IoBuf::new(bounce), direct })
+        Ok(RawDisk { file, bounce: IoBuf::new(bounce)?, direct })
     }
 
     pub fn file(&self) -> &File {
@@ -125,7 +125,7 @@ mod tests {
         assert!(one.iter().all(|&b| b == 0));
         assert!(d.write(0, &[1u8; 100]).is_err());
         // An aligned buffer goes to the file as it is (no bounce); both paths agree.
-        let mut a = IoBuf::new(8192);
+        let mut a = IoBuf::new(8192).unwrap();
         assert!(direct_ok(&a));
         a.copy_from_slice(&data[..8192]);
         d.write(40, &a).unwrap();

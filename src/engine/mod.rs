@@ -17,6 +17,7 @@ use crate::core::facts::TableLineFacts;
 pub use traits::{Disk, HolderTable, KResult, Kernel, KernelError};
 use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
+pub use crate::iobuf::IoBuf;
 
 /// Bytes per read or write of the copy and its checks (the buffers are allocated up front:
 /// nothing is allocated while the bridge is suspended).
@@ -136,8 +137,8 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// The header copy (H bytes), as written in the tail.
     header: Vec<u8>,
     /// Buffers allocated before any suspend, so that a suspended window allocates nothing.
-    fence_buf: Vec<u8>,
-    slot_buf: Vec<u8>,
+    fence_buf: IoBuf,
+    slot_buf: IoBuf,
     /// The new cipher: luksify encrypts each step itself.
     xts: Option<crate::core::xts::Xts>,
     /// The step in flight: its plaintext as last read from the source (up to
@@ -256,13 +257,13 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         io(disk.read(geometry.shadow, &mut original), || "reading the tail".into())?;
         io(disk.write(geometry.header_copy, &header), || "writing the header copy into the tail".into())?;
         io(disk.flush(), || "flushing the header copy".into())?;
-        let mut e = Self::with_record(disk, kernel, raw, rec, key, header);
+        let mut e = Self::with_record(disk, kernel, raw, rec, key, header)?;
         e.original_tail = Some(original);
         e.write_record()?;
         Ok(e)
     }
 
-    fn with_record(disk: D, mut kernel: K, raw: DevRef, rec: Record, key: &[u8], header: Vec<u8>) -> Self {
+    fn with_record(disk: D, mut kernel: K, raw: DevRef, rec: Record, key: &[u8], header: Vec<u8>) -> EResult<Self> {
         let names = Names::new(&rec.name, rec.luks_version, &rec.luks_uuid);
         // Until the finish, the bridge shows the plaintext PV: keep udev rules (blkid, links)
         // and LVM's autoactivation (pvscan) off it. `cleanup` shows it to udev once it holds
@@ -273,11 +274,11 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             use std::fmt::Write;
             let _ = write!(hex, "{b:02x}");
         }
-        let buf = |len: usize| prefaulted(vec![0u8; len]);
+        let buf = |len: usize| io(IoBuf::new(len), || "allocating the step buffers".into());
         let mut recheck = Vec::with_capacity(RECHECK_RUNS);
         recheck.resize(RECHECK_RUNS, (0, 0));
         recheck.clear();
-        Engine {
+        Ok(Engine {
             disk,
             kernel,
             names,
@@ -285,18 +286,18 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             spec: CryptSpec { cipher: rec.cipher.clone(), allow_discards: rec.allow_discards },
             key_hex: hex,
             header,
-            fence_buf: buf((rec.geometry.f * 512) as usize),
-            slot_buf: buf(SLOT_BYTES),
+            fence_buf: buf((rec.geometry.f * 512) as usize)?,
+            slot_buf: buf(SLOT_BYTES)?,
             xts: (rec.cipher == "aes-xts-plain64").then(|| crate::core::xts::Xts::new(key)).flatten(),
-            plain: IoBuf::new((rec.geometry.k.min(geometry::MAX_STEP) * 512) as usize),
-            verify_src: IoBuf::new(VERIFY_PIECE),
-            verify_dst: IoBuf::new(VERIFY_PIECE),
+            plain: buf((rec.geometry.k.min(geometry::MAX_STEP) * 512) as usize)?,
+            verify_src: buf(VERIFY_PIECE)?,
+            verify_dst: buf(VERIFY_PIECE)?,
             recheck,
             rate: None,
             original_tail: None,
             wrong_order_for_tests: false,
             rec,
-        }
+        })
     }
 
     /// Read the journal from a device: None if there is none.
@@ -381,7 +382,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 }
             }
         }
-        let mut e = Self::with_record(disk, kernel, raw, rec, key, header);
+        let mut e = Self::with_record(disk, kernel, raw, rec, key, header)?;
         e.rebuild()?;
         Ok(e)
     }
@@ -654,7 +655,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             })();
             if let Err(e) = r {
                 // Put the label back where the old table reads it, then back out.
-                let orig = self.fence_buf.clone();
+                let orig = self.fence_buf.to_vec();
                 let _ = self.disk.write(0, &orig).and_then(|_| self.disk.flush());
                 let _ = self.kernel.clear_inactive(&bridge);
                 let _ = self.kernel.resume(&bridge);
@@ -938,7 +939,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let f = (g.f * 512) as usize;
         let s_bytes = (g.s * 512) as usize;
         let header = std::mem::take(&mut self.header);
-        let mut buf = std::mem::take(&mut self.verify_src);
+        let buf = &mut self.verify_src;
+        let disk = &mut self.disk;
         let piece_of = |buf: &mut [u8], at: usize, n: usize| {
             buf[..n].fill(0);
             if at < header.len() {
@@ -950,19 +952,18 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let mut at = f;
         while at < s_bytes && r.is_ok() {
             let n = buf.len().min(s_bytes - at);
-            piece_of(&mut buf, at, n);
-            r = self.disk.write((at / 512) as u64, &buf[..n]);
+            piece_of(buf, at, n);
+            r = disk.write((at / 512) as u64, &buf[..n]);
             at += n;
         }
         let r = r
-            .and_then(|_| self.disk.flush())
+            .and_then(|_| disk.flush())
             .and_then(|_| {
-                piece_of(&mut buf, 0, f);
-                self.disk.write(0, &buf[..f])
+                piece_of(buf, 0, f);
+                disk.write(0, &buf[..f])
             })
-            .and_then(|_| self.disk.flush());
+            .and_then(|_| disk.flush());
         self.header = header;
-        self.verify_src = buf;
         io(r, || "writing the LUKS header".into())?;
         self.commit(State::HeaderWritten)
     }
@@ -1023,51 +1024,6 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
 
     pub fn into_parts(self) -> (D, K) {
         (self.disk, self.kernel)
-    }
-}
-
-/// `buf` with every page of it written once: a zeroed allocation is mapped lazily, and the
-/// first write to each page faults, even under mlockall (measured in the test bed: about
-/// 0.1 s per MiB, so 1 MiB touched for the first time inside a suspended window made that
-/// window 95 ms). Buffers the engine uses while the bridge is suspended go through this.
-fn prefaulted(mut buf: Vec<u8>) -> Vec<u8> {
-    for page in buf.chunks_mut(4096) {
-        // SAFETY: a valid, exclusively borrowed byte. Volatile: the store of a zero into
-        // memory the allocator returned zeroed would otherwise be optimised away.
-        unsafe { std::ptr::write_volatile(&mut page[0], 0) };
-    }
-    buf
-}
-
-/// A zeroed byte buffer that starts on a 4 KiB boundary, so that O_DIRECT I/O uses it as
-/// it is, every page written once ([`prefaulted`]): the engine's step buffers and the raw
-/// disk's bounce buffer.
-#[derive(Default)]
-pub struct IoBuf {
-    v: Vec<u8>,
-    off: usize,
-    len: usize,
-}
-
-impl IoBuf {
-    pub fn new(len: usize) -> IoBuf {
-        let v = prefaulted(vec![0u8; len + 4096]);
-        // The heap block does not move when the Vec does: the offset stays right.
-        let off = v.as_ptr().align_offset(4096);
-        IoBuf { v, off, len }
-    }
-}
-
-impl std::ops::Deref for IoBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.v[self.off..self.off + self.len]
-    }
-}
-
-impl std::ops::DerefMut for IoBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.v[self.off..self.off + self.len]
     }
 }
 
