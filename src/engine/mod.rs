@@ -141,12 +141,12 @@ pub struct Engine<D: Disk, K: Kernel> {
     slot_buf: IoBuf,
     /// The new cipher: luksify encrypts each step itself.
     xts: Option<crate::core::xts::Xts>,
-    /// The step in flight: its plaintext as last read from the source (up to
-    /// [`geometry::MAX_STEP`] sectors). Its ciphertext is not kept: it is made again, a
-    /// piece at a time, to compare with what the disk returns (a pass of AES-NI costs less
-    /// than keeping, and faulting in, 8 MiB more).
+    /// The step in flight (up to [`geometry::MAX_STEP`] sectors): its plaintext as last
+    /// read from the source, and its ciphertext as written to the destination (kept, so
+    /// the read-back compares without a second pass of AES).
     plain: IoBuf,
-    /// Scratch pieces: the source read again, the ciphertext written or read back.
+    cipher: IoBuf,
+    /// Scratch pieces: the source read again, the copy read back.
     verify_src: IoBuf,
     verify_dst: IoBuf,
     /// Runs of sectors to compare again (capacity fixed up front).
@@ -290,6 +290,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             slot_buf: buf(SLOT_BYTES)?,
             xts: (rec.cipher == "aes-xts-plain64").then(|| crate::core::xts::Xts::new(key)).flatten(),
             plain: buf((rec.geometry.k.min(geometry::MAX_STEP) * 512) as usize)?,
+            cipher: buf((rec.geometry.k.min(geometry::MAX_STEP) * 512) as usize)?,
             verify_src: buf(VERIFY_PIECE)?,
             verify_dst: buf(VERIFY_PIECE)?,
             recheck,
@@ -669,32 +670,31 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         c
     }
 
-    /// Copy step [a, b): read its source into `plain`, encrypt it piece by piece, write that
+    /// Copy step [a, b): read its source into `plain`, encrypt it into `cipher`, write that
     /// at the destination (S + a), flush. Only luksify writes there: the bridge maps
     /// nothing onto [S + a, S + b) until the step is committed.
     fn copy_step(&mut self, a: u64, b: u64) -> EResult<()> {
         let g = *self.g();
         let Some(xts) = &self.xts else { return Err(no_cipher(&self.rec.cipher)) };
         let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
+        // In as few I/Os as the source allows: one below F (the shadow), one above.
         let mut x = a;
         while x < b {
-            let e = piece_end(&g, x, b);
+            let e = if x < g.f { g.f.min(b) } else { b };
             let (o, n) = (((x - a) * 512) as usize, ((e - x) * 512) as usize);
             self.disk.read(g.source_of(x), &mut self.plain[o..o + n]).map_err(|er| fail(x, format!("reading the source: {er}")))?;
-            self.verify_dst[..n].copy_from_slice(&self.plain[o..o + n]);
-            xts.encrypt_sectors(&mut self.verify_dst[..n], x);
-            self.disk.write(g.s + x, &self.verify_dst[..n]).map_err(|er| fail(x, format!("writing the copy: {er}")))?;
+            self.cipher[o..o + n].copy_from_slice(&self.plain[o..o + n]);
+            xts.encrypt_sectors(&mut self.cipher[o..o + n], x);
+            self.disk.write(g.s + x, &self.cipher[o..o + n]).map_err(|er| fail(x, format!("writing the copy: {er}")))?;
             x = e;
         }
         self.disk.flush().map_err(|er| fail(a, format!("flushing the copy: {er}")))
     }
 
     /// Read the sectors `runs` of step [a, b) back from the destination and compare them with
-    /// what was written (`plain`, encrypted again): the copy is on the disk, not only in a
-    /// cache that lied.
+    /// what was written (`cipher`): the copy is on the disk, not only in a cache that lied.
     fn check_written(&mut self, a: u64, b: u64, runs: &[(u64, u64)]) -> EResult<()> {
         let s = self.g().s;
-        let Some(xts) = &self.xts else { return Err(no_cipher(&self.rec.cipher)) };
         for &(ra, rb) in runs {
             let mut x = ra;
             while x < rb {
@@ -702,9 +702,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 let (o, n) = (((x - a) * 512) as usize, ((e - x) * 512) as usize);
                 let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
                 self.disk.read(s + x, &mut self.verify_dst[..n]).map_err(|er| fail(x, format!("reading the copy back: {er}")))?;
-                self.verify_src[..n].copy_from_slice(&self.plain[o..o + n]);
-                xts.encrypt_sectors(&mut self.verify_src[..n], x);
-                if let Some(i) = (0..n / 512).find(|i| self.verify_dst[i * 512..(i + 1) * 512] != self.verify_src[i * 512..(i + 1) * 512]) {
+                if let Some(i) = (0..n / 512).find(|i| self.verify_dst[i * 512..(i + 1) * 512] != self.cipher[o + i * 512..o + (i + 1) * 512]) {
                     return Err(fail(x + i as u64, "the disk returned other data than was written".into()));
                 }
                 x = e;
@@ -771,10 +769,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 let (ra, rb) = (x + j as u64, x + i as u64);
                 let (o0, o1) = (base + j * 512, base + i * 512);
                 self.plain[o0..o1].copy_from_slice(&self.verify_src[j * 512..i * 512]);
-                let len = o1 - o0;
-                self.verify_dst[..len].copy_from_slice(&self.plain[o0..o1]);
-                xts.encrypt_sectors(&mut self.verify_dst[..len], ra);
-                self.disk.write(g.s + ra, &self.verify_dst[..len]).map_err(|er| fail(ra, format!("writing the copy: {er}")))?;
+                self.cipher[o0..o1].copy_from_slice(&self.plain[o0..o1]);
+                xts.encrypt_sectors(&mut self.cipher[o0..o1], ra);
+                self.disk.write(g.s + ra, &self.cipher[o0..o1]).map_err(|er| fail(ra, format!("writing the copy: {er}")))?;
                 changed += rb - ra;
                 let room = runs.len() < runs.capacity();
                 match runs.last_mut() {
