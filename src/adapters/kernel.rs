@@ -124,6 +124,16 @@ impl Kernel for DmKernel {
         Ok(())
     }
 
+    fn mirror_health(&mut self, n: &str) -> KResult<Vec<Vec<char>>> {
+        let mut out = Vec::new();
+        for l in self.dm.status(n).map_err(k)? {
+            if l.target_type == "mirror" {
+                out.push(crate::adapters::dm::MirrorStatus::parse(&l.params).map_err(|e| KernelError(e.to_string()))?.health);
+            }
+        }
+        Ok(out)
+    }
+
     fn table(&mut self, n: &str) -> KResult<Vec<TableLineFacts>> {
         self.dm.table(n).map_err(k)
     }

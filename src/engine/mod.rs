@@ -403,8 +403,11 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let table = tables::bridge_table(self.g(), &self.spec, d, phase);
         match kern(self.kernel.lookup(&self.names.bridge))? {
             Some(_) => {
-                // Live resume: whatever the bridge had (even a mirror in flight, whose source
-                // leg is complete), it now gets the journaled table.
+                // Live resume: whatever the bridge had (even the mirror of a failed commit,
+                // unless a copy went stale under it), it now gets the journaled table.
+                if let State::Migrating { cursor } = st {
+                    self.check_kept_copies(cursor)?;
+                }
                 self.swap_table(&self.names.bridge.clone(), &table, "bridge")?;
             }
             None => {
@@ -435,6 +438,41 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             self.remove_helpers()?;
         }
         Ok(())
+    }
+
+    /// After a failed commit, [`Self::keep_both`] leaves the step's two copies under a
+    /// mirror, identical. A write that failed on one of them since (its leg's health is no
+    /// longer `A`: dm-mirror went on writing the other leg only) left that copy stale.
+    /// The journal's cursor must map the other copy, or nothing is loaded: the live system
+    /// stays on the mirror, which keeps serving the healthy copy.
+    fn check_kept_copies(&mut self, cursor: u64) -> EResult<()> {
+        let mirror = self.names.mirror.clone();
+        let Some(m) = kern(self.kernel.lookup(&mirror))? else { return Ok(()) };
+        let health = kern(self.kernel.mirror_health(&mirror))?;
+        let bad = |leg: usize| health.iter().any(|h| h.get(leg).is_some_and(|&c| c != 'A'));
+        if !bad(0) && !bad(1) {
+            return Ok(());
+        }
+        // The step the mirror holds: where the bridge maps onto it.
+        let ms = m.to_string();
+        let bridge = kern(self.kernel.table(&self.names.bridge))?;
+        let span = bridge.iter().find(|l| l.target_type == "linear" && l.params.split_whitespace().next() == Some(ms.as_str()));
+        let letters: Vec<String> = health.iter().map(|h| h.iter().collect()).collect();
+        let (mapped, ok) = match span {
+            Some(l) if cursor <= l.start => ("the encrypted copy", !bad(1)),
+            Some(l) if cursor >= l.start + l.length => ("the source", !bad(0)),
+            _ => ("neither copy", false),
+        };
+        if ok {
+            return Ok(());
+        }
+        Err(EngineError::Refused(format!(
+            "after the failed commit a write failed on a copy of the step in flight (mirror health {}); the journal maps {mapped}, \
+             which missed that write. Nothing was changed: the system runs on the mirror, which serves the healthy copy. \
+             The disk is failing: back up the volumes on /dev/mapper/{} now",
+            letters.join(" "),
+            self.names.bridge
+        )))
     }
 
     fn ensure_staging(&mut self) -> EResult<DevRef> {

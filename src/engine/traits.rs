@@ -64,4 +64,8 @@ pub trait Kernel {
     /// a whole number of sectors. The engine reads each step back through the staging
     /// crypt device this way.
     fn read(&mut self, name: &str, sector: u64, buf: &mut [u8]) -> KResult<()>;
+    /// For each `mirror` line of `name`'s live table, in order, one health letter per leg
+    /// (dm-raid1's: `A` alive; `D` a write failed, `F` a flush failed, `R` a read failed,
+    /// `S` a sync failed, `U` unknown). Empty if the live table has no mirror line.
+    fn mirror_health(&mut self, name: &str) -> KResult<Vec<Vec<char>>>;
 }
