@@ -1294,13 +1294,8 @@ impl World {
                     // Out-of-sync regions are read from the primary; in-sync ones from either
                     // healthy leg (a failed primary hands over to the other leg, as
                     // dm-raid1's fail_mirror does).
-                    let leg = if in_sync && health[0] != b'A' && health[1] == b'A' {
-                        1
-                    } else if in_sync && health == *b"AA" && self.rng.gen_bool(0.5) {
-                        1
-                    } else {
-                        0
-                    };
+                    let primary_failed = health[0] != b'A' && health[1] == b'A';
+                    let leg = if in_sync && (primary_failed || (health == *b"AA" && self.rng.gen_bool(0.5))) { 1 } else { 0 };
                     let r = self.dev_io(legs[leg].0, legs[leg].1 + o, buf, false);
                     if r.is_err() {
                         self.set_health(&name, li, leg, b'R');
