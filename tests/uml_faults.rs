@@ -152,7 +152,7 @@ echo STALE-LEG-DONE
     );
     run.assert_ok().assert_log_contains("STALE-LEG-DONE");
     let e = run.file("resume1.err");
-    assert!(e.contains("missed that write") && e.contains("health DA"), "{e}");
+    assert!(e.contains("may have missed writes") && e.contains("health DA"), "{e}");
     assert!(run.file("status-done.txt").contains("no luksify conversion in progress"));
     let v = uml()
         .disk(&d.disk1)

@@ -467,9 +467,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             return Ok(());
         }
         Err(EngineError::Refused(format!(
-            "after the failed commit a write failed on a copy of the step in flight (mirror health {}); the journal maps {mapped}, \
-             which missed that write. Nothing was changed: the system runs on the mirror, which serves the healthy copy. \
-             The disk is failing: back up the volumes on /dev/mapper/{} now",
+            "after the failed commit, I/O failed on a copy of the step in flight (mirror leg health {}: D = a write failed, \
+             F = a flush, R = a read); the journal maps {mapped}, which may have missed writes since. Nothing was changed: \
+             the system runs on the mirror, which serves the healthy copy. The disk is failing: back up the volumes on \
+             /dev/mapper/{} now",
             letters.join(" "),
             self.names.bridge
         )))

@@ -2535,7 +2535,7 @@ mod tests {
                         }
                         completed += 1;
                     }
-                    Err(EngineError::Refused(m)) if m.contains("missed that write") => {
+                    Err(EngineError::Refused(m)) if m.contains("may have missed writes") => {
                         let r = sim.w.borrow_mut().check_all_reads();
                         if let Err(e) = r {
                             panic!("op {i}: after the refusal the system reads wrong data: {e}\n{}", sim.trace_tail(40));
