@@ -306,11 +306,15 @@ impl Hooks for CliHooks {
                     b.set_position(moved * 512);
                 } else if self.json {
                     eprintln!(
-                        "{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{},\"copy_ms\":{:.1},\"verify_ms\":{:.1},\"stall_ms\":{:.1},\"rechecked_sectors\":{},\"t_ms\":{:.0}}}",
+                        "{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{},\"copy_ms\":{:.1},\"verify_ms\":{:.1},\"stall_ms\":{:.1},\"stall_split_ms\":[{:.1},{:.1},{:.1},{:.1}],\"rechecked_sectors\":{},\"t_ms\":{:.0}}}",
                         self.l,
                         ms(stats.copy),
                         ms(stats.verify),
                         ms(stats.stall),
+                        ms(stats.stall_split[0]),
+                        ms(stats.stall_split[1]),
+                        ms(stats.stall_split[2]),
+                        ms(stats.stall_split[3]),
                         stats.rechecked,
                         t_ms()
                     );

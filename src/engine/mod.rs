@@ -73,6 +73,9 @@ pub struct ChunkStats {
     pub verify: Duration,
     /// The longest window in which the bridge was suspended (live I/O waited this long).
     pub stall: Duration,
+    /// Where that window's time went: the suspend (waiting for I/O in flight), the last
+    /// comparison with the source, the journal commit (write and flush), the resume.
+    pub stall_split: [Duration; 4],
     /// Sectors that live writes changed after they were copied, copied again while the
     /// bridge was suspended.
     pub rechecked: u64,
@@ -905,6 +908,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             let _ = self.kernel.clear_inactive(&bridge);
             return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
         }
+        let t_suspended = Instant::now();
         match self.refresh(a, b) {
             Ok(n) => stats.rechecked += n,
             Err(e) => {
@@ -918,6 +922,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             kern(self.kernel.resume(&bridge))?;
             return self.commit(State::Migrating { cursor: a });
         }
+        let t_refreshed = Instant::now();
         if let Err(e) = self.commit(State::Migrating { cursor: a }) {
             // Whether the commit reached the disk is unknown: the journal may say either
             // cursor. Both copies are identical now; a mirror over them keeps them so
@@ -926,8 +931,13 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             return Err(e);
         }
         // 3. Only now map the step through crypt alone.
+        let t_committed = Instant::now();
         kern(self.kernel.resume(&bridge))?;
-        stats.stall = stats.stall.max(w.elapsed());
+        let t_end = Instant::now();
+        if t_end - w > stats.stall {
+            stats.stall = t_end - w;
+            stats.stall_split = [t_suspended - w, t_refreshed - t_suspended, t_committed - t_refreshed, t_end - t_committed];
+        }
         Ok(())
     }
 
