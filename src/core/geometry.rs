@@ -163,6 +163,16 @@ impl Geometry {
         }
     }
 
+    /// The end of the run of [x, b) whose source ([`Self::source_of`]) is contiguous: the
+    /// fence boundary F, where the source changes from the shadow to the raw device, or b.
+    pub fn source_run_end(&self, x: u64, b: u64) -> u64 {
+        if x < self.f {
+            self.f.min(b)
+        } else {
+            b
+        }
+    }
+
     /// Every chunk in the order they move: from the tail down to sector 0.
     pub fn schedule(&self) -> Vec<(u64, u64)> {
         let mut out = Vec::with_capacity(self.steps() as usize);

@@ -128,16 +128,11 @@ pub enum BridgePhase {
 /// Source of the unmoved plaintext [a, b): the shadow for the fenced label sectors [0, F),
 /// the raw device (in place) for the rest.
 fn source_lines(g: &Geometry, raw: DevRef, a: u64, b: u64, out: &mut Table) {
-    if a >= b {
-        return;
-    }
-    if a < g.f {
-        let e = b.min(g.f);
-        out.push(Line { start: a, length: e - a, target: Target::Linear { dev: raw, offset: g.source_of(a) } });
-    }
-    let a2 = a.max(g.f);
-    if a2 < b {
-        out.push(Line { start: a2, length: b - a2, target: Target::Linear { dev: raw, offset: g.source_of(a2) } });
+    let mut x = a;
+    while x < b {
+        let e = g.source_run_end(x, b);
+        out.push(Line { start: x, length: e - x, target: Target::Linear { dev: raw, offset: g.source_of(x) } });
+        x = e;
     }
 }
 

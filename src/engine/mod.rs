@@ -722,7 +722,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         // In as few I/Os as the source allows: one below F (the shadow), one above.
         let mut x = a;
         while x < b {
-            let e = if x < g.f { g.f.min(b) } else { b };
+            let e = g.source_run_end(x, b);
             let (o, n) = (((x - a) * 512) as usize, ((e - x) * 512) as usize);
             self.disk.read(g.source_of(x), &mut self.plain[o..o + n]).map_err(|er| fail(x, format!("reading the source: {er}")))?;
             self.cipher[o..o + n].copy_from_slice(&self.plain[o..o + n]);
@@ -1082,8 +1082,7 @@ fn no_cipher(cipher: &str) -> EngineError {
 /// The end of the piece of [x, b) that one read takes: at most [`VERIFY_PIECE`], never
 /// across the fence boundary (where the source changes from the shadow to the raw device).
 fn piece_end(g: &Geometry, x: u64, b: u64) -> u64 {
-    let lim = if x < g.f { g.f.min(b) } else { b };
-    (x + (VERIFY_PIECE / 512) as u64).min(lim)
+    (x + (VERIFY_PIECE / 512) as u64).min(g.source_run_end(x, b))
 }
 
 /// Whether every line of `table` that references `raw` maps only sectors below `l`.
