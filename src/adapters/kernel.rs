@@ -2,7 +2,7 @@
 //! checks every ioctl, loads crypt tables with DM_SECURE_DATA from wiped buffers and gives
 //! private devices their udev flags.
 
-use super::dm::{Dm, DmError, SuspendFlags};
+use super::dm::{Dm, DmError, MirrorStatus, SuspendFlags};
 use crate::core::facts::TableLineFacts;
 use crate::core::tables::{DevRef, Line};
 use crate::engine::{HolderTable, KResult, Kernel, KernelError};
@@ -128,7 +128,7 @@ impl Kernel for DmKernel {
         let mut out = Vec::new();
         for l in self.dm.status(n).map_err(k)? {
             if l.target_type == "mirror" {
-                out.push(crate::adapters::dm::MirrorStatus::parse(&l.params).map_err(|e| KernelError(e.to_string()))?.health);
+                out.push(MirrorStatus::parse(&l.params).map_err(|e| KernelError(e.to_string()))?.health);
             }
         }
         Ok(out)

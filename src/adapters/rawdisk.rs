@@ -59,8 +59,8 @@ fn check(sector: u64, len: usize) -> io::Result<u64> {
     sector.checked_mul(512).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "sector out of range"))
 }
 
-/// Whether `buf` can go to O_DIRECT as it is (no bounce): 4 KiB-aligned in memory (large
-/// allocations are: the allocator maps them) and whole sectors long.
+/// Whether `buf` can go to O_DIRECT as it is (no bounce): 4 KiB-aligned in memory (the
+/// engine's step buffers are: see [`IoBuf`]) and whole sectors long.
 fn direct_ok(buf: &[u8]) -> bool {
     (buf.as_ptr() as usize) % ALIGN == 0 && buf.len() % 512 == 0
 }
