@@ -183,6 +183,7 @@ luksify_run() {
     done_line=$(grep '"event":"done"' "$OUT/progress.$mode.jsonl" | tail -1)
     result "luksify_${mode}_steps" "$(echo "$done_line" | sed -n 's/.*"steps":\([0-9]*\).*/\1/p')"
     result "luksify_${mode}_max_stall_ms" "$(echo "$done_line" | sed -n 's/.*"max_stall_ms":\([0-9.]*\).*/\1/p')"
+    result "luksify_${mode}_cut_windows" "$(echo "$done_line" | sed -n 's/.*"cut_windows":\([0-9]*\).*/\1/p')"
     result "luksify_${mode}_chunk_lines" "$(grep -c '"event":"chunk"' "$OUT/progress.$mode.jsonl")"
     # the stall of every step, for a look at its distribution
     sed -n 's/.*"stall_ms":\([0-9.]*\).*/\1/p' "$OUT/progress.$mode.jsonl" | sort -n > "$OUT/stalls.$mode.txt"

@@ -271,6 +271,8 @@ struct CliHooks {
     last_line_pct: i64,
     /// The longest time live I/O waited on the bridge, over every step of this run.
     max_stall: std::time::Duration,
+    /// Suspended windows cut for running past `--max-stall`, over every step of this run.
+    cut_windows: u64,
     chunks: u64,
     /// LVM's VG lock: released right before luksify's own `pvresize` (and on every exit).
     vg_lock: Option<VgLock>,
@@ -291,7 +293,7 @@ impl CliHooks {
             b.set_position(moved * 512);
             b
         });
-        CliHooks { bar, json: run.progress_json, l, name: name.to_string(), last_line_pct: -1, max_stall: Default::default(), chunks: 0, vg_lock: None }
+        CliHooks { bar, json: run.progress_json, l, name: name.to_string(), last_line_pct: -1, max_stall: Default::default(), cut_windows: 0, chunks: 0, vg_lock: None }
     }
 }
 
@@ -301,12 +303,13 @@ impl Hooks for CliHooks {
             Event::ChunkDone { from, stats, .. } => {
                 let moved = self.l - from;
                 self.max_stall = self.max_stall.max(stats.stall);
+                self.cut_windows += u64::from(stats.cut_windows);
                 self.chunks += 1;
                 if let Some(b) = &self.bar {
                     b.set_position(moved * 512);
                 } else if self.json {
                     eprintln!(
-                        "{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{},\"copy_ms\":{:.1},\"verify_ms\":{:.1},\"stall_ms\":{:.1},\"stall_split_ms\":[{:.1},{:.1},{:.1},{:.1}],\"rechecked_sectors\":{},\"t_ms\":{:.0}}}",
+                        "{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{},\"copy_ms\":{:.1},\"verify_ms\":{:.1},\"stall_ms\":{:.1},\"stall_split_ms\":[{:.1},{:.1},{:.1},{:.1}],\"rechecked_sectors\":{},\"cut_windows\":{},\"t_ms\":{:.0}}}",
                         self.l,
                         ms(stats.copy),
                         ms(stats.verify),
@@ -316,6 +319,7 @@ impl Hooks for CliHooks {
                         ms(stats.stall_split[2]),
                         ms(stats.stall_split[3]),
                         stats.rechecked,
+                        stats.cut_windows,
                         t_ms()
                     );
                 } else {
@@ -346,9 +350,19 @@ impl Hooks for CliHooks {
                 }
                 if self.chunks > 0 {
                     if self.json {
-                        eprintln!("{{\"event\":\"done\",\"steps\":{},\"max_stall_ms\":{:.1},\"t_ms\":{:.0}}}", self.chunks, ms(self.max_stall), t_ms());
+                        eprintln!(
+                            "{{\"event\":\"done\",\"steps\":{},\"max_stall_ms\":{:.1},\"cut_windows\":{},\"t_ms\":{:.0}}}",
+                            self.chunks,
+                            ms(self.max_stall),
+                            self.cut_windows,
+                            t_ms()
+                        );
                     } else {
-                        eprintln!("luksify: {} step(s); live I/O waited at most {:.1} ms at a step", self.chunks, ms(self.max_stall));
+                        let cut = match self.cut_windows {
+                            0 => String::new(),
+                            n => format!(" ({n} longer window(s) cut short and the step tried again)"),
+                        };
+                        eprintln!("luksify: {} step(s); live I/O waited at most {:.1} ms at a step{cut}", self.chunks, ms(self.max_stall));
                     }
                 }
             }
@@ -572,6 +586,7 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     drop(key);
     phase(&o.run, "prepared");
     engine.rate = o.run.rate_bytes();
+    engine.max_stall = o.run.max_stall();
     let mut hooks = CliHooks::new(&o.run, g.l, 0, &p.name);
     hooks.vg_lock = vg_lock;
     if let Err(e) = engine.run(&mut hooks) {
@@ -642,6 +657,7 @@ fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
         }
     }
     engine.rate = run.rate_bytes();
+    engine.max_stall = run.max_stall();
     let mut hooks = CliHooks::new(run, l, moved, &name);
     hooks.vg_lock = vg_lock;
     engine.run(&mut hooks).map_err(|e| engine_err(e, device))?;

@@ -143,12 +143,24 @@ pub struct RunOpts {
     /// out of the way of a machine in use. Default: as fast as the device goes.
     #[arg(long, value_name = "MB/s", value_parser = parse_rate)]
     pub rate: Option<f64>,
+    /// Cut a step's suspended window (live I/O on the device waits) that runs longer than
+    /// MS milliseconds: resume live I/O, pause, try the step again (4 times at most; the
+    /// fifth window runs to its end). Default: 50, or twice what the step's read-back took
+    /// a moment earlier if that is longer (a disk slow all the time is not cut in vain).
+    /// 0 cuts every window that can be cut (after its first MiB).
+    #[arg(long, value_name = "MS")]
+    pub max_stall: Option<u64>,
 }
 
 impl RunOpts {
     /// `--rate` in bytes per second.
     pub fn rate_bytes(&self) -> Option<u64> {
         self.rate.map(|r| (r * 1e6) as u64)
+    }
+
+    /// `--max-stall` as a duration.
+    pub fn max_stall(&self) -> Option<std::time::Duration> {
+        self.max_stall.map(std::time::Duration::from_millis)
     }
 }
 

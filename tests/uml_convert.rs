@@ -94,7 +94,10 @@ echo CONVERTED
 
 /// LUKS1; a chunk that does not divide L; the smallest tail the plan accepts (the data
 /// offset is chosen so that the tail is exactly what luksify needs, and 8 sectors more
-/// is refused); and the LV that spans a second PV keeps its other segment in place.
+/// is refused); the LV that spans a second PV keeps its other segment in place; and
+/// `--max-stall 0`: every suspended window that can be cut is cut (the flipped table
+/// cleared, the bridge resumed on the old one, the step tried again) while the writer and
+/// the reader run.
 #[test]
 fn luks1_odd_chunk_smallest_tail_and_spanning_lv() {
     let dir = test_dir("convert-luks1");
@@ -111,7 +114,8 @@ echo "tail have=$have need=$need: using data offset $S" | tee "$OUT/offset.txt"
 if "$LUKSIFY" --dry-run --type luks1 --offset $((S + 8)) /dev/ubda5 > "$OUT/too-big.txt" 2>&1; then die "an offset 8 sectors too big was accepted"; fi
 grep -q too_little_tail "$OUT/too-big.txt" || die "wrong refusal: $(cat "$OUT/too-big.txt")"
 dmsetup table vg0-span | tee "$OUT/span-before.txt"
-"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --type luks1 --offset $S --chunk 3000 /dev/ubda5
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --type luks1 --offset $S --chunk 3000 --max-stall 0 --progress-json /dev/ubda5 2> "$OUT/progress.jsonl" \
+    || die "luksify failed: $(tail -5 "$OUT/progress.jsonl")"
 dmsetup table vg0-span | tee "$OUT/span-after.txt"
 {STOP_LIVE}
 cryptsetup luksDump /dev/ubda5 | tee "$OUT/dump.txt"
@@ -120,6 +124,16 @@ echo CONVERTED
 "#
     ));
     run.assert_ok().assert_log_contains("CONVERTED");
+    // Chunks of 3000 sectors: their last comparison reads 2048 sectors, then the rest; the
+    // window is cut before the rest, 4 times (MAX_CUTS), then runs to its end.
+    let progress = run.file("progress.jsonl");
+    let chunks: Vec<&str> = progress.lines().filter(|l| l.contains("\"event\":\"chunk\"")).collect();
+    assert!(chunks.len() > 5, "{progress}");
+    let cuts = |l: &str| l.split("\"cut_windows\":").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u32>().ok());
+    let cut: Vec<Option<u32>> = chunks.iter().map(|l| cuts(l)).collect();
+    assert!(cut.iter().all(|c| c.is_some()), "chunk lines without cut_windows: {progress}");
+    let full = cut.iter().filter(|c| **c == Some(luksify::engine::MAX_CUTS)).count();
+    assert!(full >= chunks.len() - 1, "not every step's windows were cut {} times: {cut:?}", luksify::engine::MAX_CUTS);
     let dump = run.file("dump.txt");
     assert!(dump.contains("Version:       \t1") || dump.contains("Version:        1") || dump.contains("Version:\t1"), "{dump}");
     let before = run.file("span-before.txt");

@@ -22,6 +22,10 @@ pub use crate::iobuf::IoBuf;
 /// Bytes per read or write of the copy and its checks (the buffers are allocated up front:
 /// nothing is allocated while the bridge is suspended).
 const VERIFY_PIECE: usize = 1 << 20;
+/// `--max-stall` when not given: a suspended window cut after this long (see `move_step`).
+pub const DEFAULT_MAX_STALL: Duration = Duration::from_millis(50);
+/// Windows cut per step at most; the next one runs to its end.
+pub const MAX_CUTS: u32 = 4;
 /// Runs of sectors remembered for a recheck (more are merged into the last one).
 const RECHECK_RUNS: usize = 4096;
 /// Sectors read back through the kernel's dm-crypt after each step's copy, to check that
@@ -79,6 +83,8 @@ pub struct ChunkStats {
     /// Sectors that live writes changed after they were copied, copied again while the
     /// bridge was suspended.
     pub rechecked: u64,
+    /// Suspended windows cut because they ran past `max_stall` (the step was tried again).
+    pub cut_windows: u32,
 }
 
 /// What the engine asks of its caller besides the kernel and the disk.
@@ -157,6 +163,15 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// Cap on the copy rate in bytes per second (`--rate`): the engine pauses between
     /// chunks so that the average stays below it.
     pub rate: Option<u64>,
+    /// The longest a suspended window may run before its last comparison is done
+    /// (`--max-stall`); a longer one is cut and tried again, [`MAX_CUTS`] times at most.
+    /// `None`: [`DEFAULT_MAX_STALL`], or twice what reading the step back took a moment
+    /// earlier (live) if that is longer: a disk that is slow all the time gets windows as
+    /// long as it needs; one that is slow for a moment gets its window cut.
+    pub max_stall: Option<Duration>,
+    /// Sectors the last comparison reads at once ([`VERIFY_PIECE`]; the deadline is checked
+    /// between pieces). Tests make it smaller to cut windows in the middle of a step.
+    pub piece: u64,
     /// What the tail held before `prepare` wrote into it: while nothing else has changed
     /// (state `Prepared`), [`Engine::abandon`] puts it back, byte for byte.
     original_tail: Option<Vec<u8>>,
@@ -168,6 +183,11 @@ pub struct Engine<D: Disk, K: Kernel> {
 }
 
 impl<D: Disk, K: Kernel> Engine<D, K> {
+    /// [`Engine::piece`], within the scratch buffers.
+    fn piece(&self) -> u64 {
+        self.piece.clamp(1, (VERIFY_PIECE / 512) as u64)
+    }
+
     fn g(&self) -> &Geometry {
         &self.rec.geometry
     }
@@ -298,6 +318,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             verify_dst: buf(VERIFY_PIECE)?,
             recheck,
             rate: None,
+            max_stall: None,
+            piece: (VERIFY_PIECE / 512) as u64,
             original_tail: None,
             wrong_order_for_tests: false,
             rec,
@@ -740,7 +762,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         for &(ra, rb) in runs {
             let mut x = ra;
             while x < rb {
-                let e = (x + (VERIFY_PIECE / 512) as u64).min(rb);
+                let e = (x + self.piece()).min(rb);
                 let (o, n) = (((x - a) * 512) as usize, ((e - x) * 512) as usize);
                 let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
                 self.disk.read(s + x, &mut self.verify_dst[..n]).map_err(|er| fail(x, format!("reading the copy back: {er}")))?;
@@ -775,25 +797,24 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     }
 
     /// Compare the source of step [a, b) with `plain` (what was copied) and copy again every
-    /// sector that a live write changed since; then check those at the destination.
-    /// Returns the number of sectors copied again. While the bridge is suspended this
-    /// allocates nothing and leaves the destination equal to the encrypted source.
-    fn refresh(&mut self, a: u64, b: u64) -> EResult<u64> {
-        let mut runs = std::mem::take(&mut self.recheck);
-        runs.clear();
-        let r = self.refresh_into(a, b, &mut runs);
-        self.recheck = runs;
-        r
-    }
-
-    fn refresh_into(&mut self, a: u64, b: u64, runs: &mut Vec<(u64, u64)>) -> EResult<u64> {
+    /// sector that a live write changed since, adding their runs to `runs` (not flushed,
+    /// not checked: the caller does both once, for every attempt of the step). Returns the
+    /// number of sectors copied again, or `None` when `deadline` passed before the last
+    /// piece (the bridge has been suspended too long: the caller resumes it and tries
+    /// again). The first piece is always compared, so every attempt makes progress. While
+    /// the bridge is suspended this allocates nothing.
+    fn refresh_into(&mut self, a: u64, b: u64, runs: &mut Vec<(u64, u64)>, deadline: Option<Instant>) -> EResult<Option<u64>> {
         let g = *self.g();
+        let piece = self.piece();
         let Some(xts) = &self.xts else { return Err(no_cipher(&self.rec.cipher)) };
         let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
         let mut changed = 0u64;
         let mut x = a;
         while x < b {
-            let e = piece_end(&g, x, b);
+            if x > a && deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+            let e = piece_end(&g, x, b, piece);
             let n = ((e - x) * 512) as usize;
             self.disk.read(g.source_of(x), &mut self.verify_src[..n]).map_err(|er| fail(x, format!("reading the source: {er}")))?;
             let base = ((x - a) * 512) as usize;
@@ -817,18 +838,15 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 changed += rb - ra;
                 let room = runs.len() < runs.capacity();
                 match runs.last_mut() {
-                    // Out of room: widen the last run (checking more is only slower).
-                    Some(last) if !room => last.1 = rb,
+                    // Out of room: widen the last run to cover this one too (checking more is
+                    // only slower; an earlier attempt's runs may lie either side).
+                    Some(last) if !room => *last = (last.0.min(ra), last.1.max(rb)),
                     _ => runs.push((ra, rb)),
                 }
             }
             x = e;
         }
-        if changed > 0 {
-            self.disk.flush().map_err(|er| fail(a, format!("flushing the copy: {er}")))?;
-            self.check_written(a, b, runs)?;
-        }
-        Ok(changed)
+        Ok(Some(changed))
     }
 
     /// An earlier fence got as far as writing (part of) the marker but not its journal
@@ -898,26 +916,21 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         stats.copy += t0.elapsed();
         let t1 = Instant::now();
         self.check_written(a, b, &[(a, b)])?;
+        let read_back = t1.elapsed();
         self.check_kernel(a, b)?;
         stats.verify += t1.elapsed();
-        // 2. Suspended: the last comparison, then commit, then flip.
+        // 2. Suspended: the last comparison, then commit, then flip. A window that runs
+        // past `max_stall` before its last comparison is done is cut: live I/O resumes on
+        // the old table and the step tries again after a pause of `max_stall` times the
+        // cuts so far (at most MAX_CUTS times; then the window runs to its end, whatever
+        // it takes).
         let steady = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: a });
-        kern(self.kernel.load(&bridge, &steady, &self.key_hex))?;
-        let w = Instant::now();
-        if let Err(e) = self.kernel.suspend(&bridge) {
-            let _ = self.kernel.clear_inactive(&bridge);
-            return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
-        }
-        let t_suspended = Instant::now();
-        match self.refresh(a, b) {
-            Ok(n) => stats.rechecked += n,
-            Err(e) => {
-                // Nothing was committed; the live table still maps the step to its source.
-                let _ = self.kernel.clear_inactive(&bridge);
-                let _ = self.kernel.resume(&bridge);
-                return Err(e);
-            }
-        }
+        let mut runs = std::mem::take(&mut self.recheck);
+        runs.clear();
+        let max_stall = self.max_stall.unwrap_or(DEFAULT_MAX_STALL.max(2 * read_back));
+        let r = self.suspended_refresh(a, b, &steady, max_stall, &mut runs, stats);
+        self.recheck = runs;
+        let (w, t_suspended) = r?;
         if self.wrong_order_for_tests {
             kern(self.kernel.resume(&bridge))?;
             return self.commit(State::Migrating { cursor: a });
@@ -939,6 +952,73 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             stats.stall_split = [t_suspended - w, t_refreshed - t_suspended, t_committed - t_refreshed, t_end - t_committed];
         }
         Ok(())
+    }
+
+    /// Load the step's flipped table inactive, suspend the bridge and bring the destination
+    /// up to date with the source ([`Engine::refresh_into`]), cutting windows that run too
+    /// long (see `move_step`); then flush and read back every sector copied again. Returns,
+    /// with the bridge suspended and the flipped table loaded, when the last window began
+    /// and when its suspend returned. On an error nothing was committed: the bridge is
+    /// resumed on the table it had.
+    fn suspended_refresh(
+        &mut self,
+        a: u64,
+        b: u64,
+        steady: &[Line],
+        max_stall: Duration,
+        runs: &mut Vec<(u64, u64)>,
+        stats: &mut ChunkStats,
+    ) -> EResult<(Instant, Instant)> {
+        let bridge = self.names.bridge.clone();
+        let (mut changed, mut cuts) = (0u64, 0u32);
+        loop {
+            kern(self.kernel.load(&bridge, steady, &self.key_hex))?;
+            let w = Instant::now();
+            if let Err(e) = self.kernel.suspend(&bridge) {
+                let _ = self.kernel.clear_inactive(&bridge);
+                return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
+            }
+            let t_suspended = Instant::now();
+            let deadline = (cuts < MAX_CUTS).then_some(w + max_stall);
+            let r = self.refresh_into(a, b, runs, deadline).and_then(|n| {
+                let Some(n) = n else { return Ok(None) };
+                changed += n;
+                if changed > 0 {
+                    let fail = |why: String| EngineError::CopyFailed { from: a, to: b, sector: a, why };
+                    self.disk.flush().map_err(|er| fail(format!("flushing the copy: {er}")))?;
+                    self.check_written(a, b, runs)?;
+                }
+                Ok(Some(n))
+            });
+            match r {
+                Ok(Some(_)) => {
+                    stats.rechecked += changed;
+                    return Ok((w, t_suspended));
+                }
+                Ok(None) => {
+                    // Cut: nothing was committed, the live table still maps the step to its
+                    // source. What was copied again so far stays in `runs`, to be checked.
+                    kern(self.kernel.clear_inactive(&bridge))?;
+                    kern(self.kernel.resume(&bridge))?;
+                    let t_end = Instant::now();
+                    if t_end - w > stats.stall {
+                        stats.stall = t_end - w;
+                        stats.stall_split = [t_suspended - w, t_end - t_suspended, Duration::ZERO, Duration::ZERO];
+                    }
+                    stats.cut_windows += 1;
+                    cuts += 1;
+                    // Let live I/O catch up, longer after each cut (a slow spell of the disk
+                    // tends to last).
+                    std::thread::sleep(max_stall * cuts);
+                }
+                Err(e) => {
+                    // Nothing was committed; the live table still maps the step to its source.
+                    let _ = self.kernel.clear_inactive(&bridge);
+                    let _ = self.kernel.resume(&bridge);
+                    return Err(e);
+                }
+            }
+        }
     }
 
     /// After a failed commit, with the bridge suspended and step [a, b) identical at its
@@ -1079,10 +1159,10 @@ fn no_cipher(cipher: &str) -> EngineError {
     EngineError::Refused(format!("luksify cannot encrypt with {cipher}"))
 }
 
-/// The end of the piece of [x, b) that one read takes: at most [`VERIFY_PIECE`], never
+/// The end of the piece of [x, b) that one read takes: at most `piece` sectors, never
 /// across the fence boundary (where the source changes from the shadow to the raw device).
-fn piece_end(g: &Geometry, x: u64, b: u64) -> u64 {
-    (x + (VERIFY_PIECE / 512) as u64).min(g.source_run_end(x, b))
+fn piece_end(g: &Geometry, x: u64, b: u64, piece: u64) -> u64 {
+    (x + piece).min(g.source_run_end(x, b))
 }
 
 /// Whether every line of `table` that references `raw` maps only sectors below `l`.

@@ -745,6 +745,10 @@ pub struct Scenario {
     /// Mutation for the tests of the tests: every chunk commit reaches the disk only after the
     /// bridge has flipped to crypt (what an engine with the wrong commit order would do).
     pub late_commit_mutant: bool,
+    /// Cut every suspended window that can be cut (`max_stall` zero, the last comparison
+    /// read in pieces of 8 sectors): each step is tried [`super::MAX_CUTS`] + 1 times, its windows
+    /// cut after their first piece, live I/O running in between.
+    pub cut_every_window: bool,
 }
 
 impl Scenario {
@@ -754,14 +758,14 @@ impl Scenario {
     pub fn small(seed: u64) -> Scenario {
         let (l, s) = (256, 32);
         let n = (l..).find(|&n| n - l >= Geometry::tail_needed(n, s)).unwrap();
-        Scenario { n, l, s, k: 24, region: 16, pe_start: 16, extent: 8, seed, writer: WriterConfig::busy(), late_commit_mutant: false }
+        Scenario { n, l, s, k: 24, region: 16, pe_start: 16, extent: 8, seed, writer: WriterConfig::busy(), late_commit_mutant: false, cut_every_window: false }
     }
 
     /// L = 2048, S = 128, k = 120 (L mod k != 0), region 16, some unused room in the tail.
     pub fn larger(seed: u64) -> Scenario {
         let (l, s) = (2048, 128);
         let n = (l..).find(|&n| n - l >= Geometry::tail_needed(n, s)).unwrap() + 301;
-        Scenario { n, l, s, k: 120, region: 16, pe_start: 64, extent: 32, seed, writer: WriterConfig::busy(), late_commit_mutant: false }
+        Scenario { n, l, s, k: 120, region: 16, pe_start: 64, extent: 32, seed, writer: WriterConfig::busy(), late_commit_mutant: false, cut_every_window: false }
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -1865,6 +1869,7 @@ impl Sim {
             (w.g, w.key.clone(), w.header.clone())
         };
         let mut e = Engine::prepare(self.disk(), self.kernel(), RAW, g, BRIDGE, 2, LUKS_UUID, CIPHER, false, PV_UUID, &key, header)?;
+        self.tune(&mut e);
         tweak(&mut e);
         if let Err(err) = e.run(hooks) {
             // What the app does: a run that failed before anything but the tail changed puts
@@ -1896,6 +1901,14 @@ impl Sim {
         journal::choose(a, b).ok().flatten()
     }
 
+    /// What the scenario asks of every engine this machine runs.
+    fn tune(&self, e: &mut Engine<SimDisk, SimKernel>) {
+        if self.w.borrow().sc.cut_every_window {
+            e.max_stall = Some(std::time::Duration::ZERO);
+            e.piece = 8;
+        }
+    }
+
     /// `luksify resume DEVICE`, on whatever machine this is (live or rescue).
     pub fn resume(&self, hooks: &mut dyn Hooks) -> EResult<Resumed> {
         self.resume_with(hooks, &mut |_| {})
@@ -1917,6 +1930,7 @@ impl Sim {
         };
         let header = Engine::<SimDisk, SimKernel>::read_header_copy(&mut disk, &rec)?;
         let mut e = Engine::reopen(disk, self.kernel(), RAW, rec, &self.key(), header)?;
+        self.tune(&mut e);
         after_reopen(self);
         e.run(hooks)?;
         Ok(Resumed::Done)
@@ -2032,7 +2046,7 @@ impl Sim {
 mod tests {
     use super::*;
     use crate::core::tables::{CryptSpec, Target};
-    use crate::engine::{EngineError, Event, NoHooks};
+    use crate::engine::{ChunkStats, EngineError, Event, NoHooks, MAX_CUTS};
 
     // ----- the simulator's own semantics -----
 
@@ -2827,6 +2841,41 @@ mod tests {
         eprintln!("{name}: {} fault points, {} converted, {} left untouched, {} failures", s.points, s.converted, s.untouched, s.failures.len());
         assert!(s.failures.is_empty(), "{name}: {} failing fault points; first:\n{}", s.failures.len(), s.failures[0]);
         assert!(s.points > 100, "{name}: only {} fault points", s.points);
+    }
+
+    /// `--max-stall`: windows cut after their first piece, each step tried again with the
+    /// relentless writer running in between, lose nothing; the cuts are reported.
+    #[test]
+    fn cut_windows_lose_nothing_and_are_reported() {
+        let mut rechecked = 0;
+        for seed in [950, 951, 952] {
+            let mut sc = Scenario::small(seed);
+            sc.writer = WriterConfig::relentless();
+            sc.cut_every_window = true;
+            let sim = Sim::new(&sc);
+            let mut rec = Recorder::default();
+            sim.convert(&mut rec).unwrap_or_else(|e| panic!("{e}\n{}", sim.trace_tail(30)));
+            assert_eq!(sim.check_final(true), Ok("converted"));
+            let stats: Vec<ChunkStats> = rec.events.iter().filter_map(|e| if let Event::ChunkDone { stats, .. } = e { Some(*stats) } else { None }).collect();
+            assert_eq!(stats.len(), sc.geometry().schedule().len());
+            // Every chunk is one step of at least two pieces: cut MAX_CUTS times, then done.
+            assert!(stats.iter().all(|s| s.cut_windows == MAX_CUTS), "{stats:?}");
+            rechecked += stats.iter().map(|s| s.rechecked).sum::<u64>();
+        }
+        assert!(rechecked > 0, "the writer never changed a step between its copy and its last window");
+    }
+
+    /// Faults anywhere while windows are being cut: the cut path (clear the flipped table,
+    /// resume, pause, try again) is a safe point like any other.
+    #[test]
+    fn faults_while_windows_are_cut_lose_nothing() {
+        let mut sc = Scenario::small(960);
+        sc.cut_every_window = true;
+        assert_clean("power cut, windows cut", &sweep(&sc, Fault::PowerCut, After::Reboot { nested: true }, 20));
+        sc.seed = 961;
+        assert_clean("kill + live resume, windows cut", &sweep(&sc, Fault::Kill, After::LiveResume, 20));
+        sc.seed = 962;
+        assert_clean("error + resume, windows cut", &sweep(&sc, Fault::Error, After::Alternate, 20));
     }
 
     #[test]
