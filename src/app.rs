@@ -50,6 +50,14 @@ fn phase(run: &RunOpts, name: &str) {
     }
 }
 
+/// [`sys::protect_from_oom_killer`]; a failure is only a warning (the conversion is as safe
+/// as before, just not spared by the OOM killer).
+fn spare_from_oom_killer() {
+    if let Err(e) = sys::protect_from_oom_killer() {
+        eprintln!("luksify: warning: cannot set oom_score_adj to -1000 ({e}): the OOM killer may pick luksify");
+    }
+}
+
 fn probe_device(device: &Path) -> Result<crate::core::facts::DeviceFacts> {
     probe::probe(device).map_err(|e| Error::Refused(e.to_string()))
 }
@@ -565,6 +573,7 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
 
     sys::install_stop_handlers().map_err(|e| Error::Failed(format!("installing signal handlers: {e}")))?;
     sys::lock_memory().map_err(|e| Error::Failed(format!("mlockall failed ({e}); refusing to suspend devices without it; nothing was changed")))?;
+    spare_from_oom_killer();
     phase(&o.run, "memory_locked");
     let disk = open_disk(device, true)?;
     let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
@@ -627,6 +636,7 @@ fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     drop(pass);
     sys::install_stop_handlers().map_err(|e| Error::Failed(format!("installing signal handlers: {e}")))?;
     sys::lock_memory().map_err(|e| Error::Failed(format!("mlockall failed ({e}); nothing was changed")))?;
+    spare_from_oom_killer();
     let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
     let name = rec.name.clone();
     // LVM's VG lock, as for a conversion. On a live system the bridge already shows the PV:

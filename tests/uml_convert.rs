@@ -58,6 +58,8 @@ fn luks2_online_with_live_writer_and_reader_then_fresh_boot_verifies() {
   # luksify holds LVM's VG lock until the finish: look without locking, or LVM would wait.
   lvm pvscan --nolocking > "$OUT/pvscan.txt" 2>&1 || true
   pvs --nolocking --noheadings -o pv_name > "$OUT/pvs-during.txt" 2>&1 || true
+  # The OOM killer must spare luksify (killed in a suspended window, it would freeze root).
+  for p in $(pgrep -x luksify); do cat /proc/$p/oom_score_adj; done > "$OUT/oom-during.txt" 2>&1 || true
   touch "$OUT/checked-during" ) &
 CHECKER=$!
 t0=$EPOCHREALTIME
@@ -80,6 +82,8 @@ echo CONVERTED
     assert!(pvs.contains("/dev/mapper/ubda5_crypt") || pvs.contains("/dev/dm-"), "pvs during: {pvs}");
     assert!(!pvs.contains("/dev/ubda5"), "pvs sees the raw partition mid-way: {pvs}");
     assert_eq!(pvs.lines().filter(|l| l.contains("ubda5") || l.contains("dm-")).count(), 1, "PV seen more than once: {pvs}");
+    let oom = run.file("oom-during.txt");
+    assert_eq!(oom.trim(), "-1000", "luksify's oom_score_adj while converting: {oom:?}");
     let scan = run.file("pvscan.txt");
     assert!(!scan.contains("/dev/ubda5 "), "pvscan sees the raw partition: {scan}");
     let st = run.file("cs-status.txt");

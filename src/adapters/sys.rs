@@ -37,6 +37,15 @@ pub fn lock_memory() -> io::Result<()> {
     mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE).map_err(io::Error::from)
 }
 
+/// Tell the OOM killer to leave this process alone (`oom_score_adj` -1000, as LVM does in
+/// its critical sections): killed while the bridge is suspended, luksify would leave every
+/// filesystem on the device frozen; killed between steps, a conversion paused that only a
+/// `resume` continues. Its memory is locked and bounded, so sparing it costs the system
+/// little.
+pub fn protect_from_oom_killer() -> io::Result<()> {
+    std::fs::write("/proc/self/oom_score_adj", b"-1000")
+}
+
 /// An exclusive, non-blocking BSD lock on the device node: a second luksify on the same
 /// device is refused while the first runs. Held until the returned file is dropped.
 pub fn lock_device(path: &Path) -> io::Result<Option<File>> {
