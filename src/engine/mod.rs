@@ -998,12 +998,13 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 Ok(None) => {
                     // Cut: nothing was committed, the live table still maps the step to its
                     // source. What was copied again so far stays in `runs`, to be checked.
+                    let t_cut = Instant::now();
                     kern(self.kernel.clear_inactive(&bridge))?;
                     kern(self.kernel.resume(&bridge))?;
                     let t_end = Instant::now();
                     if t_end - w > stats.stall {
                         stats.stall = t_end - w;
-                        stats.stall_split = [t_suspended - w, t_end - t_suspended, Duration::ZERO, Duration::ZERO];
+                        stats.stall_split = [t_suspended - w, t_cut - t_suspended, Duration::ZERO, t_end - t_cut];
                     }
                     stats.cut_windows += 1;
                     cuts += 1;
