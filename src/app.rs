@@ -26,6 +26,11 @@ fn t_ms() -> f64 {
     ms(START.get_or_init(std::time::Instant::now).elapsed())
 }
 
+/// The wall clock in milliseconds since the epoch (to line progress up with other logs).
+fn epoch_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
 pub fn run(cli: Cli) -> Result<i32> {
     START.get_or_init(std::time::Instant::now);
     match cli.command {
@@ -317,7 +322,7 @@ impl Hooks for CliHooks {
                     b.set_position(moved * 512);
                 } else if self.json {
                     eprintln!(
-                        "{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{},\"copy_ms\":{:.1},\"verify_ms\":{:.1},\"stall_ms\":{:.1},\"stall_split_ms\":[{:.1},{:.1},{:.1},{:.1}],\"rechecked_sectors\":{},\"cut_windows\":{},\"t_ms\":{:.0}}}",
+                        "{{\"event\":\"chunk\",\"cursor\":{from},\"moved_sectors\":{moved},\"total_sectors\":{},\"copy_ms\":{:.1},\"verify_ms\":{:.1},\"stall_ms\":{:.1},\"stall_split_ms\":[{:.1},{:.1},{:.1},{:.1}],\"rechecked_sectors\":{},\"cut_windows\":{},\"t_ms\":{:.0},\"epoch_ms\":{}}}",
                         self.l,
                         ms(stats.copy),
                         ms(stats.verify),
@@ -328,7 +333,8 @@ impl Hooks for CliHooks {
                         ms(stats.stall_split[3]),
                         stats.rechecked,
                         stats.cut_windows,
-                        t_ms()
+                        t_ms(),
+                        epoch_ms()
                     );
                 } else {
                     let pct = (moved * 100 / self.l) as i64;

@@ -42,6 +42,8 @@ const POSITIVE: &[&str] = &[
     "luksify_online_mib_s",
     "luksify_online_steps",
     "luksify_online_max_stall_ms",
+    "luksify_offline_unfrozen_max_stall_ms",
+    "luksify_online_unfrozen_max_stall_ms",
     "ratio_offline_to_dd_crypt",
     "ratio_offline_to_reencrypt",
     "ratio_online_to_dd_crypt",
@@ -56,7 +58,16 @@ const POSITIVE: &[&str] = &[
     "lat_during_max_ms",
 ];
 /// Counts that may be zero.
-const COUNTS: &[&str] = &["lat_baseline_over_100ms", "lat_during_over_100ms", "luksify_offline_cut_windows", "luksify_online_cut_windows"];
+const COUNTS: &[&str] = &[
+    "lat_baseline_over_100ms",
+    "lat_during_over_100ms",
+    "luksify_offline_cut_windows",
+    "luksify_online_cut_windows",
+    "luksify_offline_vm_freezes",
+    "luksify_online_vm_freezes",
+    "luksify_offline_vm_freeze_max_ms",
+    "luksify_online_vm_freeze_max_ms",
+];
 
 #[test]
 fn check_runs_every_measurement_in_one_boot() {

@@ -113,6 +113,21 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         mib: u64,
     },
+    /// Sleep PERIOD ms at a time until --until exists; append to --out each wake-up that
+    /// came more than --min-gap-ms late, as "EPOCH_MS LATE_MS" (the wall clock when the
+    /// late sleep began, and how late it ended). Run on the machine that hosts the test
+    /// bed, it shows when that machine itself stalled (a VM whose vCPUs the host did not
+    /// run): every process on it, the UML guest included, stood still that long.
+    Heartbeat {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        until: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        period_ms: u64,
+        #[arg(long, default_value_t = 20)]
+        min_gap_ms: u64,
+    },
     /// Append every kernel uevent (NETLINK_KOBJECT_UEVENT) to --out, one line of KEY=value
     /// pairs per event, until --until FILE exists.
     Uevents {
@@ -164,6 +179,7 @@ fn main() -> ExitCode {
         Cmd::Fill { dev, seed, bytes } => ("fill", fill::fill(&dev, seed, bytes)),
         Cmd::Check { dev, seed, bytes } => ("check", fill::check(&dev, seed, bytes)),
         Cmd::Tree { dir, seed, files, mib } => ("tree", fill::tree(&dir, seed, files, mib)),
+        Cmd::Heartbeat { out, until, period_ms, min_gap_ms } => ("heartbeat", heartbeat(&out, &until, period_ms, min_gap_ms)),
         Cmd::Uevents { out, until, ready, keys } => ("uevents", uevents::listen(&out, until.as_deref(), ready.as_deref(), &keys)),
     };
     match res {
@@ -191,4 +207,27 @@ pub fn dev_size(f: &std::fs::File) -> std::io::Result<u64> {
     let end = f.seek(SeekFrom::End(0))?;
     f.seek(SeekFrom::Start(0))?;
     Ok(end)
+}
+
+/// `lktest heartbeat`: see [`Cmd::Heartbeat`].
+fn heartbeat(out: &std::path::Path, until: &std::path::Path, period_ms: u64, min_gap_ms: u64) -> Result<()> {
+    use std::io::Write;
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(out).map_err(ioe("opening", out))?;
+    let period = Duration::from_millis(period_ms.max(1));
+    let mut n = 0u64;
+    loop {
+        // Checking the stop file every 100 periods keeps the loop to a sleep per period.
+        if n % 100 == 0 && until.exists() {
+            return Ok(());
+        }
+        n += 1;
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let t = Instant::now();
+        std::thread::sleep(period);
+        let late = t.elapsed().saturating_sub(period);
+        if late >= Duration::from_millis(min_gap_ms) {
+            writeln!(f, "{:.1} {:.1}", wall.as_secs_f64() * 1e3, late.as_secs_f64() * 1e3).map_err(ioe("writing", out))?;
+        }
+    }
 }
