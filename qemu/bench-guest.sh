@@ -6,8 +6,8 @@
 # /dev/ubda holds one partition, /dev/ubda1, of exactly SIZE_MIB: the device every
 # measurement uses. Results go to $OUT/results.env as key=value lines (the host turns them
 # into JSON and a table); logs, luksify's --progress-json lines and the writer's latencies
-# stay in $OUT. Before each measurement: sync, drop caches and, for the conversions, the
-# same plain layout rebuilt (see make_layout).
+# stay in $OUT. Before each measurement: sync (the guest, then the host: see host_sync),
+# drop caches and, for the conversions, the same plain layout rebuilt (see make_layout).
 set -uo pipefail
 . "$UML_LIB/common.sh"
 PS4='+ ${EPOCHREALTIME} '
@@ -32,7 +32,17 @@ failed() { # NAME MESSAGE: a measurement that failed is recorded, the others sti
     echo "BENCH FAILED: $1: $2" >&2
 }
 note() { echo "== [$(cut -d' ' -f1 /proc/uptime)s] $*" >&2; }
-fresh_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+# A ubd disk is a file on the host: what the guest wrote may still be dirty in the host's
+# page cache, and the host's writeback of it would slow down whichever measurement runs
+# when it starts (the later ones, luksify's). qemu/bench syncs the host on request
+# ($OUT/host-sync.req -> $OUT/host-sync.done): every measurement starts with it clean.
+host_sync() {
+    rm -f "$OUT/host-sync.done"; : > "$OUT/host-sync.req"
+    local i
+    for i in $(seq 1 1200); do [ -e "$OUT/host-sync.done" ] && return 0; sleep 0.1; done
+    note "the host did not sync within 120 s"
+}
+fresh_caches() { sync; host_sync; echo 3 > /proc/sys/vm/drop_caches; }
 secs_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f", b - a }'; }
 mib_s() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / 1048576 / s }'; }
 
