@@ -928,7 +928,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let mut runs = std::mem::take(&mut self.recheck);
         runs.clear();
         let max_stall = self.max_stall.unwrap_or(DEFAULT_MAX_STALL.max(2 * read_back));
-        let r = self.suspended_refresh(a, b, &steady, max_stall, &mut runs, stats);
+        let r = self.suspended_refresh(d, a, b, &steady, max_stall, &mut runs, stats);
         self.recheck = runs;
         let (w, t_suspended) = r?;
         if self.wrong_order_for_tests {
@@ -962,6 +962,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// resumed on the table it had.
     fn suspended_refresh(
         &mut self,
+        d: Devices,
         a: u64,
         b: u64,
         steady: &[Line],
@@ -979,47 +980,74 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
             }
             let t_suspended = Instant::now();
-            let deadline = (cuts < MAX_CUTS).then_some(w + max_stall);
-            let r = self.refresh_into(a, b, runs, deadline).and_then(|n| {
-                let Some(n) = n else { return Ok(None) };
-                changed += n;
-                if changed > 0 {
-                    let fail = |why: String| EngineError::CopyFailed { from: a, to: b, sector: a, why };
-                    self.disk.flush().map_err(|er| fail(format!("flushing the copy: {er}")))?;
-                    self.check_written(a, b, runs)?;
-                }
-                Ok(Some(n))
-            });
-            match r {
-                Ok(Some(_)) => {
-                    stats.rechecked += changed;
-                    return Ok((w, t_suspended));
-                }
-                Ok(None) => {
-                    // Cut: nothing was committed, the live table still maps the step to its
-                    // source. What was copied again so far stays in `runs`, to be checked.
-                    let t_cut = Instant::now();
-                    kern(self.kernel.clear_inactive(&bridge))?;
-                    kern(self.kernel.resume(&bridge))?;
-                    let t_end = Instant::now();
-                    if t_end - w > stats.stall {
-                        stats.stall = t_end - w;
-                        stats.stall_split = [t_suspended - w, t_cut - t_suspended, Duration::ZERO, t_end - t_cut];
+            // One window; more than one pass of the comparison only if a cut could not
+            // back out (then the window runs to its end instead).
+            loop {
+                let deadline = (cuts < MAX_CUTS).then_some(w + max_stall);
+                let r = self.refresh_into(a, b, runs, deadline).and_then(|n| {
+                    let Some(n) = n else { return Ok(None) };
+                    changed += n;
+                    if changed > 0 {
+                        let fail = |why: String| EngineError::CopyFailed { from: a, to: b, sector: a, why };
+                        self.disk.flush().map_err(|er| fail(format!("flushing the copy: {er}")))?;
+                        self.check_written(a, b, runs)?;
                     }
-                    stats.cut_windows += 1;
-                    cuts += 1;
-                    // Let live I/O catch up, longer after each cut (a slow spell of the disk
-                    // tends to last).
-                    std::thread::sleep(max_stall * cuts);
-                }
-                Err(e) => {
-                    // Nothing was committed; the live table still maps the step to its source.
-                    let _ = self.kernel.clear_inactive(&bridge);
-                    let _ = self.kernel.resume(&bridge);
-                    return Err(e);
+                    Ok(Some(n))
+                });
+                match r {
+                    Ok(Some(_)) => {
+                        stats.rechecked += changed;
+                        return Ok((w, t_suspended));
+                    }
+                    Ok(None) => {
+                        // Cut: nothing was committed. What was copied again so far stays in
+                        // `runs`, to be checked with the last window's.
+                        let t_cut = Instant::now();
+                        if self.drop_flipped(&bridge, d, b).is_err() {
+                            // The flipped table is still loaded: finish this window instead
+                            // (the normal way out), never resume onto it uncommitted.
+                            cuts = MAX_CUTS;
+                            continue;
+                        }
+                        // A failed resume leaves the bridge suspended on its old table:
+                        // `luksify resume` takes it from there.
+                        kern(self.kernel.resume(&bridge))?;
+                        let t_end = Instant::now();
+                        if t_end - w > stats.stall {
+                            stats.stall = t_end - w;
+                            stats.stall_split = [t_suspended - w, t_cut - t_suspended, Duration::ZERO, t_end - t_cut];
+                        }
+                        stats.cut_windows += 1;
+                        cuts += 1;
+                        // Let live I/O catch up, longer after each cut (a slow spell of the
+                        // disk tends to last).
+                        std::thread::sleep(max_stall * cuts);
+                        break;
+                    }
+                    Err(e) => {
+                        // Nothing was committed. If the flipped table cannot be dropped the
+                        // bridge stays suspended: resuming onto it would map a copy that may
+                        // not be current; `luksify resume` loads the journal's table.
+                        if self.drop_flipped(&bridge, d, b).is_ok() {
+                            let _ = self.kernel.resume(&bridge);
+                        }
+                        return Err(e);
+                    }
                 }
             }
         }
+    }
+
+    /// With the bridge suspended and step [.., b)'s flipped table loaded, uncommitted: drop
+    /// that table (or, if the kernel will not clear it, load the live table's twin over it),
+    /// so that a resume puts the bridge back on the table it had, which maps the step to
+    /// its source. An error means the flipped table is still loaded.
+    fn drop_flipped(&mut self, bridge: &str, d: Devices, b: u64) -> KResult<()> {
+        if self.kernel.clear_inactive(bridge).is_err() {
+            let live = tables::bridge_table(self.g(), &self.spec, d, BridgePhase::Steady { cursor: b });
+            self.kernel.load(bridge, &live, &self.key_hex)?;
+        }
+        Ok(())
     }
 
     /// After a failed commit, with the bridge suspended and step [a, b) identical at its
