@@ -87,6 +87,17 @@ pub struct ChunkStats {
     pub cut_windows: u32,
 }
 
+impl ChunkStats {
+    /// A suspended window of `total` (split as [`ChunkStats::stall_split`]): kept if it is
+    /// the longest so far.
+    fn note_window(&mut self, total: Duration, split: [Duration; 4]) {
+        if total > self.stall {
+            self.stall = total;
+            self.stall_split = split;
+        }
+    }
+}
+
 /// What the engine asks of its caller besides the kernel and the disk.
 pub trait Hooks {
     fn event(&mut self, _e: &Event) {}
@@ -797,22 +808,21 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     }
 
     /// Compare the source of step [a, b) with `plain` (what was copied) and copy again every
-    /// sector that a live write changed since, adding their runs to `runs` (not flushed,
-    /// not checked: the caller does both once, for every attempt of the step). Returns the
-    /// number of sectors copied again, or `None` when `deadline` passed before the last
-    /// piece (the bridge has been suspended too long: the caller resumes it and tries
+    /// sector that a live write changed since, adding their runs to `runs` and their number
+    /// to `changed` (not flushed, not checked: the caller does both once, for every attempt
+    /// of the step, cut ones included). Returns false when `deadline` passed before the
+    /// last piece (the bridge has been suspended too long: the caller resumes it and tries
     /// again). The first piece is always compared, so every attempt makes progress. While
     /// the bridge is suspended this allocates nothing.
-    fn refresh_into(&mut self, a: u64, b: u64, runs: &mut Vec<(u64, u64)>, deadline: Option<Instant>) -> EResult<Option<u64>> {
+    fn refresh_into(&mut self, a: u64, b: u64, runs: &mut Vec<(u64, u64)>, changed: &mut u64, deadline: Option<Instant>) -> EResult<bool> {
         let g = *self.g();
         let piece = self.piece();
         let Some(xts) = &self.xts else { return Err(no_cipher(&self.rec.cipher)) };
         let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
-        let mut changed = 0u64;
         let mut x = a;
         while x < b {
             if x > a && deadline.is_some_and(|d| Instant::now() >= d) {
-                return Ok(None);
+                return Ok(false);
             }
             let e = piece_end(&g, x, b, piece);
             let n = ((e - x) * 512) as usize;
@@ -835,7 +845,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 self.cipher[o0..o1].copy_from_slice(&self.plain[o0..o1]);
                 xts.encrypt_sectors(&mut self.cipher[o0..o1], ra);
                 self.disk.write(g.s + ra, &self.cipher[o0..o1]).map_err(|er| fail(ra, format!("writing the copy: {er}")))?;
-                changed += rb - ra;
+                *changed += rb - ra;
                 let room = runs.len() < runs.capacity();
                 match runs.last_mut() {
                     // Out of room: widen the last run to cover this one too (checking more is
@@ -846,7 +856,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             }
             x = e;
         }
-        Ok(Some(changed))
+        Ok(true)
     }
 
     /// An earlier fence got as far as writing (part of) the marker but not its journal
@@ -947,10 +957,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let t_committed = Instant::now();
         kern(self.kernel.resume(&bridge))?;
         let t_end = Instant::now();
-        if t_end - w > stats.stall {
-            stats.stall = t_end - w;
-            stats.stall_split = [t_suspended - w, t_refreshed - t_suspended, t_committed - t_refreshed, t_end - t_committed];
-        }
+        stats.note_window(t_end - w, [t_suspended - w, t_refreshed - t_suspended, t_committed - t_refreshed, t_end - t_committed]);
         Ok(())
     }
 
@@ -984,22 +991,21 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             // back out (then the window runs to its end instead).
             loop {
                 let deadline = (cuts < MAX_CUTS).then_some(w + max_stall);
-                let r = self.refresh_into(a, b, runs, deadline).and_then(|n| {
-                    let Some(n) = n else { return Ok(None) };
-                    changed += n;
-                    if changed > 0 {
+                let r = self.refresh_into(a, b, runs, &mut changed, deadline).and_then(|done| {
+                    // Every sector copied again in any window of this step, cut ones too.
+                    if done && changed > 0 {
                         let fail = |why: String| EngineError::CopyFailed { from: a, to: b, sector: a, why };
                         self.disk.flush().map_err(|er| fail(format!("flushing the copy: {er}")))?;
                         self.check_written(a, b, runs)?;
                     }
-                    Ok(Some(n))
+                    Ok(done)
                 });
                 match r {
-                    Ok(Some(_)) => {
+                    Ok(true) => {
                         stats.rechecked += changed;
                         return Ok((w, t_suspended));
                     }
-                    Ok(None) => {
+                    Ok(false) => {
                         // Cut: nothing was committed. What was copied again so far stays in
                         // `runs`, to be checked with the last window's.
                         let t_cut = Instant::now();
@@ -1013,10 +1019,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                         // `luksify resume` takes it from there.
                         kern(self.kernel.resume(&bridge))?;
                         let t_end = Instant::now();
-                        if t_end - w > stats.stall {
-                            stats.stall = t_end - w;
-                            stats.stall_split = [t_suspended - w, t_cut - t_suspended, Duration::ZERO, t_end - t_cut];
-                        }
+                        stats.note_window(t_end - w, [t_suspended - w, t_cut - t_suspended, Duration::ZERO, t_end - t_cut]);
                         stats.cut_windows += 1;
                         cuts += 1;
                         // Let live I/O catch up, longer after each cut (a slow spell of the
