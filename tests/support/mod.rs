@@ -26,8 +26,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-pub const UML_BIN: &str = "/usr/bin/linux.uml";
-pub const UML_MODULES: &str = "/usr/lib/uml/modules";
 
 /// Builds the realistic laptop disks on /dev/ubda + /dev/ubdb (see qemu/uml/lib/mkdisk.sh).
 pub const MKDISK: &str = r#"bash "$UML_LIB/mkdisk.sh" --disk1 /dev/ubda --disk2 /dev/ubdb"#;
@@ -166,19 +164,29 @@ pub fn copy_sparse(from: &Path, to: &Path) {
 }
 
 fn check_uml_installed() {
-    let kver_ok = std::fs::read_dir(UML_MODULES)
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false);
-    if !Path::new(UML_BIN).exists() || !kver_ok {
+    static KERNEL: OnceLock<Result<String, String>> = OnceLock::new();
+    // qemu/uml/kernel is the one place that chooses the kernel (the packaged one if it boots
+    // here, else a newer one it fetches); qemu/uml/run asks it again, from its cache.
+    let chosen = KERNEL.get_or_init(|| {
+        let o = Command::new(repo().join("qemu/uml/kernel"))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run qemu/uml/kernel: {e}"))?;
+        if o.status.success() {
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    });
+    if let Err(why) = chosen {
         panic!(
-            "User-Mode Linux is not installed ({UML_BIN} and modules in {UML_MODULES} are required): \
-             apt-get install user-mode-linux lvm2 cryptsetup-bin kmod e2fsprogs xfsprogs fdisk \
-             (these tests never skip)"
+            "no User-Mode Linux kernel boots on this machine; run qemu/setup as root \
+             (these tests never skip). qemu/uml/kernel said:\n{why}"
         );
     }
     for tool in ["/usr/sbin/lvm", "/usr/sbin/cryptsetup", "/usr/sbin/sfdisk", "/usr/sbin/mkfs.xfs", "/usr/sbin/dmsetup"] {
         if !Path::new(tool).exists() {
-            panic!("{tool} missing: apt-get install lvm2 cryptsetup-bin fdisk xfsprogs dmsetup");
+            panic!("{tool} missing: run qemu/setup as root (it installs lvm2 cryptsetup-bin fdisk xfsprogs dmsetup)");
         }
     }
 }
