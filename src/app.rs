@@ -137,11 +137,21 @@ fn engine_err(e: EngineError, device: &Path) -> Error {
     match e {
         EngineError::Stopped(c) => Error::Paused(format!("cursor {c}"), device.display().to_string()),
         EngineError::Refused(m) => Error::Refused(m),
+        EngineError::Damaged(d) => damaged(&d, device),
+        // the journal (or the header copy it points at) cannot be used: no hint that it can
+        EngineError::Journal(m) => Error::Failed(format!(
+            "{}: {m}; nothing was changed: keep the disk as it is and report with `luksify status --json {0}`",
+            device.display()
+        )),
         other => Error::Failed(format!(
             "{other}\nluksify: the journal on {} records the last safe state; `luksify status {0}` shows it and `luksify resume {0}` continues",
             device.display()
         )),
     }
+}
+
+fn damaged(d: &crate::core::evidence::Damage, device: &Path) -> Error {
+    Error::Damaged { message: d.message(&device.display().to_string()), damage: Box::new(d.clone()) }
 }
 
 #[derive(serde::Serialize)]
@@ -161,7 +171,7 @@ struct StatusJson<'a> {
 fn status(device: &Path, json: bool) -> Result<i32> {
     let n = size_sectors(device)?;
     let mut disk = open_disk(device, false)?;
-    let rec = Engine::<RawDisk, DmKernel>::read_journal(&mut disk, n).map_err(|e| Error::Failed(e.to_string()))?;
+    let rec = Engine::<RawDisk, DmKernel>::read_journal(&mut disk, n).map_err(|e| engine_err(e, device))?;
     let cursor = rec.as_ref().and_then(|r| match r.state {
         State::Migrating { cursor } => Some(cursor),
         _ => None,

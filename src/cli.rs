@@ -199,13 +199,20 @@ pub mod exit {
     pub const REFUSED: i32 = 3;
     pub const PAUSED: i32 = 4;
     pub const INTEGRATION: i32 = 5;
+    /// A conversion is in progress but its journal is missing or damaged (nothing changed).
+    pub const DAMAGED: i32 = 6;
 }
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    // --json always prints JSON on standard output, errors included
+    let json = cli.json || matches!(cli.command, Some(Command::Status { json: true, .. }));
     match crate::app::run(cli) {
         Ok(code) => code,
         Err(e) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e.to_json()).expect("serialises"));
+            }
             eprintln!("luksify: {e}");
             e.exit_code()
         }

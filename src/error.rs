@@ -21,6 +21,10 @@ pub enum Error {
     /// says what to do by hand.
     #[error("converted, but integration incomplete: {0}")]
     Integration(String),
+    /// Signs of a conversion in progress whose journal is missing or damaged: `message` says
+    /// what is known and what is safe; nothing was changed.
+    #[error("{message}")]
+    Damaged { message: String, damage: Box<crate::core::evidence::Damage> },
 }
 
 impl Error {
@@ -31,7 +35,20 @@ impl Error {
             Error::Paused(..) => exit::PAUSED,
             Error::Failed(_) => exit::ERROR,
             Error::Integration(_) => exit::INTEGRATION,
+            Error::Damaged { .. } => exit::DAMAGED,
         }
+    }
+
+    /// The error as `--json` prints it: `{"error": {"code", "message"}}`, and for a damaged
+    /// conversion also what `status --json` says of one in progress.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({ "error": { "code": self.exit_code(), "message": self.to_string() } });
+        if let Error::Damaged { damage, .. } = self {
+            v["in_progress"] = true.into();
+            v["state"] = "damaged".into();
+            v["damage"] = serde_json::to_value(damage).expect("serialises");
+        }
+        v
     }
 }
 

@@ -28,6 +28,12 @@ pub const JOURNAL_SLOT_SECTORS: u64 = 8;
 /// for bigger keys and metadata.
 pub const HEADER_COPY_SECTORS: u64 = 2048;
 
+/// Where the journal's slot A of a device of `n` sectors is (slot B follows it): its last
+/// 8 KiB, 4 KiB aligned. None if the device is too small to hold one.
+pub fn journal_sector(n: u64) -> Option<u64> {
+    align_down(n, 8).checked_sub(2 * JOURNAL_SLOT_SECTORS)
+}
+
 /// Round `x` down to a multiple of `a` (a > 0).
 pub const fn align_down(x: u64, a: u64) -> u64 {
     x / a * a
@@ -101,7 +107,7 @@ impl Geometry {
         if e < reserved {
             return Err(GeometryError::DeviceTooSmall);
         }
-        let journal = e - 2 * JOURNAL_SLOT_SECTORS;
+        let journal = journal_sector(n).expect("e >= reserved");
         let header_copy = journal - HEADER_COPY_SECTORS;
         let shadow = header_copy - FENCE_SECTORS;
         let need = s + Self::tail_reserve(n);

@@ -274,7 +274,7 @@ pub fn slot_for(seq: u64) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample(seq: u64, state: State) -> Record {

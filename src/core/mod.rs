@@ -11,4 +11,5 @@ pub mod state;
 pub mod tables;
 pub mod plan;
 pub mod marker;
+pub mod evidence;
 pub mod xts;

@@ -10,6 +10,7 @@ pub mod sim;
 
 use crate::core::geometry::{self, Geometry, JOURNAL_SLOT_SECTORS};
 use crate::core::journal::{self, Record, State, SLOT_BYTES};
+use crate::core::evidence::{self, Damage, Evidence};
 use crate::core::marker;
 use crate::core::state::{self, Step};
 use crate::core::tables::{self, BridgePhase, CryptSpec, DevRef, Devices, Line};
@@ -41,6 +42,9 @@ pub enum EngineError {
     Kernel(String),
     #[error("{0}")]
     Journal(String),
+    /// Signs of a conversion whose journal is missing or damaged: no record to act on.
+    #[error("a luksify conversion is in progress but its journal is {}", if .0.journal_missing() { "missing" } else { "damaged" })]
+    Damaged(Box<Damage>),
     #[error("{0}")]
     Refused(String),
     #[error("the copy of sectors {from}..{to} failed at sector {sector} ({why}); the conversion stopped at a safe point (cursor {to}), nothing is lost; fix the device and run `luksify resume`")]
@@ -337,19 +341,31 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         })
     }
 
-    /// Read the journal from a device: None if there is none.
+    /// Read the journal from a device: None if there is none. A damaged journal, or a
+    /// missing one under luksify's fence marker, is an error that says what is known.
     pub fn read_journal(disk: &mut D, n_sectors: u64) -> EResult<Option<Record>> {
-        let e = crate::core::geometry::align_down(n_sectors, 8);
-        if e < 2 * JOURNAL_SLOT_SECTORS {
-            return Ok(None);
+        match Self::examine(disk, n_sectors)? {
+            Evidence::Nothing => Ok(None),
+            Evidence::Journal(r) => Ok(Some(r)),
+            Evidence::Damaged(d) => Err(EngineError::Damaged(Box::new(d))),
         }
-        let j = e - 2 * JOURNAL_SLOT_SECTORS;
+    }
+
+    /// What the device shows of a conversion: its journal, or every other sign of one when
+    /// the journal is missing or damaged ([`evidence::examine`]). A journal that describes a
+    /// device of another size is refused (wrong device).
+    pub fn examine(disk: &mut D, n_sectors: u64) -> EResult<Evidence> {
+        let mut head = vec![0u8; evidence::HEAD_BYTES];
         let mut a = vec![0u8; SLOT_BYTES];
         let mut b = vec![0u8; SLOT_BYTES];
+        let Some(j) = geometry::journal_sector(n_sectors).filter(|_| n_sectors >= (evidence::HEAD_BYTES / 512) as u64) else {
+            return Ok(Evidence::Nothing); // too small to hold a journal or a marker
+        };
+        io(disk.read(0, &mut head), || "reading the device's first sectors".into())?;
         io(disk.read(j, &mut a), || "reading journal slot A".into())?;
         io(disk.read(j + JOURNAL_SLOT_SECTORS, &mut b), || "reading journal slot B".into())?;
-        let rec = journal::choose(&a, &b).map_err(|e| EngineError::Journal(format!("the journal on the device is unreadable: {e}")))?;
-        if let Some(r) = &rec {
+        let ev = evidence::examine(&head, &a, &b, j);
+        if let Evidence::Journal(r) = &ev {
             if r.geometry.n != n_sectors {
                 return Err(EngineError::Refused(format!(
                     "the journal describes a device of {} sectors but this one has {n_sectors}: wrong device?",
@@ -357,7 +373,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 )));
             }
         }
-        Ok(rec)
+        Ok(ev)
     }
 
     /// The header a resume unlocks the key with: once it is written at [0, S) (state
