@@ -30,6 +30,36 @@ umount /mnt/root /mnt/home
 vgchange -an vg0 >/dev/null
 "#;
 
+/// The mapping luksify leaves, then the one `cryptsetup open` makes of the same device
+/// after a close: table (keys hidden and shown), DM UUID. Leaves nothing open.
+const SAME_AS_OPEN: &str = r#"
+snap_map() {   # PREFIX
+    dmsetup table ubda5_crypt > "$OUT/$1-table.txt"
+    dmsetup table --showkeys ubda5_crypt > "$OUT/$1-keys.txt"
+    dmsetup info -c --noheadings -o uuid ubda5_crypt > "$OUT/$1-uuid.txt"
+}
+snap_map live
+dmsetup remove ubda5_crypt
+cryptsetup open --key-file "$OUT/key" /dev/ubda5 ubda5_crypt
+snap_map open
+cryptsetup close ubda5_crypt
+"#;
+
+/// The finished mapping is what `cryptsetup open` makes: same table, same DM UUID, and the
+/// key not shown where cryptsetup's is not (LUKS2: through the kernel keyring).
+fn assert_same_as_open(run: &GuestRun, luks2: bool) {
+    for what in ["table", "uuid", "keys"] {
+        let live = run.file(&format!("live-{what}.txt"));
+        let open = run.file(&format!("open-{what}.txt"));
+        assert!(!live.trim().is_empty(), "no {what} of the finished mapping");
+        assert_eq!(live, open, "the finished mapping's {what} differs from cryptsetup open's");
+    }
+    let keys = run.file("live-keys.txt");
+    if luks2 {
+        assert!(keys.contains(":64:logon:cryptsetup:"), "the LUKS2 key is not in the keyring: {}", keys.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    }
+}
+
 fn verify_fresh_boot(d: &BuiltDisk, min_acked: usize, name: &str) -> GuestRun {
     let run = uml()
         .disk(&d.disk1)
@@ -70,7 +100,7 @@ wait $CHECKER
 cryptsetup status ubda5_crypt | tee "$OUT/cs-status.txt"
 vgchange -ay vg0 >/dev/null; pvs 2>&1 | tee "$OUT/pvs-after.txt"
 vgchange -an vg0 >/dev/null
-dmsetup remove ubda5_crypt
+{SAME_AS_OPEN}
 echo CONVERTED
 "#
     ));
@@ -88,6 +118,7 @@ echo CONVERTED
     assert!(!scan.contains("/dev/ubda5 "), "pvscan sees the raw partition: {scan}");
     let st = run.file("cs-status.txt");
     assert!(st.contains("type:    LUKS2") && st.contains("device:  /dev/ubda5") && st.contains("is active"), "{st}");
+    assert_same_as_open(&run, true);
     let after = run.file("pvs-after.txt");
     assert!(!after.contains("WARNING"), "LVM still disagrees on sizes after pvresize: {after}");
     let n = acked(&d);
@@ -123,7 +154,7 @@ dmsetup table vg0-span | tee "$OUT/span-before.txt"
 dmsetup table vg0-span | tee "$OUT/span-after.txt"
 {STOP_LIVE}
 cryptsetup luksDump /dev/ubda5 | tee "$OUT/dump.txt"
-dmsetup remove ubda5_crypt
+{SAME_AS_OPEN}
 echo CONVERTED
 "#
     ));
@@ -138,6 +169,7 @@ echo CONVERTED
     assert!(cut.iter().all(|c| c.is_some()), "chunk lines without cut_windows: {progress}");
     let full = cut.iter().filter(|c| **c == Some(luksify::engine::MAX_CUTS)).count();
     assert!(full >= chunks.len() - 1, "not every step's windows were cut {} times: {cut:?}", luksify::engine::MAX_CUTS);
+    assert_same_as_open(&run, false);
     let dump = run.file("dump.txt");
     assert!(dump.contains("Version:       \t1") || dump.contains("Version:        1") || dump.contains("Version:\t1"), "{dump}");
     let before = run.file("span-before.txt");

@@ -17,6 +17,8 @@ pub struct DmKernel {
     /// Devices opened by [`Kernel::read`], by name, with their device number: kept open
     /// (the engine reads the staging device at every step), closed before a remove.
     readers: std::collections::HashMap<String, (u64, crate::adapters::rawdisk::RawDisk)>,
+    /// Keys put in the thread keyring for a table load, by description.
+    keys: std::collections::HashMap<String, i32>,
 }
 
 fn k(e: DmError) -> KernelError {
@@ -25,7 +27,7 @@ fn k(e: DmError) -> KernelError {
 
 impl DmKernel {
     pub fn new() -> KResult<DmKernel> {
-        Ok(DmKernel { dm: Dm::open().map_err(k)?, fail_load_of: std::env::var("LUKSIFY_TEST_FAIL_LOAD").ok(), readers: Default::default() })
+        Ok(DmKernel { dm: Dm::open().map_err(k)?, fail_load_of: std::env::var("LUKSIFY_TEST_FAIL_LOAD").ok(), readers: Default::default(), keys: Default::default() })
     }
 
     /// Whether a dm device of this name exists, has a live table and is not suspended
@@ -65,6 +67,24 @@ impl DmKernel {
 }
 
 impl Kernel for DmKernel {
+    fn keyring_add(&mut self, desc: &str, key: &[u8]) -> KResult<Option<String>> {
+        match crate::adapters::sys::keyring_add_logon(desc, key) {
+            Ok(id) => {
+                self.keys.insert(desc.to_string(), id);
+                Ok(Some(format!(":{}:logon:{desc}", key.len())))
+            }
+            // no keyring in this kernel (or none for us): hex in the table, as cryptsetup does
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)) => Ok(None),
+            Err(e) => Err(KernelError(format!("add_key logon {desc}: {e}"))),
+        }
+    }
+
+    fn keyring_drop(&mut self, desc: &str) {
+        if let Some(id) = self.keys.remove(desc) {
+            crate::adapters::sys::keyring_revoke(id);
+        }
+    }
+
     fn lookup(&mut self, n: &str) -> KResult<Option<DevRef>> {
         Ok(self.dm.info(n).map_err(k)?.map(|d| DevRef { major: d.major, minor: d.minor }))
     }

@@ -108,3 +108,33 @@ pub fn read_passphrase(src: KeySource<'_>) -> Result<Zeroizing<Vec<u8>>, String>
     }
     Ok(key)
 }
+
+/// Add a `logon` key `desc` holding `key` to the calling thread's keyring (where dm-crypt
+/// looks up a key named in a table being loaded by this thread); its serial number.
+pub fn keyring_add_logon(desc: &str, key: &[u8]) -> io::Result<i32> {
+    const KEY_SPEC_THREAD_KEYRING: libc::c_long = -1;
+    let ty = c"logon";
+    let d = std::ffi::CString::new(desc).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: add_key(2) with NUL-terminated strings and a payload of `key.len()` bytes, all
+    // live for the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_add_key, ty.as_ptr(), d.as_ptr(), key.as_ptr(), key.len(), KEY_SPEC_THREAD_KEYRING)
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as i32)
+}
+
+/// Revoke and unlink a key added by [`keyring_add_logon`] (best effort: the thread keyring
+/// goes with the thread anyway).
+pub fn keyring_revoke(id: i32) {
+    const KEYCTL_REVOKE: libc::c_long = 3;
+    const KEYCTL_UNLINK: libc::c_long = 9;
+    const KEY_SPEC_THREAD_KEYRING: libc::c_long = -1;
+    // SAFETY: keyctl(2) with integer arguments only.
+    unsafe {
+        libc::syscall(libc::SYS_keyctl, KEYCTL_REVOKE, id as libc::c_long);
+        libc::syscall(libc::SYS_keyctl, KEYCTL_UNLINK, id as libc::c_long, KEY_SPEC_THREAD_KEYRING);
+    }
+}

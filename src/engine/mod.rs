@@ -1142,13 +1142,14 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         self.commit(State::HeaderWritten)
     }
 
-    /// HeaderWritten → done: LVM resize, wipe the copies in the tail, clear the journal
-    /// (older slot first, so a crash leaves HeaderWritten, never an older state).
+    /// HeaderWritten → done: the bridge becomes what `cryptsetup open` maps (and is shown to
+    /// udev), the copies in the tail are wiped, the journal cleared (older slot first, so a
+    /// crash leaves HeaderWritten, never an older state); only then may LVM grow the PV over
+    /// the tail (`pvresize`), which is no longer luksify's.
     fn cleanup(&mut self, hooks: &mut dyn Hooks) -> EResult<()> {
         let g = *self.g();
         let bridge = self.names.bridge.clone();
-        self.show_bridge_to_udev()?;
-        let _ = hooks.lvm_resize(&bridge);
+        self.open_as_cryptsetup_would()?;
         let zeros = vec![0u8; ((g.header_copy_len + g.f) * 512) as usize];
         io(self.disk.write(g.shadow, &zeros), || "wiping the header copy".into())?;
         io(self.disk.flush(), || "flushing".into())?;
@@ -1158,18 +1159,50 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             io(self.disk.write(g.journal_slot(slot), &z), || "clearing the journal".into())?;
             io(self.disk.flush(), || "flushing".into())?;
         }
+        let _ = hooks.lvm_resize(&bridge);
         Ok(())
     }
 
-    /// The bridge holds the pure crypt table and the LUKS header is on disk: one real
-    /// suspend/resume without the udev flags, so that udev processes the device as the LUKS
-    /// mapping it now is (blkid, /dev/disk links, LVM's pvscan). A synthetic "change" event
-    /// would not do: udev would re-import the old flags from its database.
-    fn show_bridge_to_udev(&mut self) -> EResult<()> {
+    /// The finished bridge becomes exactly what `cryptsetup open` maps for the same header:
+    /// N − S sectors (the header's dynamic data segment), and for LUKS2 the volume key through
+    /// the kernel keyring (`:64:logon:cryptsetup:<uuid>-d0`) instead of in the table, so that
+    /// no table read-back (`dmsetup table --showkeys`) shows it. The same data as before in
+    /// [0, L); [L, N − S) maps the tail, which the PV does not reach until `pvresize`. Its
+    /// resume is the bridge's first one without the udev flags, so udev (blkid, /dev/disk
+    /// links, LVM's pvscan) processes it as the LUKS mapping it now is; a synthetic "change"
+    /// event would not do: udev would re-import the old flags from its database. Idempotent:
+    /// a resume from HeaderWritten does it again.
+    fn open_as_cryptsetup_would(&mut self) -> EResult<()> {
+        let g = *self.g();
         let bridge = self.names.bridge.clone();
+        let table = [Line {
+            start: 0,
+            length: g.n - g.s,
+            target: tables::Target::Crypt { spec: self.spec.clone(), iv_offset: 0, dev: self.raw, offset: g.s },
+        }];
+        // cryptsetup names the key after the LUKS2 header's UUID and its (only) digest, 0
+        let desc = format!("cryptsetup:{}-d0", self.rec.luks_uuid);
+        let keyring = if self.rec.luks_version == 2 {
+            let key = Zeroizing::new(hex_bytes(&self.key_hex));
+            kern(self.kernel.keyring_add(&desc, &key))?
+        } else {
+            None
+        };
+        let key = Zeroizing::new(keyring.as_deref().unwrap_or(self.key_hex.as_str()).to_string());
+        let r = self.kernel.load(&bridge, &table, &key);
+        if keyring.is_some() {
+            self.kernel.keyring_drop(&desc);
+        }
+        kern(r)?;
         self.kernel.set_udev_hidden(&bridge, false);
-        self.kernel.suspend(&bridge).map_err(|e| EngineError::Kernel(format!("suspending the bridge: {e}")))?;
-        kern(self.kernel.resume(&bridge))
+        if let Err(e) = self.kernel.suspend(&bridge) {
+            let _ = self.kernel.clear_inactive(&bridge);
+            return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
+        }
+        // suspended, the bridge holds every filesystem on it: try the resume twice
+        self.kernel.resume(&bridge).or_else(|_| self.kernel.resume(&bridge)).map_err(|e| {
+            EngineError::Kernel(format!("resuming the bridge failed twice ({e}): run `dmsetup resume {bridge}`"))
+        })
     }
 
     /// Give up a conversion that has not changed anything yet (state `Prepared`, in the
@@ -1199,6 +1232,11 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     pub fn into_parts(self) -> (D, K) {
         (self.disk, self.kernel)
     }
+}
+
+/// The bytes of a hex string (the engine keeps the volume key as the hex a crypt table takes).
+fn hex_bytes(h: &str) -> Vec<u8> {
+    (0..h.len() / 2).map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap_or(0)).collect()
 }
 
 /// The error of a step that cannot be copied because luksify has no implementation of the

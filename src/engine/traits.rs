@@ -68,4 +68,11 @@ pub trait Kernel {
     /// (dm-raid1's: `A` alive; `D` a write failed, `F` a flush failed, `R` a read failed,
     /// `S` a sync failed, `U` unknown). Empty if the live table has no mirror line.
     fn mirror_health(&mut self, name: &str) -> KResult<Vec<Vec<char>>>;
+    /// Put `key` where dm-crypt reads a key named in a table (a `logon` key `desc` in the
+    /// calling thread's kernel keyring, as cryptsetup does for LUKS2) and return the key
+    /// string a crypt line takes for it (`:<bytes>:logon:<desc>`); None where the kernel has
+    /// no keyring: the table then carries the key in hex, as cryptsetup's does there too.
+    fn keyring_add(&mut self, desc: &str, key: &[u8]) -> KResult<Option<String>>;
+    /// Take the key `desc` out of the keyring again (a loaded table keeps its own copy).
+    fn keyring_drop(&mut self, desc: &str);
 }
