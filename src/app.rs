@@ -1,15 +1,15 @@
 //! Dispatch of the command line onto the planner, the engine and the adapters.
 
-use crate::adapters::kernel::DmKernel;
-use crate::adapters::rawdisk::RawDisk;
 use crate::adapters::blockdev::{BlockDev, OpenMode};
 use crate::adapters::integrate::{self as integ, SystemRunner};
+use crate::adapters::kernel::DmKernel;
 use crate::adapters::lvmlock::{self, VgLock};
+use crate::adapters::rawdisk::RawDisk;
 use crate::adapters::{bootprobe, luks, lvm, probe, sys};
 use crate::cli::{exit, Cli, Command, ConvertOpts, KeyOpts, RunOpts};
-use crate::core::journal::{Record, State};
 use crate::core::boot::{self, LuksChoice};
 use crate::core::integrate::{crypttab_discard, luks_uuid, mapping_name_of};
+use crate::core::journal::{Record, State};
 use crate::core::plan::{self, LuksVersion};
 use crate::core::state as fsm;
 use crate::core::tables::DevRef;
@@ -114,8 +114,10 @@ fn dry_run(device: &Path, o: &ConvertOpts, json: bool) -> Result<i32> {
 
 /// Size of a block device (or file) in sectors, by seeking to its end.
 fn size_sectors(device: &Path) -> Result<u64> {
-    let mut f = std::fs::File::open(device).map_err(|e| Error::Refused(format!("cannot open {}: {e}", device.display())))?;
-    let bytes = f.seek(SeekFrom::End(0)).map_err(|e| Error::Failed(format!("cannot size {}: {e}", device.display())))?;
+    let mut f =
+        std::fs::File::open(device).map_err(|e| Error::Refused(format!("cannot open {}: {e}", device.display())))?;
+    let bytes =
+        f.seek(SeekFrom::End(0)).map_err(|e| Error::Failed(format!("cannot size {}: {e}", device.display())))?;
     Ok(bytes / 512)
 }
 
@@ -200,7 +202,10 @@ fn status(device: &Path, json: bool) -> Result<i32> {
                     println!("  cursor:   sector {c} of {} ({} sectors left to move)", r.geometry.l, c);
                 }
                 println!("  progress: {:.1}%", 100.0 * fsm::progress(&r.geometry, r.state));
-                println!("  target:   LUKS{} {} as /dev/mapper/{} (UUID {})", r.luks_version, r.cipher, r.name, r.luks_uuid);
+                println!(
+                    "  target:   LUKS{} {} as /dev/mapper/{} (UUID {})",
+                    r.luks_version, r.cipher, r.name, r.luks_uuid
+                );
                 println!("  continue: luksify resume {}", device.display());
             }
         }
@@ -213,7 +218,9 @@ fn passphrase(k: &KeyOpts, confirm: bool) -> Result<zeroize::Zeroizing<Vec<u8>>>
         Some(p) => sys::KeySource::File(p),
         None => {
             if !std::io::stdin().is_terminal() {
-                return Err(Error::Usage("no terminal to ask for the passphrase: use --key-file FILE (or - for standard input)".into()));
+                return Err(Error::Usage(
+                    "no terminal to ask for the passphrase: use --key-file FILE (or - for standard input)".into(),
+                ));
             }
             sys::KeySource::Terminal { confirm }
         }
@@ -316,7 +323,17 @@ impl CliHooks {
             b.set_position(moved * 512);
             b
         });
-        CliHooks { bar, json: run.progress_json, l, name: name.to_string(), last_line_pct: -1, max_stall: Default::default(), cut_windows: 0, chunks: 0, vg_lock: None }
+        CliHooks {
+            bar,
+            json: run.progress_json,
+            l,
+            name: name.to_string(),
+            last_line_pct: -1,
+            max_stall: Default::default(),
+            cut_windows: 0,
+            chunks: 0,
+            vg_lock: None,
+        }
     }
 }
 
@@ -359,7 +376,9 @@ impl Hooks for CliHooks {
                     eprintln!("{{\"event\":\"commit\",\"state\":\"{}\",\"t_ms\":{:.0}}}", st.name(), t_ms());
                 } else if self.bar.is_none() {
                     match st {
-                        State::Bridged => eprintln!("luksify: bridge /dev/mapper/{} inserted under the live mappings", self.name),
+                        State::Bridged => {
+                            eprintln!("luksify: bridge /dev/mapper/{} inserted under the live mappings", self.name)
+                        }
                         State::Migrating { cursor } if *cursor == self.l => {
                             eprintln!("luksify: raw partition fenced; moving data")
                         }
@@ -386,7 +405,11 @@ impl Hooks for CliHooks {
                             0 => String::new(),
                             n => format!(" ({n} longer window(s) cut short and the step tried again)"),
                         };
-                        eprintln!("luksify: {} step(s); live I/O waited at most {:.1} ms at a step{cut}", self.chunks, ms(self.max_stall));
+                        eprintln!(
+                            "luksify: {} step(s); live I/O waited at most {:.1} ms at a step{cut}",
+                            self.chunks,
+                            ms(self.max_stall)
+                        );
                     }
                 }
             }
@@ -468,7 +491,15 @@ fn boot_on_pv_after(name: &str, root: &Path) -> bool {
 
 /// After the finish: integrate into `--root` (unless --no-integrate). Exit 5 when something
 /// is left to do by hand.
-fn finish(device: &Path, name: &str, uuid: &str, discard: bool, run: &RunOpts, boot_on_pv: bool, announce: bool) -> Result<i32> {
+fn finish(
+    device: &Path,
+    name: &str,
+    uuid: &str,
+    discard: bool,
+    run: &RunOpts,
+    boot_on_pv: bool,
+    announce: bool,
+) -> Result<i32> {
     if run.no_integrate {
         print_after(device, name, uuid, discard);
         return Ok(exit::OK);
@@ -498,11 +529,17 @@ fn finish(device: &Path, name: &str, uuid: &str, discard: bool, run: &RunOpts, b
 /// `resume` on a device whose conversion has finished (LUKS header, no journal): only the
 /// integration is (re)done. The device must be open (its mapping name is taken from it).
 fn resume_finished(device: &Path, run: &RunOpts) -> Result<i32> {
-    let nothing = || Error::Refused(format!("no luksify conversion in progress on {} (no journal): nothing to resume", device.display()));
+    let nothing = || {
+        Error::Refused(format!(
+            "no luksify conversion in progress on {} (no journal): nothing to resume",
+            device.display()
+        ))
+    };
     if run.no_integrate {
         return Err(nothing());
     }
-    let dev = BlockDev::open(device, OpenMode::READ_DIRECT).map_err(|e| Error::Refused(format!("cannot open {}: {e}", device.display())))?;
+    let dev = BlockDev::open(device, OpenMode::READ_DIRECT)
+        .map_err(|e| Error::Refused(format!("cannot open {}: {e}", device.display())))?;
     let mut head = vec![0u8; 4096];
     dev.read_at(0, &mut head).map_err(|e| Error::Failed(format!("cannot read {}: {e}", device.display())))?;
     drop(dev);
@@ -561,7 +598,10 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     }
     let g = p.geometry.expect("an accepted plan has a geometry");
 
-    let (cipher, mode) = o.cipher.split_once('-').ok_or_else(|| Error::Usage(format!("--cipher {} is not of the form cipher-mode", o.cipher)))?;
+    let (cipher, mode) = o
+        .cipher
+        .split_once('-')
+        .ok_or_else(|| Error::Usage(format!("--cipher {} is not of the form cipher-mode", o.cipher)))?;
     let key = luks::VolumeKey::generate((o.key_size / 8) as usize).map_err(|e| Error::Failed(e.to_string()))?;
     let params = luks::HeaderParams {
         luks_type: popts.luks,
@@ -576,7 +616,8 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
         uuid: None,
         label: None,
     };
-    let header = luks::format_header(&params, &key, &pass).map_err(|e| Error::Failed(format!("formatting the LUKS header: {e}; nothing was changed")))?;
+    let header = luks::format_header(&params, &key, &pass)
+        .map_err(|e| Error::Failed(format!("formatting the LUKS header: {e}; nothing was changed")))?;
     drop(pass);
     phase(&o.run, "header_formatted");
     let pv_uuid = facts.lvm.as_ref().map(|l| l.pv_uuid.clone()).unwrap_or_default();
@@ -588,7 +629,9 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     };
 
     sys::install_stop_handlers().map_err(|e| Error::Failed(format!("installing signal handlers: {e}")))?;
-    sys::lock_memory().map_err(|e| Error::Failed(format!("mlockall failed ({e}); refusing to suspend devices without it; nothing was changed")))?;
+    sys::lock_memory().map_err(|e| {
+        Error::Failed(format!("mlockall failed ({e}); refusing to suspend devices without it; nothing was changed"))
+    })?;
     spare_from_oom_killer();
     phase(&o.run, "memory_locked");
     let disk = open_disk(device, true)?;
@@ -620,7 +663,10 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
         return match engine.abandon() {
             Ok(true) => Err(Error::Failed(format!("{e}; nothing was changed (the device is as it was)"))),
             Ok(false) => Err(engine_err(e, device)),
-            Err(e2) => Err(Error::Failed(format!("{e}; then restoring the tail failed too ({e2}): run `luksify resume {}`", device.display()))),
+            Err(e2) => Err(Error::Failed(format!(
+                "{e}; then restoring the tail failed too ({e2}): run `luksify resume {}`",
+                device.display()
+            ))),
         };
     }
     let _ = engine.kernel.ensure_node(&p.name);
@@ -638,13 +684,14 @@ fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     let n = size_sectors(device)?;
     let raw = raw_devref(device)?;
     let mut disk = open_disk(device, true)?;
-    let rec: Record = match Engine::<RawDisk, DmKernel>::read_journal(&mut disk, n).map_err(|e| engine_err(e, device))? {
-        Some(r) => r,
-        None => {
-            drop(disk);
-            return resume_finished(device, run);
-        }
-    };
+    let rec: Record =
+        match Engine::<RawDisk, DmKernel>::read_journal(&mut disk, n).map_err(|e| engine_err(e, device))? {
+            Some(r) => r,
+            None => {
+                drop(disk);
+                return resume_finished(device, run);
+            }
+        };
     let discard = rec.allow_discards;
     let header = Engine::<RawDisk, DmKernel>::read_header_copy(&mut disk, &rec).map_err(|e| engine_err(e, device))?;
     let pass = passphrase(k, false)?;
@@ -673,8 +720,13 @@ fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
         State::HeaderWritten => l,
         _ => 0,
     };
-    eprintln!("luksify: resuming from state {} ({:.1}% moved)", rec.state.name(), 100.0 * fsm::progress(&rec.geometry, rec.state));
-    let mut engine = Engine::reopen(disk, kernel, raw, rec, key.as_bytes(), header).map_err(|e| engine_err(e, device))?;
+    eprintln!(
+        "luksify: resuming from state {} ({:.1}% moved)",
+        rec.state.name(),
+        100.0 * fsm::progress(&rec.geometry, rec.state)
+    );
+    let mut engine =
+        Engine::reopen(disk, kernel, raw, rec, key.as_bytes(), header).map_err(|e| engine_err(e, device))?;
     drop(key);
     if vg_lock.is_none() {
         match vg_on_bridge(&engine.kernel, &name) {

@@ -43,14 +43,9 @@ impl IoBuf {
         let rw = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
         let n = NonZeroUsize::new(map_len).expect("at least one page");
         // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
-        let p: NonNull<c_void> =
-            unsafe { mmap_anonymous(None, n, rw, MapFlags::MAP_PRIVATE | MapFlags::MAP_POPULATE) }
-                .map_err(io::Error::from)?;
-        let buf = IoBuf {
-            ptr: p.cast(),
-            len,
-            map_len,
-        };
+        let p: NonNull<c_void> = unsafe { mmap_anonymous(None, n, rw, MapFlags::MAP_PRIVATE | MapFlags::MAP_POPULATE) }
+            .map_err(io::Error::from)?;
+        let buf = IoBuf { ptr: p.cast(), len, map_len };
         // SAFETY: the mapping just made, whole; no reference into it exists yet.
         unsafe {
             mprotect(p, map_len, ProtFlags::PROT_READ).map_err(io::Error::from)?;

@@ -17,7 +17,8 @@ impl Drop for Tmp {
 fn tmpdir(tag: &str) -> Tmp {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!("luksify-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let d =
+        std::env::temp_dir().join(format!("luksify-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
     std::fs::create_dir_all(&d).unwrap();
     Tmp(d)
 }
@@ -90,7 +91,8 @@ fn luks1_and_luks2_as_cryptsetup_makes_them() {
         let img = image(&t.0, 32);
         let key = t.0.join("key");
         std::fs::write(&key, b"test passphrase").unwrap();
-        let args = ["luksFormat", "-q", "--type", ty, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file"];
+        let args =
+            ["luksFormat", "-q", "--type", ty, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file"];
         let mut c = Command::new("cryptsetup");
         c.args(args).arg(&key).arg(&img);
         match c.output() {
@@ -114,7 +116,17 @@ fn a_wiped_luks2_primary_leaves_the_secondary_visible() {
     let key = t.0.join("key");
     std::fs::write(&key, b"k").unwrap();
     let ok = Command::new("cryptsetup")
-        .args(["luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file"])
+        .args([
+            "luksFormat",
+            "-q",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+        ])
         .arg(&key)
         .arg(&img)
         .output()

@@ -139,7 +139,9 @@ fn lv<'a>(lvs: &'a [LvFacts], name: &str) -> &'a LvFacts {
 
 #[test]
 fn recorded_pv_with_linear_spanning_and_striped_lvs() {
-    let f = assemble("/dev/loop0", &rows(PV0, "pv").unwrap(), &rows(SEG0, "pvseg").unwrap(), &rows(LVS0, "lv").unwrap()).unwrap();
+    let f =
+        assemble("/dev/loop0", &rows(PV0, "pv").unwrap(), &rows(SEG0, "pvseg").unwrap(), &rows(LVS0, "lv").unwrap())
+            .unwrap();
     assert_eq!(f.pv_uuid, "aM3zby-mEKP-gVbb-UBON-dvHc-Hn2P-tVP7WF");
     assert_eq!(f.vg_name, "vg0");
     assert_eq!(f.vg_uuid, "JKSRNF-A4Mv-oext-jhXI-DORs-p5uS-HtO4YP");
@@ -178,7 +180,9 @@ fn recorded_pv_with_linear_spanning_and_striped_lvs() {
 
 #[test]
 fn recorded_second_pv_sees_only_its_lvs_and_free_space() {
-    let f = assemble("/dev/loop1", &rows(PV1, "pv").unwrap(), &rows(SEG1, "pvseg").unwrap(), &rows(LVS0, "lv").unwrap()).unwrap();
+    let f =
+        assemble("/dev/loop1", &rows(PV1, "pv").unwrap(), &rows(SEG1, "pvseg").unwrap(), &rows(LVS0, "lv").unwrap())
+            .unwrap();
     let names: Vec<&str> = f.lvs.iter().map(|l| l.name.as_str()).collect();
     assert_eq!(names, ["span", "str"]);
     assert!(f.lvs.iter().all(|l| l.spans_other_pvs));
@@ -202,7 +206,20 @@ fn special_lv_types_hidden_lvs_and_missing_pvs() {
     let names: Vec<&str> = f.lvs.iter().map(|l| l.name.as_str()).collect();
     // Only LVs with a segment on /dev/sda5 itself; thin1, pool, r1, snap and moving sit on
     // sub-LVs or other PVs (their sub-LVs on sda5 carry the tell-tale attrs).
-    assert_eq!(names, ["half", "inactive-one", "lvol0_pmspare", "pool_tdata", "pool_tmeta", "pvmove0", "r1_rimage_0", "r1_rmeta_0", "root"]);
+    assert_eq!(
+        names,
+        [
+            "half",
+            "inactive-one",
+            "lvol0_pmspare",
+            "pool_tdata",
+            "pool_tmeta",
+            "pvmove0",
+            "r1_rimage_0",
+            "r1_rmeta_0",
+            "root"
+        ]
+    );
     assert_eq!(lv(&f.lvs, "pool_tdata").attr.chars().next(), Some('T'));
     assert_eq!(lv(&f.lvs, "pool_tdata").dm_name, "vg0-pool_tdata");
     assert!(lv(&f.lvs, "pool_tdata").active);
@@ -252,7 +269,8 @@ impl Drop for Tmp {
 fn tmpdir(tag: &str) -> Tmp {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!("luksify-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let d =
+        std::env::temp_dir().join(format!("luksify-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
     std::fs::create_dir_all(&d).unwrap();
     Tmp(d)
 }
@@ -324,7 +342,11 @@ fn fake_lvm_command_lines_and_environment() {
     assert_eq!(
         lines,
         vec![
-            format!("{env}pvs --segments --reportformat json --units s --nosuffix -o {},{} /dev/loop0", lvm::PV_FIELDS, lvm::PVSEG_FIELDS),
+            format!(
+                "{env}pvs --segments --reportformat json --units s --nosuffix -o {},{} /dev/loop0",
+                lvm::PV_FIELDS,
+                lvm::PVSEG_FIELDS
+            ),
             format!("{env}lvs -a --reportformat json --units s --nosuffix -o {} vg0", lvm::LV_FIELDS),
             format!("{env}pvresize /dev/mapper/sda5_crypt"),
             format!("{env}pvresize --yes --setphysicalvolumesize 395264s /dev/loop0"),

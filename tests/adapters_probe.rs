@@ -18,7 +18,8 @@ impl Drop for Tmp {
 fn tmpdir(tag: &str) -> Tmp {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!("luksify-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let d =
+        std::env::temp_dir().join(format!("luksify-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
     std::fs::create_dir_all(&d).unwrap();
     Tmp(d)
 }
@@ -94,7 +95,10 @@ fn lvm_ok(conf: &Path, args: &[&str]) -> bool {
 fn errors_name_the_problem() {
     let e = probe(Path::new("/dev/no-such-disk-luksify")).unwrap_err();
     assert!(matches!(e, ProbeError::NotFound { .. }));
-    assert_eq!(e.to_string(), "/dev/no-such-disk-luksify: no such device (check the name: `lsblk` lists block devices)");
+    assert_eq!(
+        e.to_string(),
+        "/dev/no-such-disk-luksify: no such device (check the name: `lsblk` lists block devices)"
+    );
     let e = probe(Path::new("/etc")).unwrap_err();
     assert!(e.to_string().starts_with("/etc is not a block device (it is a directory)"), "{e}");
     let e = probe(Path::new("/dev/zero")).unwrap_err();
@@ -138,11 +142,7 @@ fn real_pv_on_a_loop_device() {
     assert_eq!(lf.lvs.len(), 1);
     assert_eq!(lf.lvs[0].dm_name, format!("{vg}-root"));
     if !std::path::Path::new("/dev/mapper/control").exists() {
-        assert!(
-            f.warnings.iter().any(|w| w.contains("device-mapper is not available")),
-            "{:?}",
-            f.warnings
-        );
+        assert!(f.warnings.iter().any(|w| w.contains("device-mapper is not available")), "{:?}", f.warnings);
     }
     // The planner accepts these facts as a convertible PV (there is room: the VG uses 40M).
     let plan = luksify::core::plan::plan(&f, &luksify::core::plan::Options::default());
@@ -231,7 +231,13 @@ fn read_only_device_and_a_filesystem_mounted_directly() {
     let mnt = tmpdir("probe-mnt");
     let mp = mnt.0.join("with space");
     std::fs::create_dir_all(&mp).unwrap();
-    let mounted = Command::new("mount").args(["-o", "ro,noload"]).arg(&l.dev).arg(&mp).status().map(|s| s.success()).unwrap_or(false);
+    let mounted = Command::new("mount")
+        .args(["-o", "ro,noload"])
+        .arg(&l.dev)
+        .arg(&mp)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if !mounted {
         panic!("mounting the test image failed (needs root)");
     }

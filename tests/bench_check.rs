@@ -100,7 +100,9 @@ fn check_runs_every_measurement_in_one_boot() {
     assert!(o.status.success(), "qemu/bench --check exited with {:?}\n{}", o.status.code(), log());
     assert!(stderr(&o).contains("bench --check: OK"), "{}", log());
     let table = String::from_utf8_lossy(&o.stdout);
-    for row in ["dd through dm-crypt", "cryptsetup reencrypt", "luksify offline", "luksify online", "during luksify online"] {
+    for row in
+        ["dd through dm-crypt", "cryptsetup reencrypt", "luksify offline", "luksify online", "during luksify online"]
+    {
         assert!(table.contains(row), "the table lacks {row:?}\n{}", log());
     }
     assert!(!table.contains("FAILED"), "{}", log());
@@ -121,10 +123,7 @@ fn check_runs_every_measurement_in_one_boot() {
         .chain(COUNTS.iter().filter(|k| s[**k].as_u64().is_none()).map(|k| format!("{k}={}", s[*k])))
         .collect();
     assert!(bad.is_empty(), "bench.json lacks positive measurements: {bad:?}\n{json}");
-    assert!(
-        !s.as_object().unwrap().keys().any(|k| k.ends_with("_error")),
-        "a measurement failed: {json}"
-    );
+    assert!(!s.as_object().unwrap().keys().any(|k| k.ends_with("_error")), "a measurement failed: {json}");
     // the writer ran before and during the online conversion
     assert!(s["lat_baseline_count"].as_u64().unwrap() >= 10, "{json}");
     assert!(s["lat_during_count"].as_u64().unwrap() >= 1, "{json}");

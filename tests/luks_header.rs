@@ -65,11 +65,7 @@ fn write_image(path: &Path, header: &luks::Header, data_sectors: u64) {
 }
 
 fn cryptsetup(args: &[&str]) -> Output {
-    Command::new("cryptsetup")
-        .args(args)
-        .env("LC_ALL", "C")
-        .output()
-        .expect("running cryptsetup (apt: cryptsetup-bin)")
+    Command::new("cryptsetup").args(args).env("LC_ALL", "C").output().expect("running cryptsetup (apt: cryptsetup-bin)")
 }
 
 fn stdout_ok(o: &Output, what: &str) -> String {
@@ -120,21 +116,14 @@ fn dumped_volume_key(img: &Path, keyfile: &Path) -> Vec<u8> {
     }
     let hex: String = hex.split_whitespace().collect();
     assert!(!hex.is_empty(), "no MK dump in:\n{out}");
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect()
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
 }
 
 fn check_common(header: &luks::Header, p: &HeaderParams, key: &VolumeKey) {
     let h = header.bytes.len() as u64;
     assert_eq!(h % 4096, 0, "H = {h}");
     assert!(h > 0 && h <= p.data_offset_sectors * 512, "H = {h}");
-    assert_eq!(
-        h,
-        luks::header_size_estimate(p.luks_type, p.key_bytes),
-        "estimate"
-    );
+    assert_eq!(h, luks::header_size_estimate(p.luks_type, p.key_bytes), "estimate");
     assert_eq!(header.data_offset_sectors, p.data_offset_sectors);
     assert_eq!(header.luks_type, p.luks_type);
     assert_eq!(header.cipher_spec, "aes-xts-plain64");
@@ -153,10 +142,7 @@ fn check_common(header: &luks::Header, p: &HeaderParams, key: &VolumeKey) {
 
     let got = luks::unlock(&header.bytes, PASS).unwrap();
     assert!(got == *key, "unlock returned another key");
-    assert!(matches!(
-        luks::unlock(&header.bytes, WRONG),
-        Err(LuksError::WrongPassphrase)
-    ));
+    assert!(matches!(luks::unlock(&header.bytes, WRONG), Err(LuksError::WrongPassphrase)));
 }
 
 fn check_with_cryptsetup(header: &luks::Header, key: &VolumeKey, tag: &str) -> String {
@@ -168,26 +154,16 @@ fn check_with_cryptsetup(header: &luks::Header, key: &VolumeKey, tag: &str) -> S
     std::fs::write(&bad, WRONG).unwrap();
     write_image(&img, header, 2048);
 
-    let dump = stdout_ok(
-        &cryptsetup(&["luksDump", "--disable-locks", img.to_str().unwrap()]),
-        "luksDump",
-    );
+    let dump = stdout_ok(&cryptsetup(&["luksDump", "--disable-locks", img.to_str().unwrap()]), "luksDump");
     assert!(dump.contains(&header.uuid), "UUID not in dump:\n{dump}");
 
     let o = test_passphrase(&img, &good);
     stdout_ok(&o, "open --test-passphrase (right passphrase)");
     let o = test_passphrase(&img, &bad);
-    assert!(
-        !o.status.success(),
-        "wrong passphrase accepted: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(!o.status.success(), "wrong passphrase accepted: {}", String::from_utf8_lossy(&o.stderr));
 
     let dumped = dumped_volume_key(&img, &good);
-    assert!(
-        dumped == key.as_bytes(),
-        "cryptsetup dumps another volume key"
-    );
+    assert!(dumped == key.as_bytes(), "cryptsetup dumps another volume key");
 
     // Our own functions on the same image (more bytes than H: the whole [0,S) and data).
     let whole = std::fs::read(&img).unwrap();
@@ -204,10 +180,7 @@ fn luks2_header_is_valid_and_opens() {
     check_common(&header, &p, &key);
     let dump = check_with_cryptsetup(&header, &key, "l2");
     assert!(dump.contains("Version:       \t2"), "{dump}");
-    assert!(
-        dump.contains("offset: 16777216 [bytes]"),
-        "offset not 32768 sectors:\n{dump}"
-    );
+    assert!(dump.contains("offset: 16777216 [bytes]"), "offset not 32768 sectors:\n{dump}");
     assert!(dump.contains("sector: 512 [bytes]"), "{dump}");
     assert!(dump.contains("cipher: aes-xts-plain64"), "{dump}");
     assert!(dump.contains("Key:        512 bits"), "{dump}");
@@ -241,10 +214,7 @@ fn luks2_nondefault_offset_and_random_uuid() {
     assert!(uuid::Uuid::parse_str(&header.uuid).is_ok());
     check_common(&header, &p, &key);
     let dump = check_with_cryptsetup(&header, &key, "l2off");
-    assert!(
-        dump.contains(&format!("offset: {} [bytes]", 16392 * 512)),
-        "{dump}"
-    );
+    assert!(dump.contains(&format!("offset: {} [bytes]", 16392 * 512)), "{dump}");
     assert!(dump.contains("Label:         \tluksify-test"), "{dump}");
 }
 
@@ -287,18 +257,12 @@ fn luks1_smaller_key_and_sha512() {
     p.hash = "sha512".into();
     let header = luks::format_header(&p, &key, PASS).unwrap();
     assert_eq!(header.key_bytes, 32);
-    assert_eq!(
-        header.bytes.len() as u64,
-        luks::header_size_estimate(LuksType::Luks1, 32)
-    );
+    assert_eq!(header.bytes.len() as u64, luks::header_size_estimate(LuksType::Luks1, 32));
     assert!(luks::unlock(&header.bytes, PASS).unwrap() == key);
     let dir = Scratch::new("l1k32");
     let img = dir.path("disk.img");
     write_image(&img, &header, 64);
-    let dump = stdout_ok(
-        &cryptsetup(&["luksDump", "--disable-locks", img.to_str().unwrap()]),
-        "luksDump",
-    );
+    let dump = stdout_ok(&cryptsetup(&["luksDump", "--disable-locks", img.to_str().unwrap()]), "luksDump");
     assert!(dump.contains("MK bits:       \t256"), "{dump}");
     assert!(dump.contains("Hash spec:     \tsha512"), "{dump}");
 }
@@ -308,22 +272,13 @@ fn refusals() {
     let key = known_key();
     let mut p = cheap(LuksType::Luks2, UUID2);
     p.data_offset_sectors = 32767;
-    assert!(matches!(
-        luks::format_header(&p, &key, PASS),
-        Err(LuksError::InvalidParams(_))
-    ));
+    assert!(matches!(luks::format_header(&p, &key, PASS), Err(LuksError::InvalidParams(_))));
     let mut p = cheap(LuksType::Luks1, UUID1);
     p.pbkdf = Some("argon2id".into());
-    assert!(matches!(
-        luks::format_header(&p, &key, PASS),
-        Err(LuksError::InvalidParams(_))
-    ));
+    assert!(matches!(luks::format_header(&p, &key, PASS), Err(LuksError::InvalidParams(_))));
     let mut p = cheap(LuksType::Luks2, UUID2);
     p.uuid = Some("not-a-uuid".into());
-    assert!(matches!(
-        luks::format_header(&p, &key, PASS),
-        Err(LuksError::InvalidParams(_))
-    ));
+    assert!(matches!(luks::format_header(&p, &key, PASS), Err(LuksError::InvalidParams(_))));
     let p = cheap(LuksType::Luks2, UUID2);
     assert!(matches!(
         luks::format_header(&p, &VolumeKey::from_slice(&[1; 32]), PASS),
@@ -339,18 +294,9 @@ fn refusals() {
 #[test]
 fn garbage_is_not_a_header() {
     let zeros = vec![0u8; 1 << 20];
-    assert!(matches!(
-        luks::inspect(&zeros),
-        Err(LuksError::BadHeader(_))
-    ));
-    assert!(matches!(
-        luks::unlock(&zeros, PASS),
-        Err(LuksError::BadHeader(_))
-    ));
-    assert!(matches!(
-        luks::inspect(b"short"),
-        Err(LuksError::BadHeader(_))
-    ));
+    assert!(matches!(luks::inspect(&zeros), Err(LuksError::BadHeader(_))));
+    assert!(matches!(luks::unlock(&zeros, PASS), Err(LuksError::BadHeader(_))));
+    assert!(matches!(luks::inspect(b"short"), Err(LuksError::BadHeader(_))));
     // A header whose JSON is corrupt, both copies.
     let header = luks::format_header(&cheap(LuksType::Luks2, UUID2), &known_key(), PASS).unwrap();
     let mut b = header.bytes.clone();
@@ -366,10 +312,7 @@ fn volume_key_never_prints() {
     assert_eq!(hex.len(), 128);
     let dbg = format!("{key:?} {:?}", Some(&key));
     assert!(!dbg.contains(&hex[..16]), "{dbg}");
-    assert!(
-        !dbg.contains(&format!("{:?}", &key.as_bytes()[..4])),
-        "{dbg}"
-    );
+    assert!(!dbg.contains(&format!("{:?}", &key.as_bytes()[..4])), "{dbg}");
     assert!(dbg.contains("64 bytes"), "{dbg}");
     let g = VolumeKey::generate(64).unwrap();
     assert_eq!(g.len(), 64);
@@ -409,10 +352,6 @@ fn default_pbkdf_timing() {
         let f = t0.elapsed();
         let t1 = Instant::now();
         assert!(luks::unlock(&header.bytes, PASS).unwrap() == key);
-        eprintln!(
-            "{t}: format {f:?}, unlock {:?}, H = {}",
-            t1.elapsed(),
-            header.bytes.len()
-        );
+        eprintln!("{t}: format {f:?}, unlock {:?}, H = {}", t1.elapsed(), header.bytes.len());
     }
 }

@@ -27,7 +27,13 @@ const NAME: &str = "vda5_crypt";
 
 fn check_installed() {
     for (tool, _pkg) in [(QEMU, "qemu-system-x86"), ("debootstrap", "debootstrap"), ("debugfs", "e2fsprogs")] {
-        let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().unwrap().success();
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
         if !found {
             panic!("{tool} missing: apt-get install qemu-system-x86 debootstrap e2fsprogs (this test never skips)");
         }
@@ -152,7 +158,9 @@ impl Vm {
         let stdin = child.stdin.take().unwrap();
         let out = Arc::new(Mutex::new(Vec::new()));
         let log = std::fs::File::create(&b.log).unwrap();
-        for mut src in [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())] {
+        for mut src in
+            [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
+        {
             let out = out.clone();
             let mut log = log.try_clone().unwrap();
             std::thread::spawn(move || {
@@ -190,11 +198,19 @@ impl Vm {
                 if self.console().contains(pat) {
                     return;
                 }
-                panic!("[{}] QEMU ended before the console showed {pat:?}; console:\n{}", self.name, tail(&self.console(), 60));
+                panic!(
+                    "[{}] QEMU ended before the console showed {pat:?}; console:\n{}",
+                    self.name,
+                    tail(&self.console(), 60)
+                );
             }
             if t0.elapsed() > timeout {
                 let _ = self.child.kill();
-                panic!("[{}] no {pat:?} on the console after {timeout:?}; console:\n{}", self.name, tail(&self.console(), 60));
+                panic!(
+                    "[{}] no {pat:?} on the console after {timeout:?}; console:\n{}",
+                    self.name,
+                    tail(&self.console(), 60)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -215,11 +231,26 @@ impl Vm {
                 m >= frac * t
             });
             if reached {
-                eprintln!("[{}] {:.0} s: conversion {:.0}% moved", self.name, self.started.elapsed().as_secs_f64(), frac * 100.0);
+                eprintln!(
+                    "[{}] {:.0} s: conversion {:.0}% moved",
+                    self.name,
+                    self.started.elapsed().as_secs_f64(),
+                    frac * 100.0
+                );
                 return;
             }
-            assert!(!self.exited(), "[{}] QEMU ended before the conversion got {frac} of the way:\n{}", self.name, tail(&c, 60));
-            assert!(t0.elapsed() < timeout, "[{}] the conversion did not get {frac} of the way in {timeout:?}:\n{}", self.name, tail(&c, 60));
+            assert!(
+                !self.exited(),
+                "[{}] QEMU ended before the conversion got {frac} of the way:\n{}",
+                self.name,
+                tail(&c, 60)
+            );
+            assert!(
+                t0.elapsed() < timeout,
+                "[{}] the conversion did not get {frac} of the way in {timeout:?}:\n{}",
+                self.name,
+                tail(&c, 60)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -235,10 +266,19 @@ impl Vm {
             let t0 = Instant::now();
             while t0.elapsed() < Duration::from_secs(60) {
                 if self.console().contains(&ok) {
-                    eprintln!("[{}] {:.0} s: unlocked (passphrase typed {attempt} time(s))", self.name, self.started.elapsed().as_secs_f64());
+                    eprintln!(
+                        "[{}] {:.0} s: unlocked (passphrase typed {attempt} time(s))",
+                        self.name,
+                        self.started.elapsed().as_secs_f64()
+                    );
                     return;
                 }
-                assert!(!self.exited(), "[{}] QEMU ended at the passphrase prompt:\n{}", self.name, tail(&self.console(), 60));
+                assert!(
+                    !self.exited(),
+                    "[{}] QEMU ended at the passphrase prompt:\n{}",
+                    self.name,
+                    tail(&self.console(), 60)
+                );
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
@@ -274,7 +314,8 @@ impl Vm {
         let c = self.console();
         eprintln!("[{}] powered off after {:.0} s", self.name, self.started.elapsed().as_secs_f64());
         let r = results(&c);
-        let times: Vec<String> = r.iter().filter(|(k, _)| k.starts_with("t_")).map(|(k, v)| format!("{}={v}s", &k[2..])).collect();
+        let times: Vec<String> =
+            r.iter().filter(|(k, _)| k.starts_with("t_")).map(|(k, v)| format!("{}={v}s", &k[2..])).collect();
         eprintln!("[{}] stage times since its start: {}", self.name, times.join(" "));
         (c, r)
     }
@@ -320,11 +361,19 @@ const BOOT_LIMIT: Duration = Duration::from_secs(900);
 fn boot_encrypted_and_verify(dir: &Path, disk: &Path, kver: &str, acks: &Path, usr_digest: &str, tag: &str) {
     let (kernel, initrd) = boot_files(disk, kver, dir);
     let n = support::acked_count(acks, 20);
-    let ctl = ctl_disk(dir, "verify", &[("acked", std::fs::read_to_string(acks).unwrap()), ("min_acked", n.to_string())]);
+    let ctl =
+        ctl_disk(dir, "verify", &[("acked", std::fs::read_to_string(acks).unwrap()), ("min_acked", n.to_string())]);
     let sink = dir.join(format!("acks-{tag}.log"));
     let mut vm = Vm::start(
         tag,
-        Boot { kernel: &kernel, initrd: &initrd, append: SYSTEM_ROOT, disks: vec![disk, &ctl], acks: &sink, log: dir.join(format!("{tag}.console.log")) },
+        Boot {
+            kernel: &kernel,
+            initrd: &initrd,
+            append: SYSTEM_ROOT,
+            disks: vec![disk, &ctl],
+            acks: &sink,
+            log: dir.join(format!("{tag}.console.log")),
+        },
     );
     vm.wait_for(&format!("Please unlock disk {NAME}"), BOOT_LIMIT);
     vm.unlock();
@@ -332,7 +381,10 @@ fn boot_encrypted_and_verify(dir: &Path, disk: &Path, kver: &str, acks: &Path, u
     assert_eq!(get(&r, "stage_rc", &c), "0", "verify stage failed:\n{}", tail(&c, 80));
     assert_eq!(get(&r, "root_source", &c), "/dev/mapper/vg0-root");
     let stack = get(&r, "root_stack", &c);
-    assert!(stack.contains(&format!("{NAME} crypt")) && stack.contains("vda5 part"), "root is not on vg0 over {NAME} over vda5: {stack}");
+    assert!(
+        stack.contains(&format!("{NAME} crypt")) && stack.contains("vda5 part"),
+        "root is not on vg0 over {NAME} over vda5: {stack}"
+    );
     assert_eq!(get(&r, "usr_digest", &c), usr_digest, "/usr changed across the conversion");
     assert_eq!(get(&r, "records_verified", &c), "yes");
 }
@@ -357,7 +409,14 @@ fn start_converting(test: &str, vm_name: &str) -> (Converting, Vm) {
     let ctl = ctl_disk(&dir, "convert", &[]);
     let vm = Vm::start(
         vm_name,
-        Boot { kernel: &img.join("vmlinuz"), initrd: &img.join("initrd.img"), append: SYSTEM_ROOT, disks: vec![&disk, &ctl], acks: &acks, log: dir.join("convert.console.log") },
+        Boot {
+            kernel: &img.join("vmlinuz"),
+            initrd: &img.join("initrd.img"),
+            append: SYSTEM_ROOT,
+            disks: vec![&disk, &ctl],
+            acks: &acks,
+            log: dir.join("convert.console.log"),
+        },
     );
     (Converting { img, kver, dir, disk, acks }, vm)
 }
@@ -405,13 +464,19 @@ fn power_cut_mid_conversion_then_rescue_media_resume_then_the_system_boots_encry
     // half-converted partition looks like a PV, and no mapping was made from it.
     let blkid = get(&r, "fence_blkid", &c);
     // (PART_ENTRY_* describe the partition-table entry, not its contents)
-    let seen: Vec<&str> = blkid.split_whitespace().filter(|t| t.starts_with("TYPE=") || t.starts_with("PTTYPE=") || t.starts_with("UUID=")).collect();
+    let seen: Vec<&str> = blkid
+        .split_whitespace()
+        .filter(|t| t.starts_with("TYPE=") || t.starts_with("PTTYPE=") || t.starts_with("UUID="))
+        .collect();
     assert!(seen.is_empty(), "blkid sees something on the half-converted partition: {blkid}");
     assert_eq!(get(&r, "fence_dm", &c), "", "device-mapper devices exist before luksify resume (autoactivation?)");
     assert_eq!(get(&r, "fence_pvs", &c), "", "LVM sees a PV on the half-converted partition");
     // ... and that is the fence's doing: once the PV shows (on the LUKS mapping), this
     // same rescue system activates its LVs by itself.
-    assert!(get(&r, "autoactivated", &c).contains("root"), "the rescue system does not autoactivate LVM, so the fence check above proves nothing");
+    assert!(
+        get(&r, "autoactivated", &c).contains("root"),
+        "the rescue system does not autoactivate LVM, so the fence check above proves nothing"
+    );
     assert_eq!(get(&r, "resume_rc", &c), "0", "luksify resume failed on the rescue system:\n{}", tail(&c, 80));
     assert_eq!(get(&r, "integrate_rc", &c), "0", "integration into the installed system failed:\n{}", tail(&c, 80));
     assert_ne!(get(&r, "initramfs_cryptsetup", &c), "0", "the installed system's initramfs has no cryptsetup");

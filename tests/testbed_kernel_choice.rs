@@ -88,9 +88,7 @@ fn choose(dir: &Path, packaged: &Path, mods: &Path, extra_env: &[(&str, String)]
 }
 
 fn field<'a>(out: &'a str, name: &str) -> &'a str {
-    out.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}=")))
-        .unwrap_or_else(|| panic!("no {name}= in {out:?}"))
+    out.lines().find_map(|l| l.strip_prefix(&format!("{name}="))).unwrap_or_else(|| panic!("no {name}= in {out:?}"))
 }
 
 #[test]

@@ -56,18 +56,18 @@ fn assert_same_as_open(run: &GuestRun, luks2: bool) {
     }
     let keys = run.file("live-keys.txt");
     if luks2 {
-        assert!(keys.contains(":64:logon:cryptsetup:"), "the LUKS2 key is not in the keyring: {}", keys.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+        assert!(
+            keys.contains(":64:logon:cryptsetup:"),
+            "the LUKS2 key is not in the keyring: {}",
+            keys.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        );
     }
 }
 
 fn verify_fresh_boot(d: &BuiltDisk, min_acked: usize, name: &str) -> GuestRun {
-    let run = uml()
-        .disk(&d.disk1)
-        .disk(&d.disk2)
-        .out_dir(&d.state)
-        .run_script(&format!(
-            r#"bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key" --name {name} --min-acked {min_acked}"#
-        ));
+    let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).run_script(&format!(
+        r#"bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key" --name {name} --min-acked {min_acked}"#
+    ));
     run.assert_ok().assert_log_contains("VERIFY OK (luks)");
     run
 }
@@ -111,7 +111,11 @@ echo CONVERTED
     let pvs = run.file("pvs-during.txt");
     assert!(pvs.contains("/dev/mapper/ubda5_crypt") || pvs.contains("/dev/dm-"), "pvs during: {pvs}");
     assert!(!pvs.contains("/dev/ubda5"), "pvs sees the raw partition mid-way: {pvs}");
-    assert_eq!(pvs.lines().filter(|l| l.contains("ubda5") || l.contains("dm-")).count(), 1, "PV seen more than once: {pvs}");
+    assert_eq!(
+        pvs.lines().filter(|l| l.contains("ubda5") || l.contains("dm-")).count(),
+        1,
+        "PV seen more than once: {pvs}"
+    );
     let oom = run.file("oom-during.txt");
     assert_eq!(oom.trim(), "-1000", "luksify's oom_score_adj while converting: {oom:?}");
     let scan = run.file("pvscan.txt");
@@ -164,14 +168,21 @@ echo CONVERTED
     let progress = run.file("progress.jsonl");
     let chunks: Vec<&str> = progress.lines().filter(|l| l.contains("\"event\":\"chunk\"")).collect();
     assert!(chunks.len() > 5, "{progress}");
-    let cuts = |l: &str| l.split("\"cut_windows\":").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u32>().ok());
+    let cuts = |l: &str| {
+        l.split("\"cut_windows\":")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u32>().ok())
+    };
     let cut: Vec<Option<u32>> = chunks.iter().map(|l| cuts(l)).collect();
     assert!(cut.iter().all(|c| c.is_some()), "chunk lines without cut_windows: {progress}");
     let full = cut.iter().filter(|c| **c == Some(luksify::engine::MAX_CUTS)).count();
     assert!(full >= chunks.len() - 1, "not every step's windows were cut {} times: {cut:?}", luksify::engine::MAX_CUTS);
     assert_same_as_open(&run, false);
     let dump = run.file("dump.txt");
-    assert!(dump.contains("Version:       \t1") || dump.contains("Version:        1") || dump.contains("Version:\t1"), "{dump}");
+    assert!(
+        dump.contains("Version:       \t1") || dump.contains("Version:        1") || dump.contains("Version:\t1"),
+        "{dump}"
+    );
     let before = run.file("span-before.txt");
     let after = run.file("span-after.txt");
     // The segment on disk 2 (98:16 + partition) is untouched; the one on ubda5 moved to the bridge.

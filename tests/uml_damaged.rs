@@ -103,7 +103,8 @@ fn check_case(run: &GuestRun, case: &str, journal_sector: &str, what: &str) {
     }
     // --json prints JSON, the error included
     let out = run.file(&format!("{case}-json.out"));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{case}: status --json is not JSON ({e}): {out}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{case}: status --json is not JSON ({e}): {out}"));
     assert_eq!(v["error"]["code"], 6, "{v}");
     assert_eq!(v["in_progress"], true, "{v}");
     assert_eq!(v["state"], "damaged", "{v}");
@@ -125,7 +126,10 @@ fn a_damaged_journal_is_reported_as_a_conversion_in_progress_and_nothing_changes
     assert!(paused["progress"].as_f64().unwrap() > 0.0, "nothing had moved before the pause: {paused}");
     let j = run.file("journal_sector").trim().to_string();
     check_case(&run, "zeroed", &j, "missing");
-    assert!(run.file("zeroed-resume.err").contains("slot A (sector") && run.file("zeroed-resume.err").contains("no journal"));
+    assert!(
+        run.file("zeroed-resume.err").contains("slot A (sector")
+            && run.file("zeroed-resume.err").contains("no journal")
+    );
     check_case(&run, "flipped", &j, "damaged");
     assert!(run.file("flipped-status.err").contains("checksum mismatch"));
     for case in ["zeroed", "flipped"] {

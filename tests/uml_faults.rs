@@ -62,11 +62,10 @@ echo FAULT-DONE
     assert!(run.file("status-fault.txt").contains("migrating"));
     assert!(err.contains("\"event\":\"chunk\""), "chunks before the bad one were moved: {err}");
     let n = acked_count(&d.state.join("acked"), 20);
-    let v = uml()
-        .disk(&d.disk1)
-        .disk(&d.disk2)
-        .out_dir(&d.state)
-        .run_script(&format!(r#"bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key" --min-acked {n}"#));
+    let v =
+        uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).run_script(&format!(
+            r#"bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key" --min-acked {n}"#
+        ));
     v.assert_ok().assert_log_contains("VERIFY OK (luks)");
 }
 

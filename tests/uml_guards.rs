@@ -122,7 +122,9 @@ fn lvm_waits_for_the_vg_lock_and_udev_sees_the_bridge_only_at_the_finish() {
     let bridge_changes: Vec<&str> = uev
         .lines()
         .filter(|l| l.split(' ').any(|kv| kv == "ACTION=change"))
-        .filter(|l| l.split(' ').any(|kv| kv == format!("MAJOR={maj}")) && l.split(' ').any(|kv| kv == format!("MINOR={min}")))
+        .filter(|l| {
+            l.split(' ').any(|kv| kv == format!("MAJOR={maj}")) && l.split(' ').any(|kv| kv == format!("MINOR={min}"))
+        })
         .collect();
     assert!(!uev.contains("LOST"), "the listener lost events:\n{uev}");
     assert!(bridge_changes.len() >= 3, "too few change events for the bridge {bridge}:\n{uev}");
@@ -132,7 +134,12 @@ fn lvm_waits_for_the_vg_lock_and_udev_sees_the_bridge_only_at_the_finish() {
     const HIDE: u32 = 0x04 | 0x08; // DM_UDEV_DISABLE_DISK_RULES_FLAG | DM_UDEV_DISABLE_OTHER_RULES_FLAG
     let (last, before) = bridge_changes.split_last().unwrap();
     for l in before {
-        assert_eq!(flags(l) & HIDE, HIDE, "a change event of the bridge before the finish lacks the udev-disable flags: {l}\nall:\n{}", bridge_changes.join("\n"));
+        assert_eq!(
+            flags(l) & HIDE,
+            HIDE,
+            "a change event of the bridge before the finish lacks the udev-disable flags: {l}\nall:\n{}",
+            bridge_changes.join("\n")
+        );
     }
     assert_eq!(flags(last) & HIDE, 0, "the last change event of the bridge still hides it from udev: {last}");
 }

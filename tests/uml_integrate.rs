@@ -71,9 +71,15 @@ echo INTEGRATED
     let dafter = run.file("devices.after");
     assert!(dbefore.contains("DEVNAME=/dev/ubda5 "), "{dbefore}");
     assert!(!dafter.contains("DEVNAME=/dev/ubda5 "), "the raw partition is still in the devices file: {dafter}");
-    assert!(dafter.contains(&format!("CRYPT-LUKS2-{}-ubda5_crypt", uuid.replace('-', ""))), "the mapping is not in the devices file: {dafter}");
+    assert!(
+        dafter.contains(&format!("CRYPT-LUKS2-{}-ubda5_crypt", uuid.replace('-', ""))),
+        "the mapping is not in the devices file: {dafter}"
+    );
     let broken = run.file("broken.err");
-    assert!(broken.contains("converted, but integration incomplete") && broken.contains("update-initramfs -u -k all"), "{broken}");
+    assert!(
+        broken.contains("converted, but integration incomplete") && broken.contains("update-initramfs -u -k all"),
+        "{broken}"
+    );
     assert!(run.file("crypttab.broken").contains(&format!("ubda5_crypt UUID={uuid} none luks")));
     // The boot checks in the dry-run: root on the PV, initramfs-tools can unlock.
     let j: serde_json::Value = serde_json::from_str(&run.file("plan.json")).unwrap();

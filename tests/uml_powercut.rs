@@ -50,7 +50,10 @@ fn one_cut(seed: u64) {
         _ => r() % 400,
     };
     let chunk = [8192u64, 16384, 32768][(r() % 3) as usize];
-    eprintln!("power cut seed {seed}: phase {phase:?}{}, {delay_ms} ms after the trigger", if after_bridge { " (after the bridge)" } else { "" });
+    eprintln!(
+        "power cut seed {seed}: phase {phase:?}{}, {delay_ms} ms after the trigger",
+        if after_bridge { " (after the bridge)" } else { "" }
+    );
     let (l_third_lo, l_third_hi) = match phase {
         Phase::Early => (2, 3),
         Phase::Middle => (1, 2),
@@ -66,7 +69,9 @@ fn one_cut(seed: u64) {
         // Right after luksify starts: header, journal, bridge insertion, fence.
         Phase::Insertion => "true".to_string(),
         Phase::Finish => r#"grep -q '"cursor":0,' /tmp/progress"#.to_string(),
-        _ => format!(r#"{cursor}; [ -n "$c" ] && [ "$c" -le $((L * {l_third_hi} / 3)) ] && [ "$c" -ge $((L * {l_third_lo} / 3)) ]"#),
+        _ => format!(
+            r#"{cursor}; [ -n "$c" ] && [ "$c" -le $((L * {l_third_hi} / 3)) ] && [ "$c" -ge $((L * {l_third_lo} / 3)) ]"#
+        ),
     };
     let dir = test_dir(&format!("powercut-{seed}"));
     let d = fresh_copy(&dir);
@@ -125,7 +130,10 @@ echo RESCUE-DONE
     // so no step has anything to copy again.
     if let Ok(j) = std::fs::read_to_string(d.state.join("resume.jsonl")) {
         for l in j.lines().filter(|l| l.contains("\"event\":\"chunk\"")) {
-            assert!(l.contains("\"rechecked_sectors\":0,"), "seed {seed}: an offline resume found changed sectors: {l}");
+            assert!(
+                l.contains("\"rechecked_sectors\":0,"),
+                "seed {seed}: an offline resume found changed sectors: {l}"
+            );
         }
     }
     let status = rescue.file("status-rescue.txt");
@@ -148,15 +156,19 @@ echo RESCUE-DONE
         format!(r#"bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key" --min-acked {acked_n}"#)
     });
     v.assert_ok().assert_log_contains(if plain { "VERIFY OK (plain)" } else { "VERIFY OK (luks)" });
-    eprintln!("seed {seed}: phase {phase:?} state at rescue: {} -> verified", status.lines().nth(1).unwrap_or("none").trim());
+    eprintln!(
+        "seed {seed}: phase {phase:?} state at rescue: {} -> verified",
+        status.lines().nth(1).unwrap_or("none").trim()
+    );
 }
 
 #[test]
 fn power_cuts_at_seeded_moments_then_rescue_resume_loses_nothing() {
     let n: u64 = std::env::var("LUKSIFY_POWERCUTS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let base: u64 = std::env::var("LUKSIFY_POWERCUT_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() / 5 * 5
-    });
+    let base: u64 = std::env::var("LUKSIFY_POWERCUT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() / 5 * 5);
     eprintln!("power cuts: {n}, base seed {base} (replay with LUKSIFY_POWERCUT_SEED={base})");
     let seeds: Vec<u64> = (0..n).map(|i| base + i).collect();
     // Two guests at a time (each cut boots three times).

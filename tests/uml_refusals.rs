@@ -85,13 +85,7 @@ echo DRYRUN-DONE
 "#
     ));
     run.assert_ok().assert_log_contains("DRYRUN-DONE");
-    for code in [
-        "too_little_tail",
-        "unsupported_lv",
-        "mounted_directly",
-        "already_luks",
-        "not_lvm",
-    ] {
+    for code in ["too_little_tail", "unsupported_lv", "mounted_directly", "already_luks", "not_lvm"] {
         assert!(run.log.contains(&format!("REFUSED-OK {code}")), "{code} not tested");
     }
     // The JSON schema (README.md, "Dry-run JSON") on the realistic disk.
@@ -106,7 +100,8 @@ echo DRYRUN-DONE
     assert_eq!(j["move_bytes"].as_u64().unwrap(), l * 512);
     assert!(j["tail_have_sectors"].as_u64().unwrap() >= j["tail_need_sectors"].as_u64().unwrap());
     assert!(j["steps"].as_u64().unwrap() >= 1 && j["journal_sector"].as_u64().is_some());
-    let reroute: Vec<String> = j["reroute"].as_array().unwrap().iter().map(|r| r["dm_name"].as_str().unwrap().to_string()).collect();
+    let reroute: Vec<String> =
+        j["reroute"].as_array().unwrap().iter().map(|r| r["dm_name"].as_str().unwrap().to_string()).collect();
     for lv in ["vg0-root", "vg0-home", "vg0-raw", "vg0-split", "vg0-span"] {
         assert!(reroute.contains(&lv.to_string()), "{lv} missing from {reroute:?}");
     }
@@ -171,7 +166,13 @@ echo BOOTCHECKS-DONE
 "#
     ));
     run.assert_ok().assert_log_contains("BOOTCHECKS-DONE");
-    for code in ["initramfs_cannot_unlock", "convert initramfs_cannot_unlock", "unknown_initramfs", "grub_cannot_open", "grub_cryptodisk_disabled"] {
+    for code in [
+        "initramfs_cannot_unlock",
+        "convert initramfs_cannot_unlock",
+        "unknown_initramfs",
+        "grub_cannot_open",
+        "grub_cryptodisk_disabled",
+    ] {
         assert!(run.log.contains(&format!("REFUSED-OK {code}")), "{code} not tested");
     }
     let b: serde_json::Value = serde_json::from_str(&run.file("boot-nocrypt.json")).unwrap();
@@ -236,7 +237,14 @@ echo BADINPUT-DONE
 "#
     ));
     run.assert_ok().assert_log_contains("BADINPUT-DONE");
-    for what in ["empty key file", "missing key file", "reroute failure", "--root not a directory", "wrong passphrase on resume", "no --yes without a terminal"] {
+    for what in [
+        "empty key file",
+        "missing key file",
+        "reroute failure",
+        "--root not a directory",
+        "wrong passphrase on resume",
+        "no --yes without a terminal",
+    ] {
         assert!(run.log.contains(&format!("unchanged: {what}")), "{what} not checked");
     }
 }

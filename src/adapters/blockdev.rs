@@ -291,16 +291,26 @@ pub enum Signature {
     /// luksify's fence marker at byte 0.
     FenceMarker,
     /// LUKS primary header.
-    Luks { version: u16 },
+    Luks {
+        version: u16,
+    },
     /// A LUKS2 secondary header without a primary one.
-    Luks2Secondary { offset: usize },
+    Luks2Secondary {
+        offset: usize,
+    },
     /// An LVM2 label in this sector (0..3).
-    LvmLabel { sector: usize },
+    LvmLabel {
+        sector: usize,
+    },
     /// ext2, ext3 or ext4.
-    Ext { fstype: &'static str },
+    Ext {
+        fstype: &'static str,
+    },
     Xfs,
     /// A swap area, for this page size.
-    Swap { page_size: usize },
+    Swap {
+        page_size: usize,
+    },
     /// Linux MD RAID superblock v1.1 (byte 0) or v1.2 (byte 4096).
     MdRaid,
     /// A GPT header in sector 1 (a whole disk, not a partition).
@@ -314,7 +324,9 @@ impl Signature {
         match self {
             Signature::FenceMarker => "a luksify fence marker".into(),
             Signature::Luks { version } => format!("a LUKS{version} header"),
-            Signature::Luks2Secondary { offset } => format!("a LUKS2 secondary header at byte {offset} (no primary header)"),
+            Signature::Luks2Secondary { offset } => {
+                format!("a LUKS2 secondary header at byte {offset} (no primary header)")
+            }
             Signature::LvmLabel { sector } => format!("an LVM2 label in sector {sector}"),
             Signature::Ext { fstype } => format!("an {fstype} filesystem"),
             Signature::Xfs => "an xfs filesystem".into(),
@@ -744,14 +756,30 @@ garbage line
 /old/swap (deleted)                     file\t\t1000\t\t0\t\t-4\n";
         let s = parse_swaps(t);
         assert_eq!(s.len(), 3);
-        assert_eq!(s[0], SwapEntry { filename: "/dev/dm-1".into(), kind: "partition".into(), size_kib: 1003516, used_kib: 0, priority: -2 });
+        assert_eq!(
+            s[0],
+            SwapEntry {
+                filename: "/dev/dm-1".into(),
+                kind: "partition".into(),
+                size_kib: 1003516,
+                used_kib: 0,
+                priority: -2
+            }
+        );
         assert_eq!(s[1].filename, "/swap file");
         assert_eq!(s[1].kind, "file");
         assert_eq!(s[2].filename, "/old/swap");
         assert_eq!(s[2].priority, -4);
         assert!(parse_swaps("Filename Type Size Used Priority\n").is_empty());
         // A swap partition that no longer exists is skipped, not an error.
-        assert!(swap_devices(&[SwapEntry { filename: "/nonexistent/dev".into(), kind: "partition".into(), size_kib: 1, used_kib: 0, priority: 0 }]).is_empty());
+        assert!(swap_devices(&[SwapEntry {
+            filename: "/nonexistent/dev".into(),
+            kind: "partition".into(),
+            size_kib: 1,
+            used_kib: 0,
+            priority: 0
+        }])
+        .is_empty());
     }
 
     #[test]
@@ -772,7 +800,16 @@ garbage line
         symlink(&part, root.join("dev/block/8:5")).unwrap();
         symlink(&disk, root.join("dev/block/8:0")).unwrap();
         let i = sysfs_info_at(&root, 8, 5).unwrap();
-        assert_eq!(i, SysfsInfo { kname: "sda5".into(), partition_of: Some("sda".into()), read_only: false, holders: vec!["dm-0".into()], size_sectors: Some(2097152) });
+        assert_eq!(
+            i,
+            SysfsInfo {
+                kname: "sda5".into(),
+                partition_of: Some("sda".into()),
+                read_only: false,
+                holders: vec!["dm-0".into()],
+                size_sectors: Some(2097152)
+            }
+        );
         let d = sysfs_info_at(&root, 8, 0).unwrap();
         assert_eq!((d.kname.as_str(), d.partition_of.clone(), d.read_only), ("sda", None, true));
         assert!(d.holders.is_empty());

@@ -50,7 +50,8 @@ pub fn probe_boot_at(root: &Path, mountinfo: &Path) -> BootFacts {
     f.mkinitcpio_conf = read("/etc/mkinitcpio.conf");
     let mut grub = read("/etc/default/grub");
     if let Ok(rd) = std::fs::read_dir(in_root(root, "/etc/default/grub.d")) {
-        let mut names: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "cfg")).collect();
+        let mut names: Vec<PathBuf> =
+            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "cfg")).collect();
         names.sort();
         for n in names {
             if let Ok(t) = std::fs::read_to_string(&n) {
@@ -69,7 +70,10 @@ pub fn probe_boot_at(root: &Path, mountinfo: &Path) -> BootFacts {
                 let m = blockdev::parse_mountinfo(&t);
                 // The last mount on a mount point is the visible one.
                 let at = |mp: &str| {
-                    m.iter().rev().find(|e| e.mount_point == mp).map(|e| FsSource { spec: e.source.clone(), dev: Some((e.major, e.minor)) })
+                    m.iter()
+                        .rev()
+                        .find(|e| e.mount_point == mp)
+                        .map(|e| FsSource { spec: e.source.clone(), dev: Some((e.major, e.minor)) })
                 };
                 f.root_fs = at("/");
                 f.boot_fs = at("/boot");
@@ -82,7 +86,11 @@ pub fn probe_boot_at(root: &Path, mountinfo: &Path) -> BootFacts {
             Some(t) => {
                 let entries = parse_fstab(&t);
                 let at = |mp: &str| {
-                    entries.iter().rev().find(|(_, m)| m == mp).map(|(s, _)| FsSource { spec: s.clone(), dev: resolve_spec(s) })
+                    entries
+                        .iter()
+                        .rev()
+                        .find(|(_, m)| m == mp)
+                        .map(|(s, _)| FsSource { spec: s.clone(), dev: resolve_spec(s) })
                 };
                 f.root_fs = at("/");
                 f.boot_fs = at("/boot");
@@ -121,14 +129,21 @@ mod tests {
         std::fs::create_dir_all(in_root(&r, "/etc/default/grub.d")).unwrap();
         std::fs::write(in_root(&r, "/etc/default/grub"), "GRUB_ENABLE_CRYPTODISK=n\n").unwrap();
         std::fs::write(in_root(&r, "/etc/default/grub.d/crypt.cfg"), "GRUB_ENABLE_CRYPTODISK=y\n").unwrap();
-        std::fs::write(in_root(&r, "/etc/fstab"), "/dev/mapper/vg0-root / ext4 defaults 0 1\nUUID=no-such-uuid-here /boot ext2 defaults 0 2\n").unwrap();
+        std::fs::write(
+            in_root(&r, "/etc/fstab"),
+            "/dev/mapper/vg0-root / ext4 defaults 0 1\nUUID=no-such-uuid-here /boot ext2 defaults 0 2\n",
+        )
+        .unwrap();
         let f = probe_boot(&r);
         assert!(f.update_initramfs && f.initramfs_tools_conf && f.cryptroot_hook);
         assert!(!f.dracut_bin && !f.dracut_conf && f.mkinitcpio_conf.is_none());
         assert_eq!(f.mounts_from, "fstab");
         assert_eq!(f.root_fs.as_ref().unwrap().spec, "/dev/mapper/vg0-root");
         assert_eq!(f.boot_fs, Some(FsSource { spec: "UUID=no-such-uuid-here".into(), dev: None }));
-        assert_eq!(crate::core::boot::shell_var(f.grub_default.as_deref().unwrap(), "GRUB_ENABLE_CRYPTODISK").as_deref(), Some("y"));
+        assert_eq!(
+            crate::core::boot::shell_var(f.grub_default.as_deref().unwrap(), "GRUB_ENABLE_CRYPTODISK").as_deref(),
+            Some("y")
+        );
         std::fs::remove_dir_all(&r).unwrap();
     }
 

@@ -170,14 +170,22 @@ pub fn check_name(name: &str) -> Result<&DmName> {
 /// for names we create, [`check_name`]).
 fn lookup_name(name: &str) -> Result<&DmName> {
     if name.is_empty() || name.len() > 127 || name.contains('\0') {
-        return Err(DmError::Invalid { what: "dm name", value: name.to_string(), why: "must be 1 to 127 bytes long".into() });
+        return Err(DmError::Invalid {
+            what: "dm name",
+            value: name.to_string(),
+            why: "must be 1 to 127 bytes long".into(),
+        });
     }
     DmName::new(name).map_err(|e| DmError::Invalid { what: "dm name", value: name.to_string(), why: e.to_string() })
 }
 
 fn check_uuid(uuid: &str) -> Result<&DmUuid> {
     let bad = |why: &str| DmError::Invalid { what: "dm uuid", value: uuid.to_string(), why: why.to_string() };
-    if uuid.is_empty() || uuid.len() > 128 || !uuid.is_ascii() || uuid.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+    if uuid.is_empty()
+        || uuid.len() > 128
+        || !uuid.is_ascii()
+        || uuid.bytes().any(|b| b.is_ascii_control() || b == b' ')
+    {
         return Err(bad("must be 1 to 128 printable ASCII bytes without spaces"));
     }
     DmUuid::new(uuid).map_err(|e| bad(&e.to_string()))
@@ -266,8 +274,11 @@ impl Dm {
     pub fn table(&self, name: &str) -> Result<Vec<TableLine>> {
         let flags = DmFlags::DM_STATUS_TABLE.bits();
         let (hdr, buf) = raw::ioctl(&self.dm, raw::TABLE_STATUS, name, flags, 0, 0, &[], "reading the table of")?;
-        let mut lines = raw::parse_targets(&buf, hdr.data_start, hdr.target_count)
-            .map_err(|msg| DmError::Other { op: "reading the table of", name: name.to_string(), msg })?;
+        let mut lines = raw::parse_targets(&buf, hdr.data_start, hdr.target_count).map_err(|msg| DmError::Other {
+            op: "reading the table of",
+            name: name.to_string(),
+            msg,
+        })?;
         for l in lines.iter_mut() {
             let s = scrub_key(&l.target_type, &l.params);
             l.params.zeroize();
@@ -310,8 +321,14 @@ impl Dm {
         let u = check_uuid(uuid)?;
         let opts = if private { DmOptions::private() } else { DmOptions::default() };
         let info = self.dm.device_create(n, Some(u), opts).map_err(|e| match e {
-            devicemapper::DmError::Core(devicemapper::errors::Error::Ioctl(_, _, _, errno)) if *errno == Errno::EBUSY => {
-                DmError::Other { op: "creating", name: name.to_string(), msg: "a device with this name or UUID already exists".into() }
+            devicemapper::DmError::Core(devicemapper::errors::Error::Ioctl(_, _, _, errno))
+                if *errno == Errno::EBUSY =>
+            {
+                DmError::Other {
+                    op: "creating",
+                    name: name.to_string(),
+                    msg: "a device with this name or UUID already exists".into(),
+                }
             }
             other => map_crate("creating", name, other),
         })?;
@@ -331,16 +348,33 @@ impl Dm {
         }
         for l in lines {
             if l.target_type.is_empty() || l.target_type.len() > 15 || !l.target_type.is_ascii() {
-                return Err(DmError::Invalid { what: "target type", value: l.target_type.clone(), why: "1 to 15 ASCII bytes".into() });
+                return Err(DmError::Invalid {
+                    what: "target type",
+                    value: l.target_type.clone(),
+                    why: "1 to 15 ASCII bytes".into(),
+                });
             }
             if l.params.contains('\0') {
-                return Err(DmError::Invalid { what: "table line for", value: name.to_string(), why: "NUL in the parameters".into() });
+                return Err(DmError::Invalid {
+                    what: "table line for",
+                    value: name.to_string(),
+                    why: "NUL in the parameters".into(),
+                });
             }
         }
         if secure {
             let payload = raw::encode_targets(lines);
             let flags = DmFlags::DM_SECURE_DATA.bits();
-            raw::ioctl(&self.dm, raw::TABLE_LOAD, name, flags, 0, lines.len() as u32, &payload, "loading a table into")?;
+            raw::ioctl(
+                &self.dm,
+                raw::TABLE_LOAD,
+                name,
+                flags,
+                0,
+                lines.len() as u32,
+                &payload,
+                "loading a table into",
+            )?;
             Ok(())
         } else {
             let t: Vec<(u64, u64, String, String)> =
@@ -427,9 +461,7 @@ impl Dm {
     /// [`DmError::Busy`]).
     pub fn remove(&mut self, name: &str) -> Result<()> {
         let opts = if self.is_private(name)? { DmOptions::private() } else { DmOptions::default() };
-        self.dm
-            .device_remove(&DevId::Name(lookup_name(name)?), opts)
-            .map_err(|e| map_crate("removing", name, e))?;
+        self.dm.device_remove(&DevId::Name(lookup_name(name)?), opts).map_err(|e| map_crate("removing", name, e))?;
         self.private.remove(name);
         Ok(())
     }
@@ -440,7 +472,8 @@ impl Dm {
     /// the loop that loses no event.
     pub fn wait_event(&self, name: &str, event_nr: u32) -> Result<u32> {
         let flags = DmFlags::DM_NOFLUSH.bits();
-        let (hdr, _status) = raw::ioctl(&self.dm, raw::DEV_WAIT, name, flags, event_nr, 0, &[], "waiting for an event on")?;
+        let (hdr, _status) =
+            raw::ioctl(&self.dm, raw::DEV_WAIT, name, flags, event_nr, 0, &[], "waiting for an event on")?;
         Ok(hdr.event_nr)
     }
 
@@ -539,8 +572,13 @@ impl MirrorStatus {
         if n == 0 || n > 32 {
             return Err(err("leg count out of range"));
         }
-        let legs: Vec<String> = w.get(1..1 + n).ok_or(err("fewer legs than announced"))?.iter().map(|s| s.to_string()).collect();
-        let (a, b) = w.get(1 + n).ok_or(err("no sync count"))?.split_once('/').ok_or(err("sync count is not <in_sync>/<total>"))?;
+        let legs: Vec<String> =
+            w.get(1..1 + n).ok_or(err("fewer legs than announced"))?.iter().map(|s| s.to_string()).collect();
+        let (a, b) = w
+            .get(1 + n)
+            .ok_or(err("no sync count"))?
+            .split_once('/')
+            .ok_or(err("sync count is not <in_sync>/<total>"))?;
         let in_sync: u64 = a.parse().map_err(|_| err("in-sync count is not a number"))?;
         let total: u64 = b.parse().map_err(|_| err("region count is not a number"))?;
         if in_sync > total {
@@ -559,7 +597,12 @@ impl MirrorStatus {
         let mut log = Vec::new();
         if let Some(cnt) = w.get(4 + n) {
             let c: usize = cnt.parse().map_err(|_| err("log argument count is not a number"))?;
-            log = w.get(5 + n..5 + n + c).ok_or(err("fewer log arguments than announced"))?.iter().map(|s| s.to_string()).collect();
+            log = w
+                .get(5 + n..5 + n + c)
+                .ok_or(err("fewer log arguments than announced"))?
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
             if w.len() != 5 + n + c {
                 return Err(err("trailing fields"));
             }
@@ -656,7 +699,8 @@ impl CryptTable {
         let mut options = Vec::new();
         if let Some(c) = w.get(5) {
             let c: usize = c.parse().map_err(|_| err("option count is not a number"))?;
-            options = w.get(6..6 + c).ok_or(err("fewer options than announced"))?.iter().map(|s| s.to_string()).collect();
+            options =
+                w.get(6..6 + c).ok_or(err("fewer options than announced"))?.iter().map(|s| s.to_string()).collect();
             if w.len() != 6 + c {
                 return Err(err("trailing fields"));
             }
@@ -742,9 +786,7 @@ mod raw {
     /// Targets in the DM_TABLE_LOAD layout: each spec's `next` is relative to itself, each
     /// parameter string NUL-terminated and padded to 8 bytes.
     pub fn encode_targets(lines: &[TableLine]) -> Zeroizing<Vec<u8>> {
-        let mut out = Zeroizing::new(Vec::with_capacity(
-            lines.iter().map(|l| SPEC + l.params.len() + 8).sum(),
-        ));
+        let mut out = Zeroizing::new(Vec::with_capacity(lines.iter().map(|l| SPEC + l.params.len() + 8).sum()));
         for l in lines {
             let plen = (l.params.len() + 1).div_ceil(8) * 8;
             let mut spec = [0u8; SPEC];
@@ -771,8 +813,10 @@ mod raw {
             let tt = &spec[24..40];
             let tt = &tt[..tt.iter().position(|&c| c == 0).unwrap_or(16)];
             let rest = &buf[s + SPEC..];
-            let end = rest.iter().position(|&c| c == 0).ok_or_else(|| format!("target {i}: unterminated parameters"))?;
-            let params = std::str::from_utf8(&rest[..end]).map_err(|_| format!("target {i}: parameters are not UTF-8"))?;
+            let end =
+                rest.iter().position(|&c| c == 0).ok_or_else(|| format!("target {i}: unterminated parameters"))?;
+            let params =
+                std::str::from_utf8(&rest[..end]).map_err(|_| format!("target {i}: parameters are not UTF-8"))?;
             out.push(TableLine {
                 start: u64_at(spec, 0),
                 length: u64_at(spec, 8),
@@ -816,7 +860,11 @@ mod raw {
                 return Ok((h, buf));
             }
             if !payload.is_empty() || size >= MAX_BUF {
-                return Err(DmError::Other { op, name: name.to_string(), msg: "the kernel's reply does not fit the buffer".into() });
+                return Err(DmError::Other {
+                    op,
+                    name: name.to_string(),
+                    msg: "the kernel's reply does not fit the buffer".into(),
+                });
             }
             size *= 2;
         }
@@ -856,7 +904,13 @@ mod tests {
 
     #[test]
     fn mirror_status_failed_legs_each_letter() {
-        for (c, what) in [('D', "write error"), ('R', "read error"), ('S', "sync error"), ('F', "flush error"), ('U', "unknown error")] {
+        for (c, what) in [
+            ('D', "write error"),
+            ('R', "read error"),
+            ('S', "sync error"),
+            ('F', "flush error"),
+            ('U', "unknown error"),
+        ] {
             let m = MirrorStatus::parse(&format!("2 8:5 253:7 64/64 1 A{c} 1 core")).unwrap();
             assert!(!m.is_synced_and_healthy(), "{c}");
             assert!(m.has_failed_leg());
@@ -941,7 +995,8 @@ mod tests {
     #[test]
     fn crypt_table_parses_without_keeping_the_key() {
         let key = "0f".repeat(64);
-        let c = CryptTable::parse(&format!("aes-xts-plain64 {key} 4096 8:5 36864 2 allow_discards sector_size:512")).unwrap();
+        let c = CryptTable::parse(&format!("aes-xts-plain64 {key} 4096 8:5 36864 2 allow_discards sector_size:512"))
+            .unwrap();
         assert_eq!(c.cipher, "aes-xts-plain64");
         assert_eq!(c.key, CryptKey::Hex { bytes: 64 });
         assert_eq!((c.iv_offset, c.offset), (4096, 36864));
@@ -996,10 +1051,7 @@ mod tests {
 
     #[test]
     fn target_specs_encode_for_load_and_parse_from_status() {
-        let lines = vec![
-            tl(0, 1000, "linear", "8:5 0"),
-            tl(1000, 24, "crypt", "aes-xts-plain64 - 1000 8:5 33768"),
-        ];
+        let lines = vec![tl(0, 1000, "linear", "8:5 0"), tl(1000, 24, "crypt", "aes-xts-plain64 - 1000 8:5 33768")];
         let enc = raw::encode_targets(&lines);
         // Load layout: next is relative to the current spec, params padded to 8 bytes.
         let next0 = u32::from_ne_bytes(enc[20..24].try_into().unwrap()) as usize;

@@ -149,7 +149,9 @@ pub fn integrate(input: &Input, runner: &mut dyn Runner, stamp: &str) -> Outcome
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(String::new()),
                     Err(e) => Err(e),
                 }
-                .and_then(|old| replace_file(&path, &edit_crypttab(&old, &input.name, &input.uuid, input.discard), stamp));
+                .and_then(|old| {
+                    replace_file(&path, &edit_crypttab(&old, &input.name, &input.uuid, input.discard), stamp)
+                });
                 match r {
                     Ok(Some(b)) => {
                         o.done.push(format!("{}: added `{line}` (backup {})", path.display(), b.display()));
@@ -241,7 +243,11 @@ mod tests {
         assert_eq!(std::fs::read_to_string(in_root(&r, "/etc/crypttab")).unwrap(), ct);
         assert_eq!(backups(&r.join("etc")), vec!["crypttab.luksify-backup-100"]);
         // No temp file left behind.
-        assert!(!std::fs::read_dir(r.join("etc")).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains("tmp")));
+        assert!(!std::fs::read_dir(r.join("etc")).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("tmp")));
         std::fs::remove_dir_all(&r).unwrap();
     }
 
@@ -254,7 +260,10 @@ mod tests {
         let mut rec = Recorder::default();
         let o = integrate(&input, &mut rec, "1");
         assert!(o.manual.is_empty(), "{:?}", o.manual);
-        assert_eq!(std::fs::read_to_string(in_root(&r, "/etc/crypttab")).unwrap(), format!("sda5_crypt UUID={U} none luks,discard\n# end\n"));
+        assert_eq!(
+            std::fs::read_to_string(in_root(&r, "/etc/crypttab")).unwrap(),
+            format!("sda5_crypt UUID={U} none luks,discard\n# end\n")
+        );
         assert_eq!(argvs(&rec), vec![format!("chroot {} dracut --regenerate-all --force", r.display())]);
         std::fs::remove_dir_all(&r).unwrap();
     }
@@ -278,7 +287,11 @@ mod tests {
         integrate(&input, &mut rec, "1");
         assert!(!argvs(&rec).iter().any(|a| a.contains("lvmdevices")), "{:?}", argvs(&rec));
 
-        mk(&r, "/etc/lvm/devices/system.devices", "VERSION=1.1.1\nIDTYPE=devname IDNAME=/dev/sda5 DEVNAME=/dev/sda5 PVID=x\n");
+        mk(
+            &r,
+            "/etc/lvm/devices/system.devices",
+            "VERSION=1.1.1\nIDTYPE=devname IDNAME=/dev/sda5 DEVNAME=/dev/sda5 PVID=x\n",
+        );
         let input = gather(&r, "sda5_crypt", U, false, "/dev/sda5", false);
         let mut rec = Recorder::default();
         let o = integrate(&input, &mut rec, "2");

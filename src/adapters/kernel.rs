@@ -27,7 +27,12 @@ fn k(e: DmError) -> KernelError {
 
 impl DmKernel {
     pub fn new() -> KResult<DmKernel> {
-        Ok(DmKernel { dm: Dm::open().map_err(k)?, fail_load_of: std::env::var("LUKSIFY_TEST_FAIL_LOAD").ok(), readers: Default::default(), keys: Default::default() })
+        Ok(DmKernel {
+            dm: Dm::open().map_err(k)?,
+            fail_load_of: std::env::var("LUKSIFY_TEST_FAIL_LOAD").ok(),
+            readers: Default::default(),
+            keys: Default::default(),
+        })
     }
 
     /// Whether a dm device of this name exists, has a live table and is not suspended
@@ -98,7 +103,12 @@ impl Kernel for DmKernel {
         let secure = table.iter().any(|l| l.target_type() == "crypt");
         let mut lines: Vec<TableLineFacts> = table
             .iter()
-            .map(|l| TableLineFacts { start: l.start, length: l.length, target_type: l.target_type().into(), params: l.params(key_hex) })
+            .map(|l| TableLineFacts {
+                start: l.start,
+                length: l.length,
+                target_type: l.target_type().into(),
+                params: l.params(key_hex),
+            })
             .collect();
         let r = self.dm.load(n, &lines, secure);
         for l in lines.iter_mut() {
@@ -126,8 +136,12 @@ impl Kernel for DmKernel {
         self.dm.resume(n).map_err(k)?;
         // A public device (the bridge) needs its /dev/mapper node for LVM and the user; udev
         // makes it where udev runs, luksify where it does not (rescue media, the test bed).
-        let public = self.dm.info(n).map_err(k)?.map(|d| !d.uuid.starts_with(super::dm::PRIVATE_UUID_PREFIX)).unwrap_or(false);
-        if public && !std::path::Path::new("/dev/mapper").join(n).exists() && !std::path::Path::new("/run/udev/control").exists() {
+        let public =
+            self.dm.info(n).map_err(k)?.map(|d| !d.uuid.starts_with(super::dm::PRIVATE_UUID_PREFIX)).unwrap_or(false);
+        if public
+            && !std::path::Path::new("/dev/mapper").join(n).exists()
+            && !std::path::Path::new("/run/udev/control").exists()
+        {
             self.ensure_node(n)?;
         }
         Ok(())
@@ -194,8 +208,13 @@ impl Kernel for DmKernel {
             kernel_node
         } else {
             let _ = std::fs::remove_file(&ours);
-            nix::sys::stat::mknod(&ours, nix::sys::stat::SFlag::S_IFBLK, nix::sys::stat::Mode::from_bits_truncate(0o600), dev)
-                .map_err(|e| KernelError(format!("creating a node for {n}: {e}")))?;
+            nix::sys::stat::mknod(
+                &ours,
+                nix::sys::stat::SFlag::S_IFBLK,
+                nix::sys::stat::Mode::from_bits_truncate(0o600),
+                dev,
+            )
+            .map_err(|e| KernelError(format!("creating a node for {n}: {e}")))?;
             ours.clone()
         };
         let disk = crate::adapters::rawdisk::RawDisk::open_with_bounce(&path, false, 64 << 10);

@@ -46,11 +46,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 
 use libcryptsetup_rs::consts::flags::{CryptPbkdf, CryptVolumeKey};
-use libcryptsetup_rs::consts::vals::{KeyslotsSize, MetadataSize};
 use libcryptsetup_rs::consts::vals::{CryptKdf, EncryptionFormat};
+use libcryptsetup_rs::consts::vals::{KeyslotsSize, MetadataSize};
 use libcryptsetup_rs::{
-    CryptDevice, CryptInit, CryptParamsLuks1, CryptParamsLuks1Ref, CryptParamsLuks2,
-    CryptParamsLuks2Ref, CryptPbkdfType, CryptSettingsHandle, Either, LibcryptErr,
+    CryptDevice, CryptInit, CryptParamsLuks1, CryptParamsLuks1Ref, CryptParamsLuks2, CryptParamsLuks2Ref,
+    CryptPbkdfType, CryptSettingsHandle, Either, LibcryptErr,
 };
 use zeroize::Zeroizing;
 
@@ -229,13 +229,7 @@ impl fmt::Debug for VolumeKey {
 impl PartialEq for VolumeKey {
     /// Constant-time comparison.
     fn eq(&self, other: &VolumeKey) -> bool {
-        self.0.len() == other.0.len()
-            && self
-                .0
-                .iter()
-                .zip(other.0.iter())
-                .fold(0u8, |a, (x, y)| a | (x ^ y))
-                == 0
+        self.0.len() == other.0.len() && self.0.iter().zip(other.0.iter()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
     }
 }
 impl Eq for VolumeKey {}
@@ -344,11 +338,7 @@ pub fn inspect(header_bytes: &[u8]) -> Result<HeaderInfo> {
 fn validate(p: &HeaderParams, key: &VolumeKey) -> Result<()> {
     let bad = |m: String| Err(LuksError::InvalidParams(m));
     if p.key_bytes == 0 || key.len() != p.key_bytes {
-        return bad(format!(
-            "the volume key has {} bytes, the parameters ask for {}",
-            key.len(),
-            p.key_bytes
-        ));
+        return bad(format!("the volume key has {} bytes, the parameters ask for {}", key.len(), p.key_bytes));
     }
     if p.cipher.is_empty() || p.cipher_mode.is_empty() || p.cipher.contains('-') {
         return bad(format!("cipher {:?} mode {:?}", p.cipher, p.cipher_mode));
@@ -357,10 +347,7 @@ fn validate(p: &HeaderParams, key: &VolumeKey) -> Result<()> {
         return bad("empty hash".into());
     }
     if p.data_offset_sectors == 0 || !p.data_offset_sectors.is_multiple_of(8) {
-        return bad(format!(
-            "data offset {} sectors is not a positive multiple of 8",
-            p.data_offset_sectors
-        ));
+        return bad(format!("data offset {} sectors is not a positive multiple of 8", p.data_offset_sectors));
     }
     let need = header_size_estimate(p.luks_type, p.key_bytes) / SECTOR;
     if p.data_offset_sectors < need {
@@ -374,15 +361,12 @@ fn validate(p: &HeaderParams, key: &VolumeKey) -> Result<()> {
         return bad("LUKS1 has no label".into());
     }
     if let Some(u) = &p.uuid {
-        uuid::Uuid::parse_str(u)
-            .map_err(|e| LuksError::InvalidParams(format!("UUID {u:?}: {e}")))?;
+        uuid::Uuid::parse_str(u).map_err(|e| LuksError::InvalidParams(format!("UUID {u:?}: {e}")))?;
     }
     if let Some(n) = p.pbkdf_force_iterations {
         let min = if kdf_of(p)? == Kdf::Pbkdf2 { 1000 } else { 4 };
         if n < min {
-            return bad(format!(
-                "--pbkdf-force-iterations {n} is below the minimum {min}"
-            ));
+            return bad(format!("--pbkdf-force-iterations {n} is below the minimum {min}"));
         }
     }
     Ok(())
@@ -404,16 +388,10 @@ fn kdf_of(p: &HeaderParams) -> Result<Kdf> {
         Some("pbkdf2") => Kdf::Pbkdf2,
         Some("argon2i") => Kdf::Argon2i,
         Some("argon2id") => Kdf::Argon2id,
-        Some(o) => {
-            return Err(LuksError::InvalidParams(format!(
-                "unknown --pbkdf {o:?} (argon2id, argon2i, pbkdf2)"
-            )))
-        }
+        Some(o) => return Err(LuksError::InvalidParams(format!("unknown --pbkdf {o:?} (argon2id, argon2i, pbkdf2)"))),
     };
     if p.luks_type == LuksType::Luks1 && k != Kdf::Pbkdf2 {
-        return Err(LuksError::InvalidParams(
-            "LUKS1 supports only --pbkdf pbkdf2".into(),
-        ));
+        return Err(LuksError::InvalidParams("LUKS1 supports only --pbkdf pbkdf2".into()));
     }
     Ok(k)
 }
@@ -438,14 +416,11 @@ fn on_worker<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) 
         if let Err(mpsc::SendError(job)) = w.as_ref().expect("just set").send(job) {
             // The thread died (cannot happen: jobs are caught); start a new one once.
             let s = spawn_worker()?;
-            s.send(job)
-                .map_err(|_| LuksError::Internal("the libcryptsetup worker does not run".into()))?;
+            s.send(job).map_err(|_| LuksError::Internal("the libcryptsetup worker does not run".into()))?;
             *w = Some(s);
         }
     }
-    rx.recv().map_err(|_| {
-        LuksError::Internal("a libcryptsetup call panicked (see the message above)".into())
-    })?
+    rx.recv().map_err(|_| LuksError::Internal("a libcryptsetup call panicked (see the message above)".into()))?
 }
 
 fn spawn_worker() -> Result<mpsc::Sender<Job>> {
@@ -456,9 +431,7 @@ fn spawn_worker() -> Result<mpsc::Sender<Job>> {
             libcryptsetup_rs::set_log_callback::<()>(Some(log_callback), None);
             if std::env::var_os(DEBUG_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
                 DEBUG.store(true, Ordering::Relaxed);
-                libcryptsetup_rs::set_debug_level(
-                    libcryptsetup_rs::consts::vals::CryptDebugLevel::All,
-                );
+                libcryptsetup_rs::set_debug_level(libcryptsetup_rs::consts::vals::CryptDebugLevel::All);
             }
             for job in rx {
                 // A panic drops the job's reply sender: the caller gets Internal.
@@ -485,19 +458,13 @@ unsafe extern "C" fn log_callback(level: c_int, msg: *const c_char, _usr: *mut c
     if DEBUG.load(Ordering::Relaxed) && !msg.is_null() {
         // SAFETY: as below. libcryptsetup's debug output (what `cryptsetup --debug` prints)
         // carries no key material or passphrases.
-        eprintln!(
-            "libcryptsetup: {}",
-            unsafe { CStr::from_ptr(msg) }.to_string_lossy().trim_end()
-        );
+        eprintln!("libcryptsetup: {}", unsafe { CStr::from_ptr(msg) }.to_string_lossy().trim_end());
     }
     if level != libcryptsetup_rs_sys_log_error() || msg.is_null() {
         return;
     }
     // SAFETY: libcryptsetup passes a NUL-terminated string valid during the call.
-    let m = unsafe { CStr::from_ptr(msg) }
-        .to_string_lossy()
-        .trim()
-        .to_string();
+    let m = unsafe { CStr::from_ptr(msg) }.to_string_lossy().trim().to_string();
     if m.is_empty() {
         return;
     }
@@ -515,8 +482,7 @@ fn libcryptsetup_rs_sys_log_error() -> c_int {
 }
 
 fn take_log() -> String {
-    LOG.with(|l| std::mem::take(&mut *l.borrow_mut()))
-        .join("; ")
+    LOG.with(|l| std::mem::take(&mut *l.borrow_mut())).join("; ")
 }
 
 fn errno_of(e: &LibcryptErr) -> Option<i32> {
@@ -529,11 +495,7 @@ fn errno_of(e: &LibcryptErr) -> Option<i32> {
 fn crypt_err(op: &'static str, e: LibcryptErr) -> LuksError {
     let log = take_log();
     let errno = errno_of(&e);
-    let detail = if log.is_empty() {
-        e.to_string()
-    } else {
-        format!("{e} ({log})")
-    };
+    let detail = if log.is_empty() { e.to_string() } else { format!("{e} ({log})") };
     LuksError::Crypt { op, errno, detail }
 }
 
@@ -546,37 +508,21 @@ struct MemDev {
 impl MemDev {
     fn new(size: u64) -> Result<MemDev> {
         use nix::sys::memfd::{memfd_create, MFdFlags};
-        let fd =
-            memfd_create(c"luksify-header", MFdFlags::MFD_CLOEXEC).map_err(|e| LuksError::Io {
-                op: "memfd_create",
-                source: e.into(),
-            })?;
+        let fd = memfd_create(c"luksify-header", MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| LuksError::Io { op: "memfd_create", source: e.into() })?;
         let file = File::from(fd);
-        file.set_len(size).map_err(|source| LuksError::Io {
-            op: "sizing the memfd",
-            source,
-        })?;
+        file.set_len(size).map_err(|source| LuksError::Io { op: "sizing the memfd", source })?;
         let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
         Ok(MemDev { file, path })
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.file
-            .write_all_at(buf, off)
-            .map_err(|source| LuksError::Io {
-                op: "writing the memfd",
-                source,
-            })
+        self.file.write_all_at(buf, off).map_err(|source| LuksError::Io { op: "writing the memfd", source })
     }
 
     fn read_at(&self, len: u64, off: u64) -> Result<Vec<u8>> {
         let mut v = vec![0u8; len as usize];
-        self.file
-            .read_exact_at(&mut v, off)
-            .map_err(|source| LuksError::Io {
-                op: "reading the memfd",
-                source,
-            })?;
+        self.file.read_exact_at(&mut v, off).map_err(|source| LuksError::Io { op: "reading the memfd", source })?;
         Ok(v)
     }
 
@@ -584,12 +530,8 @@ impl MemDev {
         let _ = take_log();
         let mut cd = CryptInit::init(&self.path).map_err(|e| crypt_err("crypt_init", e))?;
         // The memfd is private to us: no lock files; and no volume key in the kernel keyring.
-        cd.settings_handle()
-            .metadata_locking(false)
-            .map_err(|e| crypt_err("crypt_metadata_locking", e))?;
-        cd.context_handle()
-            .volume_key_keyring(false)
-            .map_err(|e| crypt_err("crypt_volume_key_keyring", e))?;
+        cd.settings_handle().metadata_locking(false).map_err(|e| crypt_err("crypt_metadata_locking", e))?;
+        cd.context_handle().volume_key_keyring(false).map_err(|e| crypt_err("crypt_volume_key_keyring", e))?;
         Ok(cd)
     }
 }
@@ -617,11 +559,7 @@ fn data_offset_hint(b: &[u8]) -> Option<u64> {
             let v: serde_json::Value = serde_json::from_slice(json).ok()?;
             let mut max = 0u64;
             for seg in v.get("segments")?.as_object()?.values() {
-                if let Some(o) = seg
-                    .get("offset")
-                    .and_then(|o| o.as_str())
-                    .and_then(|o| o.parse::<u64>().ok())
-                {
+                if let Some(o) = seg.get("offset").and_then(|o| o.as_str()).and_then(|o| o.parse::<u64>().ok()) {
                     max = max.max(o);
                 }
             }
@@ -650,9 +588,7 @@ mod worker {
             t.time_ms = ms;
         }
         if kdf != CryptKdf::Pbkdf2 {
-            let cpus = std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1);
+            let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
             t.parallel_threads = t.parallel_threads.clamp(1, cpus.max(1));
         } else {
             t.max_memory_kb = 0;
@@ -671,16 +607,12 @@ mod worker {
         let dev = MemDev::new(s * SECTOR + DEVICE_MARGIN)?;
         let mut cd = dev.open()?;
         let pbkdf = pbkdf(p)?;
-        cd.settings_handle()
-            .set_pbkdf_type(&pbkdf)
-            .map_err(|e| crypt_err("crypt_set_pbkdf_type", e))?;
-        cd.set_data_offset(s)
-            .map_err(|e| crypt_err("crypt_set_data_offset", e))?;
+        cd.settings_handle().set_pbkdf_type(&pbkdf).map_err(|e| crypt_err("crypt_set_pbkdf_type", e))?;
+        cd.set_data_offset(s).map_err(|e| crypt_err("crypt_set_data_offset", e))?;
         let uuid = match &p.uuid {
-            Some(u) => Some(
-                uuid::Uuid::parse_str(u)
-                    .map_err(|e| LuksError::InvalidParams(format!("UUID {u:?}: {e}")))?,
-            ),
+            Some(u) => {
+                Some(uuid::Uuid::parse_str(u).map_err(|e| LuksError::InvalidParams(format!("UUID {u:?}: {e}")))?)
+            }
             None => None,
         };
         let cipher = (p.cipher.as_str(), p.cipher_mode.as_str());
@@ -711,22 +643,14 @@ mod worker {
                     label: p.label.clone(),
                     subsystem: None,
                 };
-                let mut r: CryptParamsLuks2Ref<'_> = (&lp)
-                    .try_into()
-                    .map_err(|e| crypt_err("LUKS2 parameters", e))?;
+                let mut r: CryptParamsLuks2Ref<'_> = (&lp).try_into().map_err(|e| crypt_err("LUKS2 parameters", e))?;
                 cd.context_handle()
                     .format(EncryptionFormat::Luks2, cipher, uuid, vk, Some(&mut r))
                     .map_err(|e| crypt_err("crypt_format (LUKS2)", e))?;
             }
             LuksType::Luks1 => {
-                let lp = CryptParamsLuks1 {
-                    hash: p.hash.clone(),
-                    data_alignment: 0,
-                    data_device: None,
-                };
-                let mut r: CryptParamsLuks1Ref<'_> = (&lp)
-                    .try_into()
-                    .map_err(|e| crypt_err("LUKS1 parameters", e))?;
+                let lp = CryptParamsLuks1 { hash: p.hash.clone(), data_alignment: 0, data_device: None };
+                let mut r: CryptParamsLuks1Ref<'_> = (&lp).try_into().map_err(|e| crypt_err("LUKS1 parameters", e))?;
                 cd.context_handle()
                     .format(EncryptionFormat::Luks1, cipher, uuid, vk, Some(&mut r))
                     .map_err(|e| crypt_err("crypt_format (LUKS1)", e))?;
@@ -734,29 +658,17 @@ mod worker {
         }
         let slot = cd
             .keyslot_handle()
-            .add_by_key(
-                Some(0),
-                Some(Either::Left(key.as_bytes())),
-                pass,
-                CryptVolumeKey::empty(),
-            )
+            .add_by_key(Some(0), Some(Either::Left(key.as_bytes())), pass, CryptVolumeKey::empty())
             .map_err(|e| crypt_err("crypt_keyslot_add_by_key", e))?;
         if slot != 0 {
-            return Err(LuksError::Internal(format!(
-                "the passphrase went to keyslot {slot}, not 0"
-            )));
+            return Err(LuksError::Internal(format!("the passphrase went to keyslot {slot}, not 0")));
         }
         // H: the end of the last used area.
-        let (area_off, area_len) = cd
-            .keyslot_handle()
-            .area(0)
-            .map_err(|e| crypt_err("crypt_keyslot_area", e))?;
+        let (area_off, area_len) = cd.keyslot_handle().area(0).map_err(|e| crypt_err("crypt_keyslot_area", e))?;
         let mut end = area_off + area_len;
         if p.luks_type == LuksType::Luks2 {
-            let (md, _ks) = cd
-                .settings_handle()
-                .get_metadata_size()
-                .map_err(|e| crypt_err("crypt_get_metadata_size", e))?;
+            let (md, _ks) =
+                cd.settings_handle().get_metadata_size().map_err(|e| crypt_err("crypt_get_metadata_size", e))?;
             end = end.max(2 * *md);
         }
         let h = end.div_ceil(HEADER_ALIGN) * HEADER_ALIGN;
@@ -769,10 +681,7 @@ mod worker {
             )));
         }
         if info.sector_size != SECTOR as u32 {
-            return Err(LuksError::Internal(format!(
-                "encryption sector size {} instead of 512",
-                info.sector_size
-            )));
+            return Err(LuksError::Internal(format!("encryption sector size {} instead of 512", info.sector_size)));
         }
         if h > s * SECTOR {
             return Err(LuksError::InvalidParams(format!(
@@ -781,10 +690,7 @@ mod worker {
         }
         if let Some(u) = &p.uuid {
             if !u.eq_ignore_ascii_case(&info.uuid) {
-                return Err(LuksError::Internal(format!(
-                    "the header has UUID {}, not {u}",
-                    info.uuid
-                )));
+                return Err(LuksError::Internal(format!("the header has UUID {}, not {u}", info.uuid)));
             }
         }
         let bytes = dev.read_at(h, 0)?;
@@ -800,10 +706,7 @@ mod worker {
 
     fn load(bytes: &[u8]) -> Result<(MemDev, CryptDevice)> {
         if bytes.len() < 4096 {
-            return Err(LuksError::BadHeader(format!(
-                "{} bytes is too short for a LUKS header",
-                bytes.len()
-            )));
+            return Err(LuksError::BadHeader(format!("{} bytes is too short for a LUKS header", bytes.len())));
         }
         let dev = MemDev::new(device_size_for(bytes))?;
         dev.write_at(bytes, 0)?;
@@ -820,27 +723,15 @@ mod worker {
     }
 
     fn info_of(cd: &mut CryptDevice) -> Result<HeaderInfo> {
-        let luks_type = match cd
-            .format_handle()
-            .get_type()
-            .map_err(|e| crypt_err("crypt_get_type", e))?
-        {
+        let luks_type = match cd.format_handle().get_type().map_err(|e| crypt_err("crypt_get_type", e))? {
             EncryptionFormat::Luks1 => LuksType::Luks1,
             EncryptionFormat::Luks2 => LuksType::Luks2,
             _ => return Err(LuksError::BadHeader("not a LUKS1 or LUKS2 header".into())),
         };
         let mut st = cd.status_handle();
-        let cipher = st
-            .get_cipher()
-            .map_err(|e| crypt_err("crypt_get_cipher", e))?;
-        let mode = st
-            .get_cipher_mode()
-            .map_err(|e| crypt_err("crypt_get_cipher_mode", e))?;
-        let uuid = st
-            .get_uuid()
-            .map_err(|e| crypt_err("crypt_get_uuid", e))?
-            .hyphenated()
-            .to_string();
+        let cipher = st.get_cipher().map_err(|e| crypt_err("crypt_get_cipher", e))?;
+        let mode = st.get_cipher_mode().map_err(|e| crypt_err("crypt_get_cipher_mode", e))?;
+        let uuid = st.get_uuid().map_err(|e| crypt_err("crypt_get_uuid", e))?.hyphenated().to_string();
         let data_offset_sectors = st.get_data_offset();
         let key_bytes = st.get_volume_key_size();
         if key_bytes <= 0 {
@@ -914,10 +805,7 @@ mod tests {
         p.data_offset_sectors = 100;
         assert!(matches!(validate(&p, &k), Err(LuksError::InvalidParams(_))));
         let p = HeaderParams::defaults(LuksType::Luks2);
-        assert!(matches!(
-            validate(&p, &VolumeKey::generate(32).unwrap()),
-            Err(LuksError::InvalidParams(_))
-        ));
+        assert!(matches!(validate(&p, &VolumeKey::generate(32).unwrap()), Err(LuksError::InvalidParams(_))));
         assert!(validate(&p, &k).is_ok());
     }
 }

@@ -101,7 +101,9 @@ impl Lvm {
         for (k, v) in &self.env {
             c.env(k, v);
         }
-        let out = c.output().map_err(|e| LvmError::Spawn { program: self.program.to_string_lossy().into_owned(), source: e })?;
+        let out = c
+            .output()
+            .map_err(|e| LvmError::Spawn { program: self.program.to_string_lossy().into_owned(), source: e })?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
             return Err(LvmError::Failed {
@@ -136,7 +138,11 @@ impl Lvm {
                 pv.push(r.clone());
             }
         }
-        let vg = pv.first().map(|r| r.str("vg_name")).transpose().map_err(|why| LvmError::Parse { cmd: "pvs".into(), why })?;
+        let vg = pv
+            .first()
+            .map(|r| r.str("vg_name"))
+            .transpose()
+            .map_err(|why| LvmError::Parse { cmd: "pvs".into(), why })?;
         let lvs = match vg {
             Some(vg) if !vg.is_empty() => {
                 let mut a = vec!["lvs", "-a"];

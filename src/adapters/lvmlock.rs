@@ -62,7 +62,9 @@ pub fn locking_dir() -> PathBuf {
     c.stdin(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     c.env("LVM_SUPPRESS_FD_WARNINGS", "1");
     match c.output() {
-        Ok(o) if o.status.success() => parse_locking_dir(&String::from_utf8_lossy(&o.stdout)).unwrap_or_else(|| PathBuf::from(DEFAULT_LOCKING_DIR)),
+        Ok(o) if o.status.success() => {
+            parse_locking_dir(&String::from_utf8_lossy(&o.stdout)).unwrap_or_else(|| PathBuf::from(DEFAULT_LOCKING_DIR))
+        }
         _ => PathBuf::from(DEFAULT_LOCKING_DIR),
     }
 }
@@ -139,7 +141,12 @@ impl VgLock {
     /// Take LVM's lock on `vg` exclusively, waiting up to `wait` for LVM commands that hold
     /// it (`on_wait` is called once, when the first attempt finds it taken). While waiting,
     /// luksify holds `V_<vg>:aux` as an LVM writer would, so new readers queue behind it.
-    pub fn acquire(locking_dir: &Path, vg: &str, wait: Duration, on_wait: &mut dyn FnMut(&Path)) -> Result<VgLock, LockError> {
+    pub fn acquire(
+        locking_dir: &Path,
+        vg: &str,
+        wait: Duration,
+        on_wait: &mut dyn FnMut(&Path),
+    ) -> Result<VgLock, LockError> {
         let path = vg_lock_path(locking_dir, vg).ok_or_else(|| LockError::BadName(vg.to_string()))?;
         let ioe = |err: io::Error| LockError::Io { vg: vg.to_string(), path: path.display().to_string(), err };
         if !locking_dir.exists() {
@@ -167,7 +174,11 @@ impl VgLock {
                 if let Some(a) = aux.take() {
                     release(&aux_path, a);
                 }
-                return Err(LockError::Timeout { vg: vg.to_string(), path: path.display().to_string(), secs: wait.as_secs() });
+                return Err(LockError::Timeout {
+                    vg: vg.to_string(),
+                    path: path.display().to_string(),
+                    secs: wait.as_secs(),
+                });
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -282,7 +293,9 @@ mod tests {
         // Another process (as an LVM command would), via util-linux flock(1) if present.
         let d = tmpdir("process");
         let p = d.join("V_vg0");
-        let Ok(mut child) = std::process::Command::new("flock").arg("-o").arg("-x").arg(&p).arg("sleep").arg("20").spawn() else {
+        let Ok(mut child) =
+            std::process::Command::new("flock").arg("-o").arg("-x").arg(&p).arg("sleep").arg("20").spawn()
+        else {
             return;
         };
         let t = Instant::now();

@@ -1,15 +1,15 @@
 //! Thin wrappers over the outside world.
-pub mod rawdisk;
-pub mod sys;
-pub mod kernel;
 pub mod blockdev;
+pub mod bootprobe;
 pub mod dm;
+pub mod integrate;
+pub mod kernel;
+pub mod luks;
 pub mod lvm;
 pub mod lvmlock;
 pub mod probe;
-pub mod luks;
-pub mod bootprobe;
-pub mod integrate;
+pub mod rawdisk;
+pub mod sys;
 
 /// A fresh, empty scratch directory for one unit test: `luksify-<module>-<name>-<pid>` under
 /// the temporary directory, whatever an earlier run left there removed first.

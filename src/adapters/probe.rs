@@ -109,7 +109,8 @@ impl Prober {
         let canonical = std::fs::canonicalize(path).map_err(|e| ProbeError::Access { path: p.clone(), source: e })?;
         let (major, minor) = (libc::major(md.rdev()), libc::minor(md.rdev()));
 
-        let dev = BlockDev::open(path, OpenMode::READ_DIRECT).map_err(|e| ProbeError::Access { path: p.clone(), source: e })?;
+        let dev = BlockDev::open(path, OpenMode::READ_DIRECT)
+            .map_err(|e| ProbeError::Access { path: p.clone(), source: e })?;
         let io = |what: &'static str| {
             let p = p.clone();
             move |e: io::Error| ProbeError::Io { path: p, what, source: e }

@@ -28,11 +28,7 @@ impl RawDisk {
     /// larger I/O loops over it.
     pub fn open_with_bounce(path: &Path, writable: bool, bounce: usize) -> io::Result<RawDisk> {
         assert!(bounce > 0 && bounce % ALIGN == 0);
-        let direct = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .custom_flags(libc::O_DIRECT)
-            .open(path);
+        let direct = OpenOptions::new().read(true).write(writable).custom_flags(libc::O_DIRECT).open(path);
         let (file, direct) = match direct {
             Ok(f) => (f, true),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {

@@ -94,7 +94,8 @@ impl Damage {
     pub fn message(&self, device: &str) -> String {
         let j = self.journal_sector;
         let what = if self.journal_missing() { "missing" } else { "damaged" };
-        let slots = format!("slot A (sector {j}) holds {}, slot B (sector {}) holds {}", self.slots[0], j + 8, self.slots[1]);
+        let slots =
+            format!("slot A (sector {j}) holds {}, slot B (sector {}) holds {}", self.slots[0], j + 8, self.slots[1]);
         let keep = format!("keep the disk as it is and report with `luksify status --json {device}`");
         let dont = format!("do not write to {device} (no pvcreate, mkfs, fsck, partitioning or luksFormat)");
         match (&self.marker, self.luks_header, self.pv_label) {
@@ -158,7 +159,9 @@ mod tests {
     fn a_marker_without_a_journal_is_a_damaged_conversion_not_none() {
         let z = [0u8; SLOT_BYTES];
         let m = marker::encode("0b6c1e39-5d8b-4d4f-9a35-2f7e3c1d9a10", J);
-        let Evidence::Damaged(d) = examine(&m, &z, &z, J) else { panic!("zeroed journal under a marker must be damage") };
+        let Evidence::Damaged(d) = examine(&m, &z, &z, J) else {
+            panic!("zeroed journal under a marker must be damage")
+        };
         assert!(d.journal_missing());
         assert_eq!(d.marker.as_ref().unwrap().journal_sector, J);
         let msg = d.message("/dev/sda5");

@@ -49,12 +49,18 @@ pub enum Content {
     /// No known signature.
     Nothing,
     LvmPv,
-    Luks { version: u16 },
-    Filesystem { fstype: String },
+    Luks {
+        version: u16,
+    },
+    Filesystem {
+        fstype: String,
+    },
     Swap,
     /// luksify's fence marker.
     LuksifyMarker,
-    Other { what: String },
+    Other {
+        what: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -102,7 +102,9 @@ pub struct Cmd {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Write etc/crypttab (adding or replacing the line), with a backup.
-    Crypttab { line: String },
+    Crypttab {
+        line: String,
+    },
     Run(Cmd),
     /// Something luksify cannot do: the text says what the user must do.
     Manual(String),
@@ -133,7 +135,8 @@ pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 /// `lvm lvmdevices --yes --config devices/use_devicesfile=1 ARGS`: the file exists, so it is
 /// edited even where lvm.conf leaves the devices file off (lvmdevices refuses then).
 fn lvmdevices(args: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = ["lvm", "lvmdevices", "--yes", "--config", "devices/use_devicesfile=1"].iter().map(|s| s.to_string()).collect();
+    let mut v: Vec<String> =
+        ["lvm", "lvmdevices", "--yes", "--config", "devices/use_devicesfile=1"].iter().map(|s| s.to_string()).collect();
     v.extend(args.iter().map(|s| s.to_string()));
     v
 }
@@ -297,13 +300,32 @@ pub(crate) mod tests {
         let mut i = input();
         i.devices_file = Some("IDTYPE=devname IDNAME=/dev/sda5 DEVNAME=/dev/sda5 PVID=abc\n".into());
         let s = steps(&i);
-        let runs: Vec<&Vec<String>> = s.iter().filter_map(|s| if let Step::Run(c) = s { Some(&c.argv) } else { None }).collect();
-        assert_eq!(runs[0], &vec!["lvm", "lvmdevices", "--yes", "--config", "devices/use_devicesfile=1", "--adddev", "/dev/mapper/sda5_crypt"]);
-        assert_eq!(runs[1], &vec!["lvm", "lvmdevices", "--yes", "--config", "devices/use_devicesfile=1", "--deldev", "/dev/sda5"]);
-        i.devices_file = Some("IDTYPE=crypt_uuid IDNAME=CRYPT-LUKS2-x DEVNAME=/dev/mapper/sda5_crypt PVID=abc\n".into());
+        let runs: Vec<&Vec<String>> =
+            s.iter().filter_map(|s| if let Step::Run(c) = s { Some(&c.argv) } else { None }).collect();
+        assert_eq!(
+            runs[0],
+            &vec![
+                "lvm",
+                "lvmdevices",
+                "--yes",
+                "--config",
+                "devices/use_devicesfile=1",
+                "--adddev",
+                "/dev/mapper/sda5_crypt"
+            ]
+        );
+        assert_eq!(
+            runs[1],
+            &vec!["lvm", "lvmdevices", "--yes", "--config", "devices/use_devicesfile=1", "--deldev", "/dev/sda5"]
+        );
+        i.devices_file =
+            Some("IDTYPE=crypt_uuid IDNAME=CRYPT-LUKS2-x DEVNAME=/dev/mapper/sda5_crypt PVID=abc\n".into());
         let s = steps(&i);
         assert!(!s.iter().any(|s| matches!(s, Step::Run(c) if c.argv[1] == "lvmdevices")), "{s:?}");
-        i.devices_file = Some(format!("IDTYPE=crypt_uuid IDNAME=CRYPT-LUKS2-{}-sda5_crypt DEVNAME=/dev/dm-3 PVID=abc\n", U.replace('-', "")));
+        i.devices_file = Some(format!(
+            "IDTYPE=crypt_uuid IDNAME=CRYPT-LUKS2-{}-sda5_crypt DEVNAME=/dev/dm-3 PVID=abc\n",
+            U.replace('-', "")
+        ));
         let s = steps(&i);
         assert!(!s.iter().any(|s| matches!(s, Step::Run(c) if c.argv[1] == "lvmdevices")), "{s:?}");
     }
@@ -328,7 +350,12 @@ pub(crate) mod tests {
         i.generator = Some(Generator::Mkinitcpio);
         let s = steps(&i);
         let Step::Manual(m) = &s[1] else { panic!() };
-        assert!(m.contains("encrypt") && m.contains(&format!("cryptdevice=UUID={U}:sda5_crypt")) && m.contains("mkinitcpio -P"), "{m}");
+        assert!(
+            m.contains("encrypt")
+                && m.contains(&format!("cryptdevice=UUID={U}:sda5_crypt"))
+                && m.contains("mkinitcpio -P"),
+            "{m}"
+        );
         i.generator = None;
         assert!(matches!(&steps(&i)[1], Step::Manual(m) if m.contains("no known initramfs generator")));
         i.boot_on_pv = true;

@@ -198,8 +198,8 @@ impl Record {
         if version != VERSION {
             return Err(JournalError::Version(version));
         }
-        let state = State::from_code(get_u32(b, O_STATE), get_u64(b, O_CURSOR))
-            .ok_or(JournalError::Field("unknown state"))?;
+        let state =
+            State::from_code(get_u32(b, O_STATE), get_u64(b, O_CURSOR)).ok_or(JournalError::Field("unknown state"))?;
         let geometry = Geometry {
             n: get_u64(b, O_N),
             l: get_u64(b, O_L),
@@ -261,8 +261,9 @@ pub fn choose(a: &[u8], b: &[u8]) -> Result<Option<Record>, JournalError> {
         // One slot torn, the other never written (or already cleared): this happens only
         // while the very first record is written (nothing but the tail has changed yet) or
         // while the last one is cleared (the conversion is complete). Both mean: no journal.
-        (Err(JournalError::Crc), Err(JournalError::NoMagic))
-        | (Err(JournalError::NoMagic), Err(JournalError::Crc)) => Ok(None),
+        (Err(JournalError::Crc), Err(JournalError::NoMagic)) | (Err(JournalError::NoMagic), Err(JournalError::Crc)) => {
+            Ok(None)
+        }
         (Err(e1), Err(e2)) => Err(JournalError::BothCorrupt(Box::new(e1), Box::new(e2))),
     }
 }

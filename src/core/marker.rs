@@ -127,7 +127,8 @@ pub fn vg_name_of_text(text: &[u8]) -> Option<String> {
     })?;
     let (name, _) = t.split_once('{')?;
     let name = name.trim();
-    (!name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"+_.-".contains(&b))).then(|| name.to_string())
+    (!name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"+_.-".contains(&b)))
+        .then(|| name.to_string())
 }
 
 #[cfg(test)]

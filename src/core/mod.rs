@@ -3,13 +3,13 @@
 //! what to do next from any journaled state.
 
 pub mod boot;
+pub mod evidence;
 pub mod facts;
-pub mod integrate;
 pub mod geometry;
+pub mod integrate;
 pub mod journal;
+pub mod marker;
+pub mod plan;
 pub mod state;
 pub mod tables;
-pub mod plan;
-pub mod marker;
-pub mod evidence;
 pub mod xts;

@@ -253,21 +253,21 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
         refuse(&mut refusals, "read_only", format!("{dev} is read-only"));
     }
     if f.logical_block_size != 512 {
-        refuse(&mut refusals, "block_size", format!(
-            "{dev} has {}-byte logical blocks; this luksify converts only 512-byte-sector devices",
-            f.logical_block_size
-        ));
+        refuse(
+            &mut refusals,
+            "block_size",
+            format!(
+                "{dev} has {}-byte logical blocks; this luksify converts only 512-byte-sector devices",
+                f.logical_block_size
+            ),
+        );
     }
 
     // Holders: every dm device that maps this device must be rerouteable.
     let mut reroute = Vec::new();
     for h in &f.holders {
-        let bad: Vec<&str> = h
-            .table
-            .iter()
-            .map(|l| l.target_type.as_str())
-            .filter(|t| !SUPPORTED_TARGETS.contains(t))
-            .collect();
+        let bad: Vec<&str> =
+            h.table.iter().map(|l| l.target_type.as_str()).filter(|t| !SUPPORTED_TARGETS.contains(t)).collect();
         if !bad.is_empty() {
             refuse(&mut refusals, "unsupported_target", format!(
                 "{} maps {dev} with a {} target; luksify reroutes only linear and striped mappings (finish or remove snapshots, thin pools, RAID/mirror LVs and any pvmove first)",
@@ -296,7 +296,11 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
             let bad: Vec<&String> = lv.segtypes.iter().filter(|t| !SUPPORTED_SEGTYPES.contains(&t.as_str())).collect();
             let special = lv.attr.chars().next().map(|c| "pvsSorOtTVmMrRiIleC".contains(c)).unwrap_or(false);
             if !bad.is_empty() || special {
-                let what = if bad.is_empty() { lv.attr.clone() } else { bad.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("/") };
+                let what = if bad.is_empty() {
+                    lv.attr.clone()
+                } else {
+                    bad.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("/")
+                };
                 refuse(&mut refusals, "unsupported_lv", format!(
                     "LV {}/{} on {dev} is a {what} volume; luksify converts PVs holding only linear and striped LVs (merge or remove snapshots, finish any pvmove, convert RAID/mirror/thin/cache LVs first)",
                     lvm.vg_name, lv.name
@@ -304,10 +308,14 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
             }
         }
         if l > f.size_sectors {
-            refuse(&mut refusals, "pv_larger_than_device", format!(
-                "the PV on {dev} claims {} sectors but the device has {}: run `pvresize {dev}` first",
-                l, f.size_sectors
-            ));
+            refuse(
+                &mut refusals,
+                "pv_larger_than_device",
+                format!(
+                    "the PV on {dev} claims {} sectors but the device has {}: run `pvresize {dev}` first",
+                    l, f.size_sectors
+                ),
+            );
         }
     }
 
@@ -325,7 +333,11 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
             Ok(g) => geometry = Some(g),
             Err(GeometryError::TooLittleTail { need, have, missing }) => {
                 make_room_plan = make_room(f, missing);
-                refuse(&mut refusals, "too_little_tail", too_little_tail_message(&f.path, need, have, missing, make_room_plan.as_ref()));
+                refuse(
+                    &mut refusals,
+                    "too_little_tail",
+                    too_little_tail_message(&f.path, need, have, missing, make_room_plan.as_ref()),
+                );
             }
             Err(e) => refuse(&mut refusals, "geometry", format!("cannot lay out the conversion of {dev}: {e}")),
         }
@@ -353,10 +365,17 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
     let steps = geometry.map(|g| g.steps()).unwrap_or_else(|| if k > 0 { l.div_ceil(k) } else { 0 });
     let move_bytes = l * SECTOR;
     let estimate_seconds = move_bytes.div_ceil(ASSUMED_MIB_PER_S << 20);
-    let mut actions = vec![
-        format!("generate a {}-bit volume key and format a {} header ({} cipher, data offset {} sectors = {}) in memory",
-            o.key_bits, match o.luks { LuksVersion::Luks1 => "LUKS1", LuksVersion::Luks2 => "LUKS2" }, o.cipher, s, mib(s)),
-    ];
+    let mut actions = vec![format!(
+        "generate a {}-bit volume key and format a {} header ({} cipher, data offset {} sectors = {}) in memory",
+        o.key_bits,
+        match o.luks {
+            LuksVersion::Luks1 => "LUKS1",
+            LuksVersion::Luks2 => "LUKS2",
+        },
+        o.cipher,
+        s,
+        mib(s)
+    )];
     let mut notes = Vec::new();
     if o.shift.is_none() && s > s0 {
         let default_steps = geometry.map(|g| g.l.div_ceil(o.chunk.unwrap_or(s0).min(s0))).unwrap_or(0);
@@ -368,7 +387,9 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
     if let Some(g) = &geometry {
         actions.push(format!(
             "write the journal (sectors {}..{}) and a copy of the header (sector {}) into the free tail of {dev}",
-            g.journal, g.journal + 2 * JOURNAL_SLOT_SECTORS, g.header_copy
+            g.journal,
+            g.journal + 2 * JOURNAL_SLOT_SECTORS,
+            g.header_copy
         ));
     }
     actions.push(format!(
@@ -377,7 +398,11 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
     actions.push(format!(
         "reroute {} LV mapping(s) onto the bridge, each under a brief suspend: {}",
         reroute.len(),
-        if reroute.is_empty() { "none".to_string() } else { reroute.iter().map(|r| r.dm_name.clone()).collect::<Vec<_>>().join(", ") }
+        if reroute.is_empty() {
+            "none".to_string()
+        } else {
+            reroute.iter().map(|r| r.dm_name.clone()).collect::<Vec<_>>().join(", ")
+        }
     ));
     actions.push(format!(
         "fence: shadow the first {} KiB in the tail and overwrite them on {dev} with luksify's marker, so nothing sees a PV there mid-way",
@@ -388,7 +413,8 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
         mib(l), l, k
     ));
     actions.push(format!("load the pure crypt table, write the LUKS header at [0, {s}) of {dev}"));
-    actions.push(format!("pvresize the PV on /dev/mapper/{name}; wipe the journal, header copy and shadow from the tail"));
+    actions
+        .push(format!("pvresize the PV on /dev/mapper/{name}; wipe the journal, header copy and shadow from the tail"));
     if let Some(b) = &boot_report {
         actions.push(format!(
             "integrate (unless --no-integrate) into {}: add `{name} UUID=<new LUKS UUID> none luks` to etc/crypttab, update the LVM devices file if there is one, regenerate the initramfs{}",
@@ -463,16 +489,10 @@ pub fn make_room(f: &DeviceFacts, missing: u64) -> Option<MakeRoom> {
         return Some(MakeRoom::ShrinkPv { extents, new_pv_sectors });
     }
     // Free extents below `first` (those at or past it are about to be given up).
-    let free_below: u64 = segs
-        .iter()
-        .filter(|s| s.lv.is_none())
-        .map(|s| s.extents.min(first.saturating_sub(s.start_extent)))
-        .sum();
-    let mut owners: Vec<String> = segs
-        .iter()
-        .filter(|s| s.start_extent + s.extents > first)
-        .filter_map(|s| s.lv.clone())
-        .collect();
+    let free_below: u64 =
+        segs.iter().filter(|s| s.lv.is_none()).map(|s| s.extents.min(first.saturating_sub(s.start_extent))).sum();
+    let mut owners: Vec<String> =
+        segs.iter().filter(|s| s.start_extent + s.extents > first).filter_map(|s| s.lv.clone()).collect();
     owners.dedup();
     let used_at_end: u64 = segs
         .iter()
@@ -488,7 +508,11 @@ pub fn make_room(f: &DeviceFacts, missing: u64) -> Option<MakeRoom> {
         .iter()
         .filter(|lv| {
             let dm = lvm.lvs.iter().find(|l| &l.name == *lv).map(|l| l.dm_name.clone()).unwrap_or_default();
-            f.holders.iter().any(|h| h.swap && (h.name == dm || h.name == format!("{}-{}", lvm.vg_name.replace('-', "--"), lv.replace('-', "--"))))
+            f.holders.iter().any(|h| {
+                h.swap
+                    && (h.name == dm
+                        || h.name == format!("{}-{}", lvm.vg_name.replace('-', "--"), lv.replace('-', "--")))
+            })
         })
         .cloned()
         .collect();
@@ -505,7 +529,13 @@ impl MakeRoom {
             }
             MakeRoom::MoveThenShrink { first, last, new_pv_sectors, .. } => vec![
                 // Destination: only the extents the PV keeps.
-                v(&["pvmove", "--alloc", "anywhere", &format!("{dev}:{first}-{last}"), &format!("{dev}:0-{}", first - 1)]),
+                v(&[
+                    "pvmove",
+                    "--alloc",
+                    "anywhere",
+                    &format!("{dev}:{first}-{last}"),
+                    &format!("{dev}:0-{}", first - 1),
+                ]),
                 v(&["pvresize", "--yes", "--setphysicalvolumesize", &format!("{new_pv_sectors}s"), dev]),
             ],
             MakeRoom::Manual { .. } => vec![],
@@ -562,15 +592,27 @@ pub fn render(p: &Plan) -> String {
     s.push_str(&format!("  new mapping:       /dev/mapper/{}\n", p.name));
     s.push_str(&format!(
         "  header:            {} {} {}-bit, data offset S = {} sectors ({})\n",
-        match p.luks { LuksVersion::Luks1 => "LUKS1", LuksVersion::Luks2 => "LUKS2" },
-        p.cipher, p.key_bits, p.shift_sectors, mib(p.shift_sectors)
+        match p.luks {
+            LuksVersion::Luks1 => "LUKS1",
+            LuksVersion::Luks2 => "LUKS2",
+        },
+        p.cipher,
+        p.key_bits,
+        p.shift_sectors,
+        mib(p.shift_sectors)
     ));
 
     s.push_str(&format!("  to move:           {} sectors ({})\n", p.move_sectors, mib(p.move_sectors)));
-    s.push_str(&format!("  chunk:             {} sectors, {} step(s), mirror region {} sectors\n", p.chunk_sectors, p.steps, p.region_sectors));
+    s.push_str(&format!(
+        "  chunk:             {} sectors, {} step(s), mirror region {} sectors\n",
+        p.chunk_sectors, p.steps, p.region_sectors
+    ));
     s.push_str(&format!(
         "  tail space:        need {} sectors ({}), have {} sectors ({})\n",
-        p.tail_need_sectors, mib(p.tail_need_sectors), p.tail_have_sectors, mib(p.tail_have_sectors)
+        p.tail_need_sectors,
+        mib(p.tail_need_sectors),
+        p.tail_have_sectors,
+        mib(p.tail_have_sectors)
     ));
     if let Some(j) = p.journal_sector {
         s.push_str(&format!("  journal:           sectors {j}..{} (the last 8 KiB)\n", j + 2 * JOURNAL_SLOT_SECTORS));
@@ -640,7 +682,12 @@ pub(crate) mod tests {
                 uuid: "LVM-abc".into(),
                 major: 254,
                 minor: 0,
-                table: vec![TableLineFacts { start: 0, length: 8192 * 10, target_type: "linear".into(), params: "8:5 2048".into() }],
+                table: vec![TableLineFacts {
+                    start: 0,
+                    length: 8192 * 10,
+                    target_type: "linear".into(),
+                    params: "8:5 2048".into(),
+                }],
                 mounts: vec!["/".into()],
                 swap: false,
                 open_count: 1,
@@ -723,7 +770,10 @@ pub(crate) mod tests {
             other => panic!("{other:?}"),
         }
         let cmds = p.make_room.as_ref().unwrap().commands("/dev/sda5");
-        assert_eq!(cmds[0].join(" "), format!("pvmove --alloc anywhere /dev/sda5:{}-59 /dev/sda5:0-{}", 60 - ext, 59 - ext));
+        assert_eq!(
+            cmds[0].join(" "),
+            format!("pvmove --alloc anywhere /dev/sda5:{}-59 /dev/sda5:0-{}", 60 - ext, 59 - ext)
+        );
         assert_eq!(cmds[1][..3].join(" "), "pvresize --yes --setphysicalvolumesize");
         // Free extents only among the ones given up: not enough to move into.
         f.lvm.as_mut().unwrap().segments = vec![
@@ -734,13 +784,17 @@ pub(crate) mod tests {
         assert!(matches!(plan(&f, &Options::default()).make_room, Some(MakeRoom::Manual { .. })));
         // Full PV: which LVs could give room, the swap one first.
         f.lvm.as_mut().unwrap().segments = vec![PvSegment { start_extent: 0, extents: 60, lv: Some("swap".into()) }];
-        let swap_lv = LvFacts { name: "swap".into(), dm_name: "vg0-swap".into(), ..f.lvm.as_ref().unwrap().lvs[0].clone() };
+        let swap_lv =
+            LvFacts { name: "swap".into(), dm_name: "vg0-swap".into(), ..f.lvm.as_ref().unwrap().lvs[0].clone() };
         f.lvm.as_mut().unwrap().lvs.push(swap_lv);
         f.holders.push(Holder { name: "vg0-swap".into(), swap: true, mounts: vec![], ..f.holders[0].clone() });
         let p = plan(&f, &Options::default());
         let m = &p.refusals[0].message;
         assert!(m.contains("swap") && m.contains("lvreduce") && m.contains("root"), "{m}");
-        assert_eq!(p.make_room.unwrap(), MakeRoom::Manual { extents: ext, lvs: vec!["root".into(), "swap".into()], swap: vec!["swap".into()] });
+        assert_eq!(
+            p.make_room.unwrap(),
+            MakeRoom::Manual { extents: ext, lvs: vec!["root".into(), "swap".into()], swap: vec!["swap".into()] }
+        );
         // Plenty of room: nothing to make.
         assert_eq!(plan(&laptop(), &Options::default()).make_room, None);
     }

@@ -167,7 +167,14 @@ mod tests {
     fn progress_is_monotonic() {
         let g = geo();
         let mut last = -1.0;
-        for st in [State::Prepared, State::Bridged, State::Migrating { cursor: 10_000 }, State::Migrating { cursor: 5904 }, State::Migrating { cursor: 0 }, State::HeaderWritten] {
+        for st in [
+            State::Prepared,
+            State::Bridged,
+            State::Migrating { cursor: 10_000 },
+            State::Migrating { cursor: 5904 },
+            State::Migrating { cursor: 0 },
+            State::HeaderWritten,
+        ] {
             let p = progress(&g, st);
             assert!(p >= last);
             last = p;

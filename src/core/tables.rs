@@ -31,12 +31,23 @@ pub struct CryptSpec {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Target {
-    Linear { dev: DevRef, offset: u64 },
+    Linear {
+        dev: DevRef,
+        offset: u64,
+    },
     /// dm-crypt: sector `x` of the target is encrypted with IV `iv_offset + x` and stored at
     /// `offset + x` of `dev`.
-    Crypt { spec: CryptSpec, iv_offset: u64, dev: DevRef, offset: u64 },
+    Crypt {
+        spec: CryptSpec,
+        iv_offset: u64,
+        dev: DevRef,
+        offset: u64,
+    },
     /// dm-mirror with a core log: leg 0 is the source, leg 1 the destination.
-    Mirror { region: u64, legs: [(DevRef, u64); 2] },
+    Mirror {
+        region: u64,
+        legs: [(DevRef, u64); 2],
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,10 +81,9 @@ impl Line {
             // identical (checked while the bridge was suspended); it copies nothing, it only
             // keeps them identical by writing to both. No handle_errors: without dmeventd it
             // would hold I/O.
-            Target::Mirror { region, legs } => format!(
-                "core 2 {region} nosync 2 {} {} {} {}",
-                legs[0].0, legs[0].1, legs[1].0, legs[1].1
-            ),
+            Target::Mirror { region, legs } => {
+                format!("core 2 {region} nosync 2 {} {} {} {}", legs[0].0, legs[0].1, legs[1].0, legs[1].1)
+            }
         }
     }
 
@@ -151,7 +161,10 @@ pub fn mirror_table(g: &Geometry, d: Devices, a: u64, b: u64) -> Table {
             Line {
                 start: l.start - a,
                 length: l.length,
-                target: Target::Mirror { region: g.region_for(l.length), legs: [(d.raw, offset), (d.staging, l.start)] },
+                target: Target::Mirror {
+                    region: g.region_for(l.length),
+                    legs: [(d.raw, offset), (d.staging, l.start)],
+                },
             }
         })
         .collect()
@@ -283,7 +296,9 @@ mod tests {
 
     #[test]
     fn every_phase_covers_l_and_maps_each_sector_where_its_data_is() {
-        for (l, s, k) in [(40_960u64, 4096u64, 4096u64), (10_000, 4096, 4096), (16, 4096, 4096), (4104, 4096, 1024), (12, 8, 8)] {
+        for (l, s, k) in
+            [(40_960u64, 4096u64, 4096u64), (10_000, 4096, 4096), (16, 4096, 4096), (4104, 4096, 1024), (12, 8, 8)]
+        {
             let l = l / 8 * 8;
             let g = geo(l.max(8), s, k);
             let l = g.l;
@@ -346,7 +361,10 @@ mod tests {
         assert!(!shown.contains("deadbeef"));
         assert!(t.iter().any(|l| l.params("deadbeef").contains("deadbeef")));
         assert_eq!(t[2].params("k"), "254:2 0");
-        assert_eq!(show(&mirror_table(&g, D, 32768, 36864)), "0 4096 mirror core 2 1024 nosync 2 98:5 32768 254:1 32768");
+        assert_eq!(
+            show(&mirror_table(&g, D, 32768, 36864)),
+            "0 4096 mirror core 2 1024 nosync 2 98:5 32768 254:1 32768"
+        );
         // The last step reads the fenced label sectors from the shadow.
         let mt = mirror_table(&g, D, 0, 4096);
         assert_eq!(mt[0].to_string(), format!("0 8 mirror core 2 8 nosync 2 98:5 {} 254:1 0", g.shadow));

@@ -34,10 +34,7 @@ impl Xts {
         if key.len() != 64 {
             return None;
         }
-        Some(Xts {
-            data: Aes256::new_from_slice(&key[..32]).ok()?,
-            tweak: Aes256::new_from_slice(&key[32..]).ok()?,
-        })
+        Some(Xts { data: Aes256::new_from_slice(&key[..32]).ok()?, tweak: Aes256::new_from_slice(&key[32..]).ok()? })
     }
 
     /// Encrypt whole sectors in place; the first has IV (plaintext sector number) `sector`.
@@ -89,7 +86,9 @@ mod tests {
             Aes256::new_from_slice(&key[..32]).unwrap(),
             Aes256::new_from_slice(&key[32..]).unwrap(),
         );
-        for (sectors, start) in [(1usize, 0u64), (2, 1), (63, 5), (64, 1 << 33), (65, 77), (200, u64::MAX - 300), (2048, 123_456)] {
+        for (sectors, start) in
+            [(1usize, 0u64), (2, 1), (63, 5), (64, 1 << 33), (65, 77), (200, u64::MAX - 300), (2048, 123_456)]
+        {
             let plain: Vec<u8> = (0..sectors * SECTOR).map(|_| rng.gen()).collect();
             let mut a = plain.clone();
             ours.encrypt_sectors(&mut a, start);
@@ -105,17 +104,15 @@ mod tests {
     #[test]
     fn ieee_1619_vector_10() {
         let mut key = Vec::new();
-        key.extend_from_slice(&hex::decode("2718281828459045235360287471352662497757247093699959574966967627").unwrap());
-        key.extend_from_slice(&hex::decode("3141592653589793238462643383279502884197169399375105820974944592").unwrap());
+        key.extend_from_slice(
+            &hex::decode("2718281828459045235360287471352662497757247093699959574966967627").unwrap(),
+        );
+        key.extend_from_slice(
+            &hex::decode("3141592653589793238462643383279502884197169399375105820974944592").unwrap(),
+        );
         let mut data: Vec<u8> = (0..SECTOR).map(|i| i as u8).collect();
         Xts::new(&key).unwrap().encrypt_sectors(&mut data, 0xff);
-        assert_eq!(
-            hex::encode(&data[..32]),
-            "1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b"
-        );
-        assert_eq!(
-            hex::encode(&data[SECTOR - 16..]),
-            "c4f36ffda9fcea70b9c6e693e148c151"
-        );
+        assert_eq!(hex::encode(&data[..32]), "1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b");
+        assert_eq!(hex::encode(&data[SECTOR - 16..]), "c4f36ffda9fcea70b9c6e693e148c151");
     }
 }

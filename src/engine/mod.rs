@@ -4,21 +4,21 @@
 //! The same code runs on the real kernel (adapters) and on the simulator (tests), which
 //! crashes it at every I/O and every ioctl in turn.
 
-pub mod traits;
 #[cfg(test)]
 pub mod sim;
+pub mod traits;
 
+use crate::core::evidence::{self, Damage, Evidence};
+use crate::core::facts::TableLineFacts;
 use crate::core::geometry::{self, Geometry, JOURNAL_SLOT_SECTORS};
 use crate::core::journal::{self, Record, State, SLOT_BYTES};
-use crate::core::evidence::{self, Damage, Evidence};
 use crate::core::marker;
 use crate::core::state::{self, Step};
 use crate::core::tables::{self, BridgePhase, CryptSpec, DevRef, Devices, Line};
-use crate::core::facts::TableLineFacts;
-pub use traits::{Disk, HolderTable, KResult, Kernel, KernelError};
-use std::time::{Duration, Instant};
-use zeroize::Zeroizing;
 pub use crate::iobuf::IoBuf;
+use std::time::{Duration, Instant};
+pub use traits::{Disk, HolderTable, KResult, Kernel, KernelError};
+use zeroize::Zeroizing;
 
 /// Bytes per read or write of the copy and its checks (the buffers are allocated up front:
 /// nothing is allocated while the bridge is suspended).
@@ -358,7 +358,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let mut head = vec![0u8; evidence::HEAD_BYTES];
         let mut a = vec![0u8; SLOT_BYTES];
         let mut b = vec![0u8; SLOT_BYTES];
-        let Some(j) = geometry::journal_sector(n_sectors).filter(|_| n_sectors >= (evidence::HEAD_BYTES / 512) as u64) else {
+        let Some(j) = geometry::journal_sector(n_sectors).filter(|_| n_sectors >= (evidence::HEAD_BYTES / 512) as u64)
+        else {
             return Ok(Evidence::Nothing); // too small to hold a journal or a marker
         };
         io(disk.read(0, &mut head), || "reading the device's first sectors".into())?;
@@ -388,7 +389,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let mut h = vec![0u8; rec.header_len as usize];
         io(disk.read(rec.geometry.header_copy, &mut h), || "reading the header copy".into())?;
         if crc32fast::hash(&h) != rec.header_crc {
-            return Err(EngineError::Journal("the copy of the LUKS header in the tail is corrupt (CRC mismatch)".into()));
+            return Err(EngineError::Journal(
+                "the copy of the LUKS header in the tail is corrupt (CRC mismatch)".into(),
+            ));
         }
         Ok(h)
     }
@@ -508,7 +511,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         // The step the mirror holds: where the bridge maps onto it.
         let ms = m.to_string();
         let bridge = kern(self.kernel.table(&self.names.bridge))?;
-        let span = bridge.iter().find(|l| l.target_type == "linear" && l.params.split_whitespace().next() == Some(ms.as_str()));
+        let span = bridge
+            .iter()
+            .find(|l| l.target_type == "linear" && l.params.split_whitespace().next() == Some(ms.as_str()));
         let letters: Vec<String> = health.iter().map(|h| h.iter().collect()).collect();
         let (mapped, ok) = match span {
             Some(l) if cursor <= l.start => ("the encrypted copy", !bad(1)),
@@ -706,7 +711,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 for (n, _, _) in &plans[i + 1..] {
                     let _ = self.kernel.clear_inactive(n);
                 }
-                return Err(EngineError::Kernel(format!("switching {name} onto the bridge failed ({e}); tables put back")));
+                return Err(EngineError::Kernel(format!(
+                    "switching {name} onto the bridge failed ({e}); tables put back"
+                )));
             }
         }
         Ok(())
@@ -773,10 +780,14 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         while x < b {
             let e = g.source_run_end(x, b);
             let (o, n) = (((x - a) * 512) as usize, ((e - x) * 512) as usize);
-            self.disk.read(g.source_of(x), &mut self.plain[o..o + n]).map_err(|er| fail(x, format!("reading the source: {er}")))?;
+            self.disk
+                .read(g.source_of(x), &mut self.plain[o..o + n])
+                .map_err(|er| fail(x, format!("reading the source: {er}")))?;
             self.cipher[o..o + n].copy_from_slice(&self.plain[o..o + n]);
             xts.encrypt_sectors(&mut self.cipher[o..o + n], x);
-            self.disk.write(g.s + x, &self.cipher[o..o + n]).map_err(|er| fail(x, format!("writing the copy: {er}")))?;
+            self.disk
+                .write(g.s + x, &self.cipher[o..o + n])
+                .map_err(|er| fail(x, format!("writing the copy: {er}")))?;
             x = e;
         }
         self.disk.flush().map_err(|er| fail(a, format!("flushing the copy: {er}")))
@@ -792,8 +803,12 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 let e = (x + self.piece()).min(rb);
                 let (o, n) = (((x - a) * 512) as usize, ((e - x) * 512) as usize);
                 let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
-                self.disk.read(s + x, &mut self.verify_dst[..n]).map_err(|er| fail(x, format!("reading the copy back: {er}")))?;
-                if let Some(i) = (0..n / 512).find(|i| self.verify_dst[i * 512..(i + 1) * 512] != self.cipher[o + i * 512..o + (i + 1) * 512]) {
+                self.disk
+                    .read(s + x, &mut self.verify_dst[..n])
+                    .map_err(|er| fail(x, format!("reading the copy back: {er}")))?;
+                if let Some(i) = (0..n / 512)
+                    .find(|i| self.verify_dst[i * 512..(i + 1) * 512] != self.cipher[o + i * 512..o + (i + 1) * 512])
+                {
                     return Err(fail(x + i as u64, "the disk returned other data than was written".into()));
                 }
                 x = e;
@@ -809,9 +824,12 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     fn check_kernel(&mut self, a: u64, b: u64) -> EResult<()> {
         let n = ((b - a).min(KERNEL_CHECK_SECTORS) * 512) as usize;
         let staging = self.names.staging.clone();
-        self.kernel
-            .read(&staging, a, &mut self.verify_dst[..n])
-            .map_err(|e| EngineError::CopyFailed { from: a, to: b, sector: a, why: format!("reading the copy through dm-crypt: {e}") })?;
+        self.kernel.read(&staging, a, &mut self.verify_dst[..n]).map_err(|e| EngineError::CopyFailed {
+            from: a,
+            to: b,
+            sector: a,
+            why: format!("reading the copy through dm-crypt: {e}"),
+        })?;
         if self.verify_dst[..n] != self.plain[..n] {
             return Err(EngineError::CopyFailed {
                 from: a,
@@ -830,7 +848,14 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// last piece (the bridge has been suspended too long: the caller resumes it and tries
     /// again). The first piece is always compared, so every attempt makes progress. While
     /// the bridge is suspended this allocates nothing.
-    fn refresh_into(&mut self, a: u64, b: u64, runs: &mut Vec<(u64, u64)>, changed: &mut u64, deadline: Option<Instant>) -> EResult<bool> {
+    fn refresh_into(
+        &mut self,
+        a: u64,
+        b: u64,
+        runs: &mut Vec<(u64, u64)>,
+        changed: &mut u64,
+        deadline: Option<Instant>,
+    ) -> EResult<bool> {
         let g = *self.g();
         let piece = self.piece();
         let Some(xts) = &self.xts else { return Err(no_cipher(&self.rec.cipher)) };
@@ -842,9 +867,13 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             }
             let e = piece_end(&g, x, b, piece);
             let n = ((e - x) * 512) as usize;
-            self.disk.read(g.source_of(x), &mut self.verify_src[..n]).map_err(|er| fail(x, format!("reading the source: {er}")))?;
+            self.disk
+                .read(g.source_of(x), &mut self.verify_src[..n])
+                .map_err(|er| fail(x, format!("reading the source: {er}")))?;
             let base = ((x - a) * 512) as usize;
-            let same = |src: &[u8], plain: &[u8], i: usize| src[i * 512..(i + 1) * 512] == plain[base + i * 512..base + (i + 1) * 512];
+            let same = |src: &[u8], plain: &[u8], i: usize| {
+                src[i * 512..(i + 1) * 512] == plain[base + i * 512..base + (i + 1) * 512]
+            };
             let mut i = 0;
             while i < n / 512 {
                 if same(&self.verify_src, &self.plain, i) {
@@ -860,7 +889,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 self.plain[o0..o1].copy_from_slice(&self.verify_src[j * 512..i * 512]);
                 self.cipher[o0..o1].copy_from_slice(&self.plain[o0..o1]);
                 xts.encrypt_sectors(&mut self.cipher[o0..o1], ra);
-                self.disk.write(g.s + ra, &self.cipher[o0..o1]).map_err(|er| fail(ra, format!("writing the copy: {er}")))?;
+                self.disk
+                    .write(g.s + ra, &self.cipher[o0..o1])
+                    .map_err(|er| fail(ra, format!("writing the copy: {er}")))?;
                 *changed += rb - ra;
                 let room = runs.len() < runs.capacity();
                 match runs.last_mut() {
@@ -903,7 +934,6 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         self.write_marker()?;
         Ok(true)
     }
-
 
     /// Migrating{to} → Migrating{from}, in steps of at most the copy buffer (one step
     /// unless the journal was written with a larger chunk), each committed on its own.
@@ -973,7 +1003,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let t_committed = Instant::now();
         kern(self.kernel.resume(&bridge))?;
         let t_end = Instant::now();
-        stats.note_window(t_end - w, [t_suspended - w, t_refreshed - t_suspended, t_committed - t_refreshed, t_end - t_committed]);
+        stats.note_window(
+            t_end - w,
+            [t_suspended - w, t_refreshed - t_suspended, t_committed - t_refreshed, t_end - t_committed],
+        );
         Ok(())
     }
 
@@ -1035,7 +1068,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                         // `luksify resume` takes it from there.
                         kern(self.kernel.resume(&bridge))?;
                         let t_end = Instant::now();
-                        stats.note_window(t_end - w, [t_suspended - w, t_cut - t_suspended, Duration::ZERO, t_end - t_cut]);
+                        stats.note_window(
+                            t_end - w,
+                            [t_suspended - w, t_cut - t_suspended, Duration::ZERO, t_end - t_cut],
+                        );
                         stats.cut_windows += 1;
                         cuts += 1;
                         // Let live I/O catch up, longer after each cut (a slow spell of the
@@ -1257,7 +1293,10 @@ fn maps_within(table: &[TableLineFacts], raw: DevRef, l: u64) -> bool {
     table.iter().all(|line| {
         let w: Vec<&str> = line.params.split_whitespace().collect();
         match line.target_type.as_str() {
-            "linear" => w.first() != Some(&r.as_str()) || w.get(1).and_then(|o| o.parse::<u64>().ok()).map(|o| o + line.length <= l).unwrap_or(false),
+            "linear" => {
+                w.first() != Some(&r.as_str())
+                    || w.get(1).and_then(|o| o.parse::<u64>().ok()).map(|o| o + line.length <= l).unwrap_or(false)
+            }
             "striped" => {
                 let n: u64 = w.first().and_then(|x| x.parse().ok()).unwrap_or(0);
                 let per = if n > 0 { line.length / n } else { 0 };

@@ -22,8 +22,8 @@
 //!
 //! All randomness comes from a seed: a failing case replays exactly.
 
-use super::{EResult, Engine, Hooks};
 use super::traits::{Disk, HolderTable, KResult, Kernel, KernelError};
+use super::{EResult, Engine, Hooks};
 use crate::core::facts::TableLineFacts;
 use crate::core::geometry::Geometry;
 use crate::core::journal::{self, Record, State, SLOT_BYTES};
@@ -243,7 +243,15 @@ pub struct DiskImage {
 impl DiskImage {
     fn new(image: Vec<u8>) -> DiskImage {
         let n = (image.len() / SECTOR) as u64;
-        DiskImage { n, durable: image.clone(), current: image, cache: Vec::new(), bad: Vec::new(), writes: 0, flushes: 0 }
+        DiskImage {
+            n,
+            durable: image.clone(),
+            current: image,
+            cache: Vec::new(),
+            bad: Vec::new(),
+            writes: 0,
+            flushes: 0,
+        }
     }
 
     fn range(&self, sector: u64, len: usize) -> Result<std::ops::Range<usize>, String> {
@@ -463,7 +471,10 @@ struct DmState {
 
 fn parse_dev(w: &str) -> Result<DevRef, String> {
     let (a, b) = w.split_once(':').ok_or_else(|| format!("not a major:minor: {w:?}"))?;
-    Ok(DevRef { major: a.parse().map_err(|_| format!("bad major {w:?}"))?, minor: b.parse().map_err(|_| format!("bad minor {w:?}"))? })
+    Ok(DevRef {
+        major: a.parse().map_err(|_| format!("bad major {w:?}"))?,
+        minor: b.parse().map_err(|_| format!("bad minor {w:?}"))?,
+    })
 }
 
 fn parse_u64(w: Option<&&str>, what: &str) -> Result<u64, String> {
@@ -510,7 +521,10 @@ fn parse_line(start: u64, length: u64, ty: &str, params: &str) -> Result<SLine, 
             }
             let key = hex::decode(w[1]).map_err(|_| "crypt: key is not hex".to_string())?;
             if key.len() != 64 {
-                return Err(format!("crypt: {CIPHER} in the simulator needs a 512-bit key, got {} bits", key.len() * 8));
+                return Err(format!(
+                    "crypt: {CIPHER} in the simulator needs a 512-bit key, got {} bits",
+                    key.len() * 8
+                ));
             }
             let iv_offset = parse_u64(w.get(2), "iv_offset")?;
             let dev = parse_dev(w[3])?;
@@ -545,7 +559,10 @@ fn parse_line(start: u64, length: u64, ty: &str, params: &str) -> Result<SLine, 
             if w.get(3) != Some(&"2") || !(w.len() == 8 || (w.len() == 9 && w[8] == "0")) {
                 return Err(format!("mirror: the simulator only has 2 legs and no features: {params:?}"));
             }
-            let legs = [(parse_dev(w[4])?, parse_u64(w.get(5), "leg offset")?), (parse_dev(w[6])?, parse_u64(w.get(7), "leg offset")?)];
+            let legs = [
+                (parse_dev(w[4])?, parse_u64(w.get(5), "leg offset")?),
+                (parse_dev(w[6])?, parse_u64(w.get(7), "leg offset")?),
+            ];
             let regions = length.div_ceil(region) as usize;
             STarget::Mirror { region, legs, sync: vec![nosync; regions], health: *b"AA", nosync }
         }
@@ -604,7 +621,12 @@ impl Lv {
         self.segs
             .iter()
             .map(|(start, len, seg)| match seg {
-                Seg::Linear { pv } => TableLineFacts { start: *start, length: *len, target_type: "linear".into(), params: format!("{on} {pv}") },
+                Seg::Linear { pv } => TableLineFacts {
+                    start: *start,
+                    length: *len,
+                    target_type: "linear".into(),
+                    params: format!("{on} {pv}"),
+                },
                 Seg::Striped { chunk, pvs } => {
                     let mut p = format!("{} {chunk}", pvs.len());
                     for o in pvs {
@@ -640,18 +662,54 @@ pub struct WriterConfig {
 
 impl WriterConfig {
     pub fn busy() -> WriterConfig {
-        WriterConfig { p_write: 0.5, p_flush: 0.3, p_read: 0.3, p_meta: 0.08, p_hot: 0.6, p_recover: 0.15, max_len: 4, raw_label_area: false }
+        WriterConfig {
+            p_write: 0.5,
+            p_flush: 0.3,
+            p_read: 0.3,
+            p_meta: 0.08,
+            p_hot: 0.6,
+            p_recover: 0.15,
+            max_len: 4,
+            raw_label_area: false,
+        }
     }
     pub fn off() -> WriterConfig {
-        WriterConfig { p_write: 0.0, p_flush: 0.0, p_read: 0.0, p_meta: 0.0, p_hot: 0.0, p_recover: 0.0, max_len: 1, raw_label_area: true }
+        WriterConfig {
+            p_write: 0.0,
+            p_flush: 0.0,
+            p_read: 0.0,
+            p_meta: 0.0,
+            p_hot: 0.0,
+            p_recover: 0.0,
+            max_len: 1,
+            raw_label_area: true,
+        }
     }
     /// LVM metadata writes (including the label sectors [0, F)) and fsyncs at every turn.
     pub fn meta_heavy() -> WriterConfig {
-        WriterConfig { p_write: 0.2, p_flush: 1.0, p_read: 0.3, p_meta: 1.0, p_hot: 0.5, p_recover: 0.1, max_len: 2, raw_label_area: true }
+        WriterConfig {
+            p_write: 0.2,
+            p_flush: 1.0,
+            p_read: 0.3,
+            p_meta: 1.0,
+            p_hot: 0.5,
+            p_recover: 0.1,
+            max_len: 2,
+            raw_label_area: true,
+        }
     }
     /// Writes and fsyncs before every operation, aimed at the chunk in flight.
     pub fn relentless() -> WriterConfig {
-        WriterConfig { p_write: 1.0, p_flush: 1.0, p_read: 0.5, p_meta: 0.2, p_hot: 0.9, p_recover: 0.0, max_len: 4, raw_label_area: false }
+        WriterConfig {
+            p_write: 1.0,
+            p_flush: 1.0,
+            p_read: 0.5,
+            p_meta: 0.2,
+            p_hot: 0.9,
+            p_recover: 0.0,
+            max_len: 4,
+            raw_label_area: false,
+        }
     }
 }
 
@@ -672,7 +730,14 @@ pub struct Model {
 
 impl Model {
     fn new(l: u64) -> Model {
-        Model { base: vec![vec![0]; l as usize], pending: vec![Vec::new(); l as usize], next_id: 1, writes: 0, acks: 0, reads_checked: 0 }
+        Model {
+            base: vec![vec![0]; l as usize],
+            pending: vec![Vec::new(); l as usize],
+            next_id: 1,
+            writes: 0,
+            acks: 0,
+            reads_checked: 0,
+        }
     }
     /// What a read must return now: one id, or (after a power cut, not yet read) any of several.
     pub fn latest(&self, x: u64) -> Vec<u64> {
@@ -758,14 +823,38 @@ impl Scenario {
     pub fn small(seed: u64) -> Scenario {
         let (l, s) = (256, 32);
         let n = (l..).find(|&n| n - l >= Geometry::tail_needed(n, s)).unwrap();
-        Scenario { n, l, s, k: 24, region: 16, pe_start: 16, extent: 8, seed, writer: WriterConfig::busy(), late_commit_mutant: false, cut_every_window: false }
+        Scenario {
+            n,
+            l,
+            s,
+            k: 24,
+            region: 16,
+            pe_start: 16,
+            extent: 8,
+            seed,
+            writer: WriterConfig::busy(),
+            late_commit_mutant: false,
+            cut_every_window: false,
+        }
     }
 
     /// L = 2048, S = 128, k = 120 (L mod k != 0), region 16, some unused room in the tail.
     pub fn larger(seed: u64) -> Scenario {
         let (l, s) = (2048, 128);
         let n = (l..).find(|&n| n - l >= Geometry::tail_needed(n, s)).unwrap() + 301;
-        Scenario { n, l, s, k: 120, region: 16, pe_start: 64, extent: 32, seed, writer: WriterConfig::busy(), late_commit_mutant: false, cut_every_window: false }
+        Scenario {
+            n,
+            l,
+            s,
+            k: 120,
+            region: 16,
+            pe_start: 64,
+            extent: 32,
+            seed,
+            writer: WriterConfig::busy(),
+            late_commit_mutant: false,
+            cut_every_window: false,
+        }
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -785,7 +874,10 @@ impl Scenario {
         vec![
             Lv {
                 name: "vg0-root".into(),
-                segs: vec![(0, (h0 - r0) * e, Seg::Linear { pv: pv(r0) }), ((h0 - r0) * e, (sw - r1) * e, Seg::Linear { pv: pv(r1) })],
+                segs: vec![
+                    (0, (h0 - r0) * e, Seg::Linear { pv: pv(r0) }),
+                    ((h0 - r0) * e, (sw - r1) * e, Seg::Linear { pv: pv(r1) }),
+                ],
             },
             Lv { name: "vg0-home".into(), segs: vec![(0, (f0 - h0) * e, Seg::Linear { pv: pv(h0) })] },
             Lv {
@@ -1167,9 +1259,17 @@ impl World {
             let dev = DevRef { major: DM_MAJOR, minor };
             self.dm.devs.insert(
                 name.clone(),
-                DmDev { dev, uuid: format!("LVM-{name}"), private: false, live: None, inactive: None, suspended: false },
+                DmDev {
+                    dev,
+                    uuid: format!("LVM-{name}"),
+                    private: false,
+                    live: None,
+                    inactive: None,
+                    suspended: false,
+                },
             );
-            let lines = self.parse_table(table.iter().map(|l| (l.start, l.length, l.target_type.clone(), l.params.clone())))?;
+            let lines =
+                self.parse_table(table.iter().map(|l| (l.start, l.length, l.target_type.clone(), l.params.clone())))?;
             let d = self.dm.devs.get_mut(&name).unwrap();
             d.live = Some(lines);
         }
@@ -1299,7 +1399,8 @@ impl World {
                     // healthy leg (a failed primary hands over to the other leg, as
                     // dm-raid1's fail_mirror does).
                     let primary_failed = health[0] != b'A' && health[1] == b'A';
-                    let leg = if in_sync && (primary_failed || (health == *b"AA" && self.rng.gen_bool(0.5))) { 1 } else { 0 };
+                    let leg =
+                        if in_sync && (primary_failed || (health == *b"AA" && self.rng.gen_bool(0.5))) { 1 } else { 0 };
                     let r = self.dev_io(legs[leg].0, legs[leg].1 + o, buf, false);
                     if r.is_err() {
                         self.set_health(&name, li, leg, b'R');
@@ -1315,7 +1416,9 @@ impl World {
     }
 
     fn set_health(&mut self, name: &str, li: usize, leg: usize, c: u8) {
-        if let Some(STarget::Mirror { health, .. }) = self.dm.devs.get_mut(name).and_then(|d| d.live.as_mut()).map(|t| &mut t[li].target) {
+        if let Some(STarget::Mirror { health, .. }) =
+            self.dm.devs.get_mut(name).and_then(|d| d.live.as_mut()).map(|t| &mut t[li].target)
+        {
             if health[leg] == b'A' {
                 health[leg] = c;
             }
@@ -1370,14 +1473,15 @@ impl World {
             // A failed copy is a sync error on that leg; the region stays out of sync.
             Some(leg) => self.set_health(&name, li, leg, b'S'),
             None => {
-                if let Some(STarget::Mirror { sync, .. }) = self.dm.devs.get_mut(&name).and_then(|d| d.live.as_mut()).map(|t| &mut t[li].target) {
+                if let Some(STarget::Mirror { sync, .. }) =
+                    self.dm.devs.get_mut(&name).and_then(|d| d.live.as_mut()).map(|t| &mut t[li].target)
+                {
                     sync[r] = true;
                 }
             }
         }
         true
     }
-
 
     /// Remove the LVs (`vgchange -an`): they must not be held by anything.
     pub fn deactivate_lvs(&mut self) {
@@ -1440,7 +1544,8 @@ impl World {
 
     fn plain_ok(&self, x: u64, b: &[u8], exact: bool) -> Result<(), String> {
         let allowed = if exact { self.model.latest(x) } else { self.model.allowed(x) };
-        let id = if x == 1 && b == label_sector().as_slice() { 0 } else { u64::from_le_bytes(b[..8].try_into().unwrap()) };
+        let id =
+            if x == 1 && b == label_sector().as_slice() { 0 } else { u64::from_le_bytes(b[..8].try_into().unwrap()) };
         if allowed.contains(&id) && content(id, x) == b {
             return Ok(());
         }
@@ -1503,7 +1608,10 @@ impl World {
             }
             for x in g.l..g.shadow {
                 if sec(x) != content(FILLER, x).as_slice() {
-                    errs.push(format!("sector {x} past L was changed although nothing was converted: {}", describe(sec(x))));
+                    errs.push(format!(
+                        "sector {x} past L was changed although nothing was converted: {}",
+                        describe(sec(x))
+                    ));
                 }
             }
             "untouched"
@@ -1631,13 +1739,17 @@ impl Kernel for SimKernel {
         }
         let dev = DevRef { major: DM_MAJOR, minor: w.dm.next_minor };
         w.dm.next_minor += 1;
-        w.dm.devs.insert(name.into(), DmDev { dev, uuid: uuid.into(), private, live: None, inactive: None, suspended: false });
+        w.dm.devs.insert(
+            name.into(),
+            DmDev { dev, uuid: uuid.into(), private, live: None, inactive: None, suspended: false },
+        );
         Ok(dev)
     }
 
     fn load(&mut self, name: &str, table: &[Line], key_hex: &str) -> KResult<()> {
         let mut w = self.0.borrow_mut();
-        w.op(|| format!("load {name}: {}", table.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(" | "))).map_err(kerr)?;
+        w.op(|| format!("load {name}: {}", table.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(" | ")))
+            .map_err(kerr)?;
         w.dev_mut(name)?;
         let t = w
             .parse_table(table.iter().map(|l| (l.start, l.length, l.target_type().to_string(), l.params(key_hex))))
@@ -1649,7 +1761,14 @@ impl Kernel for SimKernel {
     fn load_lines(&mut self, name: &str, lines: &[TableLineFacts]) -> KResult<()> {
         let mut w = self.0.borrow_mut();
         w.op(|| {
-            format!("load {name}: {}", lines.iter().map(|l| format!("{} {} {} {}", l.start, l.length, l.target_type, l.params)).collect::<Vec<_>>().join(" | "))
+            format!(
+                "load {name}: {}",
+                lines
+                    .iter()
+                    .map(|l| format!("{} {} {} {}", l.start, l.length, l.target_type, l.params))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            )
         })
         .map_err(kerr)?;
         w.dev_mut(name)?;
@@ -1748,8 +1867,7 @@ impl Kernel for SimKernel {
     fn holders_of(&mut self, dev: DevRef, except: &[&str]) -> KResult<Vec<HolderTable>> {
         let mut w = self.0.borrow_mut();
         w.op(|| format!("holders of {dev}")).map_err(kerr)?;
-        Ok(w
-            .dm
+        Ok(w.dm
             .devs
             .iter()
             .filter(|(n, d)| !except.contains(&n.as_str()) && d.live.iter().flatten().any(|l| l.devs().contains(&dev)))
@@ -1778,7 +1896,9 @@ impl Kernel for SimKernel {
         for (i, b) in buf.chunks_mut(SECTOR).enumerate() {
             match w.dev_io(dev, sector + i as u64, b, false) {
                 Ok(()) => {}
-                Err(IoFail::Blocked) => return Err(KernelError(format!("reading suspended {name}: this would hang forever"))),
+                Err(IoFail::Blocked) => {
+                    return Err(KernelError(format!("reading suspended {name}: this would hang forever")))
+                }
                 Err(IoFail::Error(e)) => return Err(KernelError(e)),
             }
         }
@@ -1876,7 +1996,20 @@ impl Sim {
             w.udev_hidden.clear();
             (w.g, w.key.clone(), w.header.clone())
         };
-        let mut e = Engine::prepare(self.disk(), self.kernel(), RAW, g, BRIDGE, 2, LUKS_UUID, CIPHER, false, PV_UUID, &key, header)?;
+        let mut e = Engine::prepare(
+            self.disk(),
+            self.kernel(),
+            RAW,
+            g,
+            BRIDGE,
+            2,
+            LUKS_UUID,
+            CIPHER,
+            false,
+            PV_UUID,
+            &key,
+            header,
+        )?;
         self.tune(&mut e);
         tweak(&mut e);
         if let Err(err) = e.run(hooks) {
@@ -2005,7 +2138,8 @@ impl Sim {
             let t: Vec<TableLineFacts> = d.live.iter().flatten().map(|l| l.facts()).collect();
             let want = format!("0 {} crypt {CIPHER} - 0 {RAW} {}", w.g.n - w.g.s, w.g.s);
             let also = format!("0 {} crypt {CIPHER} - 0 {RAW} {}", w.g.l, w.g.s);
-            let got: Vec<String> = t.iter().map(|l| format!("{} {} {} {}", l.start, l.length, l.target_type, l.params)).collect();
+            let got: Vec<String> =
+                t.iter().map(|l| format!("{} {} {} {}", l.start, l.length, l.target_type, l.params)).collect();
             if got != [want.clone()] && (exact || got != [also]) {
                 return Err(format!("the final bridge table is {got:?}, expected [{want:?}]"));
             }
@@ -2047,7 +2181,6 @@ impl Sim {
         (w.model.writes, w.model.acks, w.model.reads_checked)
     }
 }
-
 
 // ---------------------------------------------------------------------------------------
 // Tests: the simulator itself, then the engine under every fault
@@ -2104,7 +2237,12 @@ mod tests {
         let sim = bare(&Scenario::small(2));
         let mut k = sim.kernel();
         k.create("m", "U-m", false).unwrap();
-        let lines = [TableLineFacts { start: 0, length: 32, target_type: "mirror".into(), params: "core 1 8 2 98:5 100 98:5 200".into() }];
+        let lines = [TableLineFacts {
+            start: 0,
+            length: 32,
+            target_type: "mirror".into(),
+            params: "core 1 8 2 98:5 100 98:5 200".into(),
+        }];
         k.load_lines("m", &lines).unwrap();
         k.resume("m").unwrap();
         let dev = k.lookup("m").unwrap().unwrap();
@@ -2125,7 +2263,12 @@ mod tests {
         assert_eq!(k.table("m").unwrap()[0].params, "core 1 8 2 98:5 100 98:5 200");
         // nosync: every region in sync from the start, writes reach both legs.
         k.create("n", "U-n", false).unwrap();
-        let lines = [TableLineFacts { start: 0, length: 32, target_type: "mirror".into(), params: "core 2 8 nosync 2 98:5 300 98:5 400".into() }];
+        let lines = [TableLineFacts {
+            start: 0,
+            length: 32,
+            target_type: "mirror".into(),
+            params: "core 2 8 nosync 2 98:5 300 98:5 400".into(),
+        }];
         k.load_lines("n", &lines).unwrap();
         k.resume("n").unwrap();
         let dev = k.lookup("n").unwrap().unwrap();
@@ -2204,19 +2347,30 @@ mod tests {
 
     #[test]
     fn a_full_run_produces_the_luks_layout() {
-        for sc in [Scenario::small(10), Scenario::larger(11), { let mut s = Scenario::small(12); s.writer = WriterConfig::off(); s }] {
+        for sc in [Scenario::small(10), Scenario::larger(11), {
+            let mut s = Scenario::small(12);
+            s.writer = WriterConfig::off();
+            s
+        }] {
             let sim = Sim::new(&sc);
             let mut rec = Recorder::default();
             sim.convert(&mut rec).unwrap_or_else(|e| panic!("{e}\n{}", sim.trace_tail(30)));
             assert_eq!(sim.check_final(true), Ok("converted"));
             let g = sc.geometry();
-            let chunks: Vec<_> = rec.events.iter().filter_map(|e| if let Event::ChunkDone { from, to, .. } = e { Some((*from, *to)) } else { None }).collect();
+            let chunks: Vec<_> = rec
+                .events
+                .iter()
+                .filter_map(|e| if let Event::ChunkDone { from, to, .. } = e { Some((*from, *to)) } else { None })
+                .collect();
             assert_eq!(chunks, g.schedule());
             assert_eq!(rec.events.last(), Some(&Event::Done));
             // What `cryptsetup open` + LVM would read: every sector, exactly the latest write.
             let (writes, acks, reads) = sim.model_stats();
             if sc.writer.p_write > 0.0 {
-                assert!(writes > 20 && acks > 5 && reads > 20, "writer too idle: {writes} writes, {acks} acks, {reads} reads");
+                assert!(
+                    writes > 20 && acks > 5 && reads > 20,
+                    "writer too idle: {writes} writes, {acks} acks, {reads} reads"
+                );
             }
             assert_eq!(Engine::<SimDisk, SimKernel>::read_journal(&mut sim.disk(), sc.n).unwrap(), None);
         }
@@ -2237,7 +2391,10 @@ mod tests {
         let sim = Sim::new(&Scenario::small(13));
         let _ = sim.convert_with(&mut NoHooks, &mut |e| e.kernel.set_udev_hidden(BRIDGE, false));
         let v = sim.w.borrow().violations.clone();
-        assert!(v.iter().any(|m| m.contains("without the udev flags before it was the finished LUKS mapping")), "{v:?}");
+        assert!(
+            v.iter().any(|m| m.contains("without the udev flags before it was the finished LUKS mapping")),
+            "{v:?}"
+        );
         assert!(sim.check_final(true).is_err());
 
         // Mutant: the final resume keeps the flags (udev never processes the LUKS device).
@@ -2250,7 +2407,11 @@ mod tests {
 
     #[test]
     fn rate_caps_the_copy_and_a_stop_request_cuts_the_wait_short() {
-        let sc = { let mut s = Scenario::small(13); s.writer = WriterConfig::off(); s };
+        let sc = {
+            let mut s = Scenario::small(13);
+            s.writer = WriterConfig::off();
+            s
+        };
         let g = sc.geometry();
         let bytes = g.l * 512;
         // A cap at which the whole move takes at least 0.4 s: the engine must wait that long.
@@ -2300,7 +2461,13 @@ mod tests {
         let sim = Sim::new(sc);
         sim.set_fault(i, f);
         let r = sim.convert(&mut NoHooks);
-        let ctx = |sim: &Sim, msg: String| format!("fault {f:?} at op {i} (seed {}), then {after:?}: {msg}\n--- trace ---\n{}", sc.seed, sim.trace_tail(45));
+        let ctx = |sim: &Sim, msg: String| {
+            format!(
+                "fault {f:?} at op {i} (seed {}), then {after:?}: {msg}\n--- trace ---\n{}",
+                sc.seed,
+                sim.trace_tail(45)
+            )
+        };
         if sim.fired().is_none() {
             r.map_err(|e| ctx(&sim, format!("the run failed without a fault: {e}")))?;
             let state = sim.check_final(true).map_err(|e| ctx(&sim, e))?;
@@ -2495,7 +2662,13 @@ mod tests {
 
     #[test]
     fn a_failed_write_of_the_copy_stops_safely_and_resumes() {
-        let area = |s: u64, m: u64, c: u64| BadArea { start: s + (m + c) / 2, end: s + (m + c) / 2 + 1, reads: false, writes: true, silent: false };
+        let area = |s: u64, m: u64, c: u64| BadArea {
+            start: s + (m + c) / 2,
+            end: s + (m + c) / 2 + 1,
+            reads: false,
+            writes: true,
+            silent: false,
+        };
         for (seed, chunk, reboot) in [(900, 3, false), (901, 10, true), (902, 0, false)] {
             copy_failure_case(seed, chunk, area, "writing the copy", reboot);
         }
@@ -2505,7 +2678,13 @@ mod tests {
     /// it before anything is committed.
     #[test]
     fn a_disk_that_drops_writes_of_the_copy_is_caught_by_the_read_back() {
-        let area = |s: u64, _m: u64, c: u64| BadArea { start: s + c - 2, end: s + c, reads: false, writes: true, silent: true };
+        let area = |s: u64, _m: u64, c: u64| BadArea {
+            start: s + c - 2,
+            end: s + c,
+            reads: false,
+            writes: true,
+            silent: true,
+        };
         for (seed, chunk, reboot) in [(910, 2, false), (911, 7, true)] {
             copy_failure_case(seed, chunk, area, "other data than was written", reboot);
         }
@@ -2543,12 +2722,26 @@ mod tests {
                 };
                 let Some((a, b)) = span else { break };
                 // Break copy `broken`: the source (raw, above the fence) or the destination.
-                let (s0, s1) = if broken == 0 { (g.source_of(a), g.source_of(a) + (b - a)) } else { (g.s + a, g.s + b) };
+                let (s0, s1) =
+                    if broken == 0 { (g.source_of(a), g.source_of(a) + (b - a)) } else { (g.s + a, g.s + b) };
                 sim.revive();
-                sim.w.borrow_mut().disk.bad.push(BadArea { start: s0, end: s1, reads: false, writes: true, silent: false });
+                sim.w.borrow_mut().disk.bad.push(BadArea {
+                    start: s0,
+                    end: s1,
+                    reads: false,
+                    writes: true,
+                    silent: false,
+                });
                 sim.idle(30);
                 sim.w.borrow_mut().disk.bad.clear();
-                let stale = sim.w.borrow().dm.devs.values().flat_map(|d| d.live.iter().flatten()).any(|l| matches!(&l.target, STarget::Mirror { health, .. } if health != b"AA"));
+                let stale = sim
+                    .w
+                    .borrow()
+                    .dm
+                    .devs
+                    .values()
+                    .flat_map(|d| d.live.iter().flatten())
+                    .any(|l| matches!(&l.target, STarget::Mirror { health, .. } if health != b"AA"));
                 if !stale {
                     continue; // no write reached the broken copy
                 }
@@ -2556,14 +2749,20 @@ mod tests {
                     Ok(_) => {
                         sim.idle(6);
                         if let Err(e) = sim.check_final(true) {
-                            panic!("op {i}, copy {broken} broken: resumed onto the stale copy: {e}\n{}", sim.trace_tail(40));
+                            panic!(
+                                "op {i}, copy {broken} broken: resumed onto the stale copy: {e}\n{}",
+                                sim.trace_tail(40)
+                            );
                         }
                         completed += 1;
                     }
                     Err(EngineError::Refused(m)) if m.contains("may have missed writes") => {
                         let r = sim.w.borrow_mut().check_all_reads();
                         if let Err(e) = r {
-                            panic!("op {i}: after the refusal the system reads wrong data: {e}\n{}", sim.trace_tail(40));
+                            panic!(
+                                "op {i}: after the refusal the system reads wrong data: {e}\n{}",
+                                sim.trace_tail(40)
+                            );
                         }
                         assert!(sim.w.borrow().violations.is_empty(), "{:?}", sim.w.borrow().violations);
                         refused += 1;
@@ -2618,7 +2817,7 @@ mod tests {
     fn a_torn_journal_write_falls_back_to_the_previous_record() {
         let mut sc = Scenario::small(960);
         sc.writer = WriterConfig::off(); // no fsync from the live system makes it durable
-        // Where is the journal write of seq 9? (Same seed, same run.)
+                                         // Where is the journal write of seq 9? (Same seed, same run.)
         let probe = Sim::new(&sc);
         probe.convert(&mut NoHooks).unwrap();
         let i = probe.find_op("journal seq 9 ", 0).unwrap();
@@ -2673,7 +2872,12 @@ mod tests {
             assert!(sim.convert(&mut NoHooks).is_err());
             sim.revive();
             let r = sim.resume(&mut NoHooks);
-            assert!(r.is_ok(), "killed at `{what}`, then live resume failed: {}\n{}", r.unwrap_err(), sim.trace_tail(12));
+            assert!(
+                r.is_ok(),
+                "killed at `{what}`, then live resume failed: {}\n{}",
+                r.unwrap_err(),
+                sim.trace_tail(12)
+            );
             assert_eq!(sim.check_final(true), Ok("converted"));
         }
     }
@@ -2817,7 +3021,14 @@ mod tests {
         sweep_from(sc, 0, f, after, max_failures, stop)
     }
 
-    fn sweep_from(sc: &Scenario, start: u64, f: Fault, after: After, max_failures: usize, stop: &dyn Fn(&str) -> bool) -> Sweep {
+    fn sweep_from(
+        sc: &Scenario,
+        start: u64,
+        f: Fault,
+        after: After,
+        max_failures: usize,
+        stop: &dyn Fn(&str) -> bool,
+    ) -> Sweep {
         let mut s = Sweep { points: 0, failures: Vec::new(), converted: 0, untouched: 0 };
         for i in start.. {
             let mut sc = sc.clone();
@@ -2849,7 +3060,13 @@ mod tests {
         for f in &s.failures {
             eprintln!("FAILURE {}", f.lines().next().unwrap_or(""));
         }
-        eprintln!("{name}: {} fault points, {} converted, {} left untouched, {} failures", s.points, s.converted, s.untouched, s.failures.len());
+        eprintln!(
+            "{name}: {} fault points, {} converted, {} left untouched, {} failures",
+            s.points,
+            s.converted,
+            s.untouched,
+            s.failures.len()
+        );
         assert!(s.failures.is_empty(), "{name}: {} failing fault points; first:\n{}", s.failures.len(), s.failures[0]);
         assert!(s.points > 100, "{name}: only {} fault points", s.points);
     }
@@ -2867,7 +3084,11 @@ mod tests {
             let mut rec = Recorder::default();
             sim.convert(&mut rec).unwrap_or_else(|e| panic!("{e}\n{}", sim.trace_tail(30)));
             assert_eq!(sim.check_final(true), Ok("converted"));
-            let stats: Vec<ChunkStats> = rec.events.iter().filter_map(|e| if let Event::ChunkDone { stats, .. } = e { Some(*stats) } else { None }).collect();
+            let stats: Vec<ChunkStats> = rec
+                .events
+                .iter()
+                .filter_map(|e| if let Event::ChunkDone { stats, .. } = e { Some(*stats) } else { None })
+                .collect();
             assert_eq!(stats.len(), sc.geometry().schedule().len());
             // Every chunk is one step of at least two pieces: cut MAX_CUTS times, then done.
             assert!(stats.iter().all(|s| s.cut_windows == MAX_CUTS), "{stats:?}");
@@ -2890,7 +3111,10 @@ mod tests {
         let mut busy = Scenario::small(963);
         busy.cut_every_window = true;
         busy.writer = WriterConfig::relentless();
-        assert_clean("power cut, windows cut, relentless writer", &sweep(&busy, Fault::PowerCut, After::Reboot { nested: true }, 20));
+        assert_clean(
+            "power cut, windows cut, relentless writer",
+            &sweep(&busy, Fault::PowerCut, After::Reboot { nested: true }, 20),
+        );
         sc.seed = 961;
         assert_clean("kill + live resume, windows cut", &sweep(&sc, Fault::Kill, After::LiveResume, 20));
         sc.seed = 962;
@@ -2948,7 +3172,11 @@ mod replay {
     #[test]
     #[ignore]
     fn replay() {
-        let f: super::Fault = match std::env::var("F").unwrap().as_str() { "p" => super::Fault::PowerCut, "k" => super::Fault::Kill, _ => super::Fault::Error };
+        let f: super::Fault = match std::env::var("F").unwrap().as_str() {
+            "p" => super::Fault::PowerCut,
+            "k" => super::Fault::Kill,
+            _ => super::Fault::Error,
+        };
         let i: u64 = std::env::var("I").unwrap().parse().unwrap();
         let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();
         let reboot = std::env::var("R").is_ok();

@@ -179,8 +179,12 @@ fn main() -> ExitCode {
         Cmd::Fill { dev, seed, bytes } => ("fill", fill::fill(&dev, seed, bytes)),
         Cmd::Check { dev, seed, bytes } => ("check", fill::check(&dev, seed, bytes)),
         Cmd::Tree { dir, seed, files, mib } => ("tree", fill::tree(&dir, seed, files, mib)),
-        Cmd::Heartbeat { out, until, period_ms, min_gap_ms } => ("heartbeat", heartbeat(&out, &until, period_ms, min_gap_ms)),
-        Cmd::Uevents { out, until, ready, keys } => ("uevents", uevents::listen(&out, until.as_deref(), ready.as_deref(), &keys)),
+        Cmd::Heartbeat { out, until, period_ms, min_gap_ms } => {
+            ("heartbeat", heartbeat(&out, &until, period_ms, min_gap_ms))
+        }
+        Cmd::Uevents { out, until, ready, keys } => {
+            ("uevents", uevents::listen(&out, until.as_deref(), ready.as_deref(), &keys))
+        }
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -227,7 +231,8 @@ fn heartbeat(out: &std::path::Path, until: &std::path::Path, period_ms: u64, min
         std::thread::sleep(period);
         let late = t.elapsed().saturating_sub(period);
         if late >= Duration::from_millis(min_gap_ms) {
-            writeln!(f, "{:.1} {:.1}", wall.as_secs_f64() * 1e3, late.as_secs_f64() * 1e3).map_err(ioe("writing", out))?;
+            writeln!(f, "{:.1} {:.1}", wall.as_secs_f64() * 1e3, late.as_secs_f64() * 1e3)
+                .map_err(ioe("writing", out))?;
         }
     }
 }

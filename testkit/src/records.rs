@@ -108,11 +108,7 @@ pub fn writer(o: &WriterOpts) -> Result<()> {
         f.set_len(n * rs as u64).map_err(ioe("truncate", &o.file))?;
     }
     f.seek(SeekFrom::Start(n * rs as u64)).map_err(ioe("seek", &o.file))?;
-    let mut ack = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&o.acked)
-        .map_err(ioe("open", &o.acked))?;
+    let mut ack = OpenOptions::new().create(true).append(true).open(&o.acked).map_err(ioe("open", &o.acked))?;
     // A serial port (the QEMU full-system test acks on /dev/ttyS1) cannot be fsync'd:
     // wait instead until the tty has sent the line. An ack that never leaves the guest
     // only weakens the check; the record it names was fsync'd before the ack was written.
@@ -121,9 +117,7 @@ pub fn writer(o: &WriterOpts) -> Result<()> {
         ack.metadata().map_err(ioe("stat", &o.acked))?.file_type().is_char_device()
     };
     let mut lat = match &o.latency_out {
-        Some(p) => Some(BufWriter::new(
-            OpenOptions::new().create(true).append(true).open(p).map_err(ioe("open", p))?,
-        )),
+        Some(p) => Some(BufWriter::new(OpenOptions::new().create(true).append(true).open(p).map_err(ioe("open", p))?)),
         None => None,
     };
     let first = n;
@@ -196,8 +190,7 @@ pub fn read_acks(p: &Path) -> Result<Vec<u64>> {
             continue;
         }
         out.push(
-            t.parse::<u64>()
-                .map_err(|_| format!("{}: line {lineno} is not a record number: {t:?}", p.display()))?,
+            t.parse::<u64>().map_err(|_| format!("{}: line {lineno} is not a record number: {t:?}", p.display()))?,
         );
     }
     Ok(out)

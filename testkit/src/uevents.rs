@@ -11,14 +11,17 @@ use std::path::Path;
 
 pub fn listen(out: &Path, until: Option<&Path>, ready: Option<&Path>, keys: &[String]) -> Result<()> {
     // SAFETY: plain socket/bind/recv on a socket we own; buffers are ours and sized.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_KOBJECT_UEVENT) };
+    let fd =
+        unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_KOBJECT_UEVENT) };
     if fd < 0 {
         return Err(format!("socket(NETLINK_KOBJECT_UEVENT): {}", std::io::Error::last_os_error()));
     }
     let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     sa.nl_family = libc::AF_NETLINK as u16;
     sa.nl_groups = 1; // the kernel's uevents
-    let r = unsafe { libc::bind(fd, &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_nl>() as u32) };
+    let r = unsafe {
+        libc::bind(fd, &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_nl>() as u32)
+    };
     if r < 0 {
         return Err(format!("bind(NETLINK_KOBJECT_UEVENT): {}", std::io::Error::last_os_error()));
     }
@@ -29,7 +32,13 @@ pub fn listen(out: &Path, until: Option<&Path>, ready: Option<&Path>, keys: &[St
     }
     let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
     unsafe {
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32);
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
     }
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(out).map_err(crate::ioe("opening", out))?;
     if let Some(r) = ready {
@@ -56,7 +65,8 @@ pub fn listen(out: &Path, until: Option<&Path>, ready: Option<&Path>, keys: &[St
         }
         // "action@devpath\0KEY=value\0KEY=value\0..."
         let msg = &buf[..n as usize];
-        let mut fields = msg.split(|&b| b == 0).filter(|p| !p.is_empty()).map(|p| String::from_utf8_lossy(p).into_owned());
+        let mut fields =
+            msg.split(|&b| b == 0).filter(|p| !p.is_empty()).map(|p| String::from_utf8_lossy(p).into_owned());
         let _head = fields.next();
         let env: Vec<String> = fields.filter(|kv| kv.contains('=')).collect();
         let line = if keys.is_empty() {

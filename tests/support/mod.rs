@@ -26,7 +26,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-
 /// Builds the realistic laptop disks on /dev/ubda + /dev/ubdb (see qemu/uml/lib/mkdisk.sh).
 pub const MKDISK: &str = r#"bash "$UML_LIB/mkdisk.sh" --disk1 /dev/ubda --disk2 /dev/ubdb"#;
 
@@ -84,9 +83,7 @@ pub fn repo() -> PathBuf {
 /// Root of per-test scratch directories: $CARGO_TARGET_TMPDIR/uml-tests if
 /// cargo gives one, else <repo>/target/uml-tests.
 pub fn tests_root() -> PathBuf {
-    let base = option_env!("CARGO_TARGET_TMPDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"));
+    let base = option_env!("CARGO_TARGET_TMPDIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"));
     let p = base.join("uml-tests");
     std::fs::create_dir_all(&p).unwrap();
     p
@@ -154,12 +151,7 @@ pub fn sha256_file(p: &Path) -> String {
 
 /// Copy a (sparse) image or a directory tree of small files, keeping holes.
 pub fn copy_sparse(from: &Path, to: &Path) {
-    let st = Command::new("cp")
-        .args(["-a", "--sparse=always", "--reflink=auto"])
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
+    let st = Command::new("cp").args(["-a", "--sparse=always", "--reflink=auto"]).arg(from).arg(to).status().unwrap();
     assert!(st.success(), "cp {} {}", from.display(), to.display());
 }
 
@@ -184,7 +176,8 @@ fn check_uml_installed() {
              (these tests never skip). qemu/uml/kernel said:\n{why}"
         );
     }
-    for tool in ["/usr/sbin/lvm", "/usr/sbin/cryptsetup", "/usr/sbin/sfdisk", "/usr/sbin/mkfs.xfs", "/usr/sbin/dmsetup"] {
+    for tool in ["/usr/sbin/lvm", "/usr/sbin/cryptsetup", "/usr/sbin/sfdisk", "/usr/sbin/mkfs.xfs", "/usr/sbin/dmsetup"]
+    {
         if !Path::new(tool).exists() {
             panic!("{tool} missing: run qemu/setup as root (it installs lvm2 cryptsetup-bin fdisk xfsprogs dmsetup)");
         }
@@ -241,9 +234,7 @@ pub fn lktest() -> PathBuf {
 
 /// The luksify binary under test (cargo builds it for integration tests).
 pub fn luksify_bin() -> PathBuf {
-    std::env::var("LUKSIFY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_BIN_EXE_luksify")))
+    std::env::var("LUKSIFY_BIN").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_BIN_EXE_luksify")))
 }
 
 // ---- limiting concurrent guests ------------------------------------------------
