@@ -571,7 +571,7 @@ fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     if !p.ok() && room.is_none() {
         return Err(refused(&p));
     }
-    if o.key_size % 8 != 0 || o.key_size == 0 {
+    if !o.key_size.is_multiple_of(8) || o.key_size == 0 {
         return Err(Error::Usage(format!("--key-size {} is not a whole number of bytes", o.key_size)));
     }
     let pass = passphrase(&o.key, true)?;

@@ -27,7 +27,7 @@ impl RawDisk {
     /// As [`RawDisk::open`], with a bounce buffer of `bounce` bytes (a multiple of 4096):
     /// larger I/O loops over it.
     pub fn open_with_bounce(path: &Path, writable: bool, bounce: usize) -> io::Result<RawDisk> {
-        assert!(bounce > 0 && bounce % ALIGN == 0);
+        assert!(bounce > 0 && bounce.is_multiple_of(ALIGN));
         let direct = OpenOptions::new().read(true).write(writable).custom_flags(libc::O_DIRECT).open(path);
         let (file, direct) = match direct {
             Ok(f) => (f, true),
@@ -49,7 +49,7 @@ impl RawDisk {
 }
 
 fn check(sector: u64, len: usize) -> io::Result<u64> {
-    if len % 512 != 0 {
+    if !len.is_multiple_of(512) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "I/O length is not a multiple of 512"));
     }
     sector.checked_mul(512).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "sector out of range"))
@@ -58,7 +58,7 @@ fn check(sector: u64, len: usize) -> io::Result<u64> {
 /// Whether `buf` can go to O_DIRECT as it is (no bounce): 4 KiB-aligned in memory (the
 /// engine's step buffers are: see [`IoBuf`]) and whole sectors long.
 fn direct_ok(buf: &[u8]) -> bool {
-    (buf.as_ptr() as usize) % ALIGN == 0 && buf.len() % 512 == 0
+    (buf.as_ptr() as usize).is_multiple_of(ALIGN) && buf.len().is_multiple_of(512)
 }
 
 impl Disk for RawDisk {

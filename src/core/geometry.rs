@@ -93,13 +93,13 @@ impl Geometry {
         if l == 0 {
             return Err(GeometryError::Empty);
         }
-        if l % 8 != 0 {
+        if !l.is_multiple_of(8) {
             return Err(GeometryError::Unaligned(l));
         }
-        if s == 0 || s % 8 != 0 {
+        if s == 0 || !s.is_multiple_of(8) {
             return Err(GeometryError::UnalignedShift(s));
         }
-        if k < 8 || k > s || k % 8 != 0 {
+        if k < 8 || k > s || !k.is_multiple_of(8) {
             return Err(GeometryError::BadChunk { k, s });
         }
         let e = align_down(n, 8);

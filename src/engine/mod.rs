@@ -270,7 +270,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         header: Vec<u8>,
     ) -> EResult<Self> {
         let h = header.len() as u64;
-        if h == 0 || h % 4096 != 0 || h > geometry.header_copy_len * 512 {
+        if h == 0 || !h.is_multiple_of(4096) || h > geometry.header_copy_len * 512 {
             return Err(EngineError::Refused(format!(
                 "the LUKS header is {h} bytes; luksify reserves {} bytes for its copy",
                 geometry.header_copy_len * 512
@@ -734,16 +734,14 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         // Suspended: nothing writes to [0, F). Shadow, flush, marker, flush: from the marker
         // on, the label lives only in the shadow. A fence that finds our marker already in
         // place (an earlier attempt got that far) keeps the shadow it made.
-        let merged = self.fence_merge().map_err(|e| {
+        let merged = self.fence_merge().inspect_err(|_e| {
             let _ = self.kernel.clear_inactive(&bridge);
             let _ = self.kernel.resume(&bridge);
-            e
         })?;
         if !merged {
-            io(self.disk.read(0, &mut self.fence_buf), || "reading the label sectors".into()).map_err(|e| {
+            io(self.disk.read(0, &mut self.fence_buf), || "reading the label sectors".into()).inspect_err(|_e| {
                 let _ = self.kernel.clear_inactive(&bridge);
                 let _ = self.kernel.resume(&bridge);
-                e
             })?;
             let r = (|| {
                 io(self.disk.write(g.shadow, &self.fence_buf), || "writing the shadow".into())?;
@@ -1016,6 +1014,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// with the bridge suspended and the flipped table loaded, when the last window began
     /// and when its suspend returned. On an error nothing was committed: the bridge is
     /// resumed on the table it had.
+    #[allow(clippy::too_many_arguments)] // one step's state, threaded through its windows
     fn suspended_refresh(
         &mut self,
         d: Devices,
@@ -1299,7 +1298,7 @@ fn maps_within(table: &[TableLineFacts], raw: DevRef, l: u64) -> bool {
             }
             "striped" => {
                 let n: u64 = w.first().and_then(|x| x.parse().ok()).unwrap_or(0);
-                let per = if n > 0 { line.length / n } else { 0 };
+                let per = line.length.checked_div(n).unwrap_or(0);
                 (0..n as usize).all(|i| {
                     w.get(2 + 2 * i) != Some(&r.as_str())
                         || w.get(3 + 2 * i).and_then(|o| o.parse::<u64>().ok()).map(|o| o + per <= l).unwrap_or(false)

@@ -255,7 +255,7 @@ impl DiskImage {
     }
 
     fn range(&self, sector: u64, len: usize) -> Result<std::ops::Range<usize>, String> {
-        if len % SECTOR != 0 || len == 0 {
+        if !len.is_multiple_of(SECTOR) || len == 0 {
             return Err(format!("unaligned I/O of {len} bytes"));
         }
         let end = sector + (len / SECTOR) as u64;
@@ -500,7 +500,7 @@ fn parse_line(start: u64, length: u64, ty: &str, params: &str) -> Result<SLine, 
             if n == 0 || w.len() != 2 + 2 * n {
                 return Err(format!("striped: invalid argument count in {params:?}"));
             }
-            if chunk == 0 || length % n as u64 != 0 || (length / n as u64) % chunk != 0 {
+            if chunk == 0 || !length.is_multiple_of(n as u64) || !(length / n as u64).is_multiple_of(chunk) {
                 return Err("striped: target length not divisible by stripes × chunk".into());
             }
             let mut stripes = Vec::new();
@@ -2454,7 +2454,7 @@ mod tests {
     /// Run the conversion with `f` at operation `i`, recover as `after` says, check.
     fn fault_case(sc: &Scenario, i: u64, f: Fault, after: After) -> Result<Outcome, String> {
         let after = match after {
-            After::Alternate if i % 2 == 0 => After::LiveResume,
+            After::Alternate if i.is_multiple_of(2) => After::LiveResume,
             After::Alternate => After::Reboot { nested: false },
             other => other,
         };

@@ -16,7 +16,7 @@ fn splitmix(mut z: u64) -> u64 {
 
 /// Fill `buf` with the content that belongs at byte `offset` (8-byte aligned).
 pub fn gen(seed: u64, offset: u64, buf: &mut [u8]) {
-    debug_assert!(offset % 8 == 0);
+    debug_assert!(offset.is_multiple_of(8));
     let base = splitmix(seed);
     for (i, w) in buf.chunks_mut(8).enumerate() {
         let word = splitmix(base ^ (offset / 8 + i as u64)).to_le_bytes();
@@ -71,22 +71,6 @@ pub fn check(dev: &Path, seed: u64, bytes: Option<u64>) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    #[test]
-    fn gen_is_position_independent() {
-        let mut a = vec![0u8; 64];
-        let mut b = vec![0u8; 32];
-        gen(7, 0, &mut a);
-        gen(7, 32, &mut b);
-        assert_eq!(&a[32..], &b[..]);
-        let mut c = vec![0u8; 64];
-        gen(8, 0, &mut c);
-        assert_ne!(a, c);
-    }
-}
-
 /// A deterministic tree: `files` files spread over nested directories, sizes
 /// from 0 bytes to a few hundred KiB (some not block-aligned), half text,
 /// half binary, about `mib` MiB in all.
@@ -127,4 +111,20 @@ pub fn tree(dir: &Path, seed: u64, files: u64, mib: u64) -> Result<()> {
     }
     println!("tree: {made} files, {total} bytes under {}", dir.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn gen_is_position_independent() {
+        let mut a = vec![0u8; 64];
+        let mut b = vec![0u8; 32];
+        gen(7, 0, &mut a);
+        gen(7, 32, &mut b);
+        assert_eq!(&a[32..], &b[..]);
+        let mut c = vec![0u8; 64];
+        gen(8, 0, &mut c);
+        assert_ne!(a, c);
+    }
 }

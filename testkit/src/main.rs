@@ -222,7 +222,7 @@ fn heartbeat(out: &std::path::Path, until: &std::path::Path, period_ms: u64, min
     let mut n = 0u64;
     loop {
         // Checking the stop file every 100 periods keeps the loop to a sleep per period.
-        if n % 100 == 0 && until.exists() {
+        if n.is_multiple_of(100) && until.exists() {
             return Ok(());
         }
         n += 1;

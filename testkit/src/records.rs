@@ -85,7 +85,7 @@ pub struct WriterOpts {
 
 pub fn writer(o: &WriterOpts) -> Result<()> {
     let rs = o.record_size;
-    if rs < 64 || rs % 8 != 0 {
+    if rs < 64 || !rs.is_multiple_of(8) {
         return Err(format!("--record-size {rs}: must be a multiple of 8, at least 64"));
     }
     // SAFETY: installing a handler that only stores an atomic
@@ -154,7 +154,7 @@ pub fn writer(o: &WriterOpts) -> Result<()> {
         }
         if let Some(l) = lat.as_mut() {
             writeln!(l, "{n} {us}").map_err(ioe("write", o.latency_out.as_ref().unwrap()))?;
-            if n % 32 == 0 {
+            if n.is_multiple_of(32) {
                 let _ = l.flush();
             }
         }
