@@ -1,4 +1,5 @@
-//! The command line: parse, dispatch, print one clear line on error. Thin by design.
+//! The command line's types (clap derive): what the user can say, nothing else. `main.rs`
+//! parses, `app` runs, `error` says how it ended.
 
 use crate::core::plan::{self, LuksVersion};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -190,31 +191,9 @@ impl ConvertOpts {
     }
 }
 
-/// Exit codes: 0 success, 1 error (one line on stderr), 2 usage (clap), 3 refused by the plan,
-/// 4 stopped on request (SIGINT/SIGTERM) at a safe point: `luksify resume` continues;
-/// 5 converted, but the system integration is incomplete (the message says what to do).
-pub mod exit {
-    pub const OK: i32 = 0;
-    pub const ERROR: i32 = 1;
-    pub const REFUSED: i32 = 3;
-    pub const PAUSED: i32 = 4;
-    pub const INTEGRATION: i32 = 5;
-    /// A conversion is in progress but its journal is missing or damaged (nothing changed).
-    pub const DAMAGED: i32 = 6;
-}
-
-pub fn main() -> i32 {
-    let cli = Cli::parse();
-    // --json always prints JSON on standard output, errors included
-    let json = cli.json || matches!(cli.command, Some(Command::Status { json: true, .. }));
-    match crate::app::run(cli) {
-        Ok(code) => code,
-        Err(e) => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(&e.to_json()).expect("serialises"));
-            }
-            eprintln!("luksify: {e}");
-            e.exit_code()
-        }
+impl Cli {
+    /// `--json` was asked for: standard output is JSON, errors included.
+    pub fn wants_json(&self) -> bool {
+        self.json || matches!(self.command, Some(Command::Status { json: true, .. }))
     }
 }

@@ -1,8 +1,6 @@
 //! The error every layer above the adapters returns: one line for the user, naming the
 //! problem and what to do, plus an exit code.
 
-use crate::cli::exit;
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The plan refuses: nothing was changed.
@@ -63,4 +61,26 @@ impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| Error::Failed(format!("{}: {e}", what())))
     }
+}
+
+/// Exit codes: 0 success, 1 error (one line on stderr), 2 usage (clap), 3 refused by the plan,
+/// 4 stopped on request (SIGINT/SIGTERM) at a safe point: `luksify resume` continues;
+/// 5 converted, but the system integration is incomplete (the message says what to do);
+/// 6 a conversion is in progress but its journal is missing or damaged.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const ERROR: i32 = 1;
+    pub const REFUSED: i32 = 3;
+    pub const PAUSED: i32 = 4;
+    pub const INTEGRATION: i32 = 5;
+    /// A conversion is in progress but its journal is missing or damaged (nothing changed).
+    pub const DAMAGED: i32 = 6;
+}
+
+/// Print how a run failed: one line on stderr, and with `--json` the error as JSON on stdout.
+pub fn report(e: &Error, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&e.to_json()).expect("serialises"));
+    }
+    eprintln!("luksify: {e}");
 }

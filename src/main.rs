@@ -5,5 +5,15 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    std::process::exit(luksify::cli::main());
+    // parse, run, say how it ended
+    let cli = <luksify::cli::Cli as clap::Parser>::parse();
+    let json = cli.wants_json();
+    let code = match luksify::app::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            luksify::error::report(&e, json);
+            e.exit_code()
+        }
+    };
+    std::process::exit(code);
 }

@@ -5,7 +5,7 @@
 //! /boot from it. The planner turns the findings into refusals (exit 3, nothing changed).
 
 use super::facts::DeviceFacts;
-use super::plan::{LuksVersion, Refusal};
+use super::kinds::{LuksVersion, Refusal};
 use serde::{Deserialize, Serialize};
 
 /// A filesystem the system boots from, as the root directory describes it.

@@ -8,6 +8,7 @@ pub mod facts;
 pub mod geometry;
 pub mod integrate;
 pub mod journal;
+pub mod kinds;
 pub mod marker;
 pub mod plan;
 pub mod state;

@@ -6,6 +6,8 @@ use super::facts::{Content, DeviceFacts, SECTOR};
 use super::geometry::{Geometry, GeometryError, FENCE_SECTORS, HEADER_COPY_SECTORS, JOURNAL_SLOT_SECTORS, MAX_STEP};
 use serde::Serialize;
 
+pub use super::kinds::{LuksVersion, Refusal};
+
 /// Version of the `--dry-run --json` schema (documented in README.md). Bump on any change
 /// that is not a pure addition.
 pub const PLAN_SCHEMA_VERSION: u32 = 1;
@@ -31,45 +33,6 @@ pub fn auto_shift(luks: LuksVersion, n: u64, l: u64, tail_have: u64) -> u64 {
         s *= 2;
     }
     s
-}
-
-/// LUKS version (default data offset: LUKS1 2 MiB = 4096 sectors, LUKS2 16 MiB = 32768).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LuksVersion {
-    Luks1,
-    Luks2,
-}
-
-impl std::fmt::Display for LuksVersion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl LuksVersion {
-    /// "luks1" / "luks2", as cryptsetup's `--type`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LuksVersion::Luks1 => "luks1",
-            LuksVersion::Luks2 => "luks2",
-        }
-    }
-
-    pub fn number(self) -> u8 {
-        match self {
-            LuksVersion::Luks1 => 1,
-            LuksVersion::Luks2 => 2,
-        }
-    }
-
-    /// cryptsetup's default data offset: 16 MiB for LUKS2, 2 MiB for LUKS1.
-    pub fn default_shift(self) -> u64 {
-        match self {
-            LuksVersion::Luks1 => 4096,
-            LuksVersion::Luks2 => 32768,
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -105,13 +68,6 @@ impl Default for Options {
             force_unknown_boot: false,
         }
     }
-}
-
-/// One reason not to convert, with a stable code for scripts and the advice for people.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Refusal {
-    pub code: &'static str,
-    pub message: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
