@@ -577,6 +577,26 @@ pub fn swap_devices(entries: &[SwapEntry]) -> Vec<(u32, u32)> {
         .collect()
 }
 
+/// Size of a block device (or file) in sectors, by seeking to its end.
+pub fn size_sectors_of(path: &Path) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = File::open(path)?;
+    Ok(f.seek(SeekFrom::End(0))? / 512)
+}
+
+/// The device number of the block device at `path`; an error if it is not one.
+pub fn devref_of(path: &Path) -> io::Result<crate::core::tables::DevRef> {
+    let md = std::fs::metadata(path)?;
+    if !md.file_type().is_block_device() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a block device"));
+    }
+    let rdev = md.rdev();
+    Ok(crate::core::tables::DevRef {
+        major: nix::sys::stat::major(rdev) as u32,
+        minor: nix::sys::stat::minor(rdev) as u32,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

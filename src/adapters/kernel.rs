@@ -71,6 +71,16 @@ impl DmKernel {
     }
 }
 
+impl DmKernel {
+    /// The name of the open dm device whose DM UUID is cryptsetup's for the LUKS device with
+    /// `luks_uuid` (`CRYPT-LUKS<n>-<uuid without dashes>-<name>`), if one is open.
+    pub fn luks_mapping_of(luks_uuid: &str) -> KResult<Option<String>> {
+        let dm = Dm::open().map_err(k)?;
+        let list = dm.list().map_err(k)?;
+        Ok(list.iter().find_map(|d| crate::core::integrate::mapping_name_of(&d.uuid, luks_uuid).map(str::to_string)))
+    }
+}
+
 impl Kernel for DmKernel {
     fn keyring_add(&mut self, desc: &str, key: &[u8]) -> KResult<Option<String>> {
         match crate::adapters::sys::keyring_add_logon(desc, key) {

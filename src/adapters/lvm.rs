@@ -408,6 +408,26 @@ pub fn assemble(device: &str, pv: &[Row], segs: &[Row], lvs: &[Row]) -> Result<L
     })
 }
 
+/// The VG of the PV that `dev` shows, read from its LVM label and metadata area (no LVM
+/// command: a resume may need it while LVM cannot run, or before taking LVM's lock).
+pub fn vg_on_label(dev: &Path) -> Option<String> {
+    use crate::core::marker;
+    use crate::engine::Disk;
+    let mut d = crate::adapters::rawdisk::RawDisk::open(dev, false).ok()?;
+    let mut lab = vec![0u8; 4096];
+    d.read(0, &mut lab).ok()?;
+    let (mda, _) = marker::first_mda(&lab)?;
+    let mut h = vec![0u8; 512];
+    d.read(mda / 512, &mut h).ok()?;
+    let (off, len) = marker::mda_text_pieces(&h)?[0];
+    let at = mda + off;
+    let n = len.min(4096) as usize;
+    let skip = (at % 512) as usize;
+    let mut buf = vec![0u8; (skip + n).div_ceil(512) * 512];
+    d.read(at / 512, &mut buf).ok()?;
+    marker::vg_name_of_text(&buf[skip..skip + n])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

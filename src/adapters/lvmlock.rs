@@ -210,6 +210,16 @@ impl Drop for VgLock {
     }
 }
 
+/// How long to wait for an LVM command holding the VG lock (`LUKSIFY_LVM_LOCK_WAIT_SECS`
+/// overrides it, for tests).
+pub fn wait_from_env() -> Duration {
+    std::env::var("LUKSIFY_LVM_LOCK_WAIT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_WAIT)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

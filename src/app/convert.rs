@@ -1,0 +1,170 @@
+//! `luksify [--dry-run [--json]] DEVICE`: plan, and convert under the guarded run.
+
+use super::guard::{self, Progress};
+use super::progress::phase;
+use super::{check_root, confirm, engine_err, finish, lock, lock_vg, open_disk, passphrase, probe_device, raw_devref};
+use crate::adapters::kernel::DmKernel;
+use crate::adapters::{bootprobe, luks, lvm};
+use crate::cli::ConvertOpts;
+use crate::core::plan;
+use crate::engine::Engine;
+use crate::error::{exit, Error, Result};
+use std::path::Path;
+
+/// The plan with the boot checks of `--root`.
+fn plan_for(facts: &crate::core::facts::DeviceFacts, o: &ConvertOpts) -> Result<plan::Plan> {
+    check_root(&o.run)?;
+    let boot = bootprobe::probe_boot(&o.run.root);
+    Ok(plan::plan_with_boot(facts, Some(&boot), &o.plan_options()))
+}
+
+pub(super) fn dry_run(device: &Path, o: &ConvertOpts, json: bool) -> Result<i32> {
+    let facts = probe_device(device)?;
+    let p = plan_for(&facts, o)?;
+    let room = room_commands(&p).filter(|_| o.make_room);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&p).expect("plan serialises"));
+    } else {
+        print!("{}", plan::render(&p));
+        if let Some(cmds) = &room {
+            println!("  with --make-room, luksify would first run (then plan again):");
+            for c in cmds {
+                println!("    {}", c.join(" "));
+            }
+            println!("  verdict with --make-room: GO once the room is made");
+        }
+    }
+    if p.ok() {
+        Ok(exit::OK)
+    } else if room.is_some() {
+        // `luksify --make-room DEVICE` would make the room and go ahead: the dry-run of
+        // that command says yes.
+        Ok(exit::OK)
+    } else {
+        for r in &p.refusals {
+            eprintln!("luksify: refused: {}", r.message);
+        }
+        Ok(exit::REFUSED)
+    }
+}
+
+/// The commands `--make-room` would run: only when the sole refusal is too little tail and
+/// there is something safe to do (not for `MakeRoom::Manual`).
+fn room_commands(p: &plan::Plan) -> Option<Vec<Vec<String>>> {
+    if p.refusals.len() != 1 || p.refusals[0].code != "too_little_tail" {
+        return None;
+    }
+    let cmds = p.make_room.as_ref()?.commands(&p.device);
+    (!cmds.is_empty()).then_some(cmds)
+}
+
+fn refused(p: &plan::Plan) -> Error {
+    let msgs: Vec<String> = p.refusals.iter().map(|r| r.message.clone()).collect();
+    Error::Refused(msgs.join("\nluksify: "))
+}
+
+pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
+    let _lock = lock(device)?;
+    let mut facts = probe_device(device)?;
+    phase(&o.run, "probed");
+    let popts = o.plan_options();
+    let mut p = plan_for(&facts, o)?;
+    phase(&o.run, "planned");
+    let room = if o.make_room { room_commands(&p) } else { None };
+    if !p.ok() && room.is_none() {
+        return Err(refused(&p));
+    }
+    if !o.key_size.is_multiple_of(8) || o.key_size == 0 {
+        return Err(Error::Usage(format!("--key-size {} is not a whole number of bytes", o.key_size)));
+    }
+    let pass = passphrase(&o.key, true)?;
+    if let Some(cmds) = &room {
+        eprintln!("luksify: to make room past the PV, luksify will first run:");
+        for c in cmds {
+            eprintln!("luksify:   {}", c.join(" "));
+        }
+    }
+    confirm(device, &o.run)?;
+    if let Some(cmds) = &room {
+        lvm::make_room(cmds).map_err(|e| {
+            Error::Failed(format!("making room failed: {e}; the conversion did not start (LVM reports what, if anything, it changed: see `pvs -o+pv_used {}`)", device.display()))
+        })?;
+        facts = probe_device(device)?;
+        p = plan_for(&facts, o)?;
+        if !p.ok() {
+            return Err(Error::Refused(format!(
+                "after making room the plan still refuses (the PV was shrunk; nothing else changed): {}",
+                p.refusals.iter().map(|r| r.message.clone()).collect::<Vec<_>>().join("; ")
+            )));
+        }
+        eprintln!("luksify: room made: {} sectors past the PV now", p.tail_have_sectors);
+    }
+    let g = p.geometry.expect("an accepted plan has a geometry");
+
+    let (cipher, mode) = o
+        .cipher
+        .split_once('-')
+        .ok_or_else(|| Error::Usage(format!("--cipher {} is not of the form cipher-mode", o.cipher)))?;
+    let key = luks::VolumeKey::generate((o.key_size / 8) as usize).map_err(|e| Error::Failed(e.to_string()))?;
+    let params = luks::HeaderParams {
+        luks_type: popts.luks,
+        cipher: cipher.to_string(),
+        cipher_mode: mode.to_string(),
+        key_bytes: (o.key_size / 8) as usize,
+        hash: o.hash.clone(),
+        pbkdf: o.pbkdf.clone(),
+        pbkdf_force_iterations: o.pbkdf_force_iterations,
+        iter_time_ms: o.iter_time,
+        data_offset_sectors: g.s,
+        uuid: None,
+        label: None,
+    };
+    let header = luks::format_header(&params, &key, &pass)
+        .map_err(|e| Error::Failed(format!("formatting the LUKS header: {e}; nothing was changed")))?;
+    drop(pass);
+    phase(&o.run, "header_formatted");
+    let pv_uuid = facts.lvm.as_ref().map(|l| l.pv_uuid.clone()).unwrap_or_default();
+    let raw = raw_devref(device)?;
+    // From here to the finish, no LVM command may change the VG (ours included).
+    let vg_lock = match facts.lvm.as_ref().map(|l| l.vg_name.clone()).filter(|v| !v.is_empty()) {
+        Some(vg) => Some(lock_vg(&vg).map_err(|e| Error::Refused(format!("{e}; nothing was changed")))?),
+        None => None,
+    };
+
+    guard::arm()?;
+    phase(&o.run, "memory_locked");
+    let disk = open_disk(device, true)?;
+    let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
+    let mut engine = Engine::prepare(
+        disk,
+        kernel,
+        raw,
+        g,
+        &p.name,
+        popts.luks.number(),
+        &header.uuid,
+        &o.cipher,
+        o.allow_discards,
+        &pv_uuid,
+        key.as_bytes(),
+        header.bytes.clone(),
+    )
+    .map_err(|e| engine_err(e, device))?;
+    drop(key);
+    phase(&o.run, "prepared");
+    let progress = Progress { name: &p.name, l: g.l, moved: 0 };
+    if let Err(e) = guard::drive(&mut engine, &o.run, progress, vg_lock) {
+        // Failed before anything but the tail changed (e.g. an LV table that would not
+        // reroute): put the tail back, so the device is exactly as it was.
+        return match engine.abandon() {
+            Ok(true) => Err(Error::Failed(format!("{e}; nothing was changed (the device is as it was)"))),
+            Ok(false) => Err(engine_err(e, device)),
+            Err(e2) => Err(Error::Failed(format!(
+                "{e}; then restoring the tail failed too ({e2}): run `luksify resume {}`",
+                device.display()
+            ))),
+        };
+    }
+    let boot_on_pv = p.boot.as_ref().map(|b| b.boot_on_pv).unwrap_or(false);
+    finish(device, &p.name, &header.uuid, o.allow_discards, &o.run, boot_on_pv, true)
+}

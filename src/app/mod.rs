@@ -1,0 +1,204 @@
+//! The front door: one module per command ([`status`], [`convert`] with `--dry-run`,
+//! [`resume`]), the guarded run that converting and resuming share ([`guard`]), progress
+//! output ([`progress`]), and below the helpers more than one command uses (passphrase,
+//! confirmation, locks, the finish's integration). Adapter work lives in the adapters.
+
+mod convert;
+mod guard;
+mod progress;
+mod resume;
+mod status;
+
+use crate::adapters::blockdev::{devref_of, size_sectors_of};
+use crate::adapters::integrate::{self as integ, SystemRunner};
+use crate::adapters::lvmlock::{self, VgLock};
+use crate::adapters::rawdisk::RawDisk;
+use crate::adapters::{bootprobe, probe, sys};
+use crate::cli::{Cli, Command, KeyOpts, RunOpts};
+use crate::core::boot::{self, LuksChoice};
+use crate::core::plan::LuksVersion;
+use crate::core::tables::DevRef;
+use crate::engine::EngineError;
+use crate::error::{exit, Error, Result};
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+pub fn run(cli: Cli) -> Result<i32> {
+    progress::start_clock();
+    match cli.command {
+        Some(Command::Status { json, device }) => status::status(&device, json),
+        Some(Command::Resume { opts, run, device }) => resume::resume(&device, &opts, &run),
+        None => {
+            let device = cli.device.expect("clap requires DEVICE");
+            if cli.dry_run {
+                convert::dry_run(&device, &cli.opts, cli.json)
+            } else {
+                convert::convert(&device, &cli.opts)
+            }
+        }
+    }
+}
+
+pub(super) fn probe_device(device: &Path) -> Result<crate::core::facts::DeviceFacts> {
+    probe::probe(device).map_err(|e| Error::Refused(e.to_string()))
+}
+
+/// `--root` must be a directory.
+pub(super) fn check_root(run: &RunOpts) -> Result<()> {
+    if !run.root.is_dir() {
+        return Err(Error::Usage(format!("--root {}: not a directory; nothing was changed", run.root.display())));
+    }
+    Ok(())
+}
+
+/// The device's size in sectors.
+fn device_size(device: &Path) -> Result<u64> {
+    size_sectors_of(device).map_err(|e| Error::Refused(format!("cannot open {}: {e}", device.display())))
+}
+
+/// The device number of the raw partition (tables name devices by it).
+fn raw_devref(device: &Path) -> Result<DevRef> {
+    devref_of(device).map_err(|e| Error::Refused(format!("{}: {e}", device.display())))
+}
+
+fn open_disk(device: &Path, writable: bool) -> Result<RawDisk> {
+    RawDisk::open(device, writable).map_err(|e| Error::Failed(format!("cannot open {}: {e}", device.display())))
+}
+
+fn engine_err(e: EngineError, device: &Path) -> Error {
+    match e {
+        EngineError::Stopped(c) => Error::Paused(format!("cursor {c}"), device.display().to_string()),
+        EngineError::Refused(m) => Error::Refused(m),
+        EngineError::Damaged(d) => damaged(&d, device),
+        // the journal (or the header copy it points at) cannot be used: no hint that it can
+        EngineError::Journal(m) => Error::Failed(format!(
+            "{}: {m}; nothing was changed: keep the disk as it is and report with `luksify status --json {0}`",
+            device.display()
+        )),
+        other => Error::Failed(format!(
+            "{other}\nluksify: the journal on {} records the last safe state; `luksify status {0}` shows it and `luksify resume {0}` continues",
+            device.display()
+        )),
+    }
+}
+
+fn damaged(d: &crate::core::evidence::Damage, device: &Path) -> Error {
+    Error::Damaged { message: d.message(&device.display().to_string()), damage: Box::new(d.clone()) }
+}
+
+fn passphrase(k: &KeyOpts, confirm: bool) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    let src = match &k.key_file {
+        Some(p) => sys::KeySource::File(p),
+        None => {
+            if !std::io::stdin().is_terminal() {
+                return Err(Error::Usage(
+                    "no terminal to ask for the passphrase: use --key-file FILE (or - for standard input)".into(),
+                ));
+            }
+            sys::KeySource::Terminal { confirm }
+        }
+    };
+    sys::read_passphrase(src).map_err(Error::Usage)
+}
+
+fn lock(device: &Path) -> Result<std::fs::File> {
+    match sys::lock_device(device) {
+        Ok(Some(f)) => Ok(f),
+        Ok(None) => Err(Error::Refused(format!(
+            "another luksify is running on {} (it holds the device lock); wait for it or stop it with Ctrl-C",
+            device.display()
+        ))),
+        Err(e) => Err(Error::Refused(format!("cannot open {}: {e}", device.display()))),
+    }
+}
+
+/// Take LVM's own lock on `vg`, exclusively, for the whole migration: no lvcreate, lvextend,
+/// lvchange or autoactivation can reload an LV table of the VG while luksify converts.
+/// Asks LVM for its locking directory first (an LVM command: none may run once the lock is
+/// held, it would wait for us).
+fn lock_vg(vg: &str) -> Result<VgLock> {
+    let dir = lvmlock::locking_dir();
+    let l = VgLock::acquire(&dir, vg, lvmlock::wait_from_env(), &mut |p| {
+        eprintln!("luksify: waiting for LVM's lock on VG {vg} ({}): another LVM command holds it", p.display())
+    })
+    .map_err(|e| Error::Refused(e.to_string()))?;
+    eprintln!("luksify: holding LVM's lock on VG {vg} until the finish (LVM commands on it wait until then)");
+    Ok(l)
+}
+
+fn confirm(device: &Path, run: &RunOpts) -> Result<()> {
+    if run.yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(Error::Usage("not asking for confirmation without a terminal: pass --yes".into()));
+    }
+    eprint!(
+        "luksify will encrypt {} in place while it is in use. Back up what you cannot lose.\nType YES to go on: ",
+        device.display()
+    );
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).map_err(|e| Error::Usage(e.to_string()))?;
+    if line.trim() != "YES" {
+        return Err(Error::Usage("not confirmed; nothing was changed".into()));
+    }
+    Ok(())
+}
+
+fn announce_done(device: &Path, name: &str, uuid: &str) {
+    eprintln!("luksify: done: {} is now LUKS (UUID {uuid}), open as /dev/mapper/{name}", device.display());
+}
+
+fn print_after(device: &Path, name: &str, uuid: &str, discard: bool) {
+    announce_done(device, name, uuid);
+    eprintln!(
+        "luksify: to boot from it, add to /etc/crypttab:  {}",
+        crate::core::integrate::crypttab_line(name, uuid, discard)
+    );
+    eprintln!("luksify: and regenerate the initramfs (Debian/Ubuntu: update-initramfs -u -k all; Fedora: dracut -f)");
+}
+
+/// Whether /boot of `--root` is on the PV now open as /dev/mapper/`name` (its LVs hold it).
+fn boot_on_pv_after(name: &str, root: &Path) -> bool {
+    let Ok(facts) = probe::probe(Path::new(&format!("/dev/mapper/{name}"))) else { return false };
+    let choice = LuksChoice { luks: LuksVersion::Luks2, pbkdf: None, force_unknown_boot: true };
+    boot::check(&facts, &bootprobe::probe_boot(root), &choice).0.boot_on_pv
+}
+
+/// After the finish: integrate into `--root` (unless --no-integrate). Exit 5 when something
+/// is left to do by hand.
+fn finish(
+    device: &Path,
+    name: &str,
+    uuid: &str,
+    discard: bool,
+    run: &RunOpts,
+    boot_on_pv: bool,
+    announce: bool,
+) -> Result<i32> {
+    if run.no_integrate {
+        print_after(device, name, uuid, discard);
+        return Ok(exit::OK);
+    }
+    if announce {
+        announce_done(device, name, uuid);
+    }
+    let raw = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
+    let input = integ::gather(&run.root, name, uuid, discard, &raw.display().to_string(), boot_on_pv);
+    let out = integ::integrate(&input, &mut SystemRunner, &integ::stamp());
+    for d in &out.done {
+        eprintln!("luksify: integration: {d}");
+    }
+    if out.manual.is_empty() {
+        eprintln!("luksify: the system in {} is set up to unlock /dev/mapper/{name} at boot", run.root.display());
+        Ok(exit::OK)
+    } else {
+        let root = if run.root == Path::new("/") { String::new() } else { format!("--root {} ", run.root.display()) };
+        Err(Error::Integration(format!(
+            "{}; then `luksify resume {root}{}` checks the integration again",
+            out.manual.join("; "),
+            device.display()
+        )))
+    }
+}

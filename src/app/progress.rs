@@ -1,0 +1,224 @@
+//! Progress on the terminal (a bar, or a line every 10%) or as `--progress-json` lines.
+//! The JSON lines are serde types; their bytes are what tests and `qemu/bench` read.
+
+use super::guard::release_vg_lock;
+use crate::adapters::lvmlock::VgLock;
+use crate::adapters::{lvm, sys};
+use crate::cli::RunOpts;
+use crate::core::journal::State;
+use crate::engine::{Event, Hooks};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::io::IsTerminal;
+use std::path::Path;
+
+/// When this run started: `--progress-json` lines carry `t_ms`, the time since then.
+pub(super) fn start_clock() {
+    START.get_or_init(std::time::Instant::now);
+}
+
+static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+pub(super) fn t_ms() -> f64 {
+    ms(START.get_or_init(std::time::Instant::now).elapsed())
+}
+
+/// The wall clock in milliseconds since the epoch (to line progress up with other logs).
+fn epoch_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+pub(super) fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Milliseconds to one decimal, as the progress lines print them.
+fn ms1(d: std::time::Duration) -> f64 {
+    (ms(d) * 10.0).round() / 10.0
+}
+
+/// `--progress-json` lines, in the order of their fields on the wire.
+#[derive(Serialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+enum Line<'a> {
+    Phase {
+        phase: &'a str,
+        t_ms: u64,
+    },
+    Chunk {
+        cursor: u64,
+        moved_sectors: u64,
+        total_sectors: u64,
+        copy_ms: f64,
+        verify_ms: f64,
+        stall_ms: f64,
+        stall_split_ms: [f64; 4],
+        rechecked_sectors: u64,
+        cut_windows: u32,
+        t_ms: u64,
+        epoch_ms: u128,
+    },
+    Commit {
+        state: &'a str,
+        t_ms: u64,
+    },
+    Done {
+        steps: u64,
+        max_stall_ms: f64,
+        cut_windows: u64,
+        t_ms: u64,
+    },
+}
+
+fn emit(l: &Line) {
+    eprintln!("{}", serde_json::to_string(l).expect("serialises"));
+}
+
+fn t_ms_whole() -> u64 {
+    t_ms().round() as u64
+}
+
+/// `--progress-json`: a line saying that a phase of the start-up is done (where the time
+/// before the first step goes).
+pub(super) fn phase(run: &RunOpts, name: &str) {
+    if run.progress_json {
+        emit(&Line::Phase { phase: name, t_ms: t_ms_whole() });
+    }
+}
+
+/// Progress on the terminal (a bar) or as JSON lines.
+pub(super) struct CliHooks {
+    bar: Option<ProgressBar>,
+    json: bool,
+    l: u64,
+    name: String,
+    last_line_pct: i64,
+    /// The longest time live I/O waited on the bridge, over every step of this run.
+    max_stall: std::time::Duration,
+    /// Suspended windows cut for running past `--max-stall`, over every step of this run.
+    cut_windows: u64,
+    chunks: u64,
+    /// LVM's VG lock: released right before luksify's own `pvresize` (and on every exit).
+    pub(super) vg_lock: Option<VgLock>,
+}
+
+impl CliHooks {
+    pub(super) fn new(run: &RunOpts, l: u64, moved: u64, name: &str) -> CliHooks {
+        let tty = std::io::stderr().is_terminal();
+        let bar = (!run.progress_json && tty).then(|| {
+            let b = ProgressBar::new(l * 512);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                )
+                .expect("template")
+                .progress_chars("=> "),
+            );
+            b.set_position(moved * 512);
+            b
+        });
+        CliHooks {
+            bar,
+            json: run.progress_json,
+            l,
+            name: name.to_string(),
+            last_line_pct: -1,
+            max_stall: Default::default(),
+            cut_windows: 0,
+            chunks: 0,
+            vg_lock: None,
+        }
+    }
+}
+
+impl Hooks for CliHooks {
+    fn event(&mut self, e: &Event) {
+        match e {
+            Event::ChunkDone { from, stats, .. } => {
+                let moved = self.l - from;
+                self.max_stall = self.max_stall.max(stats.stall);
+                self.cut_windows += u64::from(stats.cut_windows);
+                self.chunks += 1;
+                if let Some(b) = &self.bar {
+                    b.set_position(moved * 512);
+                } else if self.json {
+                    emit(&Line::Chunk {
+                        cursor: *from,
+                        moved_sectors: moved,
+                        total_sectors: self.l,
+                        copy_ms: ms1(stats.copy),
+                        verify_ms: ms1(stats.verify),
+                        stall_ms: ms1(stats.stall),
+                        stall_split_ms: stats.stall_split.map(ms1),
+                        rechecked_sectors: stats.rechecked,
+                        cut_windows: stats.cut_windows,
+                        t_ms: t_ms_whole(),
+                        epoch_ms: epoch_ms(),
+                    });
+                } else {
+                    let pct = (moved * 100 / self.l) as i64;
+                    if pct / 10 != self.last_line_pct / 10 {
+                        self.last_line_pct = pct;
+                        eprintln!("luksify: {pct}% moved ({moved} of {} sectors)", self.l);
+                    }
+                }
+            }
+            Event::Committed(st) => {
+                if self.json {
+                    emit(&Line::Commit { state: st.name(), t_ms: t_ms_whole() });
+                } else if self.bar.is_none() {
+                    match st {
+                        State::Bridged => {
+                            eprintln!("luksify: bridge /dev/mapper/{} inserted under the live mappings", self.name)
+                        }
+                        State::Migrating { cursor } if *cursor == self.l => {
+                            eprintln!("luksify: raw partition fenced; moving data")
+                        }
+                        State::HeaderWritten => eprintln!("luksify: LUKS header written"),
+                        _ => {}
+                    }
+                }
+            }
+            Event::Done => {
+                if let Some(b) = &self.bar {
+                    b.finish();
+                }
+                if self.chunks > 0 {
+                    if self.json {
+                        emit(&Line::Done {
+                            steps: self.chunks,
+                            max_stall_ms: ms1(self.max_stall),
+                            cut_windows: self.cut_windows,
+                            t_ms: t_ms_whole(),
+                        });
+                    } else {
+                        let cut = match self.cut_windows {
+                            0 => String::new(),
+                            n => format!(" ({n} longer window(s) cut short and the step tried again)"),
+                        };
+                        eprintln!(
+                            "luksify: {} step(s); live I/O waited at most {:.1} ms at a step{cut}",
+                            self.chunks,
+                            ms(self.max_stall)
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn stop_requested(&self) -> bool {
+        sys::stop_requested()
+    }
+
+    fn lvm_resize(&mut self, bridge: &str) -> std::result::Result<(), String> {
+        let dev = format!("/dev/mapper/{bridge}");
+        // Our own LVM command would wait for the lock we hold: give it back first.
+        release_vg_lock(&mut self.vg_lock);
+        lvm::pvresize(Path::new(&dev), None).map_err(|e| {
+            eprintln!("luksify: warning: `pvresize {dev}` failed ({e}); run it yourself, the data is intact");
+            e.to_string()
+        })
+    }
+}

@@ -1,0 +1,120 @@
+//! `luksify resume DEVICE`: continue from the journal under the guarded run, or, on a
+//! finished device, redo the integration.
+
+use super::guard::{self, Progress};
+use super::{
+    boot_on_pv_after, check_root, device_size, engine_err, finish, lock, lock_vg, open_disk, passphrase, raw_devref,
+};
+use crate::adapters::blockdev::{BlockDev, OpenMode};
+use crate::adapters::bootprobe;
+use crate::adapters::kernel::DmKernel;
+use crate::adapters::luks;
+use crate::adapters::lvm;
+use crate::adapters::rawdisk::RawDisk;
+use crate::cli::{KeyOpts, RunOpts};
+use crate::core::integrate::{crypttab_discard, luks_uuid};
+use crate::core::journal::{Record, State};
+use crate::core::state as fsm;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// The VG on the bridge `name`, if the bridge exists (its node is made if missing).
+fn vg_on_bridge(kernel: &DmKernel, name: &str) -> Option<String> {
+    kernel.ensure_node(name).ok()?;
+    lvm::vg_on_label(&Path::new("/dev/mapper").join(name))
+}
+
+/// `resume` on a device whose conversion has finished (LUKS header, no journal): only the
+/// integration is (re)done. The device must be open (its mapping name is taken from it).
+fn resume_finished(device: &Path, run: &RunOpts) -> Result<i32> {
+    let nothing = || {
+        Error::Refused(format!(
+            "no luksify conversion in progress on {} (no journal): nothing to resume",
+            device.display()
+        ))
+    };
+    if run.no_integrate {
+        return Err(nothing());
+    }
+    let dev = BlockDev::open(device, OpenMode::READ_DIRECT)
+        .map_err(|e| Error::Refused(format!("cannot open {}: {e}", device.display())))?;
+    let mut head = vec![0u8; 4096];
+    dev.read_at(0, &mut head).map_err(|e| Error::Failed(format!("cannot read {}: {e}", device.display())))?;
+    drop(dev);
+    let uuid = luks_uuid(&head).ok_or_else(nothing)?;
+    let name = DmKernel::luks_mapping_of(&uuid)
+        .map_err(|e| Error::Failed(e.to_string()))?
+        .ok_or_else(|| Error::Refused(format!(
+            "{} is LUKS (UUID {uuid}) and no conversion is in progress, but it is not open: `cryptsetup open {} <name>`, then `luksify resume {}` sets up the system integration",
+            device.display(), device.display(), device.display()
+        )))?;
+    eprintln!("luksify: {}: the conversion has finished (LUKS UUID {uuid}, open as /dev/mapper/{name}); checking the system integration", device.display());
+    let crypttab = std::fs::read_to_string(bootprobe::in_root(&run.root, "/etc/crypttab")).unwrap_or_default();
+    let discard = crypttab_discard(&crypttab, &name);
+    let boot_on_pv = boot_on_pv_after(&name, &run.root);
+    finish(device, &name, &uuid, discard, run, boot_on_pv, false)
+}
+
+pub(super) fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
+    let _lock = lock(device)?;
+    if !run.no_integrate {
+        check_root(run)?;
+    }
+    let n = device_size(device)?;
+    let raw = raw_devref(device)?;
+    let mut disk = open_disk(device, true)?;
+    let rec: Record =
+        match Engine::<RawDisk, DmKernel>::read_journal(&mut disk, n).map_err(|e| engine_err(e, device))? {
+            Some(r) => r,
+            None => {
+                drop(disk);
+                return resume_finished(device, run);
+            }
+        };
+    let discard = rec.allow_discards;
+    let header = Engine::<RawDisk, DmKernel>::read_header_copy(&mut disk, &rec).map_err(|e| engine_err(e, device))?;
+    let pass = passphrase(k, false)?;
+    let key = luks::unlock(&header, &pass).map_err(|e| Error::Refused(format!("{e}; nothing was changed")))?;
+    drop(pass);
+    guard::arm()?;
+    let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
+    let name = rec.name.clone();
+    // LVM's VG lock, as for a conversion. On a live system the bridge already shows the PV:
+    // lock before rebuilding anything. On rescue media the bridge is made by `reopen`, and
+    // the lock is taken right after (nothing of LVM's maps the device by then).
+    // (Only if reading the bridge cannot block: a luksify killed mid-step may have left it,
+    // or a helper under it, suspended; `reopen` resumes them.)
+    let names = crate::engine::Names::new(&name, rec.luks_version, &rec.luks_uuid);
+    let readable = kernel.is_live(&name) && ![&names.staging, &names.mirror].iter().any(|n| kernel.is_suspended(n));
+    let mut vg_lock = match readable {
+        true => vg_on_bridge(&kernel, &name).map(|vg| lock_vg(&vg)).transpose()?,
+        false => None,
+    };
+    let uuid = rec.luks_uuid.clone();
+    let l = rec.geometry.l;
+    let moved = match rec.state {
+        State::Migrating { cursor } => l - cursor,
+        State::HeaderWritten => l,
+        _ => 0,
+    };
+    eprintln!(
+        "luksify: resuming from state {} ({:.1}% moved)",
+        rec.state.name(),
+        100.0 * fsm::progress(&rec.geometry, rec.state)
+    );
+    let mut engine =
+        Engine::reopen(disk, kernel, raw, rec, key.as_bytes(), header).map_err(|e| engine_err(e, device))?;
+    drop(key);
+    if vg_lock.is_none() {
+        match vg_on_bridge(&engine.kernel, &name) {
+            Some(vg) => vg_lock = Some(lock_vg(&vg)?),
+            None => eprintln!("luksify: warning: no LVM metadata found on /dev/mapper/{name}; not holding any VG lock"),
+        }
+    }
+    let progress = Progress { name: &name, l, moved };
+    guard::drive(&mut engine, run, progress, vg_lock).map_err(|e| engine_err(e, device))?;
+    drop(engine);
+    let boot_on_pv = !run.no_integrate && boot_on_pv_after(&name, &run.root);
+    finish(device, &name, &uuid, discard, run, boot_on_pv, true)
+}
