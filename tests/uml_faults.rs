@@ -6,7 +6,7 @@
 //! once the fault is gone `luksify resume` completes and a fresh boot verifies everything.
 //! (dm-dust fails reads only. Write errors, writes a disk drops silently, and errors of
 //! every other operation, are injected at every step by the crash simulation in
-//! `src/engine/sim.rs`.) The second test covers a double fault the simulator also sweeps:
+//! `src/engine/sim/`.) The second test covers a double fault the simulator also sweeps:
 //! a write failing on one copy of a step kept under the mirror of a failed commit.
 mod support;
 
