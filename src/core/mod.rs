@@ -3,6 +3,7 @@
 //! what to do next from any journaled state.
 
 pub mod boot;
+pub mod dmline;
 pub mod evidence;
 pub mod facts;
 pub mod geometry;

@@ -2,6 +2,7 @@
 //! conversion, or every reason it would refuse. Pure: `--dry-run` prints exactly this.
 
 use super::boot::{self, BootFacts, BootReport, LuksChoice};
+use super::dmline::TargetKind;
 use super::facts::{Content, DeviceFacts, SECTOR};
 use super::geometry::{Geometry, GeometryError, FENCE_SECTORS, HEADER_COPY_SECTORS, JOURNAL_SLOT_SECTORS, MAX_STEP};
 use serde::Serialize;
@@ -138,8 +139,6 @@ fn mib(sectors: u64) -> String {
     }
 }
 
-/// Targets an LV table may use for luksify to reroute it.
-const SUPPORTED_TARGETS: &[&str] = &["linear", "striped"];
 const SUPPORTED_SEGTYPES: &[&str] = &["linear", "striped"];
 
 /// Build the plan without boot checks (see [`plan_with_boot`]).
@@ -222,8 +221,10 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
     // Holders: every dm device that maps this device must be rerouteable.
     let mut reroute = Vec::new();
     for h in &f.holders {
+        // Judged by the target type alone: a malformed linear or striped line passes here;
+        // the engine reroutes only lines that parse and refuses one that names the device.
         let bad: Vec<&str> =
-            h.table.iter().map(|l| l.target_type.as_str()).filter(|t| !SUPPORTED_TARGETS.contains(t)).collect();
+            h.table.iter().map(|l| l.target_type.as_str()).filter(|t| !TargetKind::of(t).reroutable()).collect();
         if !bad.is_empty() {
             refuse(&mut refusals, "unsupported_target", format!(
                 "{} maps {dev} with a {} target; luksify reroutes only linear and striped mappings (finish or remove snapshots, thin pools, RAID/mirror LVs and any pvmove first)",
