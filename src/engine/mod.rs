@@ -8,6 +8,7 @@
 pub mod sim;
 pub mod traits;
 
+use crate::core::dmline;
 use crate::core::evidence::{self, Damage, Evidence};
 use crate::core::facts::TableLineFacts;
 use crate::core::geometry::{self, Geometry, JOURNAL_SLOT_SECTORS};
@@ -509,11 +510,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             return Ok(());
         }
         // The step the mirror holds: where the bridge maps onto it.
-        let ms = m.to_string();
         let bridge = kern(self.kernel.table(&self.names.bridge))?;
-        let span = bridge
-            .iter()
-            .find(|l| l.target_type == "linear" && l.params.split_whitespace().next() == Some(ms.as_str()));
+        let span = dmline::linear_onto(&bridge, m);
         let letters: Vec<String> = health.iter().map(|h| h.iter().collect()).collect();
         let (mapped, ok) = match span {
             Some(l) if cursor <= l.start => ("the encrypted copy", !bad(1)),
@@ -671,7 +669,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             for l in &h.table {
                 let params = match tables::reroute_params(&l.target_type, &l.params, self.raw, bridge) {
                     Some(p) => p,
-                    None if l.params.split_whitespace().any(|w| w == self.raw.to_string()) => {
+                    None if dmline::references(l, self.raw) => {
                         return Err(EngineError::Refused(format!(
                             "{} maps the device with a {} target, which luksify cannot reroute",
                             h.name, l.target_type
@@ -682,7 +680,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 new.push(TableLineFacts { params, ..l.clone() });
             }
             // Every rerouted extent must lie inside [0, L): the bridge maps nothing else.
-            if !maps_within(&h.table, self.raw, g.l) {
+            if !dmline::maps_only_below(&h.table, self.raw, g.l) {
                 return Err(EngineError::Refused(format!("{} maps sectors of the device beyond the PV", h.name)));
             }
             plans.push((h.name, h.table, new));
@@ -1284,27 +1282,4 @@ fn no_cipher(cipher: &str) -> EngineError {
 /// across the fence boundary (where the source changes from the shadow to the raw device).
 fn piece_end(g: &Geometry, x: u64, b: u64, piece: u64) -> u64 {
     (x + piece).min(g.source_run_end(x, b))
-}
-
-/// Whether every line of `table` that references `raw` maps only sectors below `l`.
-fn maps_within(table: &[TableLineFacts], raw: DevRef, l: u64) -> bool {
-    let r = raw.to_string();
-    table.iter().all(|line| {
-        let w: Vec<&str> = line.params.split_whitespace().collect();
-        match line.target_type.as_str() {
-            "linear" => {
-                w.first() != Some(&r.as_str())
-                    || w.get(1).and_then(|o| o.parse::<u64>().ok()).map(|o| o + line.length <= l).unwrap_or(false)
-            }
-            "striped" => {
-                let n: u64 = w.first().and_then(|x| x.parse().ok()).unwrap_or(0);
-                let per = line.length.checked_div(n).unwrap_or(0);
-                (0..n as usize).all(|i| {
-                    w.get(2 + 2 * i) != Some(&r.as_str())
-                        || w.get(3 + 2 * i).and_then(|o| o.parse::<u64>().ok()).map(|o| o + per <= l).unwrap_or(false)
-                })
-            }
-            _ => true,
-        }
-    })
 }
