@@ -7,7 +7,7 @@ use crate::adapters::kernel::DmKernel;
 use crate::adapters::{bootprobe, luks, lvm};
 use crate::cli::ConvertOpts;
 use crate::core::plan;
-use crate::engine::Engine;
+use crate::engine::{Engine, NewConversion};
 use crate::error::{exit, Error, Result};
 use std::path::Path;
 
@@ -135,21 +135,19 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     phase(&o.run, "memory_locked");
     let disk = open_disk(device, true)?;
     let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
-    let mut engine = Engine::prepare(
-        disk,
-        kernel,
+    let conversion = NewConversion {
         raw,
-        g,
-        &p.name,
-        popts.luks.number(),
-        &header.uuid,
-        &o.cipher,
-        o.allow_discards,
-        &pv_uuid,
-        key.as_bytes(),
-        header.bytes.clone(),
-    )
-    .map_err(|e| engine_err(e, device))?;
+        geometry: g,
+        name: &p.name,
+        luks_version: popts.luks.number(),
+        luks_uuid: &header.uuid,
+        cipher: &o.cipher,
+        allow_discards: o.allow_discards,
+        pv_uuid: &pv_uuid,
+        key: key.as_bytes(),
+        header: header.bytes.clone(),
+    };
+    let mut engine = Engine::prepare(disk, kernel, conversion).map_err(|e| engine_err(e, device))?;
     drop(key);
     phase(&o.run, "prepared");
     let progress = Progress { name: &p.name, l: g.l, moved: 0 };

@@ -13,7 +13,7 @@ use crate::adapters::lvmlock::VgLock;
 use crate::adapters::rawdisk::RawDisk;
 use crate::adapters::sys;
 use crate::cli::RunOpts;
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, Options};
 use crate::error::{Error, Result};
 
 /// Before the first suspend: stop requests, locked memory, the OOM guard.
@@ -46,8 +46,7 @@ pub(super) fn drive(
     p: Progress,
     vg_lock: Option<VgLock>,
 ) -> std::result::Result<(), EngineError> {
-    engine.rate = run.rate_bytes();
-    engine.max_stall = run.max_stall();
+    engine.set_options(Options { rate: run.rate_bytes(), max_stall: run.max_stall(), ..Options::default() });
     let mut hooks = CliHooks::new(run, p.l, p.moved, p.name);
     hooks.vg_lock = vg_lock;
     engine.run(&mut hooks)?;

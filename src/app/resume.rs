@@ -10,12 +10,11 @@ use crate::adapters::bootprobe;
 use crate::adapters::kernel::DmKernel;
 use crate::adapters::luks;
 use crate::adapters::lvm;
-use crate::adapters::rawdisk::RawDisk;
 use crate::cli::{KeyOpts, RunOpts};
 use crate::core::integrate::{crypttab_discard, luks_uuid};
 use crate::core::journal::{Record, State};
 use crate::core::state as fsm;
-use crate::engine::Engine;
+use crate::engine::{self, Engine};
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -64,16 +63,15 @@ pub(super) fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     let n = device_size(device)?;
     let raw = raw_devref(device)?;
     let mut disk = open_disk(device, true)?;
-    let rec: Record =
-        match Engine::<RawDisk, DmKernel>::read_journal(&mut disk, n).map_err(|e| engine_err(e, device))? {
-            Some(r) => r,
-            None => {
-                drop(disk);
-                return resume_finished(device, run);
-            }
-        };
+    let rec: Record = match engine::read_journal(&mut disk, n).map_err(|e| engine_err(e, device))? {
+        Some(r) => r,
+        None => {
+            drop(disk);
+            return resume_finished(device, run);
+        }
+    };
     let discard = rec.allow_discards;
-    let header = Engine::<RawDisk, DmKernel>::read_header_copy(&mut disk, &rec).map_err(|e| engine_err(e, device))?;
+    let header = engine::read_header_copy(&mut disk, &rec).map_err(|e| engine_err(e, device))?;
     let pass = passphrase(k, false)?;
     let key = luks::unlock(&header, &pass).map_err(|e| Error::Refused(format!("{e}; nothing was changed")))?;
     drop(pass);

@@ -2,11 +2,9 @@
 //! passphrase and writes nothing. A damaged journal is an error that says what is known.
 
 use super::{device_size, engine_err, open_disk};
-use crate::adapters::kernel::DmKernel;
-use crate::adapters::rawdisk::RawDisk;
 use crate::core::journal::State;
 use crate::core::state as fsm;
-use crate::engine::Engine;
+use crate::engine;
 use crate::error::{exit, Result};
 use std::path::Path;
 
@@ -27,7 +25,7 @@ struct StatusJson<'a> {
 pub(super) fn status(device: &Path, json: bool) -> Result<i32> {
     let n = device_size(device)?;
     let mut disk = open_disk(device, false)?;
-    let rec = Engine::<RawDisk, DmKernel>::read_journal(&mut disk, n).map_err(|e| engine_err(e, device))?;
+    let rec = engine::read_journal(&mut disk, n).map_err(|e| engine_err(e, device))?;
     let cursor = rec.as_ref().and_then(|r| match r.state {
         State::Migrating { cursor } => Some(cursor),
         _ => None,

@@ -179,6 +179,21 @@ pub struct Engine<D: Disk, K: Kernel> {
     verify_dst: IoBuf,
     /// Runs of sectors to compare again (capacity fixed up front).
     recheck: Vec<(u64, u64)>,
+    /// How the run behaves ([`Options`]; [`Engine::set_options`]).
+    opts: Options,
+    /// What the tail held before `prepare` wrote into it: while nothing else has changed
+    /// (state `Prepared`), [`Engine::abandon`] puts it back, byte for byte.
+    original_tail: Option<Vec<u8>>,
+    /// TESTS ONLY (compiled only in tests): flip the bridge table to crypt *before* the
+    /// journal commit, the order DESIGN.md forbids. The crash simulation sets it to prove
+    /// that its sweep catches a wrong order.
+    #[cfg(test)]
+    pub(crate) wrong_order_for_tests: bool,
+}
+
+/// How a run behaves; none of it changes what is written, only when and how fast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
     /// Cap on the copy rate in bytes per second (`--rate`): the engine pauses between
     /// chunks so that the average stays below it.
     pub rate: Option<u64>,
@@ -191,44 +206,63 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// Sectors the last comparison reads at once ([`VERIFY_PIECE`]; the deadline is checked
     /// between pieces). Tests make it smaller to cut windows in the middle of a step.
     pub piece: u64,
-    /// What the tail held before `prepare` wrote into it: while nothing else has changed
-    /// (state `Prepared`), [`Engine::abandon`] puts it back, byte for byte.
-    original_tail: Option<Vec<u8>>,
-    /// TESTS ONLY: flip the bridge table to crypt *before* the journal commit, the order
-    /// DESIGN.md forbids. The crash simulation sets it to prove that its sweep catches a
-    /// wrong order; nothing else may.
-    #[doc(hidden)]
-    pub wrong_order_for_tests: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { rate: None, max_stall: None, piece: (VERIFY_PIECE / 512) as u64 }
+    }
+}
+
+/// A conversion about to start: what [`Engine::prepare`] journals.
+pub struct NewConversion<'a> {
+    /// The raw partition's device number (tables name it so).
+    pub raw: DevRef,
+    pub geometry: Geometry,
+    /// The bridge's and final mapping's name, e.g. `sda5_crypt`.
+    pub name: &'a str,
+    pub luks_version: u8,
+    pub luks_uuid: &'a str,
+    pub cipher: &'a str,
+    pub allow_discards: bool,
+    /// The PV's UUID (the device's identity on a resume).
+    pub pv_uuid: &'a str,
+    /// The raw volume key.
+    pub key: &'a [u8],
+    /// The formatted LUKS header (H bytes).
+    pub header: Vec<u8>,
 }
 
 impl<D: Disk, K: Kernel> Engine<D, K> {
     /// [`Engine::piece`], within the scratch buffers.
     fn piece(&self) -> u64 {
-        self.piece.clamp(1, (VERIFY_PIECE / 512) as u64)
+        self.opts.piece.clamp(1, (VERIFY_PIECE / 512) as u64)
     }
 
     fn g(&self) -> &Geometry {
         &self.rec.geometry
     }
 
+    /// How this run behaves (rate cap, window deadline, comparison piece).
+    pub fn set_options(&mut self, o: Options) {
+        self.opts = o;
+    }
+
     /// Start a fresh conversion: write the header copy and the first journal record
     /// (`Prepared`) into the tail. Nothing else on the device changes.
-    /// `key` is the raw volume key; `header` the formatted LUKS header (H bytes).
-    #[allow(clippy::too_many_arguments)]
-    pub fn prepare(
-        mut disk: D,
-        kernel: K,
-        raw: DevRef,
-        geometry: Geometry,
-        name: &str,
-        luks_version: u8,
-        luks_uuid: &str,
-        cipher: &str,
-        allow_discards: bool,
-        pv_uuid: &str,
-        key: &[u8],
-        header: Vec<u8>,
-    ) -> EResult<Self> {
+    pub fn prepare(mut disk: D, kernel: K, c: NewConversion) -> EResult<Self> {
+        let NewConversion {
+            raw,
+            geometry,
+            name,
+            luks_version,
+            luks_uuid,
+            cipher,
+            allow_discards,
+            pv_uuid,
+            key,
+            header,
+        } = c;
         let h = header.len() as u64;
         if h == 0 || !h.is_multiple_of(4096) || h > geometry.header_copy_len * 512 {
             return Err(EngineError::Refused(format!(
@@ -292,68 +326,12 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             verify_src: buf(VERIFY_PIECE)?,
             verify_dst: buf(VERIFY_PIECE)?,
             recheck,
-            rate: None,
-            max_stall: None,
-            piece: (VERIFY_PIECE / 512) as u64,
+            opts: Options::default(),
             original_tail: None,
+            #[cfg(test)]
             wrong_order_for_tests: false,
             rec,
         })
-    }
-
-    /// Read the journal from a device: None if there is none. A damaged journal, or a
-    /// missing one under luksify's fence marker, is an error that says what is known.
-    pub fn read_journal(disk: &mut D, n_sectors: u64) -> EResult<Option<Record>> {
-        match Self::examine(disk, n_sectors)? {
-            Evidence::Nothing => Ok(None),
-            Evidence::Journal(r) => Ok(Some(r)),
-            Evidence::Damaged(d) => Err(EngineError::Damaged(Box::new(d))),
-        }
-    }
-
-    /// What the device shows of a conversion: its journal, or every other sign of one when
-    /// the journal is missing or damaged ([`evidence::examine`]). A journal that describes a
-    /// device of another size is refused (wrong device).
-    pub fn examine(disk: &mut D, n_sectors: u64) -> EResult<Evidence> {
-        let mut head = vec![0u8; evidence::HEAD_BYTES];
-        let mut a = vec![0u8; SLOT_BYTES];
-        let mut b = vec![0u8; SLOT_BYTES];
-        let Some(j) = geometry::journal_sector(n_sectors).filter(|_| n_sectors >= (evidence::HEAD_BYTES / 512) as u64)
-        else {
-            return Ok(Evidence::Nothing); // too small to hold a journal or a marker
-        };
-        io(disk.read(0, &mut head), || "reading the device's first sectors".into())?;
-        io(disk.read(j, &mut a), || "reading journal slot A".into())?;
-        io(disk.read(j + JOURNAL_SLOT_SECTORS, &mut b), || "reading journal slot B".into())?;
-        let ev = evidence::examine(&head, &a, &b, j);
-        if let Evidence::Journal(r) = &ev {
-            if r.geometry.n != n_sectors {
-                return Err(EngineError::Refused(format!(
-                    "the journal describes a device of {} sectors but this one has {n_sectors}: wrong device?",
-                    r.geometry.n
-                )));
-            }
-        }
-        Ok(ev)
-    }
-
-    /// The header a resume unlocks the key with: once it is written at [0, S) (state
-    /// `HeaderWritten`), the one on the device (the copy in the tail may already be wiped);
-    /// before, the copy in the tail, checked against its CRC.
-    pub fn read_header_copy(disk: &mut D, rec: &Record) -> EResult<Vec<u8>> {
-        if rec.state == State::HeaderWritten {
-            let mut h = vec![0u8; rec.header_len as usize];
-            io(disk.read(0, &mut h), || "reading the LUKS header".into())?;
-            return Ok(h);
-        }
-        let mut h = vec![0u8; rec.header_len as usize];
-        io(disk.read(rec.geometry.header_copy, &mut h), || "reading the header copy".into())?;
-        if crc32fast::hash(&h) != rec.header_crc {
-            return Err(EngineError::Journal(
-                "the copy of the LUKS header in the tail is corrupt (CRC mismatch)".into(),
-            ));
-        }
-        Ok(h)
     }
 
     /// Continue from a journal record (after a crash or a pause), with the volume key
@@ -462,6 +440,59 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     pub fn into_parts(self) -> (D, K) {
         (self.disk, self.kernel)
     }
+}
+
+/// Read the journal from a device: None if there is none. A damaged journal, or a
+/// missing one under luksify's fence marker, is an error that says what is known.
+pub fn read_journal<D: Disk>(disk: &mut D, n_sectors: u64) -> EResult<Option<Record>> {
+    match examine(disk, n_sectors)? {
+        Evidence::Nothing => Ok(None),
+        Evidence::Journal(r) => Ok(Some(r)),
+        Evidence::Damaged(d) => Err(EngineError::Damaged(Box::new(d))),
+    }
+}
+
+/// What the device shows of a conversion: its journal, or every other sign of one when
+/// the journal is missing or damaged ([`evidence::examine`]). A journal that describes a
+/// device of another size is refused (wrong device).
+pub fn examine<D: Disk>(disk: &mut D, n_sectors: u64) -> EResult<Evidence> {
+    let mut head = vec![0u8; evidence::HEAD_BYTES];
+    let mut a = vec![0u8; SLOT_BYTES];
+    let mut b = vec![0u8; SLOT_BYTES];
+    let Some(j) = geometry::journal_sector(n_sectors).filter(|_| n_sectors >= (evidence::HEAD_BYTES / 512) as u64)
+    else {
+        return Ok(Evidence::Nothing); // too small to hold a journal or a marker
+    };
+    io(disk.read(0, &mut head), || "reading the device's first sectors".into())?;
+    io(disk.read(j, &mut a), || "reading journal slot A".into())?;
+    io(disk.read(j + JOURNAL_SLOT_SECTORS, &mut b), || "reading journal slot B".into())?;
+    let ev = evidence::examine(&head, &a, &b, j);
+    if let Evidence::Journal(r) = &ev {
+        if r.geometry.n != n_sectors {
+            return Err(EngineError::Refused(format!(
+                "the journal describes a device of {} sectors but this one has {n_sectors}: wrong device?",
+                r.geometry.n
+            )));
+        }
+    }
+    Ok(ev)
+}
+
+/// The header a resume unlocks the key with: once it is written at [0, S) (state
+/// `HeaderWritten`), the one on the device (the copy in the tail may already be wiped);
+/// before, the copy in the tail, checked against its CRC.
+pub fn read_header_copy<D: Disk>(disk: &mut D, rec: &Record) -> EResult<Vec<u8>> {
+    if rec.state == State::HeaderWritten {
+        let mut h = vec![0u8; rec.header_len as usize];
+        io(disk.read(0, &mut h), || "reading the LUKS header".into())?;
+        return Ok(h);
+    }
+    let mut h = vec![0u8; rec.header_len as usize];
+    io(disk.read(rec.geometry.header_copy, &mut h), || "reading the header copy".into())?;
+    if crc32fast::hash(&h) != rec.header_crc {
+        return Err(EngineError::Journal("the copy of the LUKS header in the tail is corrupt (CRC mismatch)".into()));
+    }
+    Ok(h)
 }
 
 /// The bytes of a hex string (the engine keeps the volume key as the hex a crypt table takes).

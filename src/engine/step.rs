@@ -9,7 +9,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// `--rate`: after a chunk of `bytes` that started at `t`, wait until the average rate is
     /// back under the cap (a stop request cuts the wait short).
     pub(super) fn pace(&self, t: Instant, bytes: u64, hooks: &mut dyn Hooks) {
-        let Some(rate) = self.rate.filter(|&r| r > 0) else { return };
+        let Some(rate) = self.opts.rate.filter(|&r| r > 0) else { return };
         let due = t + Duration::from_secs_f64(bytes as f64 / rate as f64);
         while !hooks.stop_requested() {
             let now = Instant::now();
@@ -206,10 +206,11 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let steady = tables::bridge_table(&g, &self.spec, d, BridgePhase::Steady { cursor: a });
         let mut runs = std::mem::take(&mut self.recheck);
         runs.clear();
-        let max_stall = self.max_stall.unwrap_or(DEFAULT_MAX_STALL.max(2 * read_back));
+        let max_stall = self.opts.max_stall.unwrap_or(DEFAULT_MAX_STALL.max(2 * read_back));
         let r = self.suspended_refresh(d, a, b, &steady, max_stall, &mut runs, stats);
         self.recheck = runs;
         let (w, t_suspended) = r?;
+        #[cfg(test)]
         if self.wrong_order_for_tests {
             kern(self.kernel.resume(&bridge))?;
             return self.commit(State::Migrating { cursor: a });

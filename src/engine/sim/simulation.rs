@@ -8,7 +8,7 @@ use super::world::{Fault, Scenario, Shared, World};
 use super::{BRIDGE, CIPHER, FILLER, LUKS_UUID, PV_UUID, RAW, SECTOR};
 use crate::core::facts::TableLineFacts;
 use crate::core::journal::{self, Record, SLOT_BYTES};
-use crate::engine::{EResult, Engine, Hooks};
+use crate::engine::{EResult, Engine, Hooks, NewConversion, Options};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::cell::RefCell;
@@ -101,20 +101,19 @@ impl Sim {
             w.udev_hidden.clear();
             (w.g, w.key.clone(), w.header.clone())
         };
-        let mut e = Engine::prepare(
-            self.disk(),
-            self.kernel(),
-            RAW,
-            g,
-            BRIDGE,
-            2,
-            LUKS_UUID,
-            CIPHER,
-            false,
-            PV_UUID,
-            &key,
+        let conversion = NewConversion {
+            raw: RAW,
+            geometry: g,
+            name: BRIDGE,
+            luks_version: 2,
+            luks_uuid: LUKS_UUID,
+            cipher: CIPHER,
+            allow_discards: false,
+            pv_uuid: PV_UUID,
+            key: &key,
             header,
-        )?;
+        };
+        let mut e = Engine::prepare(self.disk(), self.kernel(), conversion)?;
         self.tune(&mut e);
         tweak(&mut e);
         if let Err(err) = e.run(hooks) {
@@ -150,8 +149,7 @@ impl Sim {
     /// What the scenario asks of every engine this machine runs.
     fn tune(&self, e: &mut Engine<SimDisk, SimKernel>) {
         if self.w.borrow().sc.cut_every_window {
-            e.max_stall = Some(std::time::Duration::ZERO);
-            e.piece = 8;
+            e.set_options(Options { max_stall: Some(std::time::Duration::ZERO), piece: 8, ..Options::default() });
         }
     }
 
@@ -171,10 +169,10 @@ impl Sim {
         }
         let n = self.n();
         let mut disk = self.disk();
-        let Some(rec) = Engine::<SimDisk, SimKernel>::read_journal(&mut disk, n)? else {
+        let Some(rec) = crate::engine::read_journal(&mut disk, n)? else {
             return Ok(Resumed::NoJournal);
         };
-        let header = Engine::<SimDisk, SimKernel>::read_header_copy(&mut disk, &rec)?;
+        let header = crate::engine::read_header_copy(&mut disk, &rec)?;
         let mut e = Engine::reopen(disk, self.kernel(), RAW, rec, &self.key(), header)?;
         self.tune(&mut e);
         after_reopen(self);

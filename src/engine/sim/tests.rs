@@ -7,7 +7,7 @@ use crate::core::facts::TableLineFacts;
 use crate::core::journal::State;
 use crate::core::tables::{CryptSpec, Line, Target};
 use crate::engine::traits::{Disk, Kernel};
-use crate::engine::{ChunkStats, Engine, EngineError, Event, Hooks, NoHooks, MAX_CUTS};
+use crate::engine::{ChunkStats, EngineError, Event, Hooks, NoHooks, Options, MAX_CUTS};
 use aes::cipher::KeyInit;
 use aes::Aes256;
 use rand::{Rng, SeedableRng};
@@ -194,7 +194,7 @@ fn a_full_run_produces_the_luks_layout() {
                 "writer too idle: {writes} writes, {acks} acks, {reads} reads"
             );
         }
-        assert_eq!(Engine::<SimDisk, SimKernel>::read_journal(&mut sim.disk(), sc.n).unwrap(), None);
+        assert_eq!(crate::engine::read_journal(&mut sim.disk(), sc.n).unwrap(), None);
     }
 }
 
@@ -237,7 +237,10 @@ fn rate_caps_the_copy_and_a_stop_request_cuts_the_wait_short() {
     let rate = bytes * 5 / 2;
     let sim = Sim::new(&sc);
     let t = std::time::Instant::now();
-    sim.convert_with(&mut Recorder::default(), &mut |e| e.rate = Some(rate)).unwrap();
+    sim.convert_with(&mut Recorder::default(), &mut |e| {
+        e.set_options(Options { rate: Some(rate), ..Options::default() })
+    })
+    .unwrap();
     let paced = t.elapsed();
     assert!(paced.as_secs_f64() >= 0.9 * bytes as f64 / rate as f64, "{paced:?} for {bytes} bytes at {rate} B/s");
     assert_eq!(sim.check_final(true), Ok("converted"));
@@ -246,7 +249,8 @@ fn rate_caps_the_copy_and_a_stop_request_cuts_the_wait_short() {
     let sim = Sim::new(&sc);
     let mut rec = Recorder { stop_after_chunks: Some(1), ..Default::default() };
     let t = std::time::Instant::now();
-    let r = sim.convert_with(&mut rec, &mut |e| e.rate = Some(bytes / 3600));
+    let r =
+        sim.convert_with(&mut rec, &mut |e| e.set_options(Options { rate: Some(bytes / 3600), ..Options::default() }));
     assert!(t.elapsed().as_secs() < 60, "the pause ignored the stop request");
     assert!(matches!(r, Err(EngineError::Stopped(_))), "{:?}", r.err());
 }
@@ -629,7 +633,7 @@ fn a_torn_journal_write_falls_back_to_the_previous_record() {
     sim.set_fault(i + 1, Fault::PowerCut); // the flush after it
     assert!(sim.convert(&mut NoHooks).is_err());
     let cur = sim.power_cut(1, CachePolicy::TearAll);
-    let rec = Engine::<SimDisk, SimKernel>::read_journal(&mut cur.disk(), sc.n).unwrap().unwrap();
+    let rec = crate::engine::read_journal(&mut cur.disk(), sc.n).unwrap().unwrap();
     assert_eq!(rec.seq, 8, "the torn slot is ignored, the previous record wins");
     assert_eq!(cur.resume(&mut NoHooks).unwrap(), Resumed::Done);
     assert_eq!(cur.check_final(false), Ok("converted"));
