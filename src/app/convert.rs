@@ -154,7 +154,11 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     if let Err(e) = guard::drive(&mut engine, &o.run, progress, vg_lock) {
         // Failed before anything but the tail changed (e.g. an LV table that would not
         // reroute): put the tail back, so the device is exactly as it was.
-        return match engine.abandon() {
+        let abandoned = engine.abandon();
+        for m in engine.take_undo_failures() {
+            eprintln!("luksify: warning: while undoing after a failure, {m}");
+        }
+        return match abandoned {
             Ok(true) => Err(Error::Failed(format!("{e}; nothing was changed (the device is as it was)"))),
             Ok(false) => Err(engine_err(e, device)),
             Err(e2) => Err(Error::Failed(format!(

@@ -179,6 +179,13 @@ impl Hooks for CliHooks {
                     }
                 }
             }
+            Event::UndoFailed(m) => {
+                let line = format!("luksify: warning: while undoing after a failure, {m}");
+                match &self.bar {
+                    Some(b) => b.println(line),
+                    None => eprintln!("{line}"),
+                }
+            }
             Event::Done => {
                 if let Some(b) = &self.bar {
                     b.finish();

@@ -30,7 +30,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 let d = kern(self.kernel.create(&n, &u, true))?;
                 let t = tables::mirror_idle_table(self.g(), Devices { raw: self.raw, staging, mirror: d });
                 if let Err(e) = self.kernel.load(&n, &t, &self.key_hex).and_then(|_| self.kernel.resume(&n)) {
-                    let _ = self.kernel.remove(&n);
+                    let r = self.kernel.remove(&n);
+                    undone(&mut self.undo_failed, || format!("removing {}", n), r);
                     return Err(EngineError::Kernel(format!("setting up the mirror device: {e}")));
                 }
                 d
@@ -149,7 +150,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         }
         let d = kern(self.kernel.create(&n, &u, true))?;
         if let Err(e) = self.kernel.load(&n, &t, &self.key_hex).and_then(|_| self.kernel.resume(&n)) {
-            let _ = self.kernel.remove(&n);
+            let r = self.kernel.remove(&n);
+            undone(&mut self.undo_failed, || format!("removing {}", n), r);
             return Err(EngineError::Kernel(format!("setting up the staging crypt device: {e}")));
         }
         Ok(d)
@@ -159,7 +161,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     pub(super) fn swap_table(&mut self, name: &str, table: &[Line], what: &'static str) -> EResult<()> {
         kern(self.kernel.load(name, table, &self.key_hex))?;
         if let Err(e) = self.kernel.suspend(name) {
-            let _ = self.kernel.clear_inactive(name);
+            let r = self.kernel.clear_inactive(name);
+            undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", name), r);
             return Err(EngineError::Kernel(format!("suspending the {what}: {e}")));
         }
         kern(self.kernel.resume(name))
@@ -174,8 +177,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             let (n, u) = (self.names.bridge.clone(), self.names.bridge_uuid.clone());
             kern(self.kernel.create(&n, &u, false))?;
             if let Err(e) = self.kernel.load(&n, &t, &self.key_hex).and_then(|_| self.kernel.resume(&n)) {
-                let _ = self.kernel.remove(&n);
-                let _ = self.remove_helpers();
+                let r = self.kernel.remove(&n);
+                undone(&mut self.undo_failed, || format!("removing {}", n), r);
+                let r = self.remove_helpers();
+                undone(&mut self.undo_failed, || "removing the helper devices".to_string(), r);
                 return Err(EngineError::Kernel(format!("setting up the bridge: {e}")));
             }
         }
@@ -183,8 +188,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let holders = kern(self.kernel.holders_of(self.raw, &except))?;
         if let Err(e) = self.reroute(holders) {
             if created_bridge {
-                let _ = self.kernel.remove(&self.names.bridge.clone());
-                let _ = self.remove_helpers();
+                let r = self.kernel.remove(&self.names.bridge.clone());
+                undone(&mut self.undo_failed, || format!("removing {}", self.names.bridge), r);
+                let r = self.remove_helpers();
+                undone(&mut self.undo_failed, || "removing the helper devices".to_string(), r);
             }
             return Err(e);
         }
@@ -222,7 +229,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         for (i, (name, _, new)) in plans.iter().enumerate() {
             if let Err(e) = self.kernel.load_lines(name, new) {
                 for (n, _, _) in &plans[..i] {
-                    let _ = self.kernel.clear_inactive(n);
+                    let r = self.kernel.clear_inactive(n);
+                    undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", n), r);
                 }
                 return Err(EngineError::Kernel(format!(
                     "loading the rerouted table of {name} failed ({e}); every table is back as it was"
@@ -233,14 +241,19 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         for (i, (name, _, _)) in plans.iter().enumerate() {
             let r = self.kernel.suspend(name).and_then(|_| self.kernel.resume(name));
             if let Err(e) = r {
-                let _ = self.kernel.resume(name);
+                let r = self.kernel.resume(name);
+                undone(&mut self.undo_failed, || format!("resuming {}", name), r);
                 for (n, old, _) in plans[..i].iter().chain(std::iter::once(&plans[i])) {
-                    let _ = self.kernel.load_lines(n, old);
-                    let _ = self.kernel.suspend(n);
-                    let _ = self.kernel.resume(n);
+                    let r = self.kernel.load_lines(n, old);
+                    undone(&mut self.undo_failed, || format!("loading the old table back into {}", n), r);
+                    let r = self.kernel.suspend(n);
+                    undone(&mut self.undo_failed, || format!("suspending {}", n), r);
+                    let r = self.kernel.resume(n);
+                    undone(&mut self.undo_failed, || format!("resuming {}", n), r);
                 }
                 for (n, _, _) in &plans[i + 1..] {
-                    let _ = self.kernel.clear_inactive(n);
+                    let r = self.kernel.clear_inactive(n);
+                    undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", n), r);
                 }
                 return Err(EngineError::Kernel(format!(
                     "switching {name} onto the bridge failed ({e}); tables put back"
@@ -259,20 +272,25 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let bridge = self.names.bridge.clone();
         kern(self.kernel.load(&bridge, &table, &self.key_hex))?;
         if let Err(e) = self.kernel.suspend(&bridge) {
-            let _ = self.kernel.clear_inactive(&bridge);
+            let r = self.kernel.clear_inactive(&bridge);
+            undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", bridge), r);
             return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
         }
         // Suspended: nothing writes to [0, F). Shadow, flush, marker, flush: from the marker
         // on, the label lives only in the shadow. A fence that finds our marker already in
         // place (an earlier attempt got that far) keeps the shadow it made.
         let merged = self.fence_merge().inspect_err(|_e| {
-            let _ = self.kernel.clear_inactive(&bridge);
-            let _ = self.kernel.resume(&bridge);
+            let r = self.kernel.clear_inactive(&bridge);
+            undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", bridge), r);
+            let r = self.kernel.resume(&bridge);
+            undone(&mut self.undo_failed, || format!("resuming {}", bridge), r);
         })?;
         if !merged {
             io(self.disk.read(0, &mut self.fence_buf), || "reading the label sectors".into()).inspect_err(|_e| {
-                let _ = self.kernel.clear_inactive(&bridge);
-                let _ = self.kernel.resume(&bridge);
+                let r = self.kernel.clear_inactive(&bridge);
+                undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", bridge), r);
+                let r = self.kernel.resume(&bridge);
+                undone(&mut self.undo_failed, || format!("resuming {}", bridge), r);
             })?;
             let r = (|| {
                 io(self.disk.write(g.shadow, &self.fence_buf), || "writing the shadow".into())?;
@@ -284,9 +302,12 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             if let Err(e) = r {
                 // Put the label back where the old table reads it, then back out.
                 let orig = self.fence_buf.to_vec();
-                let _ = self.disk.write(0, &orig).and_then(|_| self.disk.flush());
-                let _ = self.kernel.clear_inactive(&bridge);
-                let _ = self.kernel.resume(&bridge);
+                let r = self.disk.write(0, &orig).and_then(|_| self.disk.flush());
+                undone(&mut self.undo_failed, || "putting the first sectors back".to_string(), r);
+                let r = self.kernel.clear_inactive(&bridge);
+                undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", bridge), r);
+                let r = self.kernel.resume(&bridge);
+                undone(&mut self.undo_failed, || format!("resuming {}", bridge), r);
                 return Err(e);
             }
         }

@@ -108,7 +108,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         kern(r)?;
         self.kernel.set_udev_hidden(&bridge, false);
         if let Err(e) = self.kernel.suspend(&bridge) {
-            let _ = self.kernel.clear_inactive(&bridge);
+            let r = self.kernel.clear_inactive(&bridge);
+            undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", bridge), r);
             return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
         }
         // suspended, the bridge holds every filesystem on it: try the resume twice

@@ -71,8 +71,17 @@ fn kern<T>(r: KResult<T>) -> EResult<T> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Committed(State),
-    ChunkStart { from: u64, to: u64 },
-    ChunkDone { from: u64, to: u64, stats: ChunkStats },
+    ChunkStart {
+        from: u64,
+        to: u64,
+    },
+    ChunkDone {
+        from: u64,
+        to: u64,
+        stats: ChunkStats,
+    },
+    /// An undo step failed too (what, and why); the run's error (if any) is the first failure.
+    UndoFailed(String),
     Done,
 }
 
@@ -181,6 +190,9 @@ pub struct Engine<D: Disk, K: Kernel> {
     recheck: Vec<(u64, u64)>,
     /// How the run behaves ([`Options`]; [`Engine::set_options`]).
     opts: Options,
+    /// Undo steps (after a failure, putting tables or devices back) that failed themselves:
+    /// the first failure is the error; these are reported beside it ([`Event::UndoFailed`]).
+    undo_failed: Vec<String>,
     /// What the tail held before `prepare` wrote into it: while nothing else has changed
     /// (state `Prepared`), [`Engine::abandon`] puts it back, byte for byte.
     original_tail: Option<Vec<u8>>,
@@ -327,6 +339,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             verify_dst: buf(VERIFY_PIECE)?,
             recheck,
             opts: Options::default(),
+            undo_failed: Vec::new(),
             original_tail: None,
             #[cfg(test)]
             wrong_order_for_tests: false,
@@ -404,7 +417,15 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
 
     /// Run to the end (or to a stop request at a commit point).
     pub fn run(&mut self, hooks: &mut dyn Hooks) -> EResult<()> {
+        let r = self.run_steps(hooks);
+        self.report_undo_failures(hooks);
+        r
+    }
+
+    fn run_steps(&mut self, hooks: &mut dyn Hooks) -> EResult<()> {
         loop {
+            // undo steps that failed before this run (reopen) or in the last step
+            self.report_undo_failures(hooks);
             let st = self.rec.state;
             if hooks.stop_requested() && matches!(st, State::Migrating { cursor } if cursor > 0) {
                 let State::Migrating { cursor } = st else { unreachable!() };
@@ -431,6 +452,19 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             debug_assert_eq!(Some(self.rec.state), state::after_in(self.g(), st, step));
             hooks.event(&Event::Committed(self.rec.state));
         }
+    }
+
+    /// Undo steps that failed (after the failure they were undoing), as events: never dropped.
+    fn report_undo_failures(&mut self, hooks: &mut dyn Hooks) {
+        for m in std::mem::take(&mut self.undo_failed) {
+            hooks.event(&Event::UndoFailed(m));
+        }
+    }
+
+    /// Undo steps that failed and have not been reported yet (for a caller without hooks,
+    /// e.g. after [`Engine::abandon`]).
+    pub fn take_undo_failures(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.undo_failed)
     }
 
     pub fn state(&self) -> State {
@@ -493,6 +527,13 @@ pub fn read_header_copy<D: Disk>(disk: &mut D, rec: &Record) -> EResult<Vec<u8>>
         return Err(EngineError::Journal("the copy of the LUKS header in the tail is corrupt (CRC mismatch)".into()));
     }
     Ok(h)
+}
+
+/// Keep an undo step's failure (never drop it): `what` it was undoing, and why it failed.
+fn undone<T, E: std::fmt::Display>(failed: &mut Vec<String>, what: impl FnOnce() -> String, r: Result<T, E>) {
+    if let Err(e) = r {
+        failed.push(format!("{} failed too: {e}", what()));
+    }
 }
 
 /// The bytes of a hex string (the engine keeps the volume key as the hex a crypt table takes).

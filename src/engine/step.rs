@@ -257,7 +257,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             kern(self.kernel.load(&bridge, steady, &self.key_hex))?;
             let w = Instant::now();
             if let Err(e) = self.kernel.suspend(&bridge) {
-                let _ = self.kernel.clear_inactive(&bridge);
+                let r = self.kernel.clear_inactive(&bridge);
+                undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", bridge), r);
                 return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
             }
             let t_suspended = Instant::now();
@@ -309,7 +310,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                         // bridge stays suspended: resuming onto it would map a copy that may
                         // not be current; `luksify resume` loads the journal's table.
                         if self.drop_flipped(&bridge, d, b).is_ok() {
-                            let _ = self.kernel.resume(&bridge);
+                            let r = self.kernel.resume(&bridge);
+                            undone(&mut self.undo_failed, || format!("resuming {}", bridge), r);
                         }
                         return Err(e);
                     }
@@ -339,7 +341,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let g = *self.g();
         let bridge = self.names.bridge.clone();
         let mirror = self.names.mirror.clone();
-        let _ = self.kernel.clear_inactive(&bridge);
+        let r = self.kernel.clear_inactive(&bridge);
+        undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", bridge), r);
         let mt = tables::mirror_table(&g, d, a, b);
         let bt = tables::bridge_table(&g, &self.spec, d, BridgePhase::Mirroring { from: a, to: b });
         let r = self
@@ -349,8 +352,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             .and_then(|_| self.kernel.resume(&mirror))
             .and_then(|_| self.kernel.load(&bridge, &bt, &self.key_hex));
         if r.is_err() {
-            let _ = self.kernel.clear_inactive(&bridge);
+            let r = self.kernel.clear_inactive(&bridge);
+            undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", bridge), r);
         }
-        let _ = self.kernel.resume(&bridge);
+        let r = self.kernel.resume(&bridge);
+        undone(&mut self.undo_failed, || format!("resuming {}", bridge), r);
     }
 }
