@@ -56,10 +56,3 @@ pub(super) fn drive(
     // (dropping the hooks gives the VG lock back, before anything runs LVM again)
     Ok(())
 }
-
-/// Give LVM's VG lock back (before luksify's own LVM command, which would wait for it).
-pub(super) fn release_vg_lock(l: &mut Option<VgLock>) {
-    if let Some(l) = l.take() {
-        l.release();
-    }
-}

@@ -1,7 +1,6 @@
 //! Progress on the terminal (a bar, or a line every 10%) or as `--progress-json` lines.
 //! The JSON lines are serde types; their bytes are what tests and `qemu/bench` read.
 
-use super::guard::release_vg_lock;
 use crate::adapters::lvmlock::VgLock;
 use crate::adapters::{lvm, sys};
 use crate::cli::RunOpts;
@@ -222,7 +221,9 @@ impl Hooks for CliHooks {
     fn lvm_resize(&mut self, bridge: &str) -> std::result::Result<(), String> {
         let dev = format!("/dev/mapper/{bridge}");
         // Our own LVM command would wait for the lock we hold: give it back first.
-        release_vg_lock(&mut self.vg_lock);
+        if let Some(l) = self.vg_lock.take() {
+            l.release();
+        }
         lvm::pvresize(Path::new(&dev), None).map_err(|e| {
             eprintln!("luksify: warning: `pvresize {dev}` failed ({e}); run it yourself, the data is intact");
             e.to_string()

@@ -346,7 +346,7 @@ pub fn render(b: &BootReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::plan::tests::laptop;
+    use crate::core::facts::samples::laptop;
 
     fn debian() -> BootFacts {
         BootFacts {

@@ -131,3 +131,71 @@ pub struct LvFacts {
     /// Uses PVs other than this one too.
     pub spans_other_pvs: bool,
 }
+
+/// Facts of sample devices, for the core's tests (the planner's and the boot checks').
+#[cfg(test)]
+pub(crate) mod samples {
+    use super::*;
+
+    /// /dev/sda5: an LVM PV (VG vg0, 60 extents of 4 MiB, root on its first 10), 20 MiB of
+    /// room past the PV.
+    pub fn laptop() -> DeviceFacts {
+        DeviceFacts {
+            path: "/dev/sda5".into(),
+            canonical: "/dev/sda5".into(),
+            kname: "sda5".into(),
+            major: 8,
+            minor: 5,
+            size_sectors: 2048 + 60 * 8192 + 40_960,
+            logical_block_size: 512,
+            physical_block_size: 4096,
+            partition_of: Some("sda".into()),
+            read_only: false,
+            content: Content::LvmPv,
+            holders: vec![Holder {
+                name: "vg0-root".into(),
+                uuid: "LVM-abc".into(),
+                major: 254,
+                minor: 0,
+                table: vec![TableLineFacts {
+                    start: 0,
+                    length: 8192 * 10,
+                    target_type: "linear".into(),
+                    params: "8:5 2048".into(),
+                }],
+                mounts: vec!["/".into()],
+                swap: false,
+                open_count: 1,
+            }],
+            direct_mounts: vec![],
+            direct_swap: false,
+            lvm: Some(LvmFacts {
+                pv_uuid: "pvuuid".into(),
+                vg_name: "vg0".into(),
+                vg_uuid: "vguuid".into(),
+                pe_start: 2048,
+                extent_size: 8192,
+                pe_count: 60,
+                pe_alloc_count: 10,
+                pv_size: 60 * 8192,
+                dev_size: 2048 + 60 * 8192 + 40_960,
+                mda_count: 1,
+                segments: vec![
+                    PvSegment { start_extent: 0, extents: 10, lv: Some("root".into()) },
+                    PvSegment { start_extent: 10, extents: 50, lv: None },
+                ],
+                lvs: vec![LvFacts {
+                    name: "root".into(),
+                    attr: "-wi-ao----".into(),
+                    segtypes: vec!["linear".into()],
+                    dm_name: "vg0-root".into(),
+                    active: true,
+                    spans_other_pvs: false,
+                }],
+            }),
+            luksify_journal: false,
+            luksify_marker: false,
+            warnings: vec![],
+        }
+    }
+}

@@ -4,7 +4,6 @@
 //! rendered with the key only by the device-mapper adapter, at load time
 //! ([`Line::params`]). [`std::fmt::Display`] shows `<key>` instead.
 
-use super::dmline::ReadTarget;
 use super::geometry::Geometry;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -232,15 +231,6 @@ pub fn covers(table: &[Line], len: u64) -> bool {
     pos == len
 }
 
-/// Rewrite an LV table so that every reference to `from` points at `to` (same offsets).
-/// Returns None if the table does not reference `from` at all, or does not parse
-/// ([`ReadTarget::parse`]). Only linear and striped targets are understood; the planner
-/// refuses anything else before we get here.
-pub fn reroute_params(target_type: &str, params: &str, from: DevRef, to: DevRef) -> Option<String> {
-    let mut t = ReadTarget::parse(target_type, params).ok()?;
-    t.reroute(from, to).then(|| t.params())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,76 +348,5 @@ mod tests {
         assert!(!staging_table(&g, &sp, RAW)[0].params("k").contains("allow_discards"));
         sp.allow_discards = true;
         assert!(staging_table(&g, &sp, RAW)[0].params("k").ends_with(" 1 allow_discards"));
-    }
-
-    #[test]
-    fn reroute_linear_and_striped() {
-        let to = DevRef { major: 254, minor: 9 };
-        assert_eq!(reroute_params("linear", "98:5 2048", RAW, to).as_deref(), Some("254:9 2048"));
-        assert_eq!(reroute_params("linear", "98:17 2048", RAW, to), None);
-        assert_eq!(
-            reroute_params("striped", "2 128 98:5 2048 98:17 4096", RAW, to).as_deref(),
-            Some("2 128 254:9 2048 98:17 4096")
-        );
-        assert_eq!(reroute_params("snapshot", "98:5 98:6 P 8", RAW, to), None);
-        // A device number that merely contains the raw one is not rerouted.
-        assert_eq!(reroute_params("linear", "98:50 0", RAW, to), None);
-    }
-
-    /// `reroute_params` as it was before it used [`ReadTarget`] (word by word).
-    fn reroute_params_before(target_type: &str, params: &str, from: DevRef, to: DevRef) -> Option<String> {
-        let from_s = from.to_string();
-        let to_s = to.to_string();
-        let mut words: Vec<String> = params.split_whitespace().map(str::to_string).collect();
-        let mut changed = false;
-        match target_type {
-            "linear" => {
-                if words.first().map(|w| *w == from_s).unwrap_or(false) {
-                    words[0] = to_s;
-                    changed = true;
-                }
-            }
-            "striped" => {
-                let n: usize = words.first()?.parse().ok()?;
-                for i in 0..n {
-                    let idx = 2 + 2 * i;
-                    if words.get(idx).map(|w| *w == from_s).unwrap_or(false) {
-                        words[idx] = to_s.clone();
-                        changed = true;
-                    }
-                }
-            }
-            _ => return None,
-        }
-        changed.then(|| words.join(" "))
-    }
-
-    #[test]
-    fn reroute_is_unchanged_on_what_the_kernel_prints() {
-        let to = DevRef { major: 254, minor: 9 };
-        for (t, p) in [
-            ("linear", "98:5 2048"),
-            ("linear", "98:5 0"),
-            ("linear", "98:17 2048"),
-            ("linear", "98:50 0"),
-            ("linear", "254:9 0"),
-            ("striped", "1 8 98:5 0"),
-            ("striped", "2 128 98:5 2048 98:17 4096"),
-            ("striped", "2 128 98:17 2048 98:5 4096"),
-            ("striped", "3 64 98:5 0 98:5 100 98:51 7"),
-            ("striped", "2 128 98:17 2048 98:18 4096"),
-            ("crypt", "aes-xts-plain64 - 0 98:5 32768"),
-            ("mirror", "core 2 1024 nosync 2 98:5 32768 254:1 32768"),
-            ("snapshot", "98:5 98:6 P 8"),
-            ("snapshot-origin", "98:5"),
-            ("error", ""),
-        ] {
-            assert_eq!(reroute_params(t, p, RAW, to), reroute_params_before(t, p, RAW, to), "{t} {p}");
-        }
-        // Malformed lines (the kernel prints none): no longer half-rewritten, left alone.
-        assert_eq!(reroute_params_before("linear", "98:5 2048 junk", RAW, to).as_deref(), Some("254:9 2048 junk"));
-        assert_eq!(reroute_params("linear", "98:5 2048 junk", RAW, to), None);
-        assert_eq!(reroute_params("linear", "98:5", RAW, to), None);
-        assert_eq!(reroute_params("striped", "2 128 98:5 2048", RAW, to), None);
     }
 }

@@ -207,7 +207,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         for h in holders {
             let mut new = Vec::new();
             for l in &h.table {
-                let params = match tables::reroute_params(&l.target_type, &l.params, self.raw, bridge) {
+                let params = match dmline::reroute_params(&l.target_type, &l.params, self.raw, bridge) {
                     Some(p) => p,
                     None if dmline::references(l, self.raw) => {
                         return Err(EngineError::Refused(format!(

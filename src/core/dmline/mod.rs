@@ -575,5 +575,14 @@ pub fn references(line: &TableLineFacts, dev: DevRef) -> bool {
     }
 }
 
+/// Rewrite an LV table so that every reference to `from` points at `to` (same offsets).
+/// Returns None if the table does not reference `from` at all, or does not parse
+/// ([`ReadTarget::parse`]). Only linear and striped targets are understood; the planner
+/// refuses anything else before we get here.
+pub fn reroute_params(target_type: &str, params: &str, from: DevRef, to: DevRef) -> Option<String> {
+    let mut t = ReadTarget::parse(target_type, params).ok()?;
+    t.reroute(from, to).then(|| t.params())
+}
+
 #[cfg(test)]
 mod tests;

@@ -464,3 +464,74 @@ fn references_reads_devices_where_it_can() {
     assert!(!references(&tl(0, 8, "linear", "98:6 0"), RAW));
     assert!(references(&tl(0, 8, "striped", "2 8 98:6 0 98:5 0"), RAW));
 }
+
+#[test]
+fn reroute_linear_and_striped() {
+    let to = DevRef { major: 254, minor: 9 };
+    assert_eq!(reroute_params("linear", "98:5 2048", RAW, to).as_deref(), Some("254:9 2048"));
+    assert_eq!(reroute_params("linear", "98:17 2048", RAW, to), None);
+    assert_eq!(
+        reroute_params("striped", "2 128 98:5 2048 98:17 4096", RAW, to).as_deref(),
+        Some("2 128 254:9 2048 98:17 4096")
+    );
+    assert_eq!(reroute_params("snapshot", "98:5 98:6 P 8", RAW, to), None);
+    // A device number that merely contains the raw one is not rerouted.
+    assert_eq!(reroute_params("linear", "98:50 0", RAW, to), None);
+}
+
+/// `reroute_params` as it was before it used [`ReadTarget`] (word by word).
+fn reroute_params_before(target_type: &str, params: &str, from: DevRef, to: DevRef) -> Option<String> {
+    let from_s = from.to_string();
+    let to_s = to.to_string();
+    let mut words: Vec<String> = params.split_whitespace().map(str::to_string).collect();
+    let mut changed = false;
+    match target_type {
+        "linear" => {
+            if words.first().map(|w| *w == from_s).unwrap_or(false) {
+                words[0] = to_s;
+                changed = true;
+            }
+        }
+        "striped" => {
+            let n: usize = words.first()?.parse().ok()?;
+            for i in 0..n {
+                let idx = 2 + 2 * i;
+                if words.get(idx).map(|w| *w == from_s).unwrap_or(false) {
+                    words[idx] = to_s.clone();
+                    changed = true;
+                }
+            }
+        }
+        _ => return None,
+    }
+    changed.then(|| words.join(" "))
+}
+
+#[test]
+fn reroute_is_unchanged_on_what_the_kernel_prints() {
+    let to = DevRef { major: 254, minor: 9 };
+    for (t, p) in [
+        ("linear", "98:5 2048"),
+        ("linear", "98:5 0"),
+        ("linear", "98:17 2048"),
+        ("linear", "98:50 0"),
+        ("linear", "254:9 0"),
+        ("striped", "1 8 98:5 0"),
+        ("striped", "2 128 98:5 2048 98:17 4096"),
+        ("striped", "2 128 98:17 2048 98:5 4096"),
+        ("striped", "3 64 98:5 0 98:5 100 98:51 7"),
+        ("striped", "2 128 98:17 2048 98:18 4096"),
+        ("crypt", "aes-xts-plain64 - 0 98:5 32768"),
+        ("mirror", "core 2 1024 nosync 2 98:5 32768 254:1 32768"),
+        ("snapshot", "98:5 98:6 P 8"),
+        ("snapshot-origin", "98:5"),
+        ("error", ""),
+    ] {
+        assert_eq!(reroute_params(t, p, RAW, to), reroute_params_before(t, p, RAW, to), "{t} {p}");
+    }
+    // Malformed lines (the kernel prints none): no longer half-rewritten, left alone.
+    assert_eq!(reroute_params_before("linear", "98:5 2048 junk", RAW, to).as_deref(), Some("254:9 2048 junk"));
+    assert_eq!(reroute_params("linear", "98:5 2048 junk", RAW, to), None);
+    assert_eq!(reroute_params("linear", "98:5", RAW, to), None);
+    assert_eq!(reroute_params("striped", "2 128 98:5 2048", RAW, to), None);
+}
