@@ -22,7 +22,7 @@ pub struct DmKernel {
 }
 
 fn k(e: DmError) -> KernelError {
-    KernelError(e.to_string())
+    KernelError::from_source(e)
 }
 
 impl DmKernel {
@@ -59,7 +59,7 @@ impl DmKernel {
         if p.exists() {
             return Ok(());
         }
-        let d = self.dm.info(n).map_err(k)?.ok_or_else(|| KernelError(format!("{n} does not exist")))?;
+        let d = self.dm.info(n).map_err(k)?.ok_or_else(|| KernelError::new(format!("{n} does not exist")))?;
         let _ = std::fs::create_dir_all("/dev/mapper");
         nix::sys::stat::mknod(
             &p,
@@ -67,7 +67,7 @@ impl DmKernel {
             nix::sys::stat::Mode::from_bits_truncate(0o600),
             nix::sys::stat::makedev(d.major as u64, d.minor as u64),
         )
-        .map_err(|e| KernelError(format!("creating {}: {e}", p.display())))
+        .map_err(|e| KernelError::new(format!("creating {}: {e}", p.display())))
     }
 }
 
@@ -90,7 +90,7 @@ impl Kernel for DmKernel {
             }
             // no keyring in this kernel (or none for us): hex in the table, as cryptsetup does
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)) => Ok(None),
-            Err(e) => Err(KernelError(format!("add_key logon {desc}: {e}"))),
+            Err(e) => Err(KernelError::new(format!("add_key logon {desc}: {e}"))),
         }
     }
 
@@ -129,7 +129,9 @@ impl Kernel for DmKernel {
 
     fn load_lines(&mut self, n: &str, lines: &[TableLineFacts]) -> KResult<()> {
         if self.fail_load_of.as_deref() == Some(n) {
-            return Err(KernelError(format!("loading a table into {n}: injected failure (LUKSIFY_TEST_FAIL_LOAD)")));
+            return Err(KernelError::new(format!(
+                "loading a table into {n}: injected failure (LUKSIFY_TEST_FAIL_LOAD)"
+            )));
         }
         self.dm.load(n, lines, false).map_err(k)
     }
@@ -172,7 +174,7 @@ impl Kernel for DmKernel {
         let mut out = Vec::new();
         for l in self.dm.status(n).map_err(k)? {
             if l.target_type == "mirror" {
-                out.push(MirrorStatus::parse(&l.params).map_err(|e| KernelError(e.to_string()))?.health);
+                out.push(MirrorStatus::parse(&l.params).map_err(|e| KernelError::new(e.to_string()))?.health);
             }
         }
         Ok(out)
@@ -198,11 +200,13 @@ impl Kernel for DmKernel {
 
     fn read(&mut self, n: &str, sector: u64, buf: &mut [u8]) -> KResult<()> {
         use crate::engine::Disk;
-        let d = self.dm.info(n).map_err(k)?.ok_or_else(|| KernelError(format!("{n} does not exist")))?;
+        let d = self.dm.info(n).map_err(k)?.ok_or_else(|| KernelError::new(format!("{n} does not exist")))?;
         let dev = nix::sys::stat::makedev(d.major as u64, d.minor as u64);
         if let Some((rdev, disk)) = self.readers.get_mut(n) {
             if *rdev == dev {
-                return disk.read(sector, buf).map_err(|e| KernelError(format!("reading {n} at sector {sector}: {e}")));
+                return disk
+                    .read(sector, buf)
+                    .map_err(|e| KernelError::new(format!("reading {n} at sector {sector}: {e}")));
             }
         }
         self.readers.remove(n);
@@ -224,15 +228,15 @@ impl Kernel for DmKernel {
                 nix::sys::stat::Mode::from_bits_truncate(0o600),
                 dev,
             )
-            .map_err(|e| KernelError(format!("creating a node for {n}: {e}")))?;
+            .map_err(|e| KernelError::new(format!("creating a node for {n}: {e}")))?;
             ours.clone()
         };
         let disk = crate::adapters::rawdisk::RawDisk::open_with_bounce(&path, false, 64 << 10);
         if path == ours {
             let _ = std::fs::remove_file(&ours);
         }
-        let disk = disk.map_err(|e| KernelError(format!("opening {n}: {e}")))?;
+        let disk = disk.map_err(|e| KernelError::new(format!("opening {n}: {e}")))?;
         let (_, disk) = self.readers.entry(n.to_string()).or_insert((dev, disk));
-        disk.read(sector, buf).map_err(|e| KernelError(format!("reading {n} at sector {sector}: {e}")))
+        disk.read(sector, buf).map_err(|e| KernelError::new(format!("reading {n} at sector {sector}: {e}")))
     }
 }

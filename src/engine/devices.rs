@@ -32,7 +32,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 if let Err(e) = self.kernel.load(&n, &t, &self.key_hex).and_then(|_| self.kernel.resume(&n)) {
                     let r = self.kernel.remove(&n);
                     undone(&mut self.undo_failed, || format!("removing {}", n), r);
-                    return Err(EngineError::Kernel(format!("setting up the mirror device: {e}")));
+                    return Err(EngineError::Kernel(e.context("setting up the mirror device")));
                 }
                 d
             }
@@ -152,7 +152,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         if let Err(e) = self.kernel.load(&n, &t, &self.key_hex).and_then(|_| self.kernel.resume(&n)) {
             let r = self.kernel.remove(&n);
             undone(&mut self.undo_failed, || format!("removing {}", n), r);
-            return Err(EngineError::Kernel(format!("setting up the staging crypt device: {e}")));
+            return Err(EngineError::Kernel(e.context("setting up the staging crypt device")));
         }
         Ok(d)
     }
@@ -163,7 +163,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         if let Err(e) = self.kernel.suspend(name) {
             let r = self.kernel.clear_inactive(name);
             undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", name), r);
-            return Err(EngineError::Kernel(format!("suspending the {what}: {e}")));
+            return Err(EngineError::Kernel(e.context(format!("suspending the {what}"))));
         }
         kern(self.kernel.resume(name))
     }
@@ -181,7 +181,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 undone(&mut self.undo_failed, || format!("removing {}", n), r);
                 let r = self.remove_helpers();
                 undone(&mut self.undo_failed, || "removing the helper devices".to_string(), r);
-                return Err(EngineError::Kernel(format!("setting up the bridge: {e}")));
+                return Err(EngineError::Kernel(e.context("setting up the bridge")));
             }
         }
         let except = [self.names.bridge.as_str(), self.names.staging.as_str(), self.names.mirror.as_str()];
@@ -201,7 +201,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// Reroute every holder of the raw device onto the bridge, all or none.
     pub(super) fn reroute(&mut self, holders: Vec<HolderTable>) -> EResult<()> {
         let bridge = kern(self.kernel.lookup(&self.names.bridge))?
-            .ok_or_else(|| EngineError::Kernel("the bridge vanished".into()))?;
+            .ok_or_else(|| EngineError::Kernel(KernelError::new("the bridge vanished")))?;
         let g = *self.g();
         let mut plans: Vec<(String, Vec<TableLineFacts>, Vec<TableLineFacts>)> = Vec::new();
         for h in holders {
@@ -232,9 +232,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                     let r = self.kernel.clear_inactive(n);
                     undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", n), r);
                 }
-                return Err(EngineError::Kernel(format!(
-                    "loading the rerouted table of {name} failed ({e}); every table is back as it was"
-                )));
+                return Err(EngineError::Kernel({
+                    let m = format!("loading the rerouted table of {name} failed ({e}); every table is back as it was");
+                    e.reworded(m)
+                }));
             }
         }
         // Phase 2: swap them in, one short suspend each. A failure puts back the old tables.
@@ -255,9 +256,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                     let r = self.kernel.clear_inactive(n);
                     undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", n), r);
                 }
-                return Err(EngineError::Kernel(format!(
-                    "switching {name} onto the bridge failed ({e}); tables put back"
-                )));
+                return Err(EngineError::Kernel({
+                    let m = format!("switching {name} onto the bridge failed ({e}); tables put back");
+                    e.reworded(m)
+                }));
             }
         }
         Ok(())
@@ -274,7 +276,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         if let Err(e) = self.kernel.suspend(&bridge) {
             let r = self.kernel.clear_inactive(&bridge);
             undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", bridge), r);
-            return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
+            return Err(EngineError::Kernel(e.context("suspending the bridge")));
         }
         // Suspended: nothing writes to [0, F). Shadow, flush, marker, flush: from the marker
         // on, the label lives only in the shadow. A fence that finds our marker already in

@@ -110,11 +110,14 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         if let Err(e) = self.kernel.suspend(&bridge) {
             let r = self.kernel.clear_inactive(&bridge);
             undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", bridge), r);
-            return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
+            return Err(EngineError::Kernel(e.context("suspending the bridge")));
         }
         // suspended, the bridge holds every filesystem on it: try the resume twice
         self.kernel.resume(&bridge).or_else(|_| self.kernel.resume(&bridge)).map_err(|e| {
-            EngineError::Kernel(format!("resuming the bridge failed twice ({e}): run `dmsetup resume {bridge}`"))
+            EngineError::Kernel({
+                let m = format!("resuming the bridge failed twice ({e}): run `dmsetup resume {bridge}`");
+                e.reworded(m)
+            })
         })
     }
 

@@ -42,8 +42,9 @@ const KERNEL_CHECK_SECTORS: u64 = 8;
 pub enum EngineError {
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    /// The kernel refused or failed (the adapter's error is kept as the source).
     #[error("{0}")]
-    Kernel(String),
+    Kernel(#[source] KernelError),
     #[error("{0}")]
     Journal(String),
     /// Signs of a conversion whose journal is missing or damaged: no record to act on.
@@ -64,7 +65,7 @@ fn io<T>(r: std::io::Result<T>, what: impl FnOnce() -> String) -> EResult<T> {
 }
 
 fn kern<T>(r: KResult<T>) -> EResult<T> {
-    r.map_err(|e| EngineError::Kernel(e.0))
+    r.map_err(EngineError::Kernel)
 }
 
 /// Progress events for the front end (a bar, JSON lines, or nothing).

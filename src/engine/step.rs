@@ -259,7 +259,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             if let Err(e) = self.kernel.suspend(&bridge) {
                 let r = self.kernel.clear_inactive(&bridge);
                 undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", bridge), r);
-                return Err(EngineError::Kernel(format!("suspending the bridge: {e}")));
+                return Err(EngineError::Kernel(e.context("suspending the bridge")));
             }
             let t_suspended = Instant::now();
             // One window; more than one pass of the comparison only if a cut could not

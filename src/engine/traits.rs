@@ -4,6 +4,7 @@
 use crate::core::facts::TableLineFacts;
 use crate::core::tables::{DevRef, Line};
 use std::fmt;
+use std::sync::Arc;
 
 /// The raw partition being converted: sector-addressed I/O and a cache flush.
 /// Implementations do their own alignment; a `flush` must make every completed write durable.
@@ -13,17 +14,59 @@ pub trait Disk {
     fn flush(&mut self) -> std::io::Result<()>;
 }
 
-/// An error from the kernel side, with what was being done.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelError(pub String);
+/// An error from the kernel side: what was being done (the whole message), and the adapter's
+/// own error it came from, kept as its source (e.g. a `DmError` with its errno).
+#[derive(Debug, Clone)]
+pub struct KernelError {
+    what: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+}
 
-impl fmt::Display for KernelError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+impl KernelError {
+    /// An error with no typed cause (the simulator's, or one the engine finds itself).
+    pub fn new(what: impl Into<String>) -> KernelError {
+        KernelError { what: what.into(), source: None }
+    }
+
+    /// An adapter's error, kept as the source.
+    pub fn from_source(e: impl std::error::Error + Send + Sync + 'static) -> KernelError {
+        KernelError { what: e.to_string(), source: Some(Arc::new(e)) }
+    }
+
+    /// The same error, with what was being done in front; the source is kept.
+    pub fn context(self, doing: impl fmt::Display) -> KernelError {
+        KernelError { what: format!("{doing}: {}", self.what), source: self.source }
+    }
+
+    /// The same error told in other words (`what` usually quotes it); the source is kept.
+    pub fn reworded(self, what: impl Into<String>) -> KernelError {
+        KernelError { what: what.into(), source: self.source }
+    }
+
+    /// The message (what was being done, and why it failed).
+    pub fn message(&self) -> &str {
+        &self.what
     }
 }
 
-impl std::error::Error for KernelError {}
+impl PartialEq for KernelError {
+    fn eq(&self, other: &KernelError) -> bool {
+        self.what == other.what
+    }
+}
+impl Eq for KernelError {}
+
+impl fmt::Display for KernelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+impl std::error::Error for KernelError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 pub type KResult<T> = Result<T, KernelError>;
 
@@ -75,4 +118,25 @@ pub trait Kernel {
     fn keyring_add(&mut self, desc: &str, key: &[u8]) -> KResult<Option<String>>;
     /// Take the key `desc` out of the keyring again (a loaded table keeps its own copy).
     fn keyring_drop(&mut self, desc: &str);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error;
+
+    /// The adapter's own error survives context and the engine's error: a caller can still
+    /// ask it for its errno.
+    #[test]
+    fn a_kernel_error_keeps_its_source_through_the_engine() {
+        let io = std::io::Error::from_raw_os_error(libc::EBUSY);
+        let k = KernelError::from_source(io).context("suspending the bridge");
+        assert!(k.message().starts_with("suspending the bridge: "), "{k}");
+        let e = crate::engine::EngineError::Kernel(k);
+        let k: &dyn Error = e.source().expect("the engine error keeps the kernel error");
+        let io =
+            k.source().and_then(|s| s.downcast_ref::<std::io::Error>()).expect("the kernel error keeps the io error");
+        assert_eq!(io.raw_os_error(), Some(libc::EBUSY));
+        assert!(KernelError::new("no cause").source().is_none());
+    }
 }

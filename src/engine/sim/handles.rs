@@ -83,7 +83,7 @@ impl Disk for SimDisk {
 }
 
 fn kerr(e: String) -> KernelError {
-    KernelError(e)
+    KernelError::new(e)
 }
 
 impl Kernel for SimKernel {
@@ -105,10 +105,10 @@ impl Kernel for SimKernel {
         let mut w = self.0.borrow_mut();
         w.op(|| format!("create {name}")).map_err(kerr)?;
         if w.dm.devs.contains_key(name) {
-            return Err(KernelError(format!("creating {name}: device exists (EBUSY)")));
+            return Err(KernelError::new(format!("creating {name}: device exists (EBUSY)")));
         }
         if w.dm.devs.values().any(|d| d.uuid == uuid) {
-            return Err(KernelError(format!("creating {name}: uuid {uuid} in use (EBUSY)")));
+            return Err(KernelError::new(format!("creating {name}: uuid {uuid} in use (EBUSY)")));
         }
         let dev = DevRef { major: DM_MAJOR, minor: w.dm.next_minor };
         w.dm.next_minor += 1;
@@ -126,7 +126,7 @@ impl Kernel for SimKernel {
         w.dev_mut(name)?;
         let t = w
             .parse_table(table.iter().map(|l| (l.start, l.length, l.target_type().to_string(), l.params(key_hex))))
-            .map_err(|e| KernelError(format!("loading {name}: {e} (EINVAL)")))?;
+            .map_err(|e| KernelError::new(format!("loading {name}: {e} (EINVAL)")))?;
         w.dev_mut(name)?.inactive = Some(t);
         Ok(())
     }
@@ -147,7 +147,7 @@ impl Kernel for SimKernel {
         w.dev_mut(name)?;
         let t = w
             .parse_table(lines.iter().map(|l| (l.start, l.length, l.target_type.clone(), l.params.clone())))
-            .map_err(|e| KernelError(format!("loading {name}: {e} (EINVAL)")))?;
+            .map_err(|e| KernelError::new(format!("loading {name}: {e} (EINVAL)")))?;
         w.dev_mut(name)?.inactive = Some(t);
         Ok(())
     }
@@ -179,7 +179,7 @@ impl Kernel for SimKernel {
                     }
                 }
             }
-            return Err(KernelError(e));
+            return Err(KernelError::new(e));
         }
         let d = w.dev_mut(name)?;
         if let Some(t) = d.inactive.take() {
@@ -224,7 +224,7 @@ impl Kernel for SimKernel {
         w.op(|| format!("remove {name}")).map_err(kerr)?;
         let dev = w.dev_mut(name)?.dev;
         if let Some(user) = w.in_use(name, dev) {
-            return Err(KernelError(format!("removing {name}: in use by {user} (EBUSY)")));
+            return Err(KernelError::new(format!("removing {name}: in use by {user} (EBUSY)")));
         }
         w.dm.devs.remove(name);
         Ok(())
@@ -265,14 +265,15 @@ impl Kernel for SimKernel {
     fn read(&mut self, name: &str, sector: u64, buf: &mut [u8]) -> KResult<()> {
         let mut w = self.0.borrow_mut();
         w.op(|| format!("read {name} {sector}+{}", buf.len() / SECTOR)).map_err(kerr)?;
-        let dev = w.dm.devs.get(name).map(|d| d.dev).ok_or_else(|| KernelError(format!("{name}: no such device")))?;
+        let dev =
+            w.dm.devs.get(name).map(|d| d.dev).ok_or_else(|| KernelError::new(format!("{name}: no such device")))?;
         for (i, b) in buf.chunks_mut(SECTOR).enumerate() {
             match w.dev_io(dev, sector + i as u64, b, false) {
                 Ok(()) => {}
                 Err(IoFail::Blocked) => {
-                    return Err(KernelError(format!("reading suspended {name}: this would hang forever")))
+                    return Err(KernelError::new(format!("reading suspended {name}: this would hang forever")))
                 }
-                Err(IoFail::Error(e)) => return Err(KernelError(e)),
+                Err(IoFail::Error(e)) => return Err(KernelError::new(e)),
             }
         }
         Ok(())

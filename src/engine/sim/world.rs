@@ -747,7 +747,7 @@ impl World {
     }
 
     pub(super) fn dev_mut(&mut self, name: &str) -> KResult<&mut DmDev> {
-        self.dm.devs.get_mut(name).ok_or_else(|| KernelError(format!("{name}: no such device (ENXIO)")))
+        self.dm.devs.get_mut(name).ok_or_else(|| KernelError::new(format!("{name}: no such device (ENXIO)")))
     }
 
     /// Whether any other device's live or inactive table refers to `dev`, or the live system
