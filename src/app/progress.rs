@@ -5,6 +5,7 @@ use crate::adapters::lvmlock::VgLock;
 use crate::adapters::{lvm, sys};
 use crate::cli::RunOpts;
 use crate::core::journal::State;
+use crate::core::units::Sectors;
 use crate::engine::{Event, Hooks};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -105,7 +106,7 @@ impl CliHooks {
     pub(super) fn new(run: &RunOpts, l: u64, moved: u64, name: &str) -> CliHooks {
         let tty = std::io::stderr().is_terminal();
         let bar = (!run.progress_json && tty).then(|| {
-            let b = ProgressBar::new(l * 512);
+            let b = ProgressBar::new(Sectors(l).bytes());
             b.set_style(
                 ProgressStyle::with_template(
                     "{spinner} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
@@ -113,7 +114,7 @@ impl CliHooks {
                 .expect("template")
                 .progress_chars("=> "),
             );
-            b.set_position(moved * 512);
+            b.set_position(Sectors(moved).bytes());
             b
         });
         CliHooks {
@@ -139,7 +140,7 @@ impl Hooks for CliHooks {
                 self.cut_windows += u64::from(stats.cut_windows);
                 self.chunks += 1;
                 if let Some(b) = &self.bar {
-                    b.set_position(moved * 512);
+                    b.set_position(Sectors(moved).bytes());
                 } else if self.json {
                     emit(&Line::Chunk {
                         cursor: *from,

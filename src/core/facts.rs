@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Sector = 512 bytes throughout.
-pub const SECTOR: u64 = 512;
+pub use super::units::SECTOR;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceFacts {

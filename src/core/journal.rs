@@ -3,6 +3,7 @@
 //! The byte layout is specified in `journal-format.md` (version 1); keep them in step.
 
 use super::geometry::Geometry;
+use super::units::Sectors;
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: &[u8; 8] = b"LUKSIFYJ";
@@ -228,7 +229,7 @@ impl Record {
             return Err(JournalError::Field("luks version"));
         }
         let header_len = get_u32(b, O_HDR_LEN);
-        if header_len as u64 > geometry.header_copy_len * 512 {
+        if header_len as u64 > Sectors(geometry.header_copy_len).bytes() {
             return Err(JournalError::Field("header length"));
         }
         Ok(Record {

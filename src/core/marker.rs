@@ -1,6 +1,8 @@
 //! The fence marker (written over the first 4 KiB of the raw partition while it is being
 //! converted) and the LVM label reader used to check a device's identity. Pure.
 
+use super::units::sector;
+
 /// Magic at byte 0 of the marker.
 pub const FENCE_MAGIC: &[u8; 16] = b"LUKSIFY-FENCE-V1";
 pub const MARKER_BYTES: usize = 4096;
@@ -26,9 +28,9 @@ Boot rescue media with luksify and run: luksify resume <this partition>\n";
 }
 
 /// Whether sector `i` of the raw device holds sector `i` of our marker (exactly).
-pub fn is_marker_sector(sector: &[u8], i: usize, luks_uuid: &str, journal_sector: u64) -> bool {
+pub fn is_marker_sector(bytes: &[u8], i: usize, luks_uuid: &str, journal_sector: u64) -> bool {
     let m = encode(luks_uuid, journal_sector);
-    sector == &m[i * 512..(i + 1) * 512]
+    bytes == &m[sector(i)]
 }
 
 /// If `b` (at least 4 KiB from sector 0) is a marker: (LUKS UUID, journal sector).
@@ -44,7 +46,7 @@ pub fn decode(b: &[u8]) -> Option<(String, u64)> {
 /// The PV UUID (LVM's dashed form) from an LVM2 label found in sectors 0..3 of `b`.
 pub fn pv_uuid(b: &[u8]) -> Option<String> {
     for s in 0..4 {
-        let lab = b.get(s * 512..(s + 1) * 512)?;
+        let lab = b.get(sector(s))?;
         if &lab[..8] == b"LABELONE" && &lab[24..32] == b"LVM2 001" {
             let off = u32::from_le_bytes(lab[20..24].try_into().unwrap()) as usize;
             let raw = lab.get(off..off + 32)?;
@@ -70,7 +72,7 @@ pub fn pv_uuid(b: &[u8]) -> Option<String> {
 pub fn first_mda(b: &[u8]) -> Option<(u64, u64)> {
     let u64_at = |x: &[u8], o: usize| x.get(o..o + 8).map(|v| u64::from_le_bytes(v.try_into().unwrap()));
     for s in 0..4 {
-        let lab = b.get(s * 512..(s + 1) * 512)?;
+        let lab = b.get(sector(s))?;
         if &lab[..8] != b"LABELONE" || &lab[24..32] != b"LVM2 001" {
             continue;
         }
@@ -145,9 +147,9 @@ mod tests {
         assert!(pv_uuid(&m).is_none());
         // Every sector is recognisable on its own, and none is all zeros.
         for i in 0..8 {
-            assert!(is_marker_sector(&m[i * 512..(i + 1) * 512], i, "0b6c1e39-5d8b-4d4f-9a35-2f7e3c1d9a10", 123_456));
+            assert!(is_marker_sector(&m[sector(i)], i, "0b6c1e39-5d8b-4d4f-9a35-2f7e3c1d9a10", 123_456));
             assert!(!is_marker_sector(&[0u8; 512], i, "0b6c1e39-5d8b-4d4f-9a35-2f7e3c1d9a10", 123_456));
-            assert!(m[i * 512..(i + 1) * 512].iter().any(|&x| x != 0));
+            assert!(m[sector(i)].iter().any(|&x| x != 0));
         }
         assert_ne!(&m[..6], b"LUKS\xba\xbe");
     }

@@ -14,4 +14,5 @@ pub mod marker;
 pub mod plan;
 pub mod state;
 pub mod tables;
+pub mod units;
 pub mod xts;

@@ -3,8 +3,9 @@
 
 use super::boot::{self, BootFacts, BootReport, LuksChoice};
 use super::dmline::TargetKind;
-use super::facts::{Content, DeviceFacts, SECTOR};
+use super::facts::{Content, DeviceFacts};
 use super::geometry::{Geometry, GeometryError, FENCE_SECTORS, HEADER_COPY_SECTORS, JOURNAL_SLOT_SECTORS, MAX_STEP};
+use super::units::Sectors;
 use serde::Serialize;
 
 pub use super::kinds::{LuksVersion, Refusal};
@@ -131,7 +132,7 @@ fn refuse(out: &mut Vec<Refusal>, code: &'static str, message: String) {
 }
 
 fn mib(sectors: u64) -> String {
-    let b = sectors * SECTOR;
+    let b = Sectors(sectors).bytes();
     if b >= 10 << 20 {
         format!("{} MiB", b >> 20)
     } else {
@@ -320,7 +321,7 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
     }
     // Without a geometry (the tail is too small) the count the default offset would give.
     let steps = geometry.map(|g| g.steps()).unwrap_or_else(|| if k > 0 { l.div_ceil(k) } else { 0 });
-    let move_bytes = l * SECTOR;
+    let move_bytes = Sectors(l).bytes();
     let estimate_seconds = move_bytes.div_ceil(ASSUMED_MIB_PER_S << 20);
     let mut actions = vec![format!(
         "generate a {}-bit volume key and format a {} header ({} cipher, data offset {} sectors = {}) in memory",
@@ -363,7 +364,7 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
     ));
     actions.push(format!(
         "fence: shadow the first {} KiB in the tail and overwrite them on {dev} with luksify's marker, so nothing sees a PV there mid-way",
-        FENCE_SECTORS * SECTOR / 1024
+        Sectors(FENCE_SECTORS).bytes() / 1024
     ));
     actions.push(format!(
         "move {} ({} sectors) from the end towards the start in {steps} step(s) of up to {} sectors: read, encrypted and written by luksify while the system runs, read back (also through dm-crypt), then rechecked against the source under a brief suspend and committed to the journal before the step is mapped through crypt",

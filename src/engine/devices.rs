@@ -298,7 +298,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 io(self.disk.write(g.shadow, &self.fence_buf), || "writing the shadow".into())?;
                 io(self.disk.flush(), || "flushing the shadow".into())?;
                 let m = marker::encode(&self.rec.luks_uuid, g.journal);
-                io(self.disk.write(0, &m[..(g.f * 512) as usize]), || "writing the fence marker".into())?;
+                io(self.disk.write(0, &m[..Sectors(g.f).byte_len()]), || "writing the fence marker".into())?;
                 io(self.disk.flush(), || "flushing the fence marker".into())
             })();
             if let Err(e) = r {
@@ -327,12 +327,12 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// was such an earlier fence (false: raw [0, F) holds no sector of our marker).
     pub(super) fn fence_merge(&mut self) -> EResult<bool> {
         let g = *self.g();
-        let f = (g.f * 512) as usize;
+        let f = Sectors(g.f).byte_len();
         let mut raw = vec![0u8; f];
         let mut shadow = vec![0u8; f];
         io(self.disk.read(0, &mut raw), || "reading the label sectors".into())?;
-        let marked: Vec<bool> = (0..f / 512)
-            .map(|i| marker::is_marker_sector(&raw[i * 512..(i + 1) * 512], i, &self.rec.luks_uuid, g.journal))
+        let marked: Vec<bool> = (0..f / SECTOR_BYTES)
+            .map(|i| marker::is_marker_sector(&raw[sector(i)], i, &self.rec.luks_uuid, g.journal))
             .collect();
         if !marked.iter().any(|&m| m) {
             return Ok(false);
@@ -340,7 +340,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         io(self.disk.read(g.shadow, &mut shadow), || "reading the shadow".into())?;
         for (i, m) in marked.iter().enumerate() {
             if !m {
-                shadow[i * 512..(i + 1) * 512].copy_from_slice(&raw[i * 512..(i + 1) * 512]);
+                shadow[sector(i)].copy_from_slice(&raw[sector(i)]);
             }
         }
         io(self.disk.write(g.shadow, &shadow), || "writing the shadow".into())?;
@@ -351,7 +351,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
 
     pub(super) fn write_marker(&mut self) -> EResult<()> {
         let m = marker::encode(&self.rec.luks_uuid, self.g().journal);
-        io(self.disk.write(0, &m[..(self.g().f * 512) as usize]), || "writing the fence marker".into())?;
+        io(self.disk.write(0, &m[..Sectors(self.g().f).byte_len()]), || "writing the fence marker".into())?;
         io(self.disk.flush(), || "flushing the fence marker".into())
     }
 }

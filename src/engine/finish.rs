@@ -22,8 +22,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         // the header followed by zeros (no plaintext may stay behind it), written from one
         // piece-sized buffer: S may be 128 MiB, and under mlockall a buffer that size is
         // faulted in and locked page by page (seconds in UML).
-        let f = (g.f * 512) as usize;
-        let s_bytes = (g.s * 512) as usize;
+        let f = Sectors(g.f).byte_len();
+        let s_bytes = Sectors(g.s).byte_len();
         let header = std::mem::take(&mut self.header);
         let buf = &mut self.verify_src;
         let disk = &mut self.disk;
@@ -39,7 +39,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         while at < s_bytes && r.is_ok() {
             let n = buf.len().min(s_bytes - at);
             piece_of(buf, at, n);
-            r = disk.write((at / 512) as u64, &buf[..n]);
+            r = disk.write(Sectors::in_len(at).0, &buf[..n]);
             at += n;
         }
         let r = r
@@ -62,7 +62,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let g = *self.g();
         let bridge = self.names.bridge.clone();
         self.open_as_cryptsetup_would()?;
-        let zeros = vec![0u8; ((g.header_copy_len + g.f) * 512) as usize];
+        let zeros = vec![0u8; Sectors(g.header_copy_len + g.f).byte_len()];
         io(self.disk.write(g.shadow, &zeros), || "wiping the header copy".into())?;
         io(self.disk.flush(), || "flushing".into())?;
         let newest = journal::slot_for(self.rec.seq);

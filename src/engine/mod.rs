@@ -19,6 +19,7 @@ use crate::core::journal::{self, Record, State, SLOT_BYTES};
 use crate::core::marker;
 use crate::core::state::{self, Step};
 use crate::core::tables::{self, BridgePhase, CryptSpec, DevRef, Devices, Line};
+use crate::core::units::{sector, sectors, Sectors, SECTOR_BYTES};
 pub use crate::iobuf::IoBuf;
 use std::time::{Duration, Instant};
 pub use traits::{Disk, HolderTable, KResult, Kernel, KernelError};
@@ -223,7 +224,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options { rate: None, max_stall: None, piece: (VERIFY_PIECE / 512) as u64 }
+        Options { rate: None, max_stall: None, piece: Sectors::in_len(VERIFY_PIECE).0 }
     }
 }
 
@@ -249,7 +250,7 @@ pub struct NewConversion<'a> {
 impl<D: Disk, K: Kernel> Engine<D, K> {
     /// [`Engine::piece`], within the scratch buffers.
     fn piece(&self) -> u64 {
-        self.opts.piece.clamp(1, (VERIFY_PIECE / 512) as u64)
+        self.opts.piece.clamp(1, Sectors::in_len(VERIFY_PIECE).0)
     }
 
     fn g(&self) -> &Geometry {
@@ -277,10 +278,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             header,
         } = c;
         let h = header.len() as u64;
-        if h == 0 || !h.is_multiple_of(4096) || h > geometry.header_copy_len * 512 {
+        if h == 0 || !h.is_multiple_of(4096) || h > Sectors(geometry.header_copy_len).bytes() {
             return Err(EngineError::Refused(format!(
                 "the LUKS header is {h} bytes; luksify reserves {} bytes for its copy",
-                geometry.header_copy_len * 512
+                Sectors(geometry.header_copy_len).bytes()
             )));
         }
         let rec = Record {
@@ -297,7 +298,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             header_len: h as u32,
             header_crc: crc32fast::hash(&header),
         };
-        let tail_len = (geometry.journal + 2 * JOURNAL_SLOT_SECTORS - geometry.shadow) * 512;
+        let tail_len = Sectors(geometry.journal + 2 * JOURNAL_SLOT_SECTORS - geometry.shadow).bytes();
         let mut original = vec![0u8; tail_len as usize];
         io(disk.read(geometry.shadow, &mut original), || "reading the tail".into())?;
         io(disk.write(geometry.header_copy, &header), || "writing the header copy into the tail".into())?;
@@ -331,11 +332,11 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             spec: CryptSpec { cipher: rec.cipher.clone(), allow_discards: rec.allow_discards },
             key_hex: hex,
             header,
-            fence_buf: buf((rec.geometry.f * 512) as usize)?,
+            fence_buf: buf(Sectors(rec.geometry.f).byte_len())?,
             slot_buf: buf(SLOT_BYTES)?,
             xts: (rec.cipher == "aes-xts-plain64").then(|| crate::core::xts::Xts::new(key)).flatten(),
-            plain: buf((rec.geometry.k.min(geometry::MAX_STEP) * 512) as usize)?,
-            cipher: buf((rec.geometry.k.min(geometry::MAX_STEP) * 512) as usize)?,
+            plain: buf(Sectors(rec.geometry.k.min(geometry::MAX_STEP)).byte_len())?,
+            cipher: buf(Sectors(rec.geometry.k.min(geometry::MAX_STEP)).byte_len())?,
             verify_src: buf(VERIFY_PIECE)?,
             verify_dst: buf(VERIFY_PIECE)?,
             recheck,
@@ -357,7 +358,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         }
         // Identity: the PV label, in place before the fence, in the shadow after it.
         let g = rec.geometry;
-        let mut label = vec![0u8; (g.f * 512) as usize];
+        let mut label = vec![0u8; Sectors(g.f).byte_len()];
         let fenced = matches!(rec.state, State::Migrating { .. });
         let mut at = if fenced { g.shadow } else { 0 };
         io(disk.read(at, &mut label), || "reading the PV label".into())?;
@@ -366,9 +367,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             // the shadow.
             let mut sh = vec![0u8; label.len()];
             io(disk.read(g.shadow, &mut sh), || "reading the shadow".into())?;
-            for i in 0..label.len() / 512 {
-                if marker::is_marker_sector(&label[i * 512..(i + 1) * 512], i, &rec.luks_uuid, g.journal) {
-                    label[i * 512..(i + 1) * 512].copy_from_slice(&sh[i * 512..(i + 1) * 512]);
+            for i in 0..label.len() / SECTOR_BYTES {
+                if marker::is_marker_sector(&label[sector(i)], i, &rec.luks_uuid, g.journal) {
+                    label[sector(i)].copy_from_slice(&sh[sector(i)]);
                     at = g.shadow;
                 }
             }
@@ -441,7 +442,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                     let t = Instant::now();
                     let stats = self.move_chunk(from, to)?;
                     hooks.event(&Event::ChunkDone { from, to, stats });
-                    self.pace(t, (to - from) * 512, hooks);
+                    self.pace(t, Sectors(to - from).bytes(), hooks);
                 }
                 Step::Finish => self.finish()?,
                 Step::Cleanup => {
@@ -494,7 +495,7 @@ pub fn examine<D: Disk>(disk: &mut D, n_sectors: u64) -> EResult<Evidence> {
     let mut head = vec![0u8; evidence::HEAD_BYTES];
     let mut a = vec![0u8; SLOT_BYTES];
     let mut b = vec![0u8; SLOT_BYTES];
-    let Some(j) = geometry::journal_sector(n_sectors).filter(|_| n_sectors >= (evidence::HEAD_BYTES / 512) as u64)
+    let Some(j) = geometry::journal_sector(n_sectors).filter(|_| n_sectors >= Sectors::in_len(evidence::HEAD_BYTES).0)
     else {
         return Ok(Evidence::Nothing); // too small to hold a journal or a marker
     };

@@ -31,7 +31,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let mut x = a;
         while x < b {
             let e = g.source_run_end(x, b);
-            let (o, n) = (((x - a) * 512) as usize, ((e - x) * 512) as usize);
+            let (o, n) = (Sectors(x - a).byte_len(), Sectors(e - x).byte_len());
             self.disk
                 .read(g.source_of(x), &mut self.plain[o..o + n])
                 .map_err(|er| fail(x, format!("reading the source: {er}")))?;
@@ -53,14 +53,14 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             let mut x = ra;
             while x < rb {
                 let e = (x + self.piece()).min(rb);
-                let (o, n) = (((x - a) * 512) as usize, ((e - x) * 512) as usize);
+                let (o, n) = (Sectors(x - a).byte_len(), Sectors(e - x).byte_len());
                 let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
                 self.disk
                     .read(s + x, &mut self.verify_dst[..n])
                     .map_err(|er| fail(x, format!("reading the copy back: {er}")))?;
-                if let Some(i) = (0..n / 512)
-                    .find(|i| self.verify_dst[i * 512..(i + 1) * 512] != self.cipher[o + i * 512..o + (i + 1) * 512])
-                {
+                if let Some(i) = (0..n / SECTOR_BYTES).find(|i| {
+                    self.verify_dst[sector(*i)] != self.cipher[o + i * SECTOR_BYTES..o + (i + 1) * SECTOR_BYTES]
+                }) {
                     return Err(fail(x + i as u64, "the disk returned other data than was written".into()));
                 }
                 x = e;
@@ -74,7 +74,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// This is what proves, on every step, that luksify's cipher is the one the kernel (and
     /// later `cryptsetup open`) decrypts with.
     pub(super) fn check_kernel(&mut self, a: u64, b: u64) -> EResult<()> {
-        let n = ((b - a).min(KERNEL_CHECK_SECTORS) * 512) as usize;
+        let n = Sectors((b - a).min(KERNEL_CHECK_SECTORS)).byte_len();
         let staging = self.names.staging.clone();
         self.kernel.read(&staging, a, &mut self.verify_dst[..n]).map_err(|e| EngineError::CopyFailed {
             from: a,
@@ -118,27 +118,27 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 return Ok(false);
             }
             let e = piece_end(&g, x, b, piece);
-            let n = ((e - x) * 512) as usize;
+            let n = Sectors(e - x).byte_len();
             self.disk
                 .read(g.source_of(x), &mut self.verify_src[..n])
                 .map_err(|er| fail(x, format!("reading the source: {er}")))?;
-            let base = ((x - a) * 512) as usize;
+            let base = Sectors(x - a).byte_len();
             let same = |src: &[u8], plain: &[u8], i: usize| {
-                src[i * 512..(i + 1) * 512] == plain[base + i * 512..base + (i + 1) * 512]
+                src[sector(i)] == plain[base + i * SECTOR_BYTES..base + (i + 1) * SECTOR_BYTES]
             };
             let mut i = 0;
-            while i < n / 512 {
+            while i < n / SECTOR_BYTES {
                 if same(&self.verify_src, &self.plain, i) {
                     i += 1;
                     continue;
                 }
                 let j = i;
-                while i < n / 512 && !same(&self.verify_src, &self.plain, i) {
+                while i < n / SECTOR_BYTES && !same(&self.verify_src, &self.plain, i) {
                     i += 1;
                 }
                 let (ra, rb) = (x + j as u64, x + i as u64);
-                let (o0, o1) = (base + j * 512, base + i * 512);
-                self.plain[o0..o1].copy_from_slice(&self.verify_src[j * 512..i * 512]);
+                let (o0, o1) = (base + j * SECTOR_BYTES, base + i * SECTOR_BYTES);
+                self.plain[o0..o1].copy_from_slice(&self.verify_src[sectors(j, i)]);
                 self.cipher[o0..o1].copy_from_slice(&self.plain[o0..o1]);
                 xts.encrypt_sectors(&mut self.cipher[o0..o1], ra);
                 self.disk
@@ -162,7 +162,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// unless the journal was written with a larger chunk), each committed on its own.
     pub(super) fn move_chunk(&mut self, from: u64, to: u64) -> EResult<ChunkStats> {
         let d = self.ensure_helpers()?;
-        let step = (self.plain.len() / 512) as u64;
+        let step = Sectors::in_len(self.plain.len()).0;
         let mut stats = ChunkStats::default();
         let mut b = to;
         while b > from {
