@@ -10,4 +10,4 @@ pub mod cli;
 pub mod core;
 pub mod engine;
 pub mod error;
-pub mod iobuf;
+pub(crate) mod iobuf;

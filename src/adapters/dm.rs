@@ -175,6 +175,7 @@ pub struct Dm {
 }
 
 impl Dm {
+    #[cfg(test)]
     /// Whether device-mapper can be used here: the control node exists *and* opens (the node
     /// can exist on a kernel without dm-mod: opening it then fails with ENODEV).
     pub fn available() -> bool {
@@ -189,11 +190,7 @@ impl Dm {
         Ok(Dm { dm, private: HashSet::new(), hidden: HashSet::new() })
     }
 
-    /// The crate's handle, for what this wrapper does not cover.
-    pub fn raw(&self) -> &DM {
-        &self.dm
-    }
-
+    #[cfg(test)]
     /// The kernel's dm ioctl interface version.
     pub fn version(&self) -> Result<(u32, u32, u32)> {
         self.dm.version().map_err(|e| map_crate("querying the version of", "device-mapper", e))

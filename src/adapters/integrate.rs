@@ -39,6 +39,7 @@ impl Runner for SystemRunner {
     }
 }
 
+#[cfg(test)]
 /// Records every command; those whose argv contains `fail_on` fail.
 #[derive(Debug, Default)]
 pub struct Recorder {
@@ -46,6 +47,7 @@ pub struct Recorder {
     pub fail_on: Option<String>,
 }
 
+#[cfg(test)]
 impl Runner for Recorder {
     fn run(&mut self, cmd: &Cmd) -> Result<(), String> {
         self.calls.push(cmd.clone());

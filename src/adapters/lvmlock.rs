@@ -84,7 +84,6 @@ pub enum LockError {
 pub struct VgLock {
     file: Option<File>,
     path: PathBuf,
-    vg: String,
 }
 
 fn open_lock_file(p: &Path) -> io::Result<File> {
@@ -154,7 +153,7 @@ impl VgLock {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(locking_dir).map_err(ioe)?;
         }
         if let Some(f) = try_lock(&path).map_err(ioe)? {
-            return Ok(VgLock { file: Some(f), path, vg: vg.to_string() });
+            return Ok(VgLock { file: Some(f), path });
         }
         on_wait(&path);
         let aux_path = PathBuf::from(format!("{}:aux", path.display()));
@@ -168,7 +167,7 @@ impl VgLock {
                 if let Some(a) = aux.take() {
                     release(&aux_path, a);
                 }
-                return Ok(VgLock { file: Some(f), path, vg: vg.to_string() });
+                return Ok(VgLock { file: Some(f), path });
             }
             if start.elapsed() >= wait {
                 if let Some(a) = aux.take() {
@@ -184,10 +183,7 @@ impl VgLock {
         }
     }
 
-    pub fn vg(&self) -> &str {
-        &self.vg
-    }
-
+    #[cfg(test)]
     pub fn path(&self) -> &Path {
         &self.path
     }

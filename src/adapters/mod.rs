@@ -1,15 +1,15 @@
 //! Thin wrappers over the outside world.
 pub mod blockdev;
-pub mod bootprobe;
-pub mod dm;
-pub mod integrate;
-pub mod kernel;
+pub(crate) mod bootprobe;
+pub(crate) mod dm;
+pub(crate) mod integrate;
+pub(crate) mod kernel;
 pub mod luks;
 pub mod lvm;
-pub mod lvmlock;
+pub(crate) mod lvmlock;
 pub mod probe;
-pub mod rawdisk;
-pub mod sys;
+pub(crate) mod rawdisk;
+pub(crate) mod sys;
 
 /// A fresh, empty scratch directory for one unit test: `luksify-<module>-<name>-<pid>` under
 /// the temporary directory, whatever an earlier run left there removed first.

@@ -3,16 +3,16 @@
 //! what to do next from any journaled state.
 
 pub mod boot;
-pub mod dmline;
-pub mod evidence;
+pub(crate) mod dmline;
+pub(crate) mod evidence;
 pub mod facts;
 pub mod geometry;
-pub mod integrate;
-pub mod journal;
+pub(crate) mod integrate;
+pub(crate) mod journal;
 pub mod kinds;
 pub mod marker;
 pub mod plan;
-pub mod state;
-pub mod tables;
-pub mod units;
-pub mod xts;
+pub(crate) mod state;
+pub(crate) mod tables;
+pub(crate) mod units;
+pub(crate) mod xts;

@@ -101,6 +101,7 @@ impl fmt::Display for Line {
 /// A whole table: lines sorted by start, contiguous from 0.
 pub type Table = Vec<Line>;
 
+#[cfg(test)]
 /// Render a table for logs (keys hidden).
 pub fn show(table: &[Line]) -> String {
     table.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("\n")
@@ -219,6 +220,7 @@ pub fn staging_table(g: &Geometry, spec: &CryptSpec, raw: DevRef) -> Table {
     vec![crypt_line(g, spec, raw, 0, g.l)]
 }
 
+#[cfg(test)]
 /// Check that a table covers [0, len) exactly, in order, with no gap or overlap.
 pub fn covers(table: &[Line], len: u64) -> bool {
     let mut pos = 0;

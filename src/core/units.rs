@@ -26,6 +26,7 @@ impl Sectors {
         (self.0 * SECTOR) as usize
     }
 
+    #[cfg(test)]
     /// The whole sectors in `bytes` bytes (rounded down).
     pub const fn in_bytes(bytes: u64) -> Sectors {
         Sectors(bytes / SECTOR)

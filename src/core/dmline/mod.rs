@@ -208,6 +208,7 @@ impl MirrorLog {
         }
     }
 
+    #[cfg(test)]
     /// Region size in sectors (None for a log type this module does not read).
     pub fn region(&self) -> Option<u64> {
         match self {
@@ -365,6 +366,7 @@ impl ReadTarget {
         })
     }
 
+    #[cfg(test)]
     pub fn kind(&self) -> TargetKind {
         match self {
             ReadTarget::Linear { .. } => TargetKind::Linear,
@@ -487,15 +489,18 @@ impl DmLine {
         Ok(DmLine { start: l.start, length: l.length, target: ReadTarget::parse(&l.target_type, &l.params)? })
     }
 
+    #[cfg(test)]
     pub fn target_type(&self) -> &str {
         self.target.target_type()
     }
 
+    #[cfg(test)]
     /// Exactly the kernel's parameter string (see [`ReadTarget::params`]).
     pub fn params(&self) -> String {
         self.target.params()
     }
 
+    #[cfg(test)]
     /// Back to the untyped form, exactly (a hex key included).
     pub fn to_facts(&self) -> TableLineFacts {
         TableLineFacts {
