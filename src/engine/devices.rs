@@ -159,7 +159,19 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
 
     /// Load `table` inactive, suspend, resume: the only way a live table changes.
     pub(super) fn swap_table(&mut self, name: &str, table: &[Line], what: &'static str) -> EResult<()> {
-        kern(self.kernel.load(name, table, &self.key_hex))?;
+        self.swap_table_keyed(name, table, None, what)
+    }
+
+    /// [`Engine::swap_table`], crypt lines given `key` (a keyring reference) instead of the
+    /// volume key in hex.
+    pub(super) fn swap_table_keyed(
+        &mut self,
+        name: &str,
+        table: &[Line],
+        key: Option<&str>,
+        what: &'static str,
+    ) -> EResult<()> {
+        kern(self.kernel.load(name, table, key.unwrap_or(&self.key_hex)))?;
         if let Err(e) = self.kernel.suspend(name) {
             let r = self.kernel.clear_inactive(name);
             undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", name), r);

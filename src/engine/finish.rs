@@ -100,25 +100,14 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         } else {
             None
         };
-        let key = Zeroizing::new(keyring.as_deref().unwrap_or(self.key_hex.as_str()).to_string());
-        let r = self.kernel.load(&bridge, &table, &key);
+        // this table's resume is the first one udev may see
+        self.kernel.set_udev_hidden(&bridge, false);
+        let r = self.swap_table_keyed(&bridge, &table, keyring.as_deref(), "bridge");
         if keyring.is_some() {
+            // dm-crypt took its own copy at the load
             self.kernel.keyring_drop(&desc);
         }
-        kern(r)?;
-        self.kernel.set_udev_hidden(&bridge, false);
-        if let Err(e) = self.kernel.suspend(&bridge) {
-            let r = self.kernel.clear_inactive(&bridge);
-            undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", bridge), r);
-            return Err(EngineError::Kernel(e.context("suspending the bridge")));
-        }
-        // suspended, the bridge holds every filesystem on it: try the resume twice
-        self.kernel.resume(&bridge).or_else(|_| self.kernel.resume(&bridge)).map_err(|e| {
-            EngineError::Kernel({
-                let m = format!("resuming the bridge failed twice ({e}): run `dmsetup resume {bridge}`");
-                e.reworded(m)
-            })
-        })
+        r
     }
 
     /// Give up a conversion that has not changed anything yet (state `Prepared`, in the
