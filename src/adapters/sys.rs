@@ -109,10 +109,12 @@ pub fn read_passphrase(src: KeySource<'_>) -> Result<Zeroizing<Vec<u8>>, String>
     Ok(key)
 }
 
+/// The calling thread's keyring (keyctl(2)'s KEY_SPEC_THREAD_KEYRING).
+const KEY_SPEC_THREAD_KEYRING: libc::c_long = -1;
+
 /// Add a `logon` key `desc` holding `key` to the calling thread's keyring (where dm-crypt
 /// looks up a key named in a table being loaded by this thread); its serial number.
 pub fn keyring_add_logon(desc: &str, key: &[u8]) -> io::Result<i32> {
-    const KEY_SPEC_THREAD_KEYRING: libc::c_long = -1;
     let ty = c"logon";
     let d = std::ffi::CString::new(desc).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: add_key(2) with NUL-terminated strings and a payload of `key.len()` bytes, all
@@ -131,7 +133,6 @@ pub fn keyring_add_logon(desc: &str, key: &[u8]) -> io::Result<i32> {
 pub fn keyring_revoke(id: i32) {
     const KEYCTL_REVOKE: libc::c_long = 3;
     const KEYCTL_UNLINK: libc::c_long = 9;
-    const KEY_SPEC_THREAD_KEYRING: libc::c_long = -1;
     // SAFETY: keyctl(2) with integer arguments only.
     unsafe {
         libc::syscall(libc::SYS_keyctl, KEYCTL_REVOKE, id as libc::c_long);

@@ -1,7 +1,7 @@
 //! `luksify [--dry-run [--json]] DEVICE`: plan, and convert under the guarded run.
 
 use super::guard::{self, Progress};
-use super::progress::phase;
+use super::progress::{phase, undo_warning};
 use super::{check_root, confirm, engine_err, finish, lock, lock_vg, open_disk, passphrase, probe_device, raw_devref};
 use crate::adapters::kernel::DmKernel;
 use crate::adapters::{bootprobe, luks, lvm};
@@ -156,7 +156,7 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
         // reroute): put the tail back, so the device is exactly as it was.
         let abandoned = engine.abandon();
         for m in engine.take_undo_failures() {
-            eprintln!("luksify: warning: while undoing after a failure, {m}");
+            eprintln!("{}", undo_warning(&m));
         }
         return match abandoned {
             Ok(true) => Err(Error::Failed(format!("{e}; nothing was changed (the device is as it was)"))),

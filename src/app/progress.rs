@@ -32,6 +32,11 @@ pub(super) fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// The line that reports an undo step's own failure ([`Event::UndoFailed`]).
+pub(super) fn undo_warning(m: &str) -> String {
+    format!("luksify: warning: while undoing after a failure, {m}")
+}
+
 /// Milliseconds to one decimal, as the progress lines print them.
 fn ms1(d: std::time::Duration) -> f64 {
     (ms(d) * 10.0).round() / 10.0
@@ -180,7 +185,7 @@ impl Hooks for CliHooks {
                 }
             }
             Event::UndoFailed(m) => {
-                let line = format!("luksify: warning: while undoing after a failure, {m}");
+                let line = undo_warning(m);
                 match &self.bar {
                     Some(b) => b.println(line),
                     None => eprintln!("{line}"),
