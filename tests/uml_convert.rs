@@ -65,11 +65,7 @@ fn assert_same_as_open(run: &GuestRun, luks2: bool) {
 }
 
 fn verify_fresh_boot(d: &BuiltDisk, min_acked: usize, name: &str) -> GuestRun {
-    let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).run_script(&format!(
-        r#"bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key" --name {name} --min-acked {min_acked}"#
-    ));
-    run.assert_ok().assert_log_contains("VERIFY OK (luks)");
-    run
+    verify_luks_boot(d, &format!("--name {name} --min-acked {min_acked}"))
 }
 
 fn acked(d: &BuiltDisk) -> usize {

@@ -137,10 +137,5 @@ fn a_damaged_journal_is_reported_as_a_conversion_in_progress_and_nothing_changes
     }
 
     // with the journal back, the resumed conversion is complete and every byte is there
-    let v = uml()
-        .disk(&d.disk1)
-        .disk(&d.disk2)
-        .out_dir(&d.state)
-        .run_script(r#"bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key""#);
-    v.assert_ok().assert_log_contains("VERIFY OK");
+    verify_luks_boot(&d, "");
 }

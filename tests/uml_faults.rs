@@ -62,11 +62,7 @@ echo FAULT-DONE
     assert!(run.file("status-fault.txt").contains("migrating"));
     assert!(err.contains("\"event\":\"chunk\""), "chunks before the bad one were moved: {err}");
     let n = acked_count(&d.state.join("acked"), 20);
-    let v =
-        uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).run_script(&format!(
-            r#"bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key" --min-acked {n}"#
-        ));
-    v.assert_ok().assert_log_contains("VERIFY OK (luks)");
+    verify_luks_boot(&d, &format!("--min-acked {n}"));
 }
 
 /// The double fault after a failed commit (HACKING.md, "How a step moves"): `keep_both` has
@@ -153,10 +149,5 @@ echo STALE-LEG-DONE
     let e = run.file("resume1.err");
     assert!(e.contains("may have missed writes") && e.contains("health DA"), "{e}");
     assert!(run.file("status-done.txt").contains("no luksify conversion in progress"));
-    let v = uml()
-        .disk(&d.disk1)
-        .disk(&d.disk2)
-        .out_dir(&d.state)
-        .run_script(r#"bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key""#);
-    v.assert_ok().assert_log_contains("VERIFY OK (luks)");
+    verify_luks_boot(&d, "");
 }

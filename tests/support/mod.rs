@@ -610,6 +610,19 @@ pub fn fresh_copy(dir: &Path) -> BuiltDisk {
     BuiltDisk { disk1: d1, disk2: d2, state, build_log: String::new(), build_secs: 0.0 }
 }
 
+/// A fresh boot of a converted copy: `verify.sh --luks /dev/ubda5 --key-file $OUT/key`
+/// with `extra` arguments (`--name`, `--min-acked N`, ...) opens it with cryptsetup and checks
+/// LVM, fsck, every file and acked record; it must end in `VERIFY OK (luks)`.
+pub fn verify_luks_boot(d: &BuiltDisk, extra: &str) -> GuestRun {
+    let run = uml()
+        .disk(&d.disk1)
+        .disk(&d.disk2)
+        .out_dir(&d.state)
+        .run_script(&format!(r#"bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key" {extra}"#));
+    run.assert_ok().assert_log_contains("VERIFY OK (luks)");
+    run
+}
+
 // ---- host-side checks ------------------------------------------------------------
 
 /// How many records the writer acknowledged: the complete, non-blank lines of its ack file
