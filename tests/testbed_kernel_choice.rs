@@ -13,10 +13,18 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A scratch directory under target/ (the script refuses a cache under /tmp: the guest could
-/// not see it).
+/// A scratch directory for a test's cache: under target/, unless the checkout itself lies
+/// where the guest mounts its own tmpfs (a clone under /tmp), which the script rightly
+/// refuses for a cache: then under $HOME/.cache.
 fn scratch(name: &str) -> PathBuf {
-    let d = repo().join("target/testbed-kernel-choice").join(format!("{name}-{}", std::process::id()));
+    let covered = ["/tmp", "/run", "/mnt", "/var/tmp"];
+    let target = repo().join("target");
+    let base = if covered.iter().any(|c| target.starts_with(c)) {
+        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/luksify-tests")
+    } else {
+        target
+    };
+    let d = base.join("testbed-kernel-choice").join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
