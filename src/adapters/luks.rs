@@ -405,9 +405,14 @@ static WORKER: Mutex<Option<mpsc::Sender<Job>>> = Mutex::new(None);
 
 fn on_worker<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     let (tx, rx) = mpsc::sync_channel::<Result<T>>(1);
-    let job: Job = Box::new(move || {
+    submit(Box::new(move || {
         let _ = tx.send(f());
-    });
+    }))?;
+    rx.recv().map_err(|_| LuksError::Internal("a libcryptsetup call panicked (see the message above)".into()))?
+}
+
+/// Hand `job` to the worker thread (started if needed).
+fn submit(job: Job) -> Result<()> {
     {
         let mut w = WORKER.lock().unwrap_or_else(|e| e.into_inner());
         if w.is_none() {
@@ -420,7 +425,7 @@ fn on_worker<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) 
             *w = Some(s);
         }
     }
-    rx.recv().map_err(|_| LuksError::Internal("a libcryptsetup call panicked (see the message above)".into()))?
+    Ok(())
 }
 
 fn spawn_worker() -> Result<mpsc::Sender<Job>> {
@@ -569,6 +574,8 @@ fn data_offset_hint(b: &[u8]) -> Option<u64> {
     }
 }
 
+pub mod reencrypt;
+
 mod worker {
     //! Bodies of the jobs; run on the worker thread only.
     use super::*;
@@ -605,6 +612,13 @@ mod worker {
     pub(super) fn format(p: &HeaderParams, key: &VolumeKey, pass: &[u8]) -> Result<Header> {
         let s = p.data_offset_sectors;
         let dev = MemDev::new(s * SECTOR + DEVICE_MARGIN)?;
+        let mut cd = format_on(&dev, p, key, pass)?;
+        header_of(&dev, &mut cd, p, 0)
+    }
+
+    /// Format `dev` (LUKS1/LUKS2, data offset S, `key`, keyslot 0 for `pass`).
+    pub(super) fn format_on(dev: &MemDev, p: &HeaderParams, key: &VolumeKey, pass: &[u8]) -> Result<CryptDevice> {
+        let s = p.data_offset_sectors;
         let mut cd = dev.open()?;
         let pbkdf = pbkdf(p)?;
         cd.settings_handle().set_pbkdf_type(&pbkdf).map_err(|e| crypt_err("crypt_set_pbkdf_type", e))?;
@@ -663,17 +677,26 @@ mod worker {
         if slot != 0 {
             return Err(LuksError::Internal(format!("the passphrase went to keyslot {slot}, not 0")));
         }
-        // H: the end of the last used area.
+        Ok(cd)
+    }
+
+    /// The first H bytes of `dev` as a [`Header`], checked against `p`: H is the end of the
+    /// last used area (keyslots 0..=`extra_slots`, the metadata copies), rounded up to 4 KiB.
+    pub(super) fn header_of(dev: &MemDev, cd: &mut CryptDevice, p: &HeaderParams, extra_slots: u32) -> Result<Header> {
+        let s = p.data_offset_sectors;
         let (area_off, area_len) = cd.keyslot_handle().area(0).map_err(|e| crypt_err("crypt_keyslot_area", e))?;
         let mut end = area_off + area_len;
+        for slot in 1..=extra_slots {
+            let (o, l) = cd.keyslot_handle().area(slot).map_err(|e| crypt_err("crypt_keyslot_area", e))?;
+            end = end.max(o + l);
+        }
         if p.luks_type == LuksType::Luks2 {
             let (md, _ks) =
                 cd.settings_handle().get_metadata_size().map_err(|e| crypt_err("crypt_get_metadata_size", e))?;
             end = end.max(2 * *md);
         }
         let h = end.div_ceil(HEADER_ALIGN) * HEADER_ALIGN;
-        let info = info_of(&mut cd)?;
-        drop(cd);
+        let info = info_of(cd)?;
         if info.data_offset_sectors != s {
             return Err(LuksError::Internal(format!(
                 "libcryptsetup put the data at sector {}, not {s}",
@@ -704,7 +727,7 @@ mod worker {
         })
     }
 
-    fn load(bytes: &[u8]) -> Result<(MemDev, CryptDevice)> {
+    pub(super) fn load(bytes: &[u8]) -> Result<(MemDev, CryptDevice)> {
         if bytes.len() < 4096 {
             return Err(LuksError::BadHeader(format!("{} bytes is too short for a LUKS header", bytes.len())));
         }
@@ -722,7 +745,7 @@ mod worker {
         Ok((dev, cd))
     }
 
-    fn info_of(cd: &mut CryptDevice) -> Result<HeaderInfo> {
+    pub(super) fn info_of(cd: &mut CryptDevice) -> Result<HeaderInfo> {
         let luks_type = match cd.format_handle().get_type().map_err(|e| crypt_err("crypt_get_type", e))? {
             EncryptionFormat::Luks1 => LuksType::Luks1,
             EncryptionFormat::Luks2 => LuksType::Luks2,

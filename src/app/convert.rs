@@ -119,11 +119,21 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
         uuid: None,
         label: None,
     };
-    let header = luks::format_header(&params, &key, &pass)
-        .map_err(|e| Error::Failed(format!("formatting the LUKS header: {e}; nothing was changed")))?;
-    drop(pass);
-    phase(&o.run, "header_formatted");
     let pv_uuid = facts.lvm.as_ref().map(|l| l.pv_uuid.clone()).unwrap_or_default();
+    let standard = popts.luks == plan::LuksVersion::Luks2;
+    let header = if standard {
+        let token = luks::reencrypt::LuksifyToken {
+            name: p.name.clone(),
+            allow_discards: o.allow_discards,
+            pv_uuid: pv_uuid.clone(),
+        };
+        luks::reencrypt::format_reencrypt_header(&params, &key, &pass, g.l, &token)
+    } else {
+        luks::format_header(&params, &key, &pass)
+    }
+    .map_err(|e| Error::Failed(format!("formatting the LUKS header: {e}; nothing was changed")))?;
+    let pass = if standard { Some(pass) } else { None };
+    phase(&o.run, "header_formatted");
     let raw = raw_devref(device)?;
     // From here to the finish, no LVM command may change the VG (ours included).
     let vg_lock = match facts.lvm.as_ref().map(|l| l.vg_name.clone()).filter(|v| !v.is_empty()) {
@@ -147,6 +157,17 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
         key: key.as_bytes(),
         header: header.bytes.clone(),
     };
+    if let Some(pass) = pass {
+        let mut engine = Engine::prepare_standard(disk, kernel, conversion).map_err(|e| engine_err(e, device))?;
+        drop(key);
+        phase(&o.run, "prepared");
+        let progress = Progress { name: &p.name, l: g.l, moved: 0 };
+        guard::drive_standard(&mut engine, &o.run, progress, vg_lock, device, &pass, guard::Start::CutOver)?;
+        drop(pass);
+        drop(engine);
+        let boot_on_pv = p.boot.as_ref().map(|b| b.boot_on_pv).unwrap_or(false);
+        return finish(device, &p.name, &header.uuid, o.allow_discards, &o.run, boot_on_pv, true);
+    }
     let mut engine = Engine::prepare(disk, kernel, conversion).map_err(|e| engine_err(e, device))?;
     drop(key);
     phase(&o.run, "prepared");

@@ -56,3 +56,65 @@ pub(super) fn drive(
     // (dropping the hooks gives the VG lock back, before anything runs LVM again)
     Ok(())
 }
+
+/// How a LUKS2 run of [`drive_standard`] starts.
+pub(super) enum Start {
+    /// A new conversion: insert the bridge and cut over first.
+    CutOver,
+    /// The device already is a LUKS2 reencryption in progress, active as the engine's mapping.
+    Resume,
+}
+
+/// LUKS2: (bridge and cut-over, then) libcryptsetup's own online reencryption on the
+/// mapping until it finishes or a stop request ends it after a step, then the finish
+/// (the mapping as `cryptsetup open` maps it, `pvresize`). `pass` opens the header.
+pub(super) fn drive_standard(
+    engine: &mut Engine<RawDisk, DmKernel>,
+    run: &RunOpts,
+    p: Progress,
+    vg_lock: Option<VgLock>,
+    device: &std::path::Path,
+    pass: &[u8],
+    start: Start,
+) -> Result<()> {
+    use crate::adapters::luks::reencrypt::{self, RunEnd};
+    use crate::core::units::Sectors;
+    use crate::engine::{ChunkStats, Event, Hooks};
+    let dev = device.display().to_string();
+    let mut hooks = CliHooks::new(run, p.l, p.moved, p.name);
+    hooks.vg_lock = vg_lock;
+    if let Start::CutOver = start {
+        engine.bridge_and_cut_over(&mut hooks).map_err(|e| match e {
+            EngineError::Refused(m) => Error::Refused(m),
+            e => Error::Failed(format!(
+                "{e}\nluksify: `luksify status {dev}` shows what {dev} is now: the plain PV as before, or a LUKS2 reencryption in progress that `luksify resume {dev}` continues"
+            )),
+        })?;
+    }
+    let l = p.l;
+    let mut last = p.moved;
+    let end = reencrypt::run(device, p.name, pass, sys::stop_requested, &mut |done, _total| {
+        let moved = Sectors::in_len(done as usize).0.min(l);
+        hooks.event(&Event::ChunkDone { from: l - moved, to: l - last, stats: ChunkStats::default() });
+        last = moved;
+    });
+    let again = format!("`luksify resume {dev}` continues (or, with stock cryptsetup: `cryptsetup reencrypt --resume-only --active-name {} {dev}`)", p.name);
+    match end {
+        Ok(RunEnd::Finished) => {}
+        Ok(RunEnd::Stopped) => {
+            return Err(Error::Paused(format!("{:.1}% encrypted, a LUKS2 reencryption in progress", 100.0 * last as f64 / l.max(1) as f64), dev))
+        }
+        Err(e) => {
+            return Err(Error::Failed(format!(
+                "the reencryption stopped: {e}\nluksify: {dev} is a LUKS2 reencryption in progress, every committed step is safe; {again}"
+            )))
+        }
+    }
+    engine.finish_standard(&mut hooks).map_err(|e| {
+        Error::Failed(format!("the data is all encrypted, but giving /dev/mapper/{} its final table failed: {e}; `cryptsetup close` and `cryptsetup open` give it", p.name))
+    })?;
+    if let Err(e) = engine.kernel.ensure_node(p.name) {
+        eprintln!("luksify: warning: cannot make /dev/mapper/{} ({e}); `dmsetup mknodes` makes it", p.name);
+    }
+    Ok(())
+}

@@ -67,6 +67,12 @@ enum Line<'a> {
         state: &'a str,
         t_ms: u64,
     },
+    /// LUKS2: the device is a standard reencryption in progress from here on.
+    #[serde(rename = "cut_over")]
+    CutOver {
+        stall_ms: f64,
+        t_ms: u64,
+    },
     Done {
         steps: u64,
         max_stall_ms: f64,
@@ -183,6 +189,22 @@ impl Hooks for CliHooks {
                         _ => {}
                     }
                 }
+            }
+            Event::CutOver { stall } => {
+                if self.json {
+                    emit(&Line::CutOver { stall_ms: ms1(*stall), t_ms: t_ms_whole() });
+                } else {
+                    let line = format!(
+                        "luksify: cut-over done (live I/O waited {:.1} ms): {} is now a standard LUKS2 reencryption in progress; cryptsetup's own reencryption moves the data",
+                        ms(*stall),
+                        self.name
+                    );
+                    match &self.bar {
+                        Some(b) => b.println(line),
+                        None => eprintln!("{line}"),
+                    }
+                }
+                self.max_stall = self.max_stall.max(*stall);
             }
             Event::UndoFailed(m) => {
                 let line = undo_warning(m);

@@ -214,14 +214,20 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     pub(super) fn reroute(&mut self, holders: Vec<HolderTable>) -> EResult<()> {
         let bridge = kern(self.kernel.lookup(&self.names.bridge))?
             .ok_or_else(|| EngineError::Kernel(KernelError::new("the bridge vanished")))?;
+        self.reroute_between(holders, self.raw, bridge)
+    }
+
+    /// Reroute every holder of `from` onto `to` (same offsets), all or none. Onto the
+    /// bridge, every rerouted extent must lie inside [0, L).
+    pub(super) fn reroute_between(&mut self, holders: Vec<HolderTable>, from: DevRef, to: DevRef) -> EResult<()> {
         let g = *self.g();
         let mut plans: Vec<(String, Vec<TableLineFacts>, Vec<TableLineFacts>)> = Vec::new();
         for h in holders {
             let mut new = Vec::new();
             for l in &h.table {
-                let params = match dmline::reroute_params(&l.target_type, &l.params, self.raw, bridge) {
+                let params = match dmline::reroute_params(&l.target_type, &l.params, from, to) {
                     Some(p) => p,
-                    None if dmline::references(l, self.raw) => {
+                    None if dmline::references(l, from) => {
                         return Err(EngineError::Refused(format!(
                             "{} maps the device with a {} target, which luksify cannot reroute",
                             h.name, l.target_type
@@ -232,7 +238,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 new.push(TableLineFacts { params, ..l.clone() });
             }
             // Every rerouted extent must lie inside [0, L): the bridge maps nothing else.
-            if !dmline::maps_only_below(&h.table, self.raw, g.l) {
+            if from == self.raw && !dmline::maps_only_below(&h.table, self.raw, g.l) {
                 return Err(EngineError::Refused(format!("{} maps sectors of the device beyond the PV", h.name)));
             }
             plans.push((h.name, h.table, new));

@@ -8,6 +8,7 @@ mod devices;
 mod finish;
 #[cfg(test)]
 pub mod sim;
+mod standard;
 mod step;
 pub mod traits;
 
@@ -82,6 +83,9 @@ pub enum Event {
         to: u64,
         stats: ChunkStats,
     },
+    /// LUKS2: the device became a standard LUKS2 reencryption in progress; live I/O on the
+    /// bridge waited `stall` (once).
+    CutOver { stall: Duration },
     /// An undo step failed too (what, and why); the run's error (if any) is the first failure.
     UndoFailed(String),
     Done,
@@ -198,6 +202,10 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// What the tail held before `prepare` wrote into it: while nothing else has changed
     /// (state `Prepared`), [`Engine::abandon`] puts it back, byte for byte.
     original_tail: Option<Vec<u8>>,
+    /// Whether commits go to the journal in the tail (LUKS1). A LUKS2 conversion keeps its
+    /// state in cryptsetup's own metadata from the cut-over on and writes nothing before it:
+    /// its records live in memory only ([`Engine::prepare_standard`]).
+    persist: bool,
     /// TESTS ONLY (compiled only in tests): flip the bridge table to crypt *before* the
     /// journal commit, the order DESIGN.md forbids. The crash simulation sets it to prove
     /// that its sweep catches a wrong order.
@@ -343,6 +351,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             opts: Options::default(),
             undo_failed: Vec::new(),
             original_tail: None,
+            persist: true,
             #[cfg(test)]
             wrong_order_for_tests: false,
             rec,
@@ -398,6 +407,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
 
     /// Write the journal record `self.rec` into its slot and flush.
     fn write_record(&mut self) -> EResult<()> {
+        if !self.persist {
+            return Ok(());
+        }
         let bytes = self.rec.encode().map_err(|e| EngineError::Journal(e.to_string()))?;
         self.slot_buf.copy_from_slice(&bytes);
         let slot = self.g().journal_slot(journal::slot_for(self.rec.seq));

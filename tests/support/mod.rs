@@ -128,9 +128,13 @@ pub fn disk1_mib(pv_mib: u64, tail_mib: u64) -> u64 {
     1 + 8 + 1 + pv_mib + tail_mib + 2
 }
 
-/// Two sparse images sized for the default mkdisk.sh layout (PV 256 MiB, tail 20 MiB).
+/// The default layout's room past the PV (MiB).
+pub const LAPTOP_TAIL_MIB: u64 = 30;
+
+/// Two sparse images sized for the default mkdisk.sh layout (PV 256 MiB, tail 30 MiB: room
+/// for a LUKS2 conversion, 2S = 32 MiB past the PV).
 pub fn laptop_disks(dir: &Path) -> (PathBuf, PathBuf) {
-    (sparse_image(dir, "disk1.img", disk1_mib(256, 20)), sparse_image(dir, "disk2.img", 64))
+    (sparse_image(dir, "disk1.img", disk1_mib(256, LAPTOP_TAIL_MIB)), sparse_image(dir, "disk2.img", 64))
 }
 
 /// sha256 of a host file, hex.
@@ -529,6 +533,8 @@ fn golden_key() -> String {
     }
     files.sort();
     let mut h = Sha256::new();
+    // the image sizes are part of the layout
+    h.update(format!("disk1 {} MiB", disk1_mib(256, LAPTOP_TAIL_MIB)).as_bytes());
     for f in files {
         h.update(f.strip_prefix(repo()).unwrap().to_string_lossy().as_bytes());
         h.update(std::fs::read(&f).unwrap_or_default());

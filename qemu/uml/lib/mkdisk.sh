@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build the test disks INSIDE the UML guest (it needs device-mapper and LVM).
 #
-#   mkdisk.sh --disk1 /dev/ubda [--disk2 /dev/ubdb] [--tail-mib 20] [--pv-mib 256]
+#   mkdisk.sh --disk1 /dev/ubda [--disk2 /dev/ubdb] [--tail-mib 30] [--pv-mib 256]
 #             [--extent-mib 4] [--variant V] [--keep-active] [--key-file K] [--quick]
 #
 # Disk 1, msdos label (the laptop of the story):
@@ -35,7 +35,7 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-disk1="" disk2="" tail=20 pv=256 ext=4 variant=realistic keep=0 key="" quick=0
+disk1="" disk2="" tail=30 pv=256 ext=4 variant=realistic keep=0 key="" quick=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --disk1) disk1=$2; shift 2 ;;

@@ -1,0 +1,303 @@
+//! LUKS2 encryption in progress, the standard way: the header that `cryptsetup reencrypt
+//! --encrypt --reduce-device-size 2S --init-only` writes ([`format_reencrypt_header`]),
+//! libcryptsetup's own online reencryption run on the active mapping
+//! ([`run`], as `cryptsetup reencrypt --resume-only --active-name NAME` runs it), and the
+//! activation that recovers an interrupted step ([`activate`], as `cryptsetup open`).
+//!
+//! Every call runs on the module's libcryptsetup worker thread ([`super::on_worker`]); the
+//! reencryption calls go through libcryptsetup-rs-sys with exactly the parameters the
+//! cryptsetup CLI passes (its status first, then a resume with what the status returned).
+
+use super::worker::{format_on, header_of};
+use super::*;
+use libcryptsetup_rs::consts::flags::{CryptActivate, CryptReencrypt};
+use libcryptsetup_rs::consts::vals::{CryptReencryptDirectionInfo, CryptReencryptModeInfo};
+use libcryptsetup_rs::{CryptParamsReencrypt, TokenInput};
+use libcryptsetup_rs_sys as sys;
+use std::ffi::CString;
+use std::path::Path;
+
+/// luksify's own LUKS2 token type: what a resume needs beyond cryptsetup's metadata.
+/// cryptsetup keeps tokens of unknown types untouched and ignores them.
+pub const TOKEN_TYPE: &str = "luksify";
+
+/// What luksify keeps in its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuksifyToken {
+    /// The mapping name (`sda5_crypt`).
+    pub name: String,
+    /// `--allow-discards` (the crypttab line's `discard`).
+    pub allow_discards: bool,
+    /// The LVM PV's UUID (the device's identity).
+    pub pv_uuid: String,
+}
+
+impl LuksifyToken {
+    /// The token's JSON object (LUKS2 wants `type` and `keyslots` in every token).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": TOKEN_TYPE,
+            "keyslots": [],
+            "luksify_version": 1,
+            "name": self.name,
+            "allow_discards": self.allow_discards,
+            "pv_uuid": self.pv_uuid,
+        })
+    }
+}
+
+/// The header of an encryption in progress for a device whose plaintext is `l` sectors
+/// (the PV) and whose data offset is S = `params.data_offset_sectors`: the state that
+/// `cryptsetup reencrypt --encrypt --reduce-device-size 2S --init-only` writes on a device
+/// of L + 2S sectors (LUKS2 only): requirement `online-reencrypt-v2`, segments linear
+/// [moved first S sectors at L + S] + linear [S, L) in place, the `reencrypt` keyslot
+/// (encrypt, backward, datashift S) and its digest, keyslot 0 for `passphrase`, and
+/// luksify's token. Made in a memfd by libcryptsetup itself. Returns the first H bytes
+/// (through the reencrypt keyslot's area); [H, S) must be zeros on the device.
+pub fn format_reencrypt_header(
+    params: &HeaderParams,
+    key: &VolumeKey,
+    passphrase: &[u8],
+    l: u64,
+    token: &LuksifyToken,
+) -> Result<Header> {
+    validate(params, key)?;
+    if params.luks_type != LuksType::Luks2 {
+        return Err(LuksError::InvalidParams("a reencryption in progress is a LUKS2 state".into()));
+    }
+    let s = params.data_offset_sectors;
+    if l < s {
+        return Err(LuksError::InvalidParams(format!("L = {l} sectors is smaller than the data offset S = {s}")));
+    }
+    let (params, key, token) = (params.clone(), key.clone(), token.json());
+    let pass = Zeroizing::new(passphrase.to_vec());
+    on_worker(move || {
+        let dev = MemDev::new((l + 2 * s) * SECTOR)?;
+        let mut cd = format_on(&dev, &params, &key, &pass)?;
+        cd.token_handle().json_set(TokenInput::AddToken(&token)).map_err(|e| crypt_err("crypt_token_json_set", e))?;
+        let luks2 = CryptParamsLuks2 {
+            pbkdf: None,
+            integrity: None,
+            integrity_params: None,
+            data_alignment: 0,
+            data_device: None,
+            sector_size: SECTOR as u32,
+            label: None,
+            subsystem: None,
+        };
+        let rp = CryptParamsReencrypt {
+            mode: CryptReencryptModeInfo::Encrypt,
+            direction: CryptReencryptDirectionInfo::Backward,
+            resilience: "datashift".into(),
+            hash: "sha256".into(),
+            data_shift: s,
+            max_hotzone_size: 0,
+            device_size: 0,
+            luks2: Some(luks2),
+            flags: CryptReencrypt::INITIALIZE_ONLY | CryptReencrypt::MOVE_FIRST_SEGMENT,
+        };
+        let cipher = (params.cipher.as_str(), params.cipher_mode.as_str());
+        cd.reencrypt_handle()
+            .reencrypt_init_by_passphrase(None, &pass, None, Some(0), Some(cipher), rp)
+            .map_err(|e| crypt_err("crypt_reencrypt_init_by_passphrase (encrypt, datashift, move first segment)", e))?;
+        header_of(&dev, &mut cd, &params, 1)
+    })
+}
+
+/// Where a device's LUKS2 reencryption stands, as libcryptsetup reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reencryption {
+    /// None in progress (or not LUKS2).
+    None,
+    /// In progress, between steps: `run` continues it.
+    Clean,
+    /// A step was interrupted: an activation (`cryptsetup open`) recovers it first.
+    Crash,
+}
+
+/// How [`run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The reencryption finished: the header is the final one, the mapping its final table.
+    Finished,
+    /// A stop was requested: libcryptsetup stopped after a committed step (state Clean).
+    Stopped,
+}
+
+/// A libcryptsetup device on `device` with its header loaded (any LUKS version).
+struct Loaded {
+    cd: CryptDevice,
+    ptr: *mut sys::crypt_device,
+}
+
+fn load_device(device: &Path) -> Result<Loaded> {
+    let _ = take_log();
+    let path = CString::new(device.as_os_str().as_encoded_bytes())
+        .map_err(|_| LuksError::InvalidParams(format!("{}: a path with a NUL byte", device.display())))?;
+    let mut ptr: *mut sys::crypt_device = std::ptr::null_mut();
+    // SAFETY: crypt_init fills `ptr` with a new context on success (0).
+    let r = unsafe { sys::crypt_init(&mut ptr, path.as_ptr()) };
+    if r < 0 || ptr.is_null() {
+        return Err(sys_err("crypt_init", r));
+    }
+    // From here the binding owns the context (crypt_free on drop).
+    let cd = CryptDevice::from_ptr(ptr);
+    // SAFETY: a valid context; NULL type = any LUKS version, NULL params.
+    let r = unsafe { sys::crypt_load(ptr, std::ptr::null(), std::ptr::null_mut()) };
+    if r < 0 {
+        return Err(LuksError::BadHeader(format!("{}: {}", device.display(), sys_err("crypt_load", r))));
+    }
+    Ok(Loaded { cd, ptr })
+}
+
+fn sys_err(op: &'static str, r: c_int) -> LuksError {
+    let log = take_log();
+    let e = std::io::Error::from_raw_os_error(-r);
+    let detail = if log.is_empty() { e.to_string() } else { format!("{e} ({log})") };
+    LuksError::Crypt { op, errno: Some(-r), detail }
+}
+
+fn status_of(l: &Loaded) -> (Reencryption, sys::crypt_params_reencrypt) {
+    // SAFETY: all-zero is a valid value of this plain C struct (NULL pointers, 0 numbers).
+    let mut p: sys::crypt_params_reencrypt = unsafe { std::mem::zeroed() };
+    // SAFETY: valid context; `p` is filled with pointers into the context's own metadata.
+    let ri = unsafe { sys::crypt_reencrypt_status(l.ptr, &mut p) };
+    let st = match ri {
+        sys::crypt_reencrypt_info_CRYPT_REENCRYPT_CLEAN => Reencryption::Clean,
+        sys::crypt_reencrypt_info_CRYPT_REENCRYPT_CRASH => Reencryption::Crash,
+        _ => Reencryption::None,
+    };
+    (st, p)
+}
+
+/// The reencryption state of the LUKS header on `device` (read only).
+pub fn status(device: &Path) -> Result<Reencryption> {
+    let device = device.to_path_buf();
+    on_worker(move || {
+        let l = load_device(&device)?;
+        Ok(status_of(&l).0)
+    })
+}
+
+/// `cryptsetup open DEVICE NAME`: activate the mapping `name` with `passphrase`. On a
+/// header whose step was interrupted, libcryptsetup first recovers that step (it needs the
+/// device to itself). Wrong passphrase: [`LuksError::WrongPassphrase`].
+pub fn activate(device: &Path, name: &str, passphrase: &[u8]) -> Result<()> {
+    let (device, name) = (device.to_path_buf(), name.to_string());
+    let pass = Zeroizing::new(passphrase.to_vec());
+    on_worker(move || {
+        let mut l = load_device(&device)?;
+        let r = l.cd.activate_handle().activate_by_passphrase(Some(&name), None, &pass, CryptActivate::empty());
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if errno_of(&e) == Some(libc::EPERM) => {
+                let _ = take_log();
+                Err(LuksError::WrongPassphrase)
+            }
+            Err(e) => Err(crypt_err("crypt_activate_by_passphrase", e)),
+        }
+    })
+}
+
+enum Msg {
+    Progress(u64, u64),
+    Done(Result<RunEnd>),
+}
+
+struct RunCtx {
+    tx: mpsc::Sender<Msg>,
+    stop: fn() -> bool,
+    stopped: bool,
+}
+
+/// libcryptsetup's progress callback: after each committed step. Non-zero stops the run
+/// cleanly there.
+unsafe extern "C" fn progress_cb(size: u64, offset: u64, usr: *mut c_void) -> c_int {
+    // SAFETY: `usr` is the RunCtx that `run_job` passed and keeps alive during the run.
+    let ctx = unsafe { &mut *(usr as *mut RunCtx) };
+    let _ = ctx.tx.send(Msg::Progress(offset, size));
+    if (ctx.stop)() {
+        ctx.stopped = true;
+        return 1;
+    }
+    0
+}
+
+fn run_job(device: &Path, name: &str, pass: &[u8], ctx: &mut RunCtx) -> Result<RunEnd> {
+    let l = load_device(device)?;
+    let (st, mut params) = status_of(&l);
+    match st {
+        Reencryption::Clean => {}
+        Reencryption::None => {
+            return Err(LuksError::BadHeader(format!("{}: no LUKS2 reencryption in progress", device.display())))
+        }
+        Reencryption::Crash => {
+            return Err(LuksError::BadHeader(format!(
+                "{}: a reencryption step was interrupted; it is recovered when the device is opened (closed first, then `cryptsetup open`)",
+                device.display()
+            )))
+        }
+    }
+    // As the CLI resumes: the status's own parameters, no hotzone limit, the device's size.
+    params.flags = sys::CRYPT_REENCRYPT_RESUME_ONLY;
+    params.max_hotzone_size = 0;
+    params.device_size = 0;
+    params.luks2 = std::ptr::null();
+    let cname = CString::new(name).map_err(|_| LuksError::InvalidParams("a name with a NUL byte".into()))?;
+    // SAFETY: valid context, name and passphrase buffers live across the call.
+    let r = unsafe {
+        sys::crypt_reencrypt_init_by_passphrase(
+            l.ptr,
+            cname.as_ptr(),
+            pass.as_ptr() as *const c_char,
+            pass.len(),
+            sys::CRYPT_ANY_SLOT,
+            sys::CRYPT_ANY_SLOT,
+            std::ptr::null(),
+            std::ptr::null(),
+            &params,
+        )
+    };
+    if r == -libc::EPERM {
+        let _ = take_log();
+        return Err(LuksError::WrongPassphrase);
+    }
+    if r < 0 {
+        return Err(sys_err("crypt_reencrypt_init_by_passphrase (resume)", r));
+    }
+    // SAFETY: valid context; `ctx` outlives the call; the callback matches the C type.
+    let r = unsafe { sys::crypt_reencrypt_run(l.ptr, Some(progress_cb), ctx as *mut RunCtx as *mut c_void) };
+    if r < 0 {
+        return Err(sys_err("crypt_reencrypt_run", r));
+    }
+    drop(l);
+    Ok(if ctx.stopped { RunEnd::Stopped } else { RunEnd::Finished })
+}
+
+/// `cryptsetup reencrypt --resume-only --active-name NAME DEVICE`: continue the encryption
+/// in progress on `device`, online, through its active mapping `name` (whose table must be
+/// the one the header implies), until it finishes or `stop()` says so after a step.
+/// `progress(done_bytes, total_bytes)` is called on this thread after every step.
+pub fn run(
+    device: &Path,
+    name: &str,
+    passphrase: &[u8],
+    stop: fn() -> bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<RunEnd> {
+    let (device, name) = (device.to_path_buf(), name.to_string());
+    let pass = Zeroizing::new(passphrase.to_vec());
+    let (tx, rx) = mpsc::channel::<Msg>();
+    submit(Box::new(move || {
+        let mut ctx = RunCtx { tx: tx.clone(), stop, stopped: false };
+        let r = run_job(&device, &name, &pass, &mut ctx);
+        let _ = tx.send(Msg::Done(r));
+    }))?;
+    loop {
+        match rx.recv() {
+            Ok(Msg::Progress(done, total)) => progress(done, total),
+            Ok(Msg::Done(r)) => return r,
+            Err(_) => return Err(LuksError::Internal("the libcryptsetup reencryption panicked".into())),
+        }
+    }
+}
