@@ -46,7 +46,8 @@ pub enum Command {
         run: RunOpts,
         device: PathBuf,
     },
-    /// Show what the journal on DEVICE says: state, cursor, progress. Needs no passphrase.
+    /// Show what the journal, or the LUKS2 header in reencryption, on DEVICE says: state,
+    /// progress. Needs no passphrase.
     Status {
         #[arg(long)]
         json: bool,

@@ -23,6 +23,11 @@ pub enum Error {
     /// what is known and what is safe; nothing was changed.
     #[error("{message}")]
     Damaged { message: String, damage: Box<crate::core::evidence::Damage> },
+    /// A LUKS2 header is at the device's start but cannot be read (no copy verifies, its JSON
+    /// does not parse, an unknown requirement): it may hold a conversion in progress, so this
+    /// is never "no conversion". The message says what is wrong; nothing was changed.
+    #[error("{0}")]
+    DamagedHeader(String),
 }
 
 impl Error {
@@ -33,18 +38,23 @@ impl Error {
             Error::Paused(..) => exit::PAUSED,
             Error::Failed(_) => exit::ERROR,
             Error::Integration(_) => exit::INTEGRATION,
-            Error::Damaged { .. } => exit::DAMAGED,
+            Error::Damaged { .. } | Error::DamagedHeader(_) => exit::DAMAGED,
         }
     }
 
     /// The error as `--json` prints it: `{"error": {"code", "message"}}`, and for a damaged
-    /// conversion also what `status --json` says of one in progress.
+    /// conversion also what `status --json` says of one in progress (for an unreadable LUKS2
+    /// header, `in_progress` is null: whether it holds a conversion cannot be told).
     pub fn to_json(&self) -> serde_json::Value {
         let mut v = serde_json::json!({ "error": { "code": self.exit_code(), "message": self.to_string() } });
         if let Error::Damaged { damage, .. } = self {
             v["in_progress"] = true.into();
             v["state"] = "damaged".into();
             v["damage"] = serde_json::to_value(damage).expect("serialises");
+        }
+        if let Error::DamagedHeader(_) = self {
+            v["in_progress"] = serde_json::Value::Null;
+            v["state"] = "damaged".into();
         }
         v
     }
@@ -66,14 +76,16 @@ impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
 /// Exit codes: 0 success, 1 error (one line on stderr), 2 usage (clap), 3 refused by the plan,
 /// 4 stopped on request (SIGINT/SIGTERM) at a safe point: `luksify resume` continues;
 /// 5 converted, but the system integration is incomplete (the message says what to do);
-/// 6 a conversion is in progress but its journal is missing or damaged.
+/// 6 a conversion is in progress but its journal is missing or damaged, or the LUKS2 header
+/// at the device's start (which may record one) cannot be read.
 pub mod exit {
     pub const OK: i32 = 0;
     pub const ERROR: i32 = 1;
     pub const REFUSED: i32 = 3;
     pub const PAUSED: i32 = 4;
     pub const INTEGRATION: i32 = 5;
-    /// A conversion is in progress but its journal is missing or damaged (nothing changed).
+    /// A conversion is in progress but its journal is missing or damaged, or the LUKS2 header
+    /// that may record one cannot be read (nothing changed).
     pub const DAMAGED: i32 = 6;
 }
 

@@ -1,12 +1,24 @@
 //! `luksify status [--json] DEVICE`: what the device shows of a conversion. Needs no
 //! passphrase and writes nothing. A damaged journal is an error that says what is known.
+//!
+//! A LUKS2 conversion keeps, from its cut-over on, cryptsetup's standard format: a LUKS2
+//! header at sector 0 with the `online-reencrypt-v2` requirement (read first, by
+//! [`luks2meta`]); a LUKS1 conversion (and a LUKS2 one before its cut-over) keeps luksify's
+//! journal in the tail. A LUKS2 header without the requirement (finished) says nothing of a
+//! conversion: the journal decides, as before.
 
 use super::{device_size, engine_err, open_disk};
-use crate::core::journal::State;
+use crate::adapters::rawdisk::RawDisk;
+use crate::core::journal::{Record, State};
+use crate::core::luks2meta::{self, Meta, MetaError, Reencrypt};
 use crate::core::state as fsm;
-use crate::engine;
-use crate::error::{exit, Result};
+use crate::engine::{self, Disk};
+use crate::error::{exit, Error, Result};
 use std::path::Path;
+
+/// `format` in `status --json`: where the conversion's state is recorded.
+const FORMAT_JOURNAL: &str = "luksify-journal";
+const FORMAT_LUKS2: &str = "luks2-reencrypt";
 
 #[derive(serde::Serialize)]
 struct StatusJson<'a> {
@@ -20,13 +32,90 @@ struct StatusJson<'a> {
     luks_version: Option<u8>,
     luks_uuid: Option<&'a str>,
     seq: Option<u64>,
+    /// "luksify-journal", "luks2-reencrypt", or null when nothing is in progress.
+    format: Option<&'a str>,
 }
 
 pub(super) fn status(device: &Path, json: bool) -> Result<i32> {
     let n = device_size(device)?;
     let mut disk = open_disk(device, false)?;
+    if let Some((meta, r)) = read_luks2(&mut disk, n, device)?.and_then(|m| m.reencrypt.clone().map(|r| (m, r))) {
+        print_luks2(device, &meta, &r, json);
+        return Ok(exit::OK);
+    }
     let rec = engine::read_journal(&mut disk, n).map_err(|e| engine_err(e, device))?;
-    let cursor = rec.as_ref().and_then(|r| match r.state {
+    print_journal(device, rec.as_ref(), json);
+    Ok(exit::OK)
+}
+
+/// The LUKS2 metadata at the device's start, if any (the first [`luks2meta::MAX_HEAD_BYTES`]
+/// or the whole device if smaller: any header size, and a secondary copy behind a wiped
+/// primary at any offset). Unreadable metadata is [`Error::DamagedHeader`].
+fn read_luks2(disk: &mut RawDisk, n_sectors: u64, device: &Path) -> Result<Option<Meta>> {
+    let len = n_sectors.saturating_mul(512).min(luks2meta::MAX_HEAD_BYTES as u64) as usize;
+    let mut head = vec![0u8; len];
+    disk.read(0, &mut head)
+        .map_err(|e| Error::Failed(format!("{}: reading the device's first {len} bytes: {e}", device.display())))?;
+    luks2meta::parse(&head).map_err(|e| damaged_header(&e, device))
+}
+
+fn damaged_header(e: &MetaError, device: &Path) -> Error {
+    let d = device.display();
+    let what = match e {
+        // parse was given all there is (or 8 MiB, enough for any header): the header claims more
+        MetaError::NeedMore(k) => {
+            format!(
+                "a LUKS2 header at its start claims {k} bytes, more than luksify read ({} or the device's end)",
+                luks2meta::MAX_HEAD_BYTES
+            )
+        }
+        e => e.to_string(),
+    };
+    Error::DamagedHeader(format!(
+        "{d}: {what}. It may record a conversion in progress, so luksify cannot say there is none; nothing was changed: do not write to {d} (no pvcreate, mkfs, fsck, partitioning or luksFormat); keep the disk as it is and report with `luksify status --json {d}` and `cryptsetup luksDump {d}`"
+    ))
+}
+
+fn print_luks2(device: &Path, m: &Meta, r: &Reencrypt, json: bool) {
+    let state = if r.crashed { "crashed" } else { "reencrypting" };
+    let name = m.token.as_ref().map(|t| t.name.as_str());
+    if json {
+        let s = StatusJson {
+            device: device.display().to_string(),
+            in_progress: true,
+            state: Some(state),
+            cursor: None,
+            move_sectors: Some(r.total_bytes / 512),
+            progress: Some(r.progress()),
+            name,
+            luks_version: Some(2),
+            luks_uuid: Some(&m.uuid),
+            seq: Some(m.seqid),
+            format: Some(FORMAT_LUKS2),
+        };
+        println!("{}", serde_json::to_string_pretty(&s).expect("serialises"));
+        return;
+    }
+    let d = device.display();
+    println!("{d}: luksify conversion in progress");
+    let words = if r.crashed { "step interrupted (cryptsetup open recovers it)" } else { "reencrypting" };
+    println!("  state:    {words}");
+    println!("  progress: {:.1}% ({} of {} bytes encrypted)", 100.0 * r.progress(), r.encrypted_bytes, r.total_bytes);
+    println!("  target:   LUKS2 {} as /dev/mapper/{} (UUID {})", r.cipher, name.unwrap_or("<unknown>"), m.uuid);
+    println!("  format:   standard LUKS2 reencryption ({})", luks2meta::REENCRYPT_V2);
+    match m.copies_valid {
+        (true, false) => println!("  header:   the secondary copy does not verify (the next header write repairs it)"),
+        (false, true) => println!("  header:   the primary copy does not verify (the next header write repairs it)"),
+        _ => {}
+    }
+    let n = name.unwrap_or("NAME");
+    println!(
+        "  continue: luksify resume {d} (or stock: cryptsetup open {d} {n}, then cryptsetup reencrypt --resume-only --active-name {n})"
+    );
+}
+
+fn print_journal(device: &Path, rec: Option<&Record>, json: bool) {
+    let cursor = rec.and_then(|r| match r.state {
         State::Migrating { cursor } => Some(cursor),
         _ => None,
     });
@@ -34,18 +123,19 @@ pub(super) fn status(device: &Path, json: bool) -> Result<i32> {
         let s = StatusJson {
             device: device.display().to_string(),
             in_progress: rec.is_some(),
-            state: rec.as_ref().map(|r| r.state.name()),
+            state: rec.map(|r| r.state.name()),
             cursor,
-            move_sectors: rec.as_ref().map(|r| r.geometry.l),
-            progress: rec.as_ref().map(|r| fsm::progress(&r.geometry, r.state)),
-            name: rec.as_ref().map(|r| r.name.as_str()),
-            luks_version: rec.as_ref().map(|r| r.luks_version),
-            luks_uuid: rec.as_ref().map(|r| r.luks_uuid.as_str()),
-            seq: rec.as_ref().map(|r| r.seq),
+            move_sectors: rec.map(|r| r.geometry.l),
+            progress: rec.map(|r| fsm::progress(&r.geometry, r.state)),
+            name: rec.map(|r| r.name.as_str()),
+            luks_version: rec.map(|r| r.luks_version),
+            luks_uuid: rec.map(|r| r.luks_uuid.as_str()),
+            seq: rec.map(|r| r.seq),
+            format: rec.map(|_| FORMAT_JOURNAL),
         };
         println!("{}", serde_json::to_string_pretty(&s).expect("serialises"));
     } else {
-        match &rec {
+        match rec {
             None => println!("{}: no luksify conversion in progress", device.display()),
             Some(r) => {
                 println!("{}: luksify conversion in progress", device.display());
@@ -62,5 +152,4 @@ pub(super) fn status(device: &Path, json: bool) -> Result<i32> {
             }
         }
     }
-    Ok(exit::OK)
 }

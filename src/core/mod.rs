@@ -10,6 +10,7 @@ pub mod geometry;
 pub(crate) mod integrate;
 pub(crate) mod journal;
 pub mod kinds;
+pub mod luks2meta;
 pub mod marker;
 pub mod plan;
 pub(crate) mod state;
