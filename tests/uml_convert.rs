@@ -78,8 +78,9 @@ fn luks2_online_with_live_writer_and_reader_then_fresh_boot_verifies() {
     let d = fresh_copy(&dir);
     let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(&format!(
         r#"{LIVE}
-# While converting (after the fence), LVM and blkid must see the PV once, on the bridge.
-( while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep '"state": "migrating"' >/dev/null; do sleep 0.2; done
+# While converting (after the cut-over), LVM and blkid must see the PV once, on the bridge.
+( while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep '"state": "reencrypting"' >/dev/null; do sleep 0.05; done
+  cryptsetup luksDump /dev/ubda5 > "$OUT/dump-during.txt" 2>&1 || true
   blkid -p /dev/ubda5 > "$OUT/blkid-raw.txt" 2>&1 || true
   # luksify holds LVM's VG lock until the finish: look without locking, or LVM would wait.
   lvm pvscan --nolocking > "$OUT/pvscan.txt" 2>&1 || true
@@ -102,6 +103,9 @@ echo CONVERTED
     ));
     run.assert_ok().assert_log_contains("CONVERTED");
     assert!(d.state.join("checked-during").exists());
+    // mid-way, stock cryptsetup reads a standard LUKS2 reencryption in progress
+    let dump = run.file("dump-during.txt");
+    assert!(dump.contains("online-reencrypt-v2") && dump.contains("backup-moved-segment"), "luksDump mid-way: {dump}");
     let blkid = run.file("blkid-raw.txt");
     assert!(!blkid.contains("LVM2_member"), "blkid sees a PV on the raw partition mid-way: {blkid}");
     let pvs = run.file("pvs-during.txt");

@@ -63,6 +63,11 @@ pub(super) fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     let n = device_size(device)?;
     let raw = raw_devref(device)?;
     let mut disk = open_disk(device, true)?;
+    if let Some((meta, r)) =
+        super::status::read_luks2(&mut disk, n, device)?.and_then(|m| m.reencrypt.clone().map(|r| (m, r)))
+    {
+        return resume_standard(device, k, run, disk, raw, n, &meta, &r);
+    }
     let rec: Record = match engine::read_journal(&mut disk, n).map_err(|e| engine_err(e, device))? {
         Some(r) => r,
         None => {
@@ -115,4 +120,85 @@ pub(super) fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     drop(engine);
     let boot_on_pv = !run.no_integrate && boot_on_pv_after(&name, &run.root);
     finish(device, &name, &uuid, discard, run, boot_on_pv, true)
+}
+
+/// LUKS2: the device is a standard reencryption in progress. Open it (an interrupted step
+/// is recovered by libcryptsetup's activation, as `cryptsetup open` does) unless its mapping
+/// is active already (a paused luksify, or the initramfs opened it), then run
+/// libcryptsetup's online reencryption on the mapping to the end and finish.
+#[allow(clippy::too_many_arguments)]
+fn resume_standard(
+    device: &Path,
+    k: &KeyOpts,
+    run: &RunOpts,
+    mut disk: crate::adapters::rawdisk::RawDisk,
+    raw: crate::core::tables::DevRef,
+    n: u64,
+    meta: &crate::core::luks2meta::Meta,
+    r: &crate::core::luks2meta::Reencrypt,
+) -> Result<i32> {
+    use crate::adapters::luks::reencrypt;
+    use crate::core::geometry::{Geometry, MAX_STEP};
+    use crate::core::units::Sectors;
+    let dev = device.display().to_string();
+    let token = meta.token.clone();
+    let default_name = format!(
+        "{}_crypt",
+        device.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "luksify".into())
+    );
+    let active = DmKernel::luks_mapping_of(&meta.uuid).map_err(|e| Error::Failed(e.to_string()))?;
+    let name = active.clone().or_else(|| token.as_ref().map(|t| t.name.clone())).unwrap_or(default_name);
+    let discard = token.as_ref().map(|t| t.allow_discards).unwrap_or(false);
+    let pv_uuid = token.as_ref().map(|t| t.pv_uuid.clone()).unwrap_or_default();
+    let (l, s) = (Sectors::in_len(r.total_bytes as usize).0, Sectors::in_len(r.data_offset as usize).0);
+    eprintln!(
+        "luksify: {dev} is a standard LUKS2 reencryption in progress ({:.1}% encrypted{})",
+        100.0 * r.progress(),
+        if r.crashed { ", a step was interrupted" } else { "" }
+    );
+    let pass = passphrase(k, false)?;
+    // The key, for the final table (libcryptsetup keeps its own copy in the kernel keyring
+    // only while it runs). Checks the passphrase before anything changes.
+    let mut head = vec![0u8; Sectors(s).byte_len()];
+    crate::engine::Disk::read(&mut disk, 0, &mut head)
+        .map_err(|e| Error::Failed(format!("{dev}: reading the LUKS2 header: {e}")))?;
+    let key = luks::unlock(&head, &pass).map_err(|e| Error::Refused(format!("{e}; nothing was changed")))?;
+    match &active {
+        Some(a) => eprintln!("luksify: /dev/mapper/{a} is active: continuing online"),
+        None => {
+            eprintln!("luksify: opening {dev} as /dev/mapper/{name} (cryptsetup's activation{})", if r.crashed { ", which first recovers the interrupted step" } else { "" });
+            reencrypt::activate(device, &name, &pass).map_err(|e| {
+                Error::Failed(format!("opening {dev} failed: {e}; nothing was changed by luksify"))
+            })?;
+        }
+    }
+    let g = Geometry::new(n, l, s, s.min(MAX_STEP), 8192)
+        .map_err(|e| Error::Failed(format!("{dev}: the LUKS2 metadata describes an impossible layout: {e}")))?;
+    let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
+    let vg_lock = match vg_on_bridge(&kernel, &name) {
+        Some(vg) => Some(lock_vg(&vg)?),
+        None => None,
+    };
+    guard::arm()?;
+    let conversion = crate::engine::NewConversion {
+        raw,
+        geometry: g,
+        name: &name,
+        luks_version: 2,
+        luks_uuid: &meta.uuid,
+        cipher: &r.cipher,
+        allow_discards: discard,
+        pv_uuid: &pv_uuid,
+        key: key.as_bytes(),
+        header: head[..head.len() / 4096 * 4096].to_vec(),
+    };
+    let mut engine = Engine::prepare_standard(disk, kernel, conversion).map_err(|e| engine_err(e, device))?;
+    drop(key);
+    let moved = Sectors::in_len(r.encrypted_bytes as usize).0.min(l);
+    let progress = Progress { name: &name, l, moved };
+    guard::drive_standard(&mut engine, run, progress, vg_lock, device, &pass, guard::Start::Resume)?;
+    drop(pass);
+    drop(engine);
+    let boot_on_pv = !run.no_integrate && boot_on_pv_after(&name, &run.root);
+    finish(device, &name, &meta.uuid, discard, run, boot_on_pv, true)
 }

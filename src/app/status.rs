@@ -51,7 +51,7 @@ pub(super) fn status(device: &Path, json: bool) -> Result<i32> {
 /// The LUKS2 metadata at the device's start, if any (the first [`luks2meta::MAX_HEAD_BYTES`]
 /// or the whole device if smaller: any header size, and a secondary copy behind a wiped
 /// primary at any offset). Unreadable metadata is [`Error::DamagedHeader`].
-fn read_luks2(disk: &mut RawDisk, n_sectors: u64, device: &Path) -> Result<Option<Meta>> {
+pub(super) fn read_luks2(disk: &mut RawDisk, n_sectors: u64, device: &Path) -> Result<Option<Meta>> {
     let len = n_sectors.saturating_mul(512).min(luks2meta::MAX_HEAD_BYTES as u64) as usize;
     let mut head = vec![0u8; len];
     disk.read(0, &mut head)
