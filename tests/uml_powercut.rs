@@ -1,10 +1,15 @@
-//! Power cuts on a real kernel (User-Mode Linux): convert the realistic disk with the live
-//! writer running, cut the power (SIGKILL of the whole UML process group) at a seeded
-//! moment, boot "rescue media" that behaves like real ones (LVM autoactivation and `fsck -p`
-//! on whatever comes up), `luksify resume` there, then verify everything on a third boot.
+//! Power cuts on a real kernel (User-Mode Linux): convert the realistic disk (LUKS2, the
+//! standard format mid-way) with the live writer running, cut the power (SIGKILL of the
+//! whole UML process group) at a seeded moment, then boot "rescue media" that behaves like
+//! real ones (LVM autoactivation and `fsck -p` on whatever comes up). Even seeds: rescue
+//! media **without luksify**: stock `cryptsetup luksDump`, `cryptsetup open` (its own
+//! recovery of an interrupted step) with LVM, fsck, every file and every acknowledged
+//! record verified on the half-converted disk (qemu/uml/lib/verify.sh uses only stock
+//! tools), then `cryptsetup reencrypt --resume-only` finishes it and everything verifies
+//! again. Odd seeds: `luksify resume` on the rescue media, then the same verification.
 //!
-//! LUKSIFY_POWERCUTS=N runs N cuts (default 5: one per phase); LUKSIFY_POWERCUT_SEED=S
-//! replays a run (the seed of every cut is printed).
+//! LUKSIFY_POWERCUTS=N runs N cuts (default 20); LUKSIFY_POWERCUT_SEED=S replays a run (the
+//! seed of every cut is printed).
 mod support;
 
 use std::time::{Duration, SystemTime};
@@ -13,13 +18,13 @@ use support::*;
 /// Phases of the conversion at which a cut is aimed, by the journal the guest polls.
 #[derive(Debug, Clone, Copy)]
 enum Phase {
-    /// Before the fence: journal prepared or bridged.
+    /// Before or during the cut-over: header formatted, bridge inserted, cut-over.
     Insertion,
-    /// Migrating with the cursor in the top, middle or bottom third.
+    /// Reencrypting with the cursor in the top, middle or bottom third.
     Early,
     Middle,
     Late,
-    /// Cursor 0 or header written: finishing.
+    /// After the last step: cryptsetup's final header, the final table, pvresize.
     Finish,
 }
 
@@ -38,8 +43,7 @@ fn one_cut(seed: u64) {
     let phases = [Phase::Insertion, Phase::Early, Phase::Middle, Phase::Late, Phase::Finish];
     let phase = phases[(seed % 5) as usize];
     // Aimed at insertion, every other such seed waits for the bridge's commit, so that cuts
-    // land in the fence and the first step as well as before the journal's first record;
-    // the delay spreads them over header, journal, bridge and fence.
+    // land in the cut-over and the first step as well as before it.
     let after_bridge = matches!(phase, Phase::Insertion) && (seed / 5) % 2 == 1;
     let delay_ms = match phase {
         Phase::Insertion if after_bridge => r() % 300,
@@ -49,10 +53,11 @@ fn one_cut(seed: u64) {
         Phase::Finish => r() % 1500,
         _ => r() % 400,
     };
-    let chunk = [8192u64, 16384, 32768][(r() % 3) as usize];
+    let stock = seed % 2 == 0;
     eprintln!(
-        "power cut seed {seed}: phase {phase:?}{}, {delay_ms} ms after the trigger",
-        if after_bridge { " (after the bridge)" } else { "" }
+        "power cut seed {seed}: phase {phase:?}{}, {delay_ms} ms after the trigger, rescue with {}",
+        if after_bridge { " (after the bridge)" } else { "" },
+        if stock { "stock cryptsetup only" } else { "luksify resume" }
     );
     let (l_third_lo, l_third_hi) = match phase {
         Phase::Early => (2, 3),
@@ -64,9 +69,9 @@ fn one_cut(seed: u64) {
     // poll; `luksify status` takes about a second per call in the guest).
     let cursor = r#"c=$(grep -o '"cursor":[0-9]*' /tmp/progress | tail -1 | cut -d: -f2)"#;
     let trigger = match phase {
-        // Right after the bridge's commit: the fence, the first step.
+        // Right after the bridge went in: the cut-over, the first step.
         Phase::Insertion if after_bridge => r#"grep -q '"state":"bridged"' /tmp/progress"#.to_string(),
-        // Right after luksify starts: header, journal, bridge insertion, fence.
+        // Right after luksify starts: header, bridge insertion, cut-over.
         Phase::Insertion => "true".to_string(),
         Phase::Finish => r#"grep -q '"cursor":0,' /tmp/progress"#.to_string(),
         _ => format!(
@@ -84,7 +89,7 @@ printf 'power cut passphrase' > "$OUT/key"
 start_writer /mnt/root/records.dat "$OUT/acked"
 wait_acked 20
 L=$("$LUKSIFY" --dry-run --json /dev/ubda5 | sed -n 's/.*"move_sectors": \([0-9]*\).*/\1/p')
-"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --chunk {chunk} --progress-json /dev/ubda5 2> /tmp/progress &
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --progress-json /dev/ubda5 2> /tmp/progress &
 P=$!
 while kill -0 $P 2>/dev/null; do
     if {trigger}; then echo go > "$OUT/cut-now"; sync; break; fi
@@ -104,10 +109,21 @@ sleep 600
     let finished_before = cut.log.contains("CONVERSION FINISHED BEFORE THE CUT");
     eprintln!("seed {seed}: cut with {acked_n} records acked (finished before the cut: {finished_before})");
 
-    // Rescue media: autoactivation and fsck -p on whatever comes up, then resume.
-    let rescue = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(
+    // Rescue media: autoactivation and fsck -p on whatever comes up; then, with luksify,
+    // resume; without it, only look.
+    let resume = if stock {
+        ""
+    } else {
+        r#"if "$LUKSIFY" status --json /dev/ubda5 | grep '"in_progress": true' >/dev/null; then
+    "$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" --progress-json /dev/ubda5 2> "$OUT/resume.jsonl"
+    rc=$?; cat "$OUT/resume.jsonl" >&2; [ $rc -eq 0 ] || die "resume failed ($rc)"
+fi
+vgchange -an vg0 >/dev/null 2>&1 || true
+dmsetup remove ubda5_crypt 2>/dev/null || true"#
+    };
+    let rescue = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(&format!(
         r#"
-"$LUKSIFY" status /dev/ubda5 | tee "$OUT/status-rescue.txt"
+{status}
 blkid -p /dev/ubda5 > "$OUT/blkid-rescue.txt" 2>&1 || true
 vgchange -aay > "$OUT/autoactivate.txt" 2>&1 || true
 vgchange -ay vg0 >> "$OUT/autoactivate.txt" 2>&1 || true
@@ -115,56 +131,78 @@ mknodes
 for lv in /dev/mapper/vg0-root /dev/mapper/vg0-home; do
     if [ -b "$lv" ]; then echo "rescue: $lv came up"; fsck -p "$lv" || true; fi
 done | tee "$OUT/rescue-fsck.txt"
-if "$LUKSIFY" status --json /dev/ubda5 | grep '"in_progress": true' >/dev/null; then
-    "$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" --progress-json /dev/ubda5 2> "$OUT/resume.jsonl"
-    rc=$?; cat "$OUT/resume.jsonl" >&2; [ $rc -eq 0 ] || die "resume failed ($rc)"
-fi
 vgchange -an vg0 >/dev/null 2>&1 || true
-dmsetup remove ubda5_crypt 2>/dev/null || true
-if cryptsetup isLuks /dev/ubda5; then echo luks > "$OUT/after-rescue"; else echo plain > "$OUT/after-rescue"; fi
+cryptsetup luksDump /dev/ubda5 > "$OUT/dump-rescue.txt" 2>&1 || true
+{resume}
+if cryptsetup isLuks /dev/ubda5; then
+    if cryptsetup luksDump /dev/ubda5 | grep -q online-reencrypt-v2; then echo midway > "$OUT/after-rescue"; else echo luks > "$OUT/after-rescue"; fi
+else echo plain > "$OUT/after-rescue"; fi
 echo RESCUE-DONE
 "#,
-    );
+        status = if stock { "" } else { r#""$LUKSIFY" status /dev/ubda5 | tee "$OUT/status-rescue.txt""# },
+    ));
     rescue.assert_ok().assert_log_contains("RESCUE-DONE");
-    // No LV is active on rescue media: nothing writes to the source while a step is copied,
-    // so no step has anything to copy again.
-    if let Ok(j) = std::fs::read_to_string(d.state.join("resume.jsonl")) {
-        for l in j.lines().filter(|l| l.contains("\"event\":\"chunk\"")) {
-            assert!(
-                l.contains("\"rechecked_sectors\":0,"),
-                "seed {seed}: an offline resume found changed sectors: {l}"
-            );
-        }
-    }
-    let status = rescue.file("status-rescue.txt");
-    if status.contains("migrating") || status.contains("header-written") {
-        // The fence: nothing saw a PV on the raw partition, nothing came up to fsck.
+    let after = rescue.file("after-rescue").trim().to_string();
+    let dump = rescue.file("dump-rescue.txt");
+    if dump.contains("online-reencrypt-v2") {
+        // Mid-way nothing saw a PV on the raw partition, nothing came up to fsck.
         let b = rescue.file("blkid-rescue.txt");
         assert!(!b.contains("LVM2_member"), "seed {seed}: rescue media sees a PV on the raw partition mid-way: {b}");
         let f = rescue.file("rescue-fsck.txt");
         assert!(!f.contains("came up"), "seed {seed}: LVs came up on a half-converted disk: {f}");
     }
-    // A cut before the journal's first record leaves the disk as it was: plain, and intact.
-    let plain = rescue.file("after-rescue").trim() == "plain";
+    // A cut before the cut-over leaves the disk as it was: plain, and intact.
+    let plain = after == "plain";
     if plain {
-        assert!(status.contains("no luksify conversion"), "seed {seed}: plain disk but a journal: {status}");
         assert!(!finished_before, "seed {seed}: the conversion finished, yet the disk is not LUKS");
+        if !stock {
+            let status = rescue.file("status-rescue.txt");
+            assert!(status.contains("no luksify conversion"), "seed {seed}: plain disk but a conversion: {status}");
+        }
     }
-    let v = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).run_script(&if plain {
-        format!(r#"bash "$UML_LIB/verify.sh" --plain --min-acked {acked_n}"#)
-    } else {
-        format!(r#"bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key" --min-acked {acked_n}"#)
-    });
-    v.assert_ok().assert_log_contains(if plain { "VERIFY OK (plain)" } else { "VERIFY OK (luks)" });
-    eprintln!(
-        "seed {seed}: phase {phase:?} state at rescue: {} -> verified",
-        status.lines().nth(1).unwrap_or("none").trim()
-    );
+    assert!(stock || after != "midway", "seed {seed}: luksify resume left the reencryption unfinished");
+    let verify = |what: &str| {
+        let v = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).run_script(&if plain {
+            format!(r#"bash "$UML_LIB/verify.sh" --plain --min-acked {acked_n}"#)
+        } else {
+            format!(r#"bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key" --min-acked {acked_n}"#)
+        });
+        v.assert_ok().assert_log_contains(if plain { "VERIFY OK (plain)" } else { "VERIFY OK (luks)" });
+        eprintln!("seed {seed}: {what}: verified");
+    };
+    verify(&format!("phase {phase:?}, {after} after the rescue"));
+    if after == "midway" {
+        // Stock cryptsetup alone finishes what luksify started.
+        let fin = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(
+            r#"
+set +e; cryptsetup reencrypt --resume-only --key-file "$OUT/key" /dev/ubda5 > "$OUT/cs-finish.txt" 2>&1; rc=$?; set -e
+cat "$OUT/cs-finish.txt"
+if [ $rc != 0 ]; then
+    # The one state stock cryptsetup cannot leave (every step committed, its teardown not
+    # written): cryptsetup open still maps it; luksify writes the teardown.
+    grep -q "Failed to set device segments for next reencryption hotzone" "$OUT/cs-finish.txt" || die "cryptsetup reencrypt --resume-only failed ($rc)"
+    echo gap > "$OUT/cs-gap"
+    "$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" /dev/ubda5
+    vgchange -an vg0 >/dev/null 2>&1 || true
+    dmsetup remove ubda5_crypt
+fi
+cryptsetup luksDump /dev/ubda5 > "$OUT/dump-finished.txt"
+! grep -q online-reencrypt "$OUT/dump-finished.txt" || die "still in reencryption after cryptsetup's resume"
+echo CS-FINISHED
+"#,
+        );
+        fin.assert_ok().assert_log_contains("CS-FINISHED");
+        verify(if d.state.join("cs-gap").exists() {
+            "cryptsetup's resume could not leave the all-steps-committed state; luksify resume finished it"
+        } else {
+            "finished by cryptsetup reencrypt --resume-only"
+        });
+    }
 }
 
 #[test]
-fn power_cuts_at_seeded_moments_then_rescue_resume_loses_nothing() {
-    let n: u64 = std::env::var("LUKSIFY_POWERCUTS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+fn power_cuts_at_seeded_moments_then_stock_cryptsetup_or_luksify_finish_and_nothing_is_lost() {
+    let n: u64 = std::env::var("LUKSIFY_POWERCUTS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let base: u64 = std::env::var("LUKSIFY_POWERCUT_SEED")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -63,6 +63,8 @@ pub(super) enum Start {
     CutOver,
     /// The device already is a LUKS2 reencryption in progress, active as the engine's mapping.
     Resume,
+    /// Every step is committed and the final metadata written: only the finish is left.
+    Finished,
 }
 
 /// LUKS2: (bridge and cut-over, then) libcryptsetup's own online reencryption on the
@@ -93,11 +95,15 @@ pub(super) fn drive_standard(
     }
     let l = p.l;
     let mut last = p.moved;
-    let end = reencrypt::run(device, p.name, pass, sys::stop_requested, &mut |done, _total| {
-        let moved = Sectors::in_len(done as usize).0.min(l);
-        hooks.event(&Event::ChunkDone { from: l - moved, to: l - last, stats: ChunkStats::default() });
-        last = moved;
-    });
+    let end = if let Start::Finished = start {
+        Ok(RunEnd::Finished)
+    } else {
+        reencrypt::run(device, p.name, pass, sys::stop_requested, &mut |done, _total| {
+            let moved = Sectors::in_len(done as usize).0.min(l);
+            hooks.event(&Event::ChunkDone { from: l - moved, to: l - last, stats: ChunkStats::default() });
+            last = moved;
+        })
+    };
     let again = format!("`luksify resume {dev}` continues (or, with stock cryptsetup: `cryptsetup reencrypt --resume-only --active-name {} {dev}`)", p.name);
     match end {
         Ok(RunEnd::Finished) => {}

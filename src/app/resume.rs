@@ -163,13 +163,26 @@ fn resume_standard(
     crate::engine::Disk::read(&mut disk, 0, &mut head)
         .map_err(|e| Error::Failed(format!("{dev}: reading the LUKS2 header: {e}")))?;
     let key = luks::unlock(&head, &pass).map_err(|e| Error::Refused(format!("{e}; nothing was changed")))?;
+    let mut start = guard::Start::Resume;
+    let fin = crate::core::luks2meta::finalized_header(&head)
+        .map_err(|e| Error::Failed(format!("{dev}: {e}; nothing was changed")))?;
+    if let Some(f) = fin {
+        // cryptsetup's own resume cannot leave this state; write what its teardown writes
+        eprintln!("luksify: every step is committed; writing the final LUKS2 metadata (the reencryption's teardown)");
+        write_final(&mut disk, &f).map_err(|e| {
+            Error::Failed(format!("{dev}: writing the final LUKS2 metadata: {e}; every step is committed, `luksify resume {dev}` tries again"))
+        })?;
+        start = guard::Start::Finished;
+    }
     match &active {
         Some(a) => eprintln!("luksify: /dev/mapper/{a} is active: continuing online"),
         None => {
-            eprintln!("luksify: opening {dev} as /dev/mapper/{name} (cryptsetup's activation{})", if r.crashed { ", which first recovers the interrupted step" } else { "" });
-            reencrypt::activate(device, &name, &pass).map_err(|e| {
-                Error::Failed(format!("opening {dev} failed: {e}; nothing was changed by luksify"))
-            })?;
+            eprintln!(
+                "luksify: opening {dev} as /dev/mapper/{name} (cryptsetup's activation{})",
+                if r.crashed { ", which first recovers the interrupted step" } else { "" }
+            );
+            reencrypt::activate(device, &name, &pass)
+                .map_err(|e| Error::Failed(format!("opening {dev} failed: {e}; nothing was changed by luksify")))?;
         }
     }
     let g = Geometry::new(n, l, s, s.min(MAX_STEP), 8192)
@@ -196,9 +209,31 @@ fn resume_standard(
     drop(key);
     let moved = Sectors::in_len(r.encrypted_bytes as usize).0.min(l);
     let progress = Progress { name: &name, l, moved };
-    guard::drive_standard(&mut engine, run, progress, vg_lock, device, &pass, guard::Start::Resume)?;
+    guard::drive_standard(&mut engine, run, progress, vg_lock, device, &pass, start)?;
     drop(pass);
     drop(engine);
     let boot_on_pv = !run.no_integrate && boot_on_pv_after(&name, &run.root);
     finish(device, &name, &meta.uuid, discard, run, boot_on_pv, true)
+}
+
+/// Wipe the areas, flush, then both metadata copies (primary first), flush.
+fn write_final(
+    disk: &mut crate::adapters::rawdisk::RawDisk,
+    f: &crate::core::luks2meta::Finalize,
+) -> std::io::Result<()> {
+    use crate::engine::Disk;
+    let zeros = crate::engine::IoBuf::new(1 << 20)?;
+    for &(off, len) in &f.wipe {
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(zeros.len() as u64) as usize;
+            disk.write((off + at) / 512, &zeros[..n])?;
+            at += n as u64;
+        }
+    }
+    disk.flush()?;
+    let mut md = crate::engine::IoBuf::new(f.metadata.len())?;
+    md.copy_from_slice(&f.metadata);
+    disk.write(0, &md)?;
+    disk.flush()
 }

@@ -240,6 +240,113 @@ enum CopyError {
     Bad(String),
 }
 
+/// What finishing an encryption whose last step is committed writes, in cryptsetup's own
+/// order ([`finalized_header`]): the areas to wipe first (byte offsets, lengths), then the
+/// new metadata for `[0, 2 * hdr_size)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finalize {
+    /// The reencrypt keyslot's area, and the moved segment (stale plaintext of the first S).
+    pub wipe: Vec<(u64, u64)>,
+    /// Both metadata copies, seqid + 1, checksummed: write at 0 (primary first).
+    pub metadata: Vec<u8>,
+}
+
+fn str_u64(v: &serde_json::Value) -> Option<u64> {
+    v.as_str()?.parse().ok()
+}
+
+/// The state cryptsetup cannot leave by itself: every step committed (one regular segment,
+/// crypt, dynamic, not in reencryption) but the final metadata not yet written (its
+/// `reencrypt_teardown_ok`: `--resume-only` then fails with "Failed to set device segments
+/// for next reencryption hotzone", `repair` finds nothing). Returns what cryptsetup's
+/// teardown writes: the reencrypt keyslot and the backup segments dropped, the requirement
+/// removed, the keyslots area sized to the data offset, digests bound to segment 0. `None`
+/// when the header is not in that state. Both copies must verify with the same seqid
+/// (what cryptsetup leaves after a committed write).
+pub fn finalized_header(head: &[u8]) -> Result<Option<Finalize>, MetaError> {
+    use serde_json::{json, Value};
+    let Some(meta) = parse(head)? else { return Ok(None) };
+    let Some(r) = &meta.reencrypt else { return Ok(None) };
+    let regular: Vec<&Segment> = meta.segments.iter().filter(|s| !s.is_backup()).collect();
+    if r.crashed || regular.len() != 1 || !regular[0].is_crypt() || regular[0].size != Size::Dynamic {
+        return Ok(None);
+    }
+    let hs = meta.hdr_size as usize;
+    let p = read_copy(head, 0, MAGIC_1ST);
+    let s2 = read_copy(head, hs, MAGIC_2ND);
+    let (Ok(p), Ok(s2)) = (p, s2) else {
+        return Err(MetaError::Layout(
+            "finishing needs both metadata copies intact (`cryptsetup repair` first)".into(),
+        ));
+    };
+    if p.seqid != s2.seqid {
+        return Err(MetaError::Layout("the metadata copies differ (`cryptsetup repair` first)".into()));
+    }
+    let mut j: Value = serde_json::from_slice(&p.json).map_err(|e| MetaError::Json(e.to_string()))?;
+    let bad = |m: &str| MetaError::Layout(m.to_string());
+    let segs = j["segments"].as_object().ok_or_else(|| bad("no segments"))?.clone();
+    let mut fin = segs
+        .values()
+        .find(|v| v["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == "backup-final")))
+        .cloned()
+        .ok_or_else(|| bad("no backup-final segment"))?;
+    fin.as_object_mut().ok_or_else(|| bad("segment"))?.remove("flags");
+    let data_offset = str_u64(&fin["offset"]).ok_or_else(|| bad("backup-final offset"))?;
+    let mut wipe = Vec::new();
+    if let Some(m) =
+        segs.values().find(|v| v["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == "backup-moved-segment")))
+    {
+        wipe.push((
+            str_u64(&m["offset"]).ok_or_else(|| bad("moved offset"))?,
+            str_u64(&m["size"]).ok_or_else(|| bad("moved size"))?,
+        ));
+    }
+    let keyslots = j["keyslots"].as_object_mut().ok_or_else(|| bad("no keyslots"))?;
+    let reenc: Vec<String> =
+        keyslots.iter().filter(|(_, v)| v["type"] == "reencrypt").map(|(k, _)| k.clone()).collect();
+    for k in &reenc {
+        let area = &keyslots[k]["area"];
+        if let (Some(o), Some(l)) = (str_u64(&area["offset"]), str_u64(&area["size"])) {
+            wipe.insert(0, (o, l));
+        }
+        keyslots.remove(k);
+    }
+    j["segments"] = json!({ "0": fin });
+    let digests = j["digests"].as_object_mut().ok_or_else(|| bad("no digests"))?;
+    digests.retain(|_, d| !d["keyslots"].as_array().is_some_and(|ks| ks.iter().any(|k| reenc.iter().any(|r| k == r))));
+    for d in digests.values_mut() {
+        d["segments"] = json!(["0"]);
+    }
+    let config = j["config"].as_object_mut().ok_or_else(|| bad("no config"))?;
+    config.insert("keyslots_size".into(), json!((data_offset - 2 * hs as u64).to_string()));
+    if let Some(req) = config.get_mut("requirements").and_then(|r| r.as_object_mut()) {
+        if let Some(m) = req.get_mut("mandatory").and_then(|m| m.as_array_mut()) {
+            m.retain(|x| x != REENCRYPT_V2);
+            if m.is_empty() {
+                req.remove("mandatory");
+            }
+        }
+        if req.is_empty() {
+            config.remove("requirements");
+        }
+    }
+    let text = serde_json::to_vec(&j).map_err(|e| MetaError::Json(e.to_string()))?;
+    if text.len() >= hs - BIN_BYTES {
+        return Err(bad("the final metadata does not fit the JSON area"));
+    }
+    let mut out = vec![0u8; 2 * hs];
+    for at in [0usize, hs] {
+        let area = &mut out[at..at + hs];
+        area[..BIN_BYTES].copy_from_slice(&head[at..at + BIN_BYTES]);
+        area[OFF_SEQID..OFF_SEQID + 8].copy_from_slice(&(p.seqid + 1).to_be_bytes());
+        area[OFF_CSUM..OFF_CSUM + CSUM_LEN].fill(0);
+        area[BIN_BYTES..BIN_BYTES + text.len()].copy_from_slice(&text);
+        let c = checksum(area);
+        area[OFF_CSUM..OFF_CSUM + 32].copy_from_slice(&c);
+    }
+    Ok(Some(Finalize { wipe, metadata: out }))
+}
+
 /// Parse the LUKS2 metadata from the device's first bytes (see the module's doc for how many).
 /// `Ok(None)`: no LUKS2 header (neither copy has its magic, or a LUKS1 header).
 pub fn parse(head: &[u8]) -> Result<Option<Meta>, MetaError> {

@@ -85,7 +85,9 @@ pub enum Event {
     },
     /// LUKS2: the device became a standard LUKS2 reencryption in progress; live I/O on the
     /// bridge waited `stall` (once).
-    CutOver { stall: Duration },
+    CutOver {
+        stall: Duration,
+    },
     /// An undo step failed too (what, and why); the run's error (if any) is the first failure.
     UndoFailed(String),
     Done,

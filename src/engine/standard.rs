@@ -166,7 +166,13 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             return match put_back {
                 Ok(()) => {
                     self.resume_old(&bridge);
-                    Err((EngineError::Io { what: "writing the LUKS2 header (the plaintext is back in place)".into(), source: e }, false))
+                    Err((
+                        EngineError::Io {
+                            what: "writing the LUKS2 header (the plaintext is back in place)".into(),
+                            source: e,
+                        },
+                        false,
+                    ))
                 }
                 Err(e2) => {
                     // Neither: map the moved copy (the new table) and say what the disk holds.
