@@ -53,7 +53,7 @@ fn one_cut(seed: u64) {
         Phase::Finish => r() % 1500,
         _ => r() % 400,
     };
-    let stock = seed % 2 == 0;
+    let stock = seed.is_multiple_of(2);
     eprintln!(
         "power cut seed {seed}: phase {phase:?}{}, {delay_ms} ms after the trigger, rescue with {}",
         if after_bridge { " (after the bridge)" } else { "" },
