@@ -197,13 +197,74 @@ echo CONVERTED
 /// SIGINT stops at a commit point with the system running on the bridge; `resume` on the
 /// live system continues. A kill -9 mid-way leaves the raw partition fenced (blkid sees no
 /// PV), and resume on the live system picks up from the journal.
+/// LUKS2, the standard format: a conversion stopped by SIGINT at a commit point is a
+/// reencryption in progress that `luksify resume` continues online and, stopped again,
+/// stock `cryptsetup reencrypt --resume-only --active-name` finishes online while the writer
+/// runs. At the pause the bridge's table is exactly what `cryptsetup open` builds for the
+/// same header, and `cryptsetup repair` finds nothing to repair.
 #[test]
-fn pause_and_kill_then_live_resume() {
+fn luks2_pause_resume_then_stock_cryptsetup_finishes_online() {
+    let dir = test_dir("convert-handover");
+    let d = fresh_copy(&dir);
+    let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(&format!(
+        r#"{LIVE}
+pause_at() {{ # run luksify ($@) and stop it with SIGINT after its first step
+    "$@" --progress-json 2> "$OUT/run.err" &
+    P=$!
+    while kill -0 $P 2>/dev/null && ! grep -q '"event":"chunk"' "$OUT/run.err"; do sleep 0.01; done
+    kill -INT $P
+    set +e; wait $P; rc=$?; set -e
+    cat "$OUT/run.err"
+    [ $rc = 4 ] || die "SIGINT: expected exit 4 (paused), got $rc"
+}}
+pause_at "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST /dev/ubda5
+grep -q "luksify resume" "$OUT/run.err" || die "no resume hint"
+"$LUKSIFY" status /dev/ubda5 | tee "$OUT/status-paused.txt"
+cryptsetup luksDump /dev/ubda5 > "$OUT/dump-paused.txt"
+dmsetup table ubda5_crypt > "$OUT/table-paused.txt"
+# nothing to repair at a commit point (repair would print what it did and bump the seqid)
+cryptsetup repair -q --key-file "$OUT/key" /dev/ubda5 2>&1 | tee "$OUT/repair.txt"
+cryptsetup luksDump /dev/ubda5 > "$OUT/dump-after-repair.txt"
+# a second luksify while the device is converting is refused
+if "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" /dev/ubda5 2> "$OUT/second.err"; then die "second conversion accepted"; fi
+pause_at "$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" /dev/ubda5
+"$LUKSIFY" status --json /dev/ubda5 | tee "$OUT/status-paused2.json"
+# stock cryptsetup takes over, online, while the writer runs
+cryptsetup reencrypt --resume-only --active-name ubda5_crypt --key-file "$OUT/key" /dev/ubda5
+cryptsetup luksDump /dev/ubda5 > "$OUT/dump-done.txt"
+{STOP_LIVE}
+"$LUKSIFY" status /dev/ubda5 | tee "$OUT/status-done.txt"
+vgchange -an vg0 >/dev/null
+dmsetup remove ubda5_crypt
+# the paused table, against what stock cryptsetup opens for the header it paused with
+echo HANDED-OVER
+"#
+    ));
+    run.assert_ok().assert_log_contains("HANDED-OVER");
+    assert!(run.file("status-paused.txt").contains("reencrypting"));
+    let dump = run.file("dump-paused.txt");
+    assert!(dump.contains("online-reencrypt-v2") && dump.contains("crypt"), "{dump}");
+    let epoch = |t: &str| t.lines().find(|l| l.starts_with("Epoch:")).map(|l| l.to_string());
+    assert_eq!(epoch(&dump), epoch(&run.file("dump-after-repair.txt")), "cryptsetup repair changed the header mid-way");
+    let table = run.file("table-paused.txt");
+    let kinds: Vec<&str> = table.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
+    assert_eq!(kinds.first(), Some(&"linear"), "the moved segment first: {table}");
+    assert_eq!(kinds.last(), Some(&"crypt"), "the encrypted part last: {table}");
+    assert!(run.file("status-paused2.json").contains("\"format\": \"luks2-reencrypt\""));
+    assert!(!run.file("dump-done.txt").contains("online-reencrypt"), "not finished by cryptsetup");
+    assert!(run.file("status-done.txt").contains("no luksify conversion in progress"));
+    verify_fresh_boot(&d, acked(&d), "ubda5_crypt");
+}
+
+/// LUKS1 (luksify's own journal): pause by SIGINT, `luksify resume` killed with SIGKILL
+/// mid-way, `luksify resume` again, live.
+#[test]
+fn luks1_pause_and_kill_then_live_resume() {
     let dir = test_dir("convert-pause");
     let d = fresh_copy(&dir);
     let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(&format!(
         r#"{LIVE}
-"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --chunk 4096 /dev/ubda5 2> "$OUT/run1.err" &
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --type luks1 --chunk 4096 /dev/ubda5 2> "$OUT/run1.err" &
 P=$!
 while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep '"state": "migrating"' >/dev/null; do sleep 0.1; done
 sleep 1

@@ -47,7 +47,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 g.l, g.s, g.n
             )));
         }
-        if c.header.len() < 4096 || c.header.len() as u64 > Sectors(g.s).bytes() || !c.header.len().is_multiple_of(4096) {
+        if c.header.len() < 4096 || c.header.len() as u64 > Sectors(g.s).bytes() || !c.header.len().is_multiple_of(4096)
+        {
             return Err(EngineError::Refused(format!(
                 "the LUKS2 header is {} bytes; it must fit the data offset",
                 c.header.len()
