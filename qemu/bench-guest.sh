@@ -21,7 +21,11 @@ BS=4M                       # dd block size of every dd measurement
 # with 144 MiB of tail (devices of 1 GiB and more), 32 MiB with 48 MiB.
 TAIL_MIB=$([ "$SIZE_MIB" -ge 1024 ] && echo 144 || echo 48)
 KEY=/tmp/bench.key
-FAST=(--pbkdf pbkdf2 --pbkdf-force-iterations 1000)
+# The step breakdown below (copy, read-back, suspended window per step) is that of luksify's
+# own protocol, which LUKS1 conversions use; a LUKS2 conversion's data phase is
+# libcryptsetup's online reencryption (BENCH_LUKS_TYPE=luks2 measures its times and the
+# writer's latencies; its steps report no per-step stall).
+FAST=(--pbkdf pbkdf2 --pbkdf-force-iterations 1000 --type "${BENCH_LUKS_TYPE:-luks1}")
 RES=$OUT/results.env
 : > "$RES"
 printf 'bench passphrase' > "$KEY"

@@ -87,10 +87,10 @@ fn check_runs_every_measurement_in_one_boot() {
         .expect("run qemu/bench --check");
     let secs = t0.elapsed().as_secs_f64();
     let log = || {
-        let g = std::fs::read_to_string(out.join("64M/guest.log")).unwrap_or_default();
+        let g = std::fs::read_to_string(out.join("96M/guest.log")).unwrap_or_default();
         let lines: Vec<&str> = g.lines().collect();
         format!(
-            "--- stdout ---\n{}\n--- stderr ---\n{}\n--- last lines of {}/64M/guest.log ---\n{}",
+            "--- stdout ---\n{}\n--- stderr ---\n{}\n--- last lines of {}/96M/guest.log ---\n{}",
             String::from_utf8_lossy(&o.stdout),
             stderr(&o),
             out.display(),
@@ -129,7 +129,7 @@ fn check_runs_every_measurement_in_one_boot() {
     assert!(s["lat_during_count"].as_u64().unwrap() >= 1, "{json}");
     // one step per chunk line; the raw files behind the numbers are kept
     for f in ["progress.offline.jsonl", "progress.online.jsonl", "latency.us", "results.env", "plan.json"] {
-        assert!(Path::new(&out.join("64M").join(f)).exists(), "{f} missing in {}", out.display());
+        assert!(Path::new(&out.join("96M").join(f)).exists(), "{f} missing in {}", out.display());
     }
     assert!(out.join("tables.txt").exists());
     eprintln!("qemu/bench --check took {secs:.1} s");
@@ -143,7 +143,7 @@ fn bad_size_is_refused_with_a_clear_message() {
         ("1.5G", "bad size '1.5G'"),
         ("256M,", "expected a list like 256M,2G"),
         ("-1M", "bad size '-1M'"),
-        ("32M", "at least 64M"),
+        ("32M", "at least 96M"),
         ("0G", "bad size '0G'"),
     ] {
         let o = bench(&["--sizes", arg, "--out", "/nonexistent/never-created"]);

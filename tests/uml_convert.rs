@@ -209,6 +209,7 @@ fn luks2_pause_resume_then_stock_cryptsetup_finishes_online() {
     let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(&format!(
         r#"{LIVE}
 pause_at() {{ # run luksify ($@) and stop it with SIGINT after its first step
+    : > "$OUT/run.err"
     "$@" --progress-json 2> "$OUT/run.err" &
     P=$!
     while kill -0 $P 2>/dev/null && ! grep -q '"event":"chunk"' "$OUT/run.err"; do sleep 0.01; done

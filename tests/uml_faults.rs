@@ -1,4 +1,5 @@
-//! Faults that are not crashes, on a real kernel (User-Mode Linux): the PV sits on a dm-dust
+//! Faults that are not crashes, on a real kernel (User-Mode Linux), in luksify's own copy
+//! protocol (LUKS1; a LUKS2 conversion's data phase is libcryptsetup's): the PV sits on a dm-dust
 //! device that passes through to the partition, and a few sectors in the middle of the data
 //! are made unreadable (dm-flakey cannot be used: in its error state it fails flushes too,
 //! so nothing could ever be committed). The copy of the chunk holding them fails;
@@ -33,12 +34,12 @@ printf 'fault passphrase' > "$OUT/key"
 start_writer /mnt/root/records.dat "$OUT/acked"; wait_acked 20
 # Eight sectors in the middle of the data (inside LV raw's neighbourhood, never read by the
 # writer) fail every read.
-L=$("$LUKSIFY" --dry-run --json --name fake_crypt /dev/mapper/fake | sed -n 's/.*"move_sectors": \([0-9]*\).*/\1/p')
+L=$("$LUKSIFY" --dry-run --json --type luks1 --name fake_crypt /dev/mapper/fake | sed -n 's/.*"move_sectors": \([0-9]*\).*/\1/p')
 X=$(( L / 2 / 8 * 8 ))
 for b in $(seq $X $((X + 7))); do dmsetup message fake 0 addbadblock $b; done
 dmsetup message fake 0 enable
 set +e
-"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --name fake_crypt --chunk 8192 --progress-json /dev/mapper/fake 2> "$OUT/fail.err"
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --type luks1 --name fake_crypt --chunk 8192 --progress-json /dev/mapper/fake 2> "$OUT/fail.err"
 rc=$?
 set -e
 cat "$OUT/fail.err"
@@ -86,7 +87,7 @@ fn resume_never_maps_a_copy_that_missed_a_write_under_the_mirror() {
 printf 'stale leg passphrase' > "$OUT/key"
 FAST="--pbkdf pbkdf2 --pbkdf-force-iterations 1000"
 K=4096
-"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --chunk $K /dev/ubda5 2> "$OUT/run1.err" &
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --type luks1 --chunk $K /dev/ubda5 2> "$OUT/run1.err" &
 P=$!
 while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep '"state": "migrating"' >/dev/null; do sleep 0.1; done
 sleep 0.5

@@ -1,4 +1,5 @@
-//! Guards while converting, on a real kernel (User-Mode Linux):
+//! Guards while converting, on a real kernel (User-Mode Linux), in luksify's own protocol
+//! (LUKS1, whose bridge luksify resumes at every step; --rate slows it enough to look):
 //!
 //! - LVM's VG lock: luksify holds `/run/lock/lvm/V_vg0` exclusively for the whole migration,
 //!   so an `lvcreate` started mid-way waits until the finish, then lands on the new mapping;
@@ -44,7 +45,7 @@ while [ ! -e "$OUT/uevents.ready" ]; do sleep 0.05; done
 mkfifo /run/luksify.fifo   # (no /dev/fd here for a process substitution)
 ts < /run/luksify.fifo > "$OUT/luksify.err" &
 TS=$!
-"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --chunk 4096 --rate 16 --progress-json /dev/ubda5 2> /run/luksify.fifo &
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --type luks1 --chunk 4096 --rate 16 --progress-json /dev/ubda5 2> /run/luksify.fifo &
 P=$!
 while ! grep -q '"event":"chunk"' "$OUT/luksify.err" 2>/dev/null; do
     kill -0 $P 2>/dev/null || { sleep 0.5; die "luksify ended before its first chunk: $(cat "$OUT/luksify.err")"; }

@@ -218,7 +218,7 @@ dmsetup ls | grep -q ubda5_crypt && die "a bridge was left behind"
 "$LUKSIFY" status /dev/ubda5 | grep "no luksify conversion" >/dev/null || die "a journal was left behind"
 
 # A second luksify while one runs: refused by the lock.
-"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --chunk 2048 /dev/ubda5 2> "$OUT/first.err" &
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --type luks1 --chunk 2048 /dev/ubda5 2> "$OUT/first.err" &
 P=$!
 while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep '"state": "migrating"' >/dev/null; do sleep 0.1; done
 set +e; "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" /dev/ubda5 2> "$OUT/second.err"; rc=$?; set -e

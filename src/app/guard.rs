@@ -87,8 +87,9 @@ pub(super) fn drive_standard(
     hooks.vg_lock = vg_lock;
     if let Start::CutOver = start {
         engine.bridge_and_cut_over(&mut hooks).map_err(|e| match e {
-            EngineError::Refused(m) => Error::Refused(m),
-            e => Error::Failed(format!(
+            (EngineError::Refused(m), _) => Error::Refused(m),
+            (e, false) => Error::Failed(format!("{e}; nothing was changed (the device is the plain PV it was)")),
+            (e, true) => Error::Failed(format!(
                 "{e}\nluksify: `luksify status {dev}` shows what {dev} is now: the plain PV as before, or a LUKS2 reencryption in progress that `luksify resume {dev}` continues"
             )),
         })?;
@@ -108,7 +109,7 @@ pub(super) fn drive_standard(
     match end {
         Ok(RunEnd::Finished) => {}
         Ok(RunEnd::Stopped) => {
-            return Err(Error::Paused(format!("{:.1}% encrypted, a LUKS2 reencryption in progress", 100.0 * last as f64 / l.max(1) as f64), dev))
+            return Err(Error::Paused(format!("after a committed step: a LUKS2 reencryption in progress; `luksify status {dev}` shows how far"), dev))
         }
         Err(e) => {
             return Err(Error::Failed(format!(

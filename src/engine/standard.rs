@@ -62,22 +62,26 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// Insert the bridge (if not yet), then cut over. A failure or a stop request before
     /// the header is written puts every LV back onto the raw device and removes the bridge:
     /// the device is as it was.
-    pub fn bridge_and_cut_over(&mut self, hooks: &mut dyn Hooks) -> EResult<CutOver> {
+    /// On error, also whether the LUKS2 header may be on the device (false: nothing changed).
+    pub fn bridge_and_cut_over(&mut self, hooks: &mut dyn Hooks) -> Result<CutOver, (EngineError, bool)> {
         let r = self.bridge_and_cut_over_inner(hooks);
         self.report_undo_failures(hooks);
         r
     }
 
-    fn bridge_and_cut_over_inner(&mut self, hooks: &mut dyn Hooks) -> EResult<CutOver> {
+    fn bridge_and_cut_over_inner(&mut self, hooks: &mut dyn Hooks) -> Result<CutOver, (EngineError, bool)> {
         if self.rec.state == State::Prepared {
-            self.insert_bridge()?;
+            self.insert_bridge().map_err(|e| (e, false))?;
             hooks.event(&Event::Committed(self.rec.state));
         }
         if hooks.stop_requested() {
-            self.unbridge()?;
-            return Err(EngineError::Refused(
-                "stopped on request before the cut-over: nothing was changed (the device is the plain PV it was)"
-                    .into(),
+            self.unbridge().map_err(|e| (e, false))?;
+            return Err((
+                EngineError::Refused(
+                    "stopped on request before the cut-over: nothing was changed (the device is the plain PV it was)"
+                        .into(),
+                ),
+                false,
             ));
         }
         match self.cut_over() {
@@ -85,11 +89,11 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 hooks.event(&Event::CutOver { stall: c.stall });
                 Ok(c)
             }
-            Err((e, true)) => Err(e),
+            Err((e, true)) => Err((e, true)),
             Err((e, false)) => {
                 let r = self.unbridge();
                 undone(&mut self.undo_failed, || "putting the LVs back onto the raw device".to_string(), r);
-                Err(e)
+                Err((e, false))
             }
         }
     }
