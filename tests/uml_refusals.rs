@@ -99,7 +99,9 @@ echo DRYRUN-DONE
     let l = j["move_sectors"].as_u64().unwrap();
     assert_eq!(j["move_bytes"].as_u64().unwrap(), l * 512);
     assert!(j["tail_have_sectors"].as_u64().unwrap() >= j["tail_need_sectors"].as_u64().unwrap());
-    assert!(j["steps"].as_u64().unwrap() >= 1 && j["journal_sector"].as_u64().is_some());
+    // LUKS2 keeps cryptsetup's own format mid-way: no luksify journal; LUKS1 keeps one.
+    assert!(j["steps"].as_u64().unwrap() >= 1 && j["journal_sector"].is_null(), "{j}");
+    assert_eq!(j["midway_format"]["kind"], "luks2-reencrypt", "{j}");
     let reroute: Vec<String> =
         j["reroute"].as_array().unwrap().iter().map(|r| r["dm_name"].as_str().unwrap().to_string()).collect();
     for lv in ["vg0-root", "vg0-home", "vg0-raw", "vg0-split", "vg0-span"] {
@@ -112,6 +114,8 @@ echo DRYRUN-DONE
     // larger one, so the planner raises it to that of the largest step (8 MiB) to take 4x
     // fewer steps, and says so.
     assert_eq!(j1["default_shift_sectors"], 4096);
+    assert!(j1["journal_sector"].as_u64().is_some(), "{j1}");
+    assert_eq!(j1["midway_format"]["kind"], "luksify-journal", "{j1}");
     assert_eq!((j1["shift_sectors"].as_u64(), j1["chunk_sectors"].as_u64()), (Some(16384), Some(16384)));
     assert!(j1["notes"][0].as_str().unwrap().contains("data offset raised"), "{j1}");
     assert_eq!(j["default_shift_sectors"], 32768);

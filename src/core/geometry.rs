@@ -12,6 +12,10 @@
 //!
 //! The journal is always in the last 8 KiB of the device (4 KiB aligned), so rescue media
 //! find it from the device alone.
+//!
+//! That tail layout is LUKS1's. A LUKS2 conversion keeps cryptsetup's own format mid-way
+//! instead (see [`standard_tail_needed`]): the first S plaintext sectors move to
+//! [L+S, L+2S), and the tail must hold 2S.
 
 use serde::{Deserialize, Serialize};
 
@@ -198,6 +202,21 @@ impl Geometry {
     }
 }
 
+/// Sectors past the PV that a LUKS2 conversion of a device of `n` sectors needs for a data
+/// offset of `s` sectors, now that it keeps cryptsetup's own on-disk format mid-way (a LUKS2
+/// reencryption in progress, `online-reencrypt-v2`, datashift with a moved first segment, as
+/// `cryptsetup reencrypt --encrypt --reduce-device-size 2S` writes it): the data shifts by S
+/// behind the header at [0, S), and the first S plaintext sectors are copied to the moved
+/// segment [L+S, L+2S), so 2S past the PV, plus the sectors lost to aligning the end of the
+/// device down to 4 KiB. LUKS2 keeps no luksify journal, header copy or shadow in the tail.
+///
+/// Never less than [`Geometry::tail_needed`]: the engine still lays out its in-memory
+/// [`Geometry`] with [`Geometry::new`], which must accept every tail this accepts (the two
+/// differ only for S below the journal's reserve, about 1 MiB).
+pub fn standard_tail_needed(n: u64, s: u64) -> u64 {
+    (2 * s + (n - align_down(n, 8))).max(Geometry::tail_needed(n, s))
+}
+
 /// A region of at most `region` sectors for a mirror segment of `len` sectors: a power of
 /// two, never more than the segment (dm-mirror refuses that), at least 8.
 pub fn region_within(region: u64, len: u64) -> u64 {
@@ -240,6 +259,21 @@ mod tests {
                 Err(GeometryError::TooLittleTail { missing, .. }) => assert!(missing >= 1),
                 other => panic!("expected TooLittleTail, got {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn standard_tail_is_two_headers_and_never_less_than_the_geometry_needs() {
+        // LUKS2's default 16 MiB: 2S, plus what aligning the end down to 4 KiB loses.
+        assert_eq!(standard_tail_needed(600_000, 32768), 65536);
+        assert_eq!(standard_tail_needed(600_003, 32768), 65539);
+        // More than luksify's own tail (S + journal, header copy, shadow) for any real S.
+        assert!(standard_tail_needed(600_000, 32768) > Geometry::tail_needed(600_000, 32768));
+        // A tiny S: the geometry's reserve decides, so Geometry::new accepts the tail.
+        for (n, s) in [(600_000u64, 8u64), (600_005, 1024), (600_000, 2048), (600_001, 4096)] {
+            let need = standard_tail_needed(n, s);
+            assert_eq!(need, (2 * s + n % 8).max(Geometry::tail_needed(n, s)));
+            assert!(Geometry::new(n, n - need, s, s, 1024).is_ok(), "{n} {s}");
         }
     }
 

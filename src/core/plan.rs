@@ -4,7 +4,9 @@
 use super::boot::{self, BootFacts, BootReport, LuksChoice};
 use super::dmline::TargetKind;
 use super::facts::{Content, DeviceFacts};
-use super::geometry::{Geometry, GeometryError, FENCE_SECTORS, HEADER_COPY_SECTORS, JOURNAL_SLOT_SECTORS, MAX_STEP};
+use super::geometry::{
+    standard_tail_needed, Geometry, GeometryError, FENCE_SECTORS, HEADER_COPY_SECTORS, JOURNAL_SLOT_SECTORS, MAX_STEP,
+};
 use super::units::Sectors;
 use serde::Serialize;
 
@@ -31,10 +33,71 @@ pub const MAX_AUTO_SHIFT: u64 = MAX_STEP;
 /// everything already).
 pub fn auto_shift(luks: LuksVersion, n: u64, l: u64, tail_have: u64) -> u64 {
     let mut s = luks.default_shift();
-    while s * 2 <= MAX_AUTO_SHIFT && s < l && Geometry::tail_needed(n, s * 2) <= tail_have {
+    while s * 2 <= MAX_AUTO_SHIFT && s < l && room_needed(luks, n, s * 2) <= tail_have {
         s *= 2;
     }
     s
+}
+
+/// Sectors past the PV a conversion of a device of `n` sectors with a data offset of `s`
+/// needs: for LUKS1 S and luksify's journal, header copy and shadow
+/// ([`Geometry::tail_needed`]); for LUKS2 2S, the header's shift and cryptsetup's moved
+/// first segment ([`standard_tail_needed`]).
+pub fn room_needed(luks: LuksVersion, n: u64, s: u64) -> u64 {
+    match luks {
+        LuksVersion::Luks1 => Geometry::tail_needed(n, s),
+        LuksVersion::Luks2 => standard_tail_needed(n, s),
+    }
+}
+
+/// How many steps cryptsetup's online reencryption takes to encrypt L sectors backward
+/// behind a data offset of S with a moved first segment (its hotzones, at most S each):
+/// floor((L-S)/S) + ((L-S) mod S != 0) + 1, for L >= S (0 for nothing to encrypt).
+pub fn luks2_hotzones(l: u64, s: u64) -> u64 {
+    if l == 0 || s == 0 {
+        return 0;
+    }
+    let rest = l.saturating_sub(s);
+    rest / s + u64::from(!rest.is_multiple_of(s)) + 1
+}
+
+/// What a half-converted device holds, in the plan (`midway_format` in the dry-run JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MidwayFormat {
+    /// "luks2-reencrypt" (cryptsetup's own) or "luksify-journal" (LUKS1).
+    pub kind: &'static str,
+    /// The LUKS2 requirement the header carries mid-way (null for LUKS1).
+    pub requirement: Option<&'static str>,
+    /// The oldest cryptsetup releases (2.3.x / 2.4.x lines) that open, recover and finish
+    /// it (null for LUKS1).
+    pub oldest_cryptsetup: Option<&'static str>,
+    /// Where the first S plaintext sectors are kept mid-way, [L+S, L+2S) in sectors (null
+    /// for LUKS1, or without a PV).
+    pub moved_segment: Option<[u64; 2]>,
+    /// Whether stock cryptsetup can resume a half-converted disk without luksify.
+    pub resume_without_luksify: bool,
+}
+
+impl MidwayFormat {
+    /// The format a conversion of L sectors behind a data offset of S keeps mid-way.
+    pub fn of(luks: LuksVersion, l: u64, s: u64) -> MidwayFormat {
+        match luks {
+            LuksVersion::Luks2 => MidwayFormat {
+                kind: "luks2-reencrypt",
+                requirement: Some("online-reencrypt-v2"),
+                oldest_cryptsetup: Some("2.3.7 / 2.4.3"),
+                moved_segment: (l > 0).then_some([l + s, l + 2 * s]),
+                resume_without_luksify: true,
+            },
+            LuksVersion::Luks1 => MidwayFormat {
+                kind: "luksify-journal",
+                requirement: None,
+                oldest_cryptsetup: None,
+                moved_segment: None,
+                resume_without_luksify: false,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -98,11 +161,15 @@ pub struct Plan {
     /// Sectors to move and encrypt: L.
     pub move_sectors: u64,
     pub move_bytes: u64,
-    /// Space past the PV: what luksify needs and what there is.
+    /// Space past the PV: what luksify needs and what there is (LUKS2: 2S, the header's
+    /// shift and the moved first segment; LUKS1: S and luksify's journal).
     pub tail_need_sectors: u64,
     pub tail_have_sectors: u64,
-    /// Where the journal lives (first sector of slot A), when the plan is possible.
+    /// Where the journal lives (first sector of slot A), when the plan is possible; null for
+    /// LUKS2, which keeps cryptsetup's own format mid-way and no luksify journal.
     pub journal_sector: Option<u64>,
+    /// What a half-converted device holds (cryptsetup's reencryption or luksify's journal).
+    pub midway_format: MidwayFormat,
     pub steps: u64,
     pub estimate_seconds: u64,
     pub estimate_assumes_mib_per_s: u64,
@@ -283,20 +350,33 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
     }
     let k = o.chunk.unwrap_or(s.min(MAX_STEP));
     // The room needed is the room for the smallest header that works, not the raised one.
-    let tail_need = Geometry::tail_needed(f.size_sectors, o.shift.unwrap_or(s0));
+    let tail_need = room_needed(o.luks, f.size_sectors, o.shift.unwrap_or(s0));
     let mut geometry = None;
     let mut make_room_plan = None;
     if f.lvm.is_some() && l <= f.size_sectors {
+        // LUKS2's moved first segment holds the first S sectors of the PV.
+        let pv_below_offset = o.luks == LuksVersion::Luks2 && l > 0 && l < s;
+        if pv_below_offset {
+            refuse(&mut refusals, "geometry", format!(
+                "cannot lay out the conversion of {dev}: the PV is smaller than the LUKS2 data offset (L = {l} sectors, S = {s} sectors)"
+            ));
+        }
+        // The room this S needs (LUKS2: more than the in-memory geometry checks).
+        let need = room_needed(o.luks, f.size_sectors, s);
+        let too_little = |refusals: &mut Vec<Refusal>, have: u64| {
+            let missing = need - have;
+            let room = make_room(f, missing);
+            refuse(
+                refusals,
+                "too_little_tail",
+                too_little_tail_message(&f.path, o.luks, need, have, missing, room.as_ref()),
+            );
+            room
+        };
         match Geometry::new(f.size_sectors, l, s, k, o.region) {
-            Ok(g) => geometry = Some(g),
-            Err(GeometryError::TooLittleTail { need, have, missing }) => {
-                make_room_plan = make_room(f, missing);
-                refuse(
-                    &mut refusals,
-                    "too_little_tail",
-                    too_little_tail_message(&f.path, need, have, missing, make_room_plan.as_ref()),
-                );
-            }
+            Ok(_) if tail_have < need => make_room_plan = too_little(&mut refusals, tail_have),
+            Ok(g) => geometry = (!pv_below_offset).then_some(g),
+            Err(GeometryError::TooLittleTail { have, .. }) => make_room_plan = too_little(&mut refusals, have),
             Err(e) => refuse(&mut refusals, "geometry", format!("cannot lay out the conversion of {dev}: {e}")),
         }
     }
@@ -320,7 +400,10 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
         make_room_plan = None;
     }
     // Without a geometry (the tail is too small) the count the default offset would give.
-    let steps = geometry.map(|g| g.steps()).unwrap_or_else(|| if k > 0 { l.div_ceil(k) } else { 0 });
+    let steps = match o.luks {
+        LuksVersion::Luks2 => luks2_hotzones(l, s),
+        LuksVersion::Luks1 => geometry.map(|g| g.steps()).unwrap_or_else(|| if k > 0 { l.div_ceil(k) } else { 0 }),
+    };
     let move_bytes = Sectors(l).bytes();
     let estimate_seconds = move_bytes.div_ceil(ASSUMED_MIB_PER_S << 20);
     let mut actions = vec![format!(
@@ -342,37 +425,60 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
             mib(s0), mib(s)
         ));
     }
-    if let Some(g) = &geometry {
-        actions.push(format!(
-            "write the journal (sectors {}..{}) and a copy of the header (sector {}) into the free tail of {dev}",
-            g.journal,
-            g.journal + 2 * JOURNAL_SLOT_SECTORS,
-            g.header_copy
-        ));
-    }
-    actions.push(format!(
-        "create the bridge /dev/mapper/{name} (linear over [0, {l}) of {dev}) and a private staging crypt device"
-    ));
-    actions.push(format!(
-        "reroute {} LV mapping(s) onto the bridge, each under a brief suspend: {}",
-        reroute.len(),
-        if reroute.is_empty() {
-            "none".to_string()
-        } else {
-            reroute.iter().map(|r| r.dm_name.clone()).collect::<Vec<_>>().join(", ")
+    let rerouted = if reroute.is_empty() {
+        "none".to_string()
+    } else {
+        reroute.iter().map(|r| r.dm_name.clone()).collect::<Vec<_>>().join(", ")
+    };
+    match o.luks {
+        LuksVersion::Luks2 => {
+            actions.push(format!(
+                "insert the bridge /dev/mapper/{name} (linear over [0, {l}) of {dev}) under the LVs: reroute {} LV mapping(s) onto it, each under a brief suspend: {rerouted}",
+                reroute.len()
+            ));
+            actions.push(format!(
+                "cut-over (bridge suspended): copy the first {s} sectors to sectors [{}, {}) (the moved segment), write the LUKS2 header with the reencryption in progress (online-reencrypt-v2) over [0, {s}), map the bridge as cryptsetup would",
+                l + s,
+                l + 2 * s
+            ));
+            actions.push(format!(
+                "encrypt {} ({l} sectors) backward in {steps} step(s) of up to {s} sectors with libcryptsetup's own online reencryption (each step: header flags the hotzone, data written and flushed, header commits)",
+                mib(l)
+            ));
+            actions.push(format!(
+                "finish: cryptsetup's final header (one crypt segment), pvresize the PV on /dev/mapper/{name}"
+            ));
         }
-    ));
-    actions.push(format!(
-        "fence: shadow the first {} KiB in the tail and overwrite them on {dev} with luksify's marker, so nothing sees a PV there mid-way",
-        Sectors(FENCE_SECTORS).bytes() / 1024
-    ));
-    actions.push(format!(
-        "move {} ({} sectors) from the end towards the start in {steps} step(s) of up to {} sectors: read, encrypted and written by luksify while the system runs, read back (also through dm-crypt), then rechecked against the source under a brief suspend and committed to the journal before the step is mapped through crypt",
-        mib(l), l, k
-    ));
-    actions.push(format!("load the pure crypt table, write the LUKS header at [0, {s}) of {dev}"));
-    actions
-        .push(format!("pvresize the PV on /dev/mapper/{name}; wipe the journal, header copy and shadow from the tail"));
+        LuksVersion::Luks1 => {
+            if let Some(g) = &geometry {
+                actions.push(format!(
+                    "write the journal (sectors {}..{}) and a copy of the header (sector {}) into the free tail of {dev}",
+                    g.journal,
+                    g.journal + 2 * JOURNAL_SLOT_SECTORS,
+                    g.header_copy
+                ));
+            }
+            actions.push(format!(
+                "create the bridge /dev/mapper/{name} (linear over [0, {l}) of {dev}) and a private staging crypt device"
+            ));
+            actions.push(format!(
+                "reroute {} LV mapping(s) onto the bridge, each under a brief suspend: {rerouted}",
+                reroute.len()
+            ));
+            actions.push(format!(
+                "fence: shadow the first {} KiB in the tail and overwrite them on {dev} with luksify's marker, so nothing sees a PV there mid-way",
+                Sectors(FENCE_SECTORS).bytes() / 1024
+            ));
+            actions.push(format!(
+                "move {} ({} sectors) from the end towards the start in {steps} step(s) of up to {} sectors: read, encrypted and written by luksify while the system runs, read back (also through dm-crypt), then rechecked against the source under a brief suspend and committed to the journal before the step is mapped through crypt",
+                mib(l), l, k
+            ));
+            actions.push(format!("load the pure crypt table, write the LUKS header at [0, {s}) of {dev}"));
+            actions.push(format!(
+                "pvresize the PV on /dev/mapper/{name}; wipe the journal, header copy and shadow from the tail"
+            ));
+        }
+    }
     if let Some(b) = &boot_report {
         actions.push(format!(
             "integrate (unless --no-integrate) into {}: add `{name} UUID=<new LUKS UUID> none luks` to etc/crypttab, update the LVM devices file if there is one, regenerate the initramfs{}",
@@ -397,7 +503,8 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
         move_bytes,
         tail_need_sectors: tail_need,
         tail_have_sectors: tail_have,
-        journal_sector: geometry.map(|g| g.journal),
+        journal_sector: geometry.filter(|_| o.luks == LuksVersion::Luks1).map(|g| g.journal),
+        midway_format: MidwayFormat::of(o.luks, l, s),
         steps,
         estimate_seconds,
         estimate_assumes_mib_per_s: ASSUMED_MIB_PER_S,
@@ -528,9 +635,20 @@ impl MakeRoom {
     }
 }
 
-fn too_little_tail_message(dev: &str, need: u64, have: u64, missing: u64, room: Option<&MakeRoom>) -> String {
+fn too_little_tail_message(
+    dev: &str,
+    luks: LuksVersion,
+    need: u64,
+    have: u64,
+    missing: u64,
+    room: Option<&MakeRoom>,
+) -> String {
+    let why = match luks {
+        LuksVersion::Luks2 => " (twice the data offset: the LUKS2 header's shift and the moved first segment)",
+        LuksVersion::Luks1 => "",
+    };
     let mut m = format!(
-        "too little space past the PV on {dev}: luksify needs {need} sectors ({}) after it and there are {have} ({}); {missing} sectors ({}) are missing",
+        "too little space past the PV on {dev}: luksify needs {need} sectors ({}) after it{why} and there are {have} ({}); {missing} sectors ({}) are missing",
         mib(need), mib(have), mib(missing)
     );
     if let Some(r) = room {
@@ -561,17 +679,31 @@ pub fn render(p: &Plan) -> String {
     ));
 
     s.push_str(&format!("  to move:           {} sectors ({})\n", p.move_sectors, mib(p.move_sectors)));
+    match p.luks {
+        LuksVersion::Luks2 => s.push_str(&format!(
+            "  steps:             {} of up to {} sectors (cryptsetup's hotzones)\n",
+            p.steps, p.shift_sectors
+        )),
+        LuksVersion::Luks1 => s.push_str(&format!(
+            "  chunk:             {} sectors, {} step(s), mirror region {} sectors\n",
+            p.chunk_sectors, p.steps, p.region_sectors
+        )),
+    }
     s.push_str(&format!(
-        "  chunk:             {} sectors, {} step(s), mirror region {} sectors\n",
-        p.chunk_sectors, p.steps, p.region_sectors
-    ));
-    s.push_str(&format!(
-        "  tail space:        need {} sectors ({}), have {} sectors ({})\n",
+        "  tail space:        need {} sectors ({}), have {} sectors ({}){}\n",
         p.tail_need_sectors,
         mib(p.tail_need_sectors),
         p.tail_have_sectors,
-        mib(p.tail_have_sectors)
+        mib(p.tail_have_sectors),
+        match p.luks {
+            LuksVersion::Luks2 => "; 2 x S: the LUKS2 header's shift and the moved first segment",
+            LuksVersion::Luks1 => "",
+        }
     ));
+    s.push_str(match p.luks {
+        LuksVersion::Luks2 => "  mid-way format:    standard LUKS2 reencryption in progress (online-reencrypt-v2): stock cryptsetup >= 2.3.7 / 2.4.3 opens, recovers and finishes a half-converted disk\n",
+        LuksVersion::Luks1 => "  mid-way format:    luksify's own journal (LUKS1 has no standard state for a conversion in progress): a half-converted LUKS1 disk needs luksify to resume\n",
+    });
     if let Some(j) = p.journal_sector {
         s.push_str(&format!("  journal:           sectors {j}..{} (the last 8 KiB)\n", j + 2 * JOURNAL_SLOT_SECTORS));
         s.push_str(&format!("  header copy:       {} sectors reserved before it\n", HEADER_COPY_SECTORS));
@@ -627,13 +759,28 @@ pub(crate) mod tests {
         p.refusals.iter().map(|r| r.code).collect()
     }
 
+    /// The laptop with `tail` sectors past its PV (the sample has 40960: room for LUKS1,
+    /// and for LUKS2's 16 MiB with luksify's journal, but not for LUKS2's 2S).
+    fn laptop_with_tail(tail: u64) -> DeviceFacts {
+        let mut f = laptop();
+        let l = f.lvm.as_ref().map(|l| l.pe_start + l.pe_count * l.extent_size).unwrap();
+        f.size_sectors = l + tail;
+        f.lvm.as_mut().unwrap().dev_size = l + tail;
+        f
+    }
+
+    /// A laptop with room for a LUKS2 conversion (2S past the PV and some more).
+    fn roomy_laptop() -> DeviceFacts {
+        laptop_with_tail(2 * 32768 + 8192)
+    }
+
     #[test]
     fn laptop_plan_is_accepted() {
-        let p = plan(&laptop(), &Options::default());
+        let p = plan(&roomy_laptop(), &Options::default());
         assert!(p.ok(), "{:?}", p.refusals);
         assert_eq!(p.move_sectors, 2048 + 60 * 8192);
         assert_eq!(p.shift_sectors, 32768);
-        assert_eq!((p.chunk_sectors, p.steps), (16384, (2048 + 60 * 8192u64).div_ceil(16384)));
+        assert_eq!((p.chunk_sectors, p.steps), (16384, (2048 + 60 * 8192u64).div_ceil(32768)));
         assert_eq!(p.name, "sda5_crypt");
         let text = render(&p);
         assert!(text.contains("can convert"), "{text}");
@@ -649,7 +796,8 @@ pub(crate) mod tests {
         let p = plan(&f, &Options::default());
         assert_eq!(codes(&p), vec!["too_little_tail"]);
         let m = &p.refusals[0].message;
-        let need = Geometry::tail_needed(f.size_sectors, 32768);
+        let need = standard_tail_needed(f.size_sectors, 32768);
+        assert_eq!(p.tail_need_sectors, need);
         assert!(m.contains(&format!("{} sectors", need - 1000)), "{m}");
         assert!(m.contains("--setphysicalvolumesize"), "{m}");
         // Last extents allocated, free space elsewhere: pvmove advice.
@@ -695,11 +843,160 @@ pub(crate) mod tests {
             MakeRoom::Manual { extents: ext, lvs: vec!["root".into(), "swap".into()], swap: vec!["swap".into()] }
         );
         // Plenty of room: nothing to make.
-        assert_eq!(plan(&laptop(), &Options::default()).make_room, None);
+        assert_eq!(plan(&roomy_laptop(), &Options::default()).make_room, None);
     }
 
     fn missing_extents(p: &Plan) -> u64 {
         (p.tail_need_sectors - p.tail_have_sectors).div_ceil(8192)
+    }
+
+    #[test]
+    fn luks2_needs_twice_the_offset_past_the_pv() {
+        // The sample laptop: 40960 sectors past the PV hold S + luksify's journal
+        // (32768 + 2072) but not 2S (65536): refused, 24576 sectors (3 extents) missing.
+        let f = laptop();
+        assert!(f.size_sectors - 493_568 >= Geometry::tail_needed(f.size_sectors, 32768));
+        let p = plan(&f, &Options::default());
+        assert_eq!(codes(&p), vec!["too_little_tail"]);
+        assert_eq!((p.tail_need_sectors, p.tail_have_sectors), (65536, 40960));
+        let m = &p.refusals[0].message;
+        assert!(m.contains("luksify needs 65536 sectors (32 MiB)"), "{m}");
+        assert!(m.contains("the moved first segment"), "{m}");
+        assert!(m.contains("24576 sectors (12 MiB) are missing"), "{m}");
+        assert!(m.contains("--setphysicalvolumesize 468992s") && m.contains("--make-room"), "{m}");
+        assert_eq!(p.make_room, Some(MakeRoom::ShrinkPv { extents: 3, new_pv_sectors: 2048 + 57 * 8192 }));
+        assert!(p.geometry.is_none() && p.journal_sector.is_none());
+        // Exactly 2S: accepted; 8 sectors less: refused, those 8 missing.
+        let p = plan(&laptop_with_tail(65536), &Options::default());
+        assert!(p.ok(), "{:?}", p.refusals);
+        assert_eq!(p.tail_need_sectors, 65536);
+        assert!(p.geometry.is_some());
+        let p = plan(&laptop_with_tail(65528), &Options::default());
+        assert_eq!(codes(&p), vec!["too_little_tail"]);
+        assert!(p.refusals[0].message.contains("; 8 sectors (0.00 MiB) are missing"), "{}", p.refusals[0].message);
+        // An unaligned end costs its odd sectors, as before.
+        let p = plan(&laptop_with_tail(65536 + 5), &Options::default());
+        assert!(p.ok() && p.tail_need_sectors == 65541, "{:?}", p.refusals);
+        // --offset: 2S of that offset.
+        let o = Options { shift: Some(16384), ..Options::default() };
+        let p = plan(&laptop(), &o);
+        assert!(p.ok(), "{:?}", p.refusals);
+        assert_eq!((p.shift_sectors, p.tail_need_sectors), (16384, 32768));
+        // LUKS1 is unchanged: S and luksify's journal (the sample laptop converts).
+        let o = Options { luks: LuksVersion::Luks1, shift: Some(4096), ..Options::default() };
+        let p = plan(&laptop(), &o);
+        assert!(p.ok(), "{:?}", p.refusals);
+        assert_eq!(p.tail_need_sectors, Geometry::tail_needed(p.size_sectors, 4096));
+        assert_eq!(p.tail_need_sectors, 4096 + 2072);
+        let p = plan(&laptop_with_tail(4096 + 2072 - 8), &o);
+        assert_eq!(codes(&p), vec!["too_little_tail"]);
+        assert!(p.refusals[0].message.contains("; 8 sectors (0.00 MiB) are missing"), "{}", p.refusals[0].message);
+        assert!(!p.refusals[0].message.contains("moved first segment"));
+    }
+
+    #[test]
+    fn luks2_refuses_a_pv_smaller_than_the_offset() {
+        let mut f = laptop_with_tail(100_000);
+        let lvm = f.lvm.as_mut().unwrap();
+        lvm.pe_count = 3;
+        lvm.pv_size = 3 * 8192;
+        lvm.segments = vec![PvSegment { start_extent: 0, extents: 3, lv: Some("root".into()) }];
+        f.size_sectors = 2048 + 3 * 8192 + 100_000;
+        let p = plan(&f, &Options::default());
+        assert_eq!(codes(&p), vec!["geometry"]);
+        assert!(p.refusals[0].message.contains("the PV is smaller than the LUKS2 data offset"), "{:?}", p.refusals);
+        assert!(p.geometry.is_none());
+        // LUKS1 (a smaller S) converts it.
+        assert!(plan(&f, &Options { luks: LuksVersion::Luks1, ..Options::default() }).ok());
+        // L = S is enough: one step.
+        let o = Options { shift: Some(2048 + 3 * 8192), ..Options::default() };
+        let p = plan(&f, &o);
+        assert!(p.ok(), "{:?}", p.refusals);
+        assert_eq!(p.steps, 1);
+    }
+
+    #[test]
+    fn luks2_steps_are_cryptsetups_hotzones() {
+        let s = 32768;
+        let formula = |l: u64| (l - s) / s + u64::from(!(l - s).is_multiple_of(s)) + 1;
+        for l in [s, s + 8, 2 * s - 8, 2 * s, 2 * s + 8, 493_568, 10 * s, 10 * s + 4096] {
+            assert_eq!(luks2_hotzones(l, s), formula(l), "{l}");
+        }
+        assert_eq!((luks2_hotzones(s, s), luks2_hotzones(2 * s, s), luks2_hotzones(2 * s + 8, s)), (1, 2, 3));
+        assert_eq!(luks2_hotzones(0, s), 0);
+        let p = plan(&roomy_laptop(), &Options::default());
+        assert_eq!(p.steps, formula(493_568));
+        assert_eq!(p.steps, 16);
+        // LUKS1 keeps its own steps of k.
+        let o = Options { luks: LuksVersion::Luks1, shift: Some(4096), ..Options::default() };
+        assert_eq!(plan(&laptop(), &o).steps, 493_568u64.div_ceil(4096));
+    }
+
+    #[test]
+    fn midway_format_says_who_can_resume() {
+        let p = plan(&roomy_laptop(), &Options::default());
+        let j = serde_json::to_value(&p).unwrap();
+        assert_eq!(
+            j["midway_format"],
+            serde_json::json!({
+                "kind": "luks2-reencrypt",
+                "requirement": "online-reencrypt-v2",
+                "oldest_cryptsetup": "2.3.7 / 2.4.3",
+                "moved_segment": [493_568 + 32768, 493_568 + 2 * 32768],
+                "resume_without_luksify": true
+            })
+        );
+        assert_eq!(j["schema"], 1);
+        assert!(j["journal_sector"].is_null(), "LUKS2 keeps no luksify journal");
+        let text = render(&p);
+        assert!(text.contains("  mid-way format:    standard LUKS2 reencryption in progress (online-reencrypt-v2): stock cryptsetup >= 2.3.7 / 2.4.3 opens, recovers and finishes a half-converted disk\n"), "{text}");
+        assert!(text.contains("2 x S: the LUKS2 header's shift and the moved first segment"), "{text}");
+        assert!(!text.contains("journal:"), "{text}");
+        let o = Options { luks: LuksVersion::Luks1, ..Options::default() };
+        let p = plan(&laptop(), &o);
+        let j = serde_json::to_value(&p).unwrap();
+        assert_eq!(
+            j["midway_format"],
+            serde_json::json!({
+                "kind": "luksify-journal",
+                "requirement": null,
+                "oldest_cryptsetup": null,
+                "moved_segment": null,
+                "resume_without_luksify": false
+            })
+        );
+        assert!(j["journal_sector"].is_u64());
+        let text = render(&p);
+        assert!(text.contains("  mid-way format:    luksify's own journal (LUKS1 has no standard state for a conversion in progress): a half-converted LUKS1 disk needs luksify to resume\n"), "{text}");
+        assert!(text.contains("  journal:           sectors "), "{text}");
+    }
+
+    #[test]
+    fn luks2_actions_are_cryptsetups_steps_luks1_keeps_the_journal() {
+        let p = plan(&roomy_laptop(), &Options::default());
+        let a = &p.actions;
+        assert_eq!(a.len(), 5, "{a:#?}");
+        assert!(a[1].starts_with("insert the bridge /dev/mapper/sda5_crypt") && a[1].contains("vg0-root"), "{a:#?}");
+        assert_eq!(
+            a[2],
+            "cut-over (bridge suspended): copy the first 32768 sectors to sectors [526336, 559104) (the moved segment), write the LUKS2 header with the reencryption in progress (online-reencrypt-v2) over [0, 32768), map the bridge as cryptsetup would"
+        );
+        assert!(
+            a[3].contains("backward in 16 step(s) of up to 32768 sectors with libcryptsetup's own online reencryption"),
+            "{a:#?}"
+        );
+        assert_eq!(
+            a[4],
+            "finish: cryptsetup's final header (one crypt segment), pvresize the PV on /dev/mapper/sda5_crypt"
+        );
+        assert!(
+            a.iter().all(|x| !x.contains("journal") && !x.contains("fence") && !x.contains("header copy")),
+            "{a:#?}"
+        );
+        let p = plan(&laptop(), &Options { luks: LuksVersion::Luks1, ..Options::default() });
+        let a = &p.actions;
+        assert_eq!(a.len(), 8, "{a:#?}");
+        assert!(a[1].starts_with("write the journal") && a[4].starts_with("fence:"), "{a:#?}");
     }
 
     #[test]
