@@ -461,14 +461,19 @@ fn power_cut_mid_conversion_then_rescue_media_resume_then_the_system_boots_encry
     let (c, r) = vm.finish(BOOT_LIMIT);
     assert_eq!(get(&r, "rescue_root", &c), "/dev/vdb");
     // The fence: after udev and LVM autoactivation ran over every disk, nothing on the
-    // half-converted partition looks like a PV, and no mapping was made from it.
+    // half-converted partition looks like a PV (it is LUKS2), and no mapping was made from it.
     let blkid = get(&r, "fence_blkid", &c);
     // (PART_ENTRY_* describe the partition-table entry, not its contents)
     let seen: Vec<&str> = blkid
         .split_whitespace()
         .filter(|t| t.starts_with("TYPE=") || t.starts_with("PTTYPE=") || t.starts_with("UUID="))
         .collect();
-    assert!(seen.is_empty(), "blkid sees something on the half-converted partition: {blkid}");
+    // (LUKS2: the half-converted partition is a LUKS2 reencryption in progress; blkid says
+    // crypto_LUKS, never LVM2_member)
+    assert!(
+        seen.iter().any(|t| t.trim_matches('"').ends_with("crypto_LUKS")) && !blkid.contains("LVM2_member"),
+        "blkid on the half-converted partition: {blkid}"
+    );
     assert_eq!(get(&r, "fence_dm", &c), "", "device-mapper devices exist before luksify resume (autoactivation?)");
     assert_eq!(get(&r, "fence_pvs", &c), "", "LVM sees a PV on the half-converted partition");
     // ... and that is the fence's doing: once the PV shows (on the LUKS mapping), this
