@@ -113,7 +113,7 @@ fn check_runs_every_measurement_in_one_boot() {
     let sizes = v["sizes"].as_array().unwrap_or_else(|| panic!("no sizes: {json}"));
     assert_eq!(sizes.len(), 1, "{json}");
     let s = &sizes[0];
-    assert_eq!(s["size_mib"], 64, "{json}");
+    assert_eq!(s["size_mib"], 96, "{json}");
     assert_eq!(s["cipher"], "aes-xts-plain64", "{json}");
     assert_eq!(s["key_bits"], 512, "{json}");
     let bad: Vec<String> = POSITIVE
@@ -161,7 +161,7 @@ fn other_bad_arguments_are_refused() {
         (&["--check", "--sizes", "256M"][..], "do not combine it with --sizes"),
         (&["--baseline-secs", "0"][..], "bad --baseline-secs '0'"),
         (&["--writer-interval-ms", "x"][..], "bad --writer-interval-ms 'x'"),
-        (&["--luksify", "/nonexistent/luksify", "--sizes", "64M"][..], "not an executable"),
+        (&["--luksify", "/nonexistent/luksify", "--sizes", "96M"][..], "not an executable"),
     ] {
         let o = bench(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {:?} {}", o.status.code(), stderr(&o));
