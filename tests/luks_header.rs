@@ -3,10 +3,12 @@
 //! the system's `cryptsetup` (luksDump, open --test-passphrase, --dump-volume-key).
 //! No root-only kernel features: cryptsetup only reads image files here.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
+use std::process::Output;
 use std::time::Instant;
+
+mod plain;
+use plain::{run, stdout_ok, Scratch};
 
 use luksify::adapters::luks::{self, HeaderParams, LuksError, LuksType, VolumeKey};
 
@@ -15,32 +17,6 @@ const WRONG: &[u8] = b"Correct horse battery staple";
 const UUID2: &str = "2f6a3c1e-8d4b-4a57-9b0e-5c1d2e3f4a5b";
 const UUID1: &str = "7e0c9a1b-3d2f-4e6a-8b5c-9d0e1f2a3b4c";
 
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "luksify-luks-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A fixed, recognisable 512-bit key.
 fn known_key() -> VolumeKey {
     let k: Vec<u8> = (0..64u32).map(|i| (i * 37 + 11) as u8).collect();
     VolumeKey::from_slice(&k)
@@ -65,18 +41,7 @@ fn write_image(path: &Path, header: &luks::Header, data_sectors: u64) {
 }
 
 fn cryptsetup(args: &[&str]) -> Output {
-    Command::new("cryptsetup").args(args).env("LC_ALL", "C").output().expect("running cryptsetup (apt: cryptsetup-bin)")
-}
-
-fn stdout_ok(o: &Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what} failed: {}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    run("cryptsetup", args)
 }
 
 fn test_passphrase(img: &Path, keyfile: &Path) -> Output {
@@ -146,7 +111,7 @@ fn check_common(header: &luks::Header, p: &HeaderParams, key: &VolumeKey) {
 }
 
 fn check_with_cryptsetup(header: &luks::Header, key: &VolumeKey, tag: &str) -> String {
-    let dir = Scratch::new(tag);
+    let dir = Scratch::new("luks", tag);
     let img = dir.path("disk.img");
     let good = dir.path("good.key");
     let bad = dir.path("bad.key");
@@ -259,7 +224,7 @@ fn luks1_smaller_key_and_sha512() {
     assert_eq!(header.key_bytes, 32);
     assert_eq!(header.bytes.len() as u64, luks::header_size_estimate(LuksType::Luks1, 32));
     assert!(luks::unlock(&header.bytes, PASS).unwrap() == key);
-    let dir = Scratch::new("l1k32");
+    let dir = Scratch::new("luks", "l1k32");
     let img = dir.path("disk.img");
     write_image(&img, &header, 64);
     let dump = stdout_ok(&cryptsetup(&["luksDump", "--disable-locks", img.to_str().unwrap()]), "luksDump");

@@ -5,52 +5,14 @@
 //! in userspace (`--force-offline-reencrypt`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Output;
+
+mod plain;
+use plain::{run, stdout_ok, Scratch};
 
 use luksify::core::luks2meta::{self, Segment, SegmentKind, Size};
 
 const MIB: u64 = 1 << 20;
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "luksify-status-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn run(prog: &str, args: &[&str]) -> Output {
-    Command::new(prog).args(args).env("LC_ALL", "C").output().unwrap_or_else(|e| panic!("running {prog}: {e}"))
-}
-
-fn ok(o: &Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what} failed: {}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn luksify(args: &[&str]) -> Output {
     run(env!("CARGO_BIN_EXE_luksify"), args)
@@ -62,7 +24,7 @@ fn init_image(dir: &Scratch) -> (PathBuf, PathBuf) {
     let key = dir.path("pass.key");
     std::fs::write(&key, b"correct horse battery staple").unwrap();
     std::fs::File::create(&img).unwrap().set_len(100 * MIB).unwrap();
-    ok(
+    stdout_ok(
         &run(
             "cryptsetup",
             &[
@@ -90,14 +52,14 @@ fn init_image(dir: &Scratch) -> (PathBuf, PathBuf) {
 
 /// `luksDump`'s UUID and Epoch, and its JSON metadata.
 fn dump(img: &Path) -> (String, u64, serde_json::Value) {
-    let text = ok(&run("cryptsetup", &["luksDump", "--disable-locks", img.to_str().unwrap()]), "luksDump");
+    let text = stdout_ok(&run("cryptsetup", &["luksDump", "--disable-locks", img.to_str().unwrap()]), "luksDump");
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
             .map(|v| v.trim().to_string())
             .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
     };
-    let json = ok(
+    let json = stdout_ok(
         &run("cryptsetup", &["luksDump", "--disable-locks", "--dump-json-metadata", img.to_str().unwrap()]),
         "luksDump --dump-json-metadata",
     );
@@ -140,12 +102,13 @@ fn same_segments(got: &[Segment], dumped: &serde_json::Value) {
 }
 
 fn status_json(img: &Path) -> serde_json::Value {
-    serde_json::from_str(&ok(&luksify(&["status", "--json", img.to_str().unwrap()]), "luksify status --json")).unwrap()
+    serde_json::from_str(&stdout_ok(&luksify(&["status", "--json", img.to_str().unwrap()]), "luksify status --json"))
+        .unwrap()
 }
 
 #[test]
 fn cryptsetups_init_header_is_a_luks2_reencryption_at_zero_percent() {
-    let dir = Scratch::new("init");
+    let dir = Scratch::new("status", "init");
     let (img, _) = init_image(&dir);
     let (uuid, epoch, dumped) = dump(&img);
 
@@ -172,7 +135,7 @@ fn cryptsetups_init_header_is_a_luks2_reencryption_at_zero_percent() {
     assert_eq!(v["seq"], epoch, "{v}");
     assert!(v["cursor"].is_null() && v["name"].is_null(), "{v}");
 
-    let text = ok(&luksify(&["status", img.to_str().unwrap()]), "luksify status");
+    let text = stdout_ok(&luksify(&["status", img.to_str().unwrap()]), "luksify status");
     assert!(text.contains("luksify conversion in progress"), "{text}");
     assert!(text.contains("progress: 0.0%"), "{text}");
     assert!(text.contains("/dev/mapper/<unknown>"), "{text}");
@@ -182,7 +145,7 @@ fn cryptsetups_init_header_is_a_luks2_reencryption_at_zero_percent() {
 
 #[test]
 fn a_torn_primary_falls_back_and_two_bad_copies_are_exit_6() {
-    let dir = Scratch::new("torn");
+    let dir = Scratch::new("status", "torn");
     let (img, _) = init_image(&dir);
     let (_, epoch, _) = dump(&img);
     let mut bytes = std::fs::read(&img).unwrap();
@@ -206,9 +169,9 @@ fn a_torn_primary_falls_back_and_two_bad_copies_are_exit_6() {
 
 #[test]
 fn a_finished_cryptsetup_reencryption_is_no_conversion() {
-    let dir = Scratch::new("done");
+    let dir = Scratch::new("status", "done");
     let (img, key) = init_image(&dir);
-    ok(
+    stdout_ok(
         &run(
             "cryptsetup",
             &[
