@@ -394,7 +394,7 @@ fn boot_encrypted_and_verify(dir: &Path, disk: &Path, kver: &str, acks: &Path, u
 struct Converting {
     img: PathBuf,
     kver: String,
-    dir: PathBuf,
+    dir: support::TestDir,
     disk: PathBuf,
     acks: PathBuf,
 }

@@ -93,7 +93,12 @@ pub fn tests_root() -> PathBuf {
 /// pid keeps two `cargo test` runs on one machine (two developers sharing a
 /// target dir) out of each other's way; directories of runs that are no
 /// longer alive are removed here.
-pub fn test_dir(name: &str) -> PathBuf {
+///
+/// The directory goes when the returned guard drops: all of it after a test
+/// that passed; after a failure the logs stay for diagnosis and only the disk
+/// images (`*.img`, hundreds of MiB each) go, unless `LUKSIFY_KEEP_IMAGES=1`.
+/// A whole suite keeping its images filled CI's disk (ENOSPC, 2026-12-03).
+pub fn test_dir(name: &str) -> TestDir {
     let root = tests_root();
     let pid = std::process::id();
     if let Ok(rd) = std::fs::read_dir(&root) {
@@ -112,7 +117,59 @@ pub fn test_dir(name: &str) -> PathBuf {
     let p = root.join(format!("{name}-{pid}"));
     let _ = std::fs::remove_dir_all(&p);
     std::fs::create_dir_all(&p).unwrap();
-    p
+    TestDir(p)
+}
+
+/// A test's scratch directory; see [`test_dir`] for what its drop removes.
+pub struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+            return;
+        }
+        if std::env::var_os("LUKSIFY_KEEP_IMAGES").is_some_and(|v| v == "1") {
+            eprintln!("kept {} (LUKSIFY_KEEP_IMAGES=1)", self.0.display());
+            return;
+        }
+        let removed = remove_images(&self.0);
+        eprintln!(
+            "kept the logs of the failed test in {} ({removed} disk images removed; LUKSIFY_KEEP_IMAGES=1 keeps them)",
+            self.0.display()
+        );
+    }
+}
+
+/// Removes every `*.img` under `dir` (recursively); returns how many.
+fn remove_images(dir: &Path) -> usize {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                n += remove_images(&p);
+            } else if p.extension().is_some_and(|x| x == "img" || x == "qcow2" || x == "raw")
+                && std::fs::remove_file(&p).is_ok()
+            {
+                n += 1;
+            }
+        }
+    }
+    n
 }
 
 /// A sparse image file of `mib` MiB (created or resized; content kept).
@@ -316,7 +373,12 @@ impl Uml {
             None => {
                 static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                test_dir(&format!("anon-{n}"))
+                // small (logs only); kept until a later run's sweep, as the run's
+                // results are read from it after this returns
+                let d = test_dir(&format!("anon-{n}"));
+                let p = d.0.clone();
+                std::mem::forget(d);
+                p
             }
         };
         std::fs::create_dir_all(&out).unwrap();
