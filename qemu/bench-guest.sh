@@ -1,7 +1,7 @@
 #!/bin/bash
 # Guest side of qemu/bench (run inside User-Mode Linux by qemu/uml/run; not by hand).
 #
-#   bench-guest.sh SIZE_MIB BASELINE_SECS WRITER_INTERVAL_MS
+#   bench-guest.sh SIZE_MIB BASELINE_SECS WRITER_INTERVAL_MS [LUKS_TYPE]
 #
 # /dev/ubda holds one partition, /dev/ubda1, of exactly SIZE_MIB: the device every
 # measurement uses. Results go to $OUT/results.env as key=value lines (the host turns them
@@ -12,7 +12,7 @@ set -uo pipefail
 . "$UML_LIB/common.sh"
 PS4='+ ${EPOCHREALTIME} '
 
-SIZE_MIB=$1 BASE_SECS=$2 WRITER_INTERVAL=$3
+SIZE_MIB=$1 BASE_SECS=$2 WRITER_INTERVAL=$3 LUKS_TYPE=${4:-luks2}
 DISK=/dev/ubda DEV=/dev/ubda1 NAME=ubda1_crypt VG=bench
 CIPHER=aes-xts-plain64 KEY_BITS=512
 BS=4M                       # dd block size of every dd measurement
@@ -23,9 +23,9 @@ TAIL_MIB=$([ "$SIZE_MIB" -ge 1024 ] && echo 144 || echo 48)
 KEY=/tmp/bench.key
 # The step breakdown below (copy, read-back, suspended window per step) is that of luksify's
 # own protocol, which LUKS1 conversions use; a LUKS2 conversion's data phase is
-# libcryptsetup's online reencryption (BENCH_LUKS_TYPE=luks2 measures its times and the
-# writer's latencies; its steps report no per-step stall).
-FAST=(--pbkdf pbkdf2 --pbkdf-force-iterations 1000 --type "${BENCH_LUKS_TYPE:-luks1}")
+# libcryptsetup's online reencryption (LUKS_TYPE luks2 measures its times, the cut-over's
+# stall and the writer's latencies; its steps report no per-step stall).
+FAST=(--pbkdf pbkdf2 --pbkdf-force-iterations 1000 --type "$LUKS_TYPE")
 RES=$OUT/results.env
 : > "$RES"
 printf 'bench passphrase' > "$KEY"
@@ -61,6 +61,7 @@ wait_dev "$DEV"
 SIZE=$(blockdev --getsize64 "$DEV")
 [ "$SIZE" -eq $((SIZE_MIB << 20)) ] || die "$DEV has $SIZE bytes, expected $((SIZE_MIB << 20))"
 result size_mib "$SIZE_MIB"
+result luks_type "\"$LUKS_TYPE\""
 result device_bytes "$SIZE"
 result device "\"$DEV\""
 result cipher "\"$CIPHER\""
@@ -106,7 +107,7 @@ make_layout() {
 
 # --- the plan: how many bytes luksify moves (L), the same for every copy below --------
 make_layout || die "building the plain layout failed"
-"$LUKSIFY" --dry-run --json "$DEV" > "$OUT/plan.json" 2> "$OUT/plan.err" || {
+"$LUKSIFY" --dry-run --json --type "$LUKS_TYPE" "$DEV" > "$OUT/plan.json" 2> "$OUT/plan.err" || {
     cat "$OUT/plan.err" "$OUT/plan.json" >&2; die "luksify --dry-run refused $DEV"; }
 plan() { sed -n "s/.*\"$1\": *\([0-9][0-9]*\).*/\1/p" "$OUT/plan.json" | head -1; }
 L=$(plan move_bytes) SHIFT=$(plan shift_sectors)
@@ -198,6 +199,10 @@ luksify_run() {
     result "luksify_${mode}_steps" "$(echo "$done_line" | sed -n 's/.*"steps":\([0-9]*\).*/\1/p')"
     result "luksify_${mode}_max_stall_ms" "$(echo "$done_line" | sed -n 's/.*"max_stall_ms":\([0-9.]*\).*/\1/p')"
     result "luksify_${mode}_cut_windows" "$(echo "$done_line" | sed -n 's/.*"cut_windows":\([0-9]*\).*/\1/p')"
+    if [ "$LUKS_TYPE" = luks2 ]; then
+        result "luksify_${mode}_cutover_ms" "$(grep '"event":"cut_over"' "$OUT/progress.$mode.jsonl" | tail -1 |
+            sed -n 's/.*"stall_ms":\([0-9.]*\).*/\1/p')"
+    fi
     result "luksify_${mode}_chunk_lines" "$(grep -c '"event":"chunk"' "$OUT/progress.$mode.jsonl")"
     # the stall of every step, for a look at its distribution
     sed -n 's/.*"stall_ms":\([0-9.]*\).*/\1/p' "$OUT/progress.$mode.jsonl" | sort -n > "$OUT/stalls.$mode.txt"
