@@ -192,6 +192,20 @@ impl ConvertOpts {
     }
 }
 
+/// Parses the command line; `--version` also names the libcryptsetup luksify runs with
+/// (`runtime`) and the one it was built against, the line a bug report should quote.
+pub fn parse_with_version(runtime: &str) -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let long = format!(
+        "{} (libcryptsetup {runtime}; built against {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("LUKSIFY_LIBCRYPTSETUP_BUILT")
+    );
+    let long: &'static str = Box::leak(long.into_boxed_str()); // once per process
+    let mut m = Cli::command().long_version(long).get_matches();
+    Cli::from_arg_matches_mut(&mut m).unwrap_or_else(|e| e.exit())
+}
+
 impl Cli {
     /// `--json` was asked for: standard output is JSON, errors included.
     pub fn wants_json(&self) -> bool {

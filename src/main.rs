@@ -6,7 +6,7 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     // parse, run, say how it ended
-    let cli = <luksify::cli::Cli as clap::Parser>::parse();
+    let cli = luksify::cli::parse_with_version(&luksify::app::libcryptsetup_version());
     let json = cli.wants_json();
     let code = match luksify::app::run(cli) {
         Ok(code) => code,

@@ -799,6 +799,21 @@ mod worker {
     }
 }
 
+/// The libcryptsetup this process runs with: the shared object the dynamic linker loaded
+/// (e.g. `/lib/x86_64-linux-gnu/libcryptsetup.so.12.9.0`; the library has no call that
+/// returns its release), for `luksify --version`.
+pub fn library_file() -> String {
+    std::fs::read_to_string("/proc/self/maps")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .filter_map(|l| l.split_whitespace().nth(5))
+                .find(|p| p.contains("/libcryptsetup.so"))
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "not loaded".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

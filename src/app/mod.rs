@@ -202,3 +202,8 @@ fn finish(
         )))
     }
 }
+
+/// What `luksify --version` says of the libcryptsetup it runs with.
+pub fn libcryptsetup_version() -> String {
+    crate::adapters::luks::library_file()
+}
