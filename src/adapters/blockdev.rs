@@ -100,24 +100,44 @@ nix::ioctl_read_bad!(blk_sszget, nix::request_code_none!(0x12, 104), libc::c_int
 nix::ioctl_read_bad!(blk_pbszget, nix::request_code_none!(0x12, 123), libc::c_uint);
 nix::ioctl_read_bad!(blk_roget, nix::request_code_none!(0x12, 94), libc::c_int);
 
+/// Opens `path` with `open(O_DIRECT)`; returns the file and whether it is direct. Where
+/// O_DIRECT is refused (EINVAL), a block device is an error: luksify never reads or writes a
+/// raw device through the page cache, which is not coherent with the live dm mappings over
+/// it (the cause of cryptsetup 2.7.5's online-reencryption fix). A regular file on a
+/// filesystem without O_DIRECT (tmpfs: test images) opens buffered (`open(0)`).
+pub fn open_direct(path: &Path, open: impl Fn(i32) -> io::Result<File>) -> io::Result<(File, bool)> {
+    match open(libc::O_DIRECT) {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let is_block = std::fs::metadata(path).map(|m| m.file_type().is_block_device()).unwrap_or(true);
+            if is_block {
+                return Err(io::Error::new(io::ErrorKind::Unsupported, direct_refused(path)));
+            }
+            Ok((open(0)?, false))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What a block device that refuses O_DIRECT gets told.
+pub fn direct_refused(path: &Path) -> String {
+    format!(
+        "{} refuses O_DIRECT: luksify does its I/O on the raw device with O_DIRECT only (buffered I/O under live device-mapper mappings is not coherent); nothing was changed",
+        path.display()
+    )
+}
+
 impl BlockDev {
-    /// Open `path`. With `direct`, a filesystem that refuses O_DIRECT (tmpfs, for test
-    /// images) gets a buffered open instead; [`BlockDev::is_direct`] says which.
+    /// Open `path`. With `direct`, O_DIRECT as [`open_direct`] opens it (a block device
+    /// that refuses it is an error; a test image on tmpfs opens buffered);
+    /// [`BlockDev::is_direct`] says which.
     pub fn open(path: &Path, mode: OpenMode) -> io::Result<BlockDev> {
         let mut flags = 0;
         if mode.exclusive {
             flags |= libc::O_EXCL;
         }
         let open = |extra: i32| OpenOptions::new().read(true).write(mode.write).custom_flags(flags | extra).open(path);
-        let (file, direct) = if mode.direct {
-            match open(libc::O_DIRECT) {
-                Ok(f) => (f, true),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0)?, false),
-                Err(e) => return Err(e),
-            }
-        } else {
-            (open(0)?, false)
-        };
+        let (file, direct) = if mode.direct { open_direct(path, open)? } else { (open(0)?, false) };
         let is_block = file.metadata()?.file_type().is_block_device();
         Ok(BlockDev { file, path: path.to_path_buf(), direct, is_block })
     }
@@ -600,6 +620,42 @@ pub fn devref_of(path: &Path) -> io::Result<crate::core::tables::DevRef> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `open` as a device that refuses O_DIRECT would answer: EINVAL with it, a file without.
+    fn refusing(path: &Path) -> impl Fn(i32) -> io::Result<File> + '_ {
+        move |extra| {
+            if extra & libc::O_DIRECT != 0 {
+                Err(io::Error::from_raw_os_error(libc::EINVAL))
+            } else {
+                File::open(path)
+            }
+        }
+    }
+
+    #[test]
+    fn a_block_device_that_refuses_o_direct_is_an_error_never_buffered() {
+        // /dev/null is a character device; a block device is what luksify converts: take any
+        // the machine has (loop0 exists wherever the loop module is loaded, ram0 with brd).
+        let Some(dev) = ["/dev/loop0", "/dev/ram0", "/dev/vda", "/dev/sda", "/dev/nvme0n1"]
+            .iter()
+            .map(Path::new)
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device()))
+        else {
+            panic!("no block device node to test with (modprobe loop)");
+        };
+        let e = open_direct(dev, refusing(dev)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+        assert!(e.to_string().contains("refuses O_DIRECT") && e.to_string().contains("nothing was changed"), "{e}");
+    }
+
+    #[test]
+    fn a_test_image_on_a_filesystem_without_o_direct_opens_buffered() {
+        let p = std::env::temp_dir().join(format!("luksify-direct-{}", std::process::id()));
+        std::fs::write(&p, [0u8; 512]).unwrap();
+        let (_, direct) = open_direct(&p, refusing(&p)).unwrap();
+        assert!(!direct);
+        let _ = std::fs::remove_file(&p);
+    }
 
     fn buf() -> Vec<u8> {
         vec![0u8; PROBE_BYTES]

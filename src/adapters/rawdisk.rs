@@ -17,8 +17,8 @@ pub struct RawDisk {
 }
 
 impl RawDisk {
-    /// Open read-write with O_DIRECT (falls back to buffered I/O + fsync where O_DIRECT is
-    /// refused, e.g. on a plain file on tmpfs in tests).
+    /// Open read-write with O_DIRECT (a block device that refuses it is an error; a plain
+    /// file on tmpfs in tests falls back to buffered I/O + fsync: see `open_direct`).
     pub fn open(path: &Path, writable: bool) -> io::Result<RawDisk> {
         Self::open_with_bounce(path, writable, BOUNCE)
     }
@@ -27,15 +27,9 @@ impl RawDisk {
     /// larger I/O loops over it.
     pub fn open_with_bounce(path: &Path, writable: bool, bounce: usize) -> io::Result<RawDisk> {
         assert!(bounce > 0 && bounce.is_multiple_of(ALIGN));
-        let direct = OpenOptions::new().read(true).write(writable).custom_flags(libc::O_DIRECT).open(path);
-        // (buffered where O_DIRECT is refused: a known gap, see the packaging issue)
-        let file = match direct {
-            Ok(f) => f,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                OpenOptions::new().read(true).write(writable).open(path)?
-            }
-            Err(e) => return Err(e),
-        };
+        let (file, _) = crate::adapters::blockdev::open_direct(path, |extra| {
+            OpenOptions::new().read(true).write(writable).custom_flags(extra).open(path)
+        })?;
         Ok(RawDisk { file, bounce: IoBuf::new(bounce)? })
     }
 }
