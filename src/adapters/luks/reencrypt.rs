@@ -97,6 +97,13 @@ pub fn format_reencrypt_header(
             flags: CryptReencrypt::INITIALIZE_ONLY | CryptReencrypt::MOVE_FIRST_SEGMENT,
         };
         let cipher = (params.cipher.as_str(), params.cipher_mode.as_str());
+        // The init moves the first segment with the data device opened exclusively, which
+        // libcryptsetup asserts is not locked; here data and metadata are the same memfd,
+        // write-locked by the init itself (the CLI uses a temporary detached header file).
+        // So metadata locking goes off, for the whole process (it cannot be turned back on):
+        // from now on luksify holds cryptsetup's reencryption lock itself ([`run`]).
+        cd.settings_handle().metadata_locking(false).map_err(|e| crypt_err("crypt_metadata_locking", e))?;
+        LOCKING_OFF.store(true, Ordering::SeqCst);
         cd.reencrypt_handle()
             .reencrypt_init_by_passphrase(None, &pass, None, Some(0), Some(cipher), rp)
             .map_err(|e| crypt_err("crypt_reencrypt_init_by_passphrase (encrypt, datashift, move first segment)", e))?;
@@ -179,23 +186,129 @@ pub fn status(device: &Path) -> Result<Reencryption> {
     })
 }
 
+/// Set once libcryptsetup's metadata locking is off in this process (process-wide, for
+/// good: see [`format_reencrypt_header`]). libcryptsetup then takes no reencryption lock,
+/// so [`run`] takes it itself.
+static LOCKING_OFF: AtomicBool = AtomicBool::new(false);
+
+/// cryptsetup's reencryption lock for `uuid`, taken by luksify itself (exclusive, not
+/// waiting), held until dropped. Only while libcryptsetup's own locking is off: with it on,
+/// libcryptsetup takes the same lock and would find luksify's own flock in its way.
+fn take_lock(uuid: &str) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let path = lock_path(uuid);
+    let io = |source| LuksError::Io { op: "cryptsetup's reencryption lock", source };
+    if !Path::new(LOCK_DIR).exists() {
+        std::fs::DirBuilder::new().mode(0o700).create(LOCK_DIR).map_err(io)?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(io)?;
+    // SAFETY: flock on an fd we own; released when `f` closes
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(LuksError::ReencryptionLocked(format!("{} is held", path.display())));
+        }
+        return Err(io(e));
+    }
+    Ok(f)
+}
+
+/// libcryptsetup's log line when its reencryption digest does not verify.
+const DIGEST_INVALID: &str = "Reencryption metadata is invalid";
+
+/// The directory of cryptsetup's lock files (its compiled-in `DEFAULT_LUKS2_LOCK_PATH`,
+/// `/run/cryptsetup` on Debian and Fedora).
+pub const LOCK_DIR: &str = "/run/cryptsetup";
+
+/// The file whose `flock` is cryptsetup's reencryption lock for the LUKS2 header `uuid`
+/// (`reencrypt_lock_internal` in lib/luks2/luks2_reencrypt.c: resource
+/// `LUKS2-reencryption-<uuid>` under the lock directory). Every libcryptsetup reencryption
+/// (`cryptsetup reencrypt`, its activation of a device in reencryption, luksify's run)
+/// holds it exclusively while it works.
+pub fn lock_path(uuid: &str) -> std::path::PathBuf {
+    Path::new(LOCK_DIR).join(format!("LUKS2-reencryption-{uuid}"))
+}
+
+/// Whether another process holds cryptsetup's reencryption lock for `uuid` now: the lock
+/// file's path if so. Creates nothing (a missing file is a free lock) and keeps nothing:
+/// libcryptsetup takes the lock itself when it runs; this only lets a refusal come before
+/// anything else, with a clear message.
+pub fn lock_held(uuid: &str) -> Option<std::path::PathBuf> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = lock_path(uuid);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path)
+        .ok()?;
+    // SAFETY: flock on an fd we own; released when `f` closes
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    (r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)).then_some(path)
+}
+
+/// A libcryptsetup failure of a reencryption call, named: its reencryption lock held by
+/// another process (-EBUSY), or its digest not verifying.
+fn reencrypt_err(op: &'static str, errno: Option<i32>, log: String, detail: String) -> LuksError {
+    if errno == Some(libc::EBUSY) && (log.contains("already running") || log.contains("in-progress")) {
+        return LuksError::ReencryptionLocked(log);
+    }
+    if log.contains(DIGEST_INVALID) {
+        return LuksError::BadReencryptDigest(format!("libcryptsetup: {log}"));
+    }
+    LuksError::Crypt { op, errno, detail }
+}
+
+/// Check, without touching any device, that `passphrase` opens the LUKS2 header in
+/// `header_bytes` (the device's first S bytes) and, while a reencryption is in progress,
+/// that its metadata verifies against its digest: what `cryptsetup open --test-passphrase`
+/// checks (`crypt_activate_by_passphrase` with no name), on a memfd copy. The reencryption
+/// lock is not taken. Errors: [`LuksError::WrongPassphrase`],
+/// [`LuksError::BadReencryptDigest`], [`LuksError::BadHeader`].
+pub fn verify(header_bytes: &[u8], passphrase: &[u8]) -> Result<()> {
+    let bytes = Zeroizing::new(header_bytes.to_vec());
+    let pass = Zeroizing::new(passphrase.to_vec());
+    on_worker(move || {
+        let (_dev, mut cd) = super::worker::load(&bytes)?;
+        let r = cd.activate_handle().activate_by_passphrase(None, None, &pass, CryptActivate::empty());
+        let Err(e) = r else { return Ok(()) };
+        let log = take_log();
+        if log.contains(DIGEST_INVALID) {
+            return Err(LuksError::BadReencryptDigest(format!("libcryptsetup: {log}")));
+        }
+        if errno_of(&e) == Some(libc::EPERM) {
+            return Err(LuksError::WrongPassphrase);
+        }
+        let detail = if log.is_empty() { e.to_string() } else { format!("{e} ({log})") };
+        Err(LuksError::Crypt { op: "crypt_activate_by_passphrase (no name: check only)", errno: errno_of(&e), detail })
+    })
+}
+
 /// `cryptsetup open DEVICE NAME`: activate the mapping `name` with `passphrase`. On a
 /// header whose step was interrupted, libcryptsetup first recovers that step (it needs the
-/// device to itself). Wrong passphrase: [`LuksError::WrongPassphrase`].
+/// device to itself). Wrong passphrase: [`LuksError::WrongPassphrase`]; another process
+/// reencrypting it: [`LuksError::ReencryptionLocked`].
 pub fn activate(device: &Path, name: &str, passphrase: &[u8]) -> Result<()> {
     let (device, name) = (device.to_path_buf(), name.to_string());
     let pass = Zeroizing::new(passphrase.to_vec());
     on_worker(move || {
         let mut l = load_device(&device)?;
         let r = l.cd.activate_handle().activate_by_passphrase(Some(&name), None, &pass, CryptActivate::empty());
-        match r {
-            Ok(_) => Ok(()),
-            Err(e) if errno_of(&e) == Some(libc::EPERM) => {
-                let _ = take_log();
-                Err(LuksError::WrongPassphrase)
-            }
-            Err(e) => Err(crypt_err("crypt_activate_by_passphrase", e)),
+        let Err(e) = r else { return Ok(()) };
+        let log = take_log();
+        if errno_of(&e) == Some(libc::EPERM) && !log.contains(DIGEST_INVALID) {
+            return Err(LuksError::WrongPassphrase);
         }
+        let detail = if log.is_empty() { e.to_string() } else { format!("{e} ({log})") };
+        Err(reencrypt_err("crypt_activate_by_passphrase", errno_of(&e), log, detail))
     })
 }
 
@@ -224,7 +337,14 @@ unsafe extern "C" fn progress_cb(size: u64, offset: u64, usr: *mut c_void) -> c_
 }
 
 fn run_job(device: &Path, name: &str, pass: &[u8], ctx: &mut RunCtx) -> Result<RunEnd> {
-    let l = load_device(device)?;
+    let mut l = load_device(device)?;
+    let _lock = match LOCKING_OFF.load(Ordering::SeqCst) {
+        true => {
+            let uuid = l.cd.status_handle().get_uuid().map_err(|e| crypt_err("crypt_get_uuid", e))?;
+            Some(take_lock(&uuid.hyphenated().to_string())?)
+        }
+        false => None,
+    };
     let (st, mut params) = status_of(&l);
     match st {
         Reencryption::Clean => {}
@@ -258,12 +378,14 @@ fn run_job(device: &Path, name: &str, pass: &[u8], ctx: &mut RunCtx) -> Result<R
             &params,
         )
     };
-    if r == -libc::EPERM {
-        let _ = take_log();
-        return Err(LuksError::WrongPassphrase);
-    }
     if r < 0 {
-        return Err(sys_err("crypt_reencrypt_init_by_passphrase (resume)", r));
+        let log = take_log();
+        if r == -libc::EPERM && !log.contains(DIGEST_INVALID) {
+            return Err(LuksError::WrongPassphrase);
+        }
+        let e = std::io::Error::from_raw_os_error(-r);
+        let detail = if log.is_empty() { e.to_string() } else { format!("{e} ({log})") };
+        return Err(reencrypt_err("crypt_reencrypt_init_by_passphrase (resume)", Some(-r), log, detail));
     }
     // SAFETY: valid context; `ctx` outlives the call; the callback matches the C type.
     let r = unsafe { sys::crypt_reencrypt_run(l.ptr, Some(progress_cb), ctx as *mut RunCtx as *mut c_void) };
