@@ -163,9 +163,9 @@ fn resume_standard(
     }
     // Another libcryptsetup reencrypting it (`cryptsetup reencrypt`): refuse before anything.
     // libcryptsetup checks the lock again itself (reencrypt_err maps its -EBUSY).
-    if let Some(lock) = reencrypt::lock_held(&meta.uuid) {
+    if let Some((lock, pid)) = reencrypt::lock_held(&meta.uuid) {
         return Err(Error::Refused(format!(
-            "{dev}: another program is reencrypting this device: cryptsetup's reencryption lock {} is held (a running `cryptsetup reencrypt`, or another luksify); nothing was changed; wait until it ends, then see `luksify status {dev}`",
+            "{dev}: another program is reencrypting this device: cryptsetup's reencryption lock {} is held by process {pid} (a running `cryptsetup reencrypt`, or another luksify); nothing was changed; wait until it ends, then see `luksify status {dev}`",
             lock.display()
         )));
     }

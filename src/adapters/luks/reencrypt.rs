@@ -237,22 +237,33 @@ pub fn lock_path(uuid: &str) -> std::path::PathBuf {
     Path::new(LOCK_DIR).join(format!("LUKS2-reencryption-{uuid}"))
 }
 
-/// Whether another process holds cryptsetup's reencryption lock for `uuid` now: the lock
-/// file's path if so. Creates nothing (a missing file is a free lock) and keeps nothing:
-/// libcryptsetup takes the lock itself when it runs; this only lets a refusal come before
-/// anything else, with a clear message.
-pub fn lock_held(uuid: &str) -> Option<std::path::PathBuf> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
+/// Whether a process holds cryptsetup's reencryption lock for `uuid` now: the lock file's
+/// path and the holder's pid if so. Read from /proc/locks, without taking the lock (a
+/// probing `flock` would make a `cryptsetup reencrypt` starting at that instant fail);
+/// a missing lock file is a free lock. libcryptsetup takes the lock itself when it runs:
+/// this only lets a refusal come first, with a clear message, and `status` say it.
+pub fn lock_held(uuid: &str) -> Option<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt;
     let path = lock_path(uuid);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&path)
-        .ok()?;
-    // SAFETY: flock on an fd we own; released when `f` closes
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    (r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)).then_some(path)
+    let md = std::fs::symlink_metadata(&path).ok()?;
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let dev = md.dev();
+    let pid = flock_holder(&locks, libc::major(dev), libc::minor(dev), md.ino())?;
+    Some((path, pid))
+}
+
+/// The pid of a process holding a `flock` (shared or exclusive, not waiting) on the inode
+/// `ino` of the filesystem `major:minor`, from the text of /proc/locks (lines such as
+/// `3: FLOCK  ADVISORY  WRITE 5341 00:1a:6266944 0 EOF`; waiters are `3: -> FLOCK ...`).
+fn flock_holder(proc_locks: &str, major: u32, minor: u32, ino: u64) -> Option<u32> {
+    let want = format!("{major:02x}:{minor:02x}:{ino}");
+    proc_locks.lines().find_map(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        match w.as_slice() {
+            [_, "FLOCK", _, _, pid, id, ..] if *id == want => pid.parse().ok(),
+            _ => None,
+        }
+    })
 }
 
 /// A libcryptsetup failure of a reencryption call, named: its reencryption lock held by
@@ -421,5 +432,29 @@ pub fn run(
             Ok(Msg::Done(r)) => return r,
             Err(_) => return Err(LuksError::Internal("the libcryptsetup reencryption panicked".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flock_is_found_in_proc_locks_and_a_waiter_or_posix_lock_is_not() {
+        let locks = "1: POSIX  ADVISORY  WRITE 8069 fe:00:6299736 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 812 00:1a:4242 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 900 00:1a:4242 0 EOF\n\
+                     3: FLOCK  ADVISORY  READ 77 fe:00:10135836 0 EOF\n";
+        assert_eq!(flock_holder(locks, 0, 0x1a, 4242), Some(812));
+        assert_eq!(flock_holder(locks, 0xfe, 0, 10135836), Some(77));
+        assert_eq!(flock_holder(locks, 0xfe, 0, 6299736), None, "a POSIX lock is not cryptsetup's");
+        assert_eq!(flock_holder(locks, 0, 0x1a, 424), None);
+        assert_eq!(flock_holder("", 0, 0x1a, 4242), None);
+    }
+
+    #[test]
+    fn the_lock_file_is_cryptsetups() {
+        let p = lock_path("0b6c1e39-5d8b-4d4f-9a35-2f7e3c1d9a10");
+        assert_eq!(p, Path::new("/run/cryptsetup/LUKS2-reencryption-0b6c1e39-5d8b-4d4f-9a35-2f7e3c1d9a10"));
     }
 }
