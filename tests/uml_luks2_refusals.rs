@@ -132,6 +132,10 @@ FAST="--pbkdf pbkdf2 --pbkdf-force-iterations 1000"
 "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --progress-json /dev/ubda5 2> "$OUT/run1.err" &
 P=$!
 while kill -0 $P 2>/dev/null && ! grep -q '"event":"chunk"' "$OUT/run1.err"; do sleep 0.01; done
+# while it runs, luksify holds cryptsetup's reencryption lock (a stock `cryptsetup reencrypt`
+# is refused); status says so (it runs until the SIGINT: exit 4 below)
+echo $P > "$OUT/convert.pid"
+"$LUKSIFY" status /dev/ubda5 > "$OUT/running-status.out" 2>&1 || true
 kill -INT $P
 set +e; wait $P; rc=$?; set -e
 [ $rc = 4 ] || die "SIGINT: expected exit 4 (paused), got $rc: $(cat "$OUT/run1.err")"
@@ -246,17 +250,33 @@ fn bad_luks2_headers_and_a_foreign_reencryption_are_refused_and_nothing_changes(
         refused(&run, &format!("{st}-wrongpass-resume"), 3, &["wrong passphrase"]);
         // d. another program holds cryptsetup's reencryption lock
         status_in_progress(&run, &t("lock"));
+        let out = run.file(&format!("{st}-lock-status.out"));
+        assert!(out.contains("a reencryption runs now: process "), "{st}: status does not say it runs: {out}");
+        for c in ["digest", "wrongpass"] {
+            assert!(!run.file(&format!("{st}-{c}-status.out")).contains("runs now"), "{st}-{c}: no lock was held");
+        }
         refused(
             &run,
             &format!("{st}-lock-resume"),
             3,
-            &["another program is reencrypting this device", "/run/cryptsetup/LUKS2-reencryption-"],
+            &["another program is reencrypting this device", "/run/cryptsetup/LUKS2-reencryption-", "held by process"],
         );
+        for c in ["both", "require", "digest", "wrongpass", "lock"] {
+            let tag = format!("{st}-{c}-resume");
+            eprintln!("{tag}: exit {}: {}", rc(&run, &tag), last_err(&run, &tag));
+        }
     }
     // stock cryptsetup on the same headers, for comparison (printed, not judged)
     for f in ["closed-both-dump.txt", "closed-both-open.txt", "closed-require-dump.txt", "closed-require-open.txt"] {
         eprintln!("--- {f}\n{}", run.file(f));
     }
+    // the conversion's own run held cryptsetup's reencryption lock
+    let pid = run.file("convert.pid").trim().to_string();
+    let running = run.file("running-status.out");
+    assert!(
+        running.contains(&format!("a reencryption runs now: process {pid} holds cryptsetup's reencryption lock")),
+        "luksify (pid {pid}) did not hold the reencryption lock while converting: {running}"
+    );
     // one copy broken: status says which; resume uses the other, finishes, both copies valid
     assert_eq!(run.file("onecopy.copies").trim(), "bad valid");
     assert_eq!(rc(&run, "onecopy-status"), 0, "{}", run.file("onecopy-status.err"));
