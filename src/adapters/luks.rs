@@ -34,6 +34,9 @@
 //!   auto-repair) for every later call on the real device, so `luksify resume` ran
 //!   alongside a `cryptsetup reencrypt` of the same device. On a memfd (a regular file) the
 //!   locks are `flock`s on the memfd itself, and a repair on load writes only the memfd.
+//!   One exception: [`reencrypt::format_reencrypt_header`] must turn it off (its init opens
+//!   the memfd exclusively, which libcryptsetup asserts is unlocked); from then on
+//!   [`reencrypt::run`] takes cryptsetup's reencryption lock itself.
 //! * The argon2 benchmark overshoots short targets (its minimum is 64 MiB × 4 passes);
 //!   tests wanting speed should use `pbkdf2` with `pbkdf_force_iterations`.
 //! * Format runs the PBKDF twice (LUKS2 digest pbkdf2 benchmark + keyslot benchmark and
