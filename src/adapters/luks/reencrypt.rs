@@ -453,6 +453,69 @@ mod tests {
     }
 
     #[test]
+    fn libcryptsetups_refusals_are_named() {
+        let e =
+            reencrypt_err("op", Some(libc::EBUSY), "Reencryption process is already running.".into(), String::new());
+        assert!(matches!(e, LuksError::ReencryptionLocked(_)), "{e}");
+        let e = reencrypt_err(
+            "op",
+            Some(libc::EBUSY),
+            "Reencryption in-progress. Cannot activate device.".into(),
+            "".into(),
+        );
+        assert!(e.to_string().starts_with("another program is reencrypting this device"), "{e}");
+        let e = reencrypt_err("op", Some(libc::EPERM), "Reencryption metadata is invalid.".into(), String::new());
+        assert!(matches!(e, LuksError::BadReencryptDigest(_)), "{e}");
+        let e = reencrypt_err("op", Some(libc::EBUSY), "Cannot use device, already in use.".into(), "d".into());
+        assert!(matches!(e, LuksError::Crypt { errno: Some(libc::EBUSY), .. }), "{e}");
+    }
+
+    /// The reencrypt header luksify formats, its backup-final segment's `iv_tweak` moved
+    /// (a parameter the reencryption digest covers), both copies' checksums recomputed.
+    fn tweaked(bytes: &[u8]) -> Vec<u8> {
+        use crate::core::luks2meta::{checksum, BIN_BYTES, MIN_HDR_SIZE as HS};
+        let mut b = bytes.to_vec();
+        for at in [0, HS] {
+            let area = &b[at + BIN_BYTES..at + HS];
+            let end = area.iter().position(|&c| c == 0).unwrap();
+            let mut j: serde_json::Value = serde_json::from_slice(&area[..end]).unwrap();
+            let segs = j["segments"].as_object_mut().unwrap();
+            let fin = segs
+                .values_mut()
+                .find(|s| s["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == "backup-final")));
+            fin.unwrap()["iv_tweak"] = "8".into();
+            let t = serde_json::to_vec(&j).unwrap();
+            b[at + BIN_BYTES..at + HS].fill(0);
+            b[at + BIN_BYTES..at + BIN_BYTES + t.len()].copy_from_slice(&t);
+            b[at + 448..at + 512].fill(0);
+            let c = checksum(&b[at..at + HS]);
+            b[at + 448..at + 480].copy_from_slice(&c);
+        }
+        assert!(crate::core::luks2meta::parse(&b).unwrap().unwrap().copies_valid == (true, true));
+        b
+    }
+
+    #[test]
+    fn verify_checks_the_passphrase_then_the_reencryption_digest() {
+        let mut p = HeaderParams::defaults(LuksType::Luks2);
+        p.pbkdf = Some("pbkdf2".into());
+        p.pbkdf_force_iterations = Some(1000);
+        let key = VolumeKey::generate(p.key_bytes).unwrap();
+        let token = LuksifyToken { name: "t_crypt".into(), allow_discards: false, pv_uuid: "pv".into() };
+        let h = format_reencrypt_header(&p, &key, b"pass", 4 * p.data_offset_sectors, &token).unwrap();
+        verify(&h.bytes, b"pass").unwrap();
+        assert!(matches!(verify(&h.bytes, b"wrong"), Err(LuksError::WrongPassphrase)));
+        let bad = tweaked(&h.bytes);
+        // the passphrase still opens it: only the reencryption's digest fails
+        assert_eq!(unlock(&bad, b"pass").unwrap(), key);
+        match verify(&bad, b"pass") {
+            Err(LuksError::BadReencryptDigest(m)) => assert!(m.contains("Reencryption metadata is invalid"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(verify(&bad, b"wrong"), Err(LuksError::WrongPassphrase)));
+    }
+
+    #[test]
     fn the_lock_file_is_cryptsetups() {
         let p = lock_path("0b6c1e39-5d8b-4d4f-9a35-2f7e3c1d9a10");
         assert_eq!(p, Path::new("/run/cryptsetup/LUKS2-reencryption-0b6c1e39-5d8b-4d4f-9a35-2f7e3c1d9a10"));
