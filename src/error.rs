@@ -24,8 +24,9 @@ pub enum Error {
     #[error("{message}")]
     Damaged { message: String, damage: Box<crate::core::evidence::Damage> },
     /// A LUKS2 header is at the device's start but cannot be read (no copy verifies, its JSON
-    /// does not parse, an unknown requirement): it may hold a conversion in progress, so this
-    /// is never "no conversion". The message says what is wrong; nothing was changed.
+    /// does not parse, an unknown requirement) or, for `resume`, its reencryption metadata
+    /// does not verify against its digest: it may hold a conversion in progress, so this is
+    /// never "no conversion". The message says what is wrong; nothing was changed.
     #[error("{0}")]
     DamagedHeader(String),
 }

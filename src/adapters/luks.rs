@@ -28,7 +28,15 @@
 //! * Loading refuses a "device" smaller than the data offset (LUKS2: "Need at least S
 //!   bytes"; LUKS1: smaller than the keyslot areas). [`unlock`]/[`inspect`] get only H bytes,
 //!   so the memfd is sized (sparse) from the offset read directly out of the header.
-//! * Loading with metadata locking on may *repair* (write) a header; locking is off here.
+//! * Metadata locking stays ON (libcryptsetup's default). `crypt_metadata_locking(cd, 0)`
+//!   is process-wide and cannot be turned back on: luksify once turned it off for its
+//!   memfds, which silently disabled cryptsetup's reencryption lock (and header
+//!   auto-repair) for every later call on the real device, so `luksify resume` ran
+//!   alongside a `cryptsetup reencrypt` of the same device. On a memfd (a regular file) the
+//!   locks are `flock`s on the memfd itself, and a repair on load writes only the memfd.
+//!   One exception: [`reencrypt::format_reencrypt_header`] must turn it off (its init opens
+//!   the memfd exclusively, which libcryptsetup asserts is unlocked); from then on
+//!   [`reencrypt::run`] takes cryptsetup's reencryption lock itself.
 //! * The argon2 benchmark overshoots short targets (its minimum is 64 MiB × 4 passes);
 //!   tests wanting speed should use `pbkdf2` with `pbkdf_force_iterations`.
 //! * Format runs the PBKDF twice (LUKS2 digest pbkdf2 benchmark + keyslot benchmark and
@@ -82,6 +90,15 @@ pub enum LuksError {
     /// The bytes are not a LUKS header libcryptsetup accepts.
     #[error("not a valid LUKS header: {0}")]
     BadHeader(String),
+    /// A LUKS2 reencryption's metadata (its `reencrypt` keyslot and backup segments) does
+    /// not verify against the digest cryptsetup keeps of it with the volume key: altered or
+    /// corrupt. libcryptsetup will not continue it.
+    #[error("the LUKS2 reencryption metadata does not verify against its digest ({0})")]
+    BadReencryptDigest(String),
+    /// Another process holds cryptsetup's reencryption lock for this device (a running
+    /// `cryptsetup reencrypt`, or another libcryptsetup user reencrypting it).
+    #[error("another program is reencrypting this device: cryptsetup's reencryption lock is held ({0})")]
+    ReencryptionLocked(String),
     /// A libcryptsetup call failed.
     #[error("libcryptsetup: {op} failed: {detail}")]
     Crypt {
@@ -534,8 +551,8 @@ impl MemDev {
     fn open(&self) -> Result<CryptDevice> {
         let _ = take_log();
         let mut cd = CryptInit::init(&self.path).map_err(|e| crypt_err("crypt_init", e))?;
-        // The memfd is private to us: no lock files; and no volume key in the kernel keyring.
-        cd.settings_handle().metadata_locking(false).map_err(|e| crypt_err("crypt_metadata_locking", e))?;
+        // No volume key in the kernel keyring. Metadata locking stays on: it is process-wide
+        // (see the module's doc); on a memfd it only flocks the memfd.
         cd.context_handle().volume_key_keyring(false).map_err(|e| crypt_err("crypt_volume_key_keyring", e))?;
         Ok(cd)
     }

@@ -156,13 +156,29 @@ fn resume_standard(
         100.0 * r.progress(),
         if r.crashed { ", a step was interrupted" } else { "" }
     );
+    match meta.copies_valid {
+        (false, _) => eprintln!("luksify: the primary copy of the LUKS2 header does not verify: the secondary is used, and libcryptsetup rewrites the primary from it (as `cryptsetup open` does)"),
+        (_, false) => eprintln!("luksify: the secondary copy of the LUKS2 header does not verify: the primary is used, and libcryptsetup rewrites the secondary from it (as `cryptsetup open` does)"),
+        _ => {}
+    }
+    // Another libcryptsetup reencrypting it (`cryptsetup reencrypt`): refuse before anything.
+    // libcryptsetup checks the lock again itself (reencrypt_err maps its -EBUSY).
+    if let Some((lock, pid)) = reencrypt::lock_held(&meta.uuid) {
+        return Err(Error::Refused(format!(
+            "{dev}: another program is reencrypting this device: cryptsetup's reencryption lock {} is held by process {pid} (a running `cryptsetup reencrypt`, or another luksify); nothing was changed; wait until it ends, then see `luksify status {dev}`",
+            lock.display()
+        )));
+    }
     let pass = passphrase(k, false)?;
     // The key, for the final table (libcryptsetup keeps its own copy in the kernel keyring
-    // only while it runs). Checks the passphrase before anything changes.
+    // only while it runs). Checks the passphrase before anything changes, then the
+    // reencryption's digest (what libcryptsetup's activation and resume check), both on a
+    // copy of the header in memory.
     let mut head = vec![0u8; Sectors(s).byte_len()];
     crate::engine::Disk::read(&mut disk, 0, &mut head)
         .map_err(|e| Error::Failed(format!("{dev}: reading the LUKS2 header: {e}")))?;
     let key = luks::unlock(&head, &pass).map_err(|e| Error::Refused(format!("{e}; nothing was changed")))?;
+    reencrypt::verify(&head, &pass).map_err(|e| standard_err(e, &dev, "checking the LUKS2 header"))?;
     let mut start = guard::Start::Resume;
     let fin = crate::core::luks2meta::finalized_header(&head)
         .map_err(|e| Error::Failed(format!("{dev}: {e}; nothing was changed")))?;
@@ -181,8 +197,7 @@ fn resume_standard(
                 "luksify: opening {dev} as /dev/mapper/{name} (cryptsetup's activation{})",
                 if r.crashed { ", which first recovers the interrupted step" } else { "" }
             );
-            reencrypt::activate(device, &name, &pass)
-                .map_err(|e| Error::Failed(format!("opening {dev} failed: {e}; nothing was changed by luksify")))?;
+            reencrypt::activate(device, &name, &pass).map_err(|e| standard_err(e, &dev, "opening it"))?;
         }
     }
     let g = Geometry::new(n, l, s, s.min(MAX_STEP), 8192)
@@ -214,6 +229,22 @@ fn resume_standard(
     drop(engine);
     let boot_on_pv = !run.no_integrate && boot_on_pv_after(&name, &run.root);
     finish(device, &name, &meta.uuid, discard, run, boot_on_pv, true)
+}
+
+/// A libcryptsetup refusal before the reencryption runs, for the user: another program
+/// reencrypting (refused), a digest that does not verify (damaged header, exit 6), else a
+/// failure. libcryptsetup refuses these before writing anything.
+fn standard_err(e: luks::LuksError, dev: &str, doing: &str) -> Error {
+    match e {
+        luks::LuksError::ReencryptionLocked(_) => Error::Refused(format!(
+            "{dev}: {e}; nothing was changed; wait until it ends, then see `luksify status {dev}`"
+        )),
+        luks::LuksError::BadReencryptDigest(_) => Error::DamagedHeader(format!(
+            "{dev}: {e}: the reencryption's parameters were altered or are corrupt, and continuing with them would destroy data; nothing was changed: do not write to {dev}; keep the disk as it is and report with `luksify status --json {dev}` and `cryptsetup luksDump {dev}`"
+        )),
+        luks::LuksError::WrongPassphrase => Error::Refused(format!("{e}; nothing was changed")),
+        e => Error::Failed(format!("{dev}: {doing} failed: {e}; nothing was changed by luksify")),
+    }
 }
 
 /// Wipe the areas, flush, then both metadata copies (primary first), flush.

@@ -103,6 +103,12 @@ fn print_luks2(device: &Path, m: &Meta, r: &Reencrypt, json: bool) {
     println!("  progress: {:.1}% ({} of {} bytes encrypted)", 100.0 * r.progress(), r.encrypted_bytes, r.total_bytes);
     println!("  target:   LUKS2 {} as /dev/mapper/{} (UUID {})", r.cipher, name.unwrap_or("<unknown>"), m.uuid);
     println!("  format:   standard LUKS2 reencryption ({})", luks2meta::REENCRYPT_V2);
+    if let Some((lock, pid)) = crate::adapters::luks::reencrypt::lock_held(&m.uuid) {
+        println!(
+            "  running:  a reencryption runs now: process {pid} holds cryptsetup's reencryption lock {}",
+            lock.display()
+        );
+    }
     match m.copies_valid {
         (true, false) => println!("  header:   the secondary copy does not verify (the next header write repairs it)"),
         (false, true) => println!("  header:   the primary copy does not verify (the next header write repairs it)"),

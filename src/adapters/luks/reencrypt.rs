@@ -97,6 +97,13 @@ pub fn format_reencrypt_header(
             flags: CryptReencrypt::INITIALIZE_ONLY | CryptReencrypt::MOVE_FIRST_SEGMENT,
         };
         let cipher = (params.cipher.as_str(), params.cipher_mode.as_str());
+        // The init moves the first segment with the data device opened exclusively, which
+        // libcryptsetup asserts is not locked; here data and metadata are the same memfd,
+        // write-locked by the init itself (the CLI uses a temporary detached header file).
+        // So metadata locking goes off, for the whole process (it cannot be turned back on):
+        // from now on luksify holds cryptsetup's reencryption lock itself ([`run`]).
+        cd.settings_handle().metadata_locking(false).map_err(|e| crypt_err("crypt_metadata_locking", e))?;
+        LOCKING_OFF.store(true, Ordering::SeqCst);
         cd.reencrypt_handle()
             .reencrypt_init_by_passphrase(None, &pass, None, Some(0), Some(cipher), rp)
             .map_err(|e| crypt_err("crypt_reencrypt_init_by_passphrase (encrypt, datashift, move first segment)", e))?;
@@ -179,23 +186,140 @@ pub fn status(device: &Path) -> Result<Reencryption> {
     })
 }
 
+/// Set once libcryptsetup's metadata locking is off in this process (process-wide, for
+/// good: see [`format_reencrypt_header`]). libcryptsetup then takes no reencryption lock,
+/// so [`run`] takes it itself.
+static LOCKING_OFF: AtomicBool = AtomicBool::new(false);
+
+/// cryptsetup's reencryption lock for `uuid`, taken by luksify itself (exclusive, not
+/// waiting), held until dropped. Only while libcryptsetup's own locking is off: with it on,
+/// libcryptsetup takes the same lock and would find luksify's own flock in its way.
+fn take_lock(uuid: &str) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let path = lock_path(uuid);
+    let io = |source| LuksError::Io { op: "cryptsetup's reencryption lock", source };
+    if !Path::new(LOCK_DIR).exists() {
+        std::fs::DirBuilder::new().mode(0o700).create(LOCK_DIR).map_err(io)?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(io)?;
+    // SAFETY: flock on an fd we own; released when `f` closes
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(LuksError::ReencryptionLocked(format!("{} is held", path.display())));
+        }
+        return Err(io(e));
+    }
+    Ok(f)
+}
+
+/// libcryptsetup's log line when its reencryption digest does not verify.
+const DIGEST_INVALID: &str = "Reencryption metadata is invalid";
+
+/// The directory of cryptsetup's lock files (its compiled-in `DEFAULT_LUKS2_LOCK_PATH`,
+/// `/run/cryptsetup` on Debian and Fedora).
+pub const LOCK_DIR: &str = "/run/cryptsetup";
+
+/// The file whose `flock` is cryptsetup's reencryption lock for the LUKS2 header `uuid`
+/// (`reencrypt_lock_internal` in lib/luks2/luks2_reencrypt.c: resource
+/// `LUKS2-reencryption-<uuid>` under the lock directory). Every libcryptsetup reencryption
+/// (`cryptsetup reencrypt`, its activation of a device in reencryption, luksify's run)
+/// holds it exclusively while it works.
+pub fn lock_path(uuid: &str) -> std::path::PathBuf {
+    Path::new(LOCK_DIR).join(format!("LUKS2-reencryption-{uuid}"))
+}
+
+/// Whether a process holds cryptsetup's reencryption lock for `uuid` now: the lock file's
+/// path and the holder's pid if so. Read from /proc/locks, without taking the lock (a
+/// probing `flock` would make a `cryptsetup reencrypt` starting at that instant fail);
+/// a missing lock file is a free lock. libcryptsetup takes the lock itself when it runs:
+/// this only lets a refusal come first, with a clear message, and `status` say it.
+pub fn lock_held(uuid: &str) -> Option<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let path = lock_path(uuid);
+    let md = std::fs::symlink_metadata(&path).ok()?;
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let dev = md.dev();
+    let pid = flock_holder(&locks, libc::major(dev), libc::minor(dev), md.ino())?;
+    Some((path, pid))
+}
+
+/// The pid of a process holding a `flock` (shared or exclusive, not waiting) on the inode
+/// `ino` of the filesystem `major:minor`, from the text of /proc/locks (lines such as
+/// `3: FLOCK  ADVISORY  WRITE 5341 00:1a:6266944 0 EOF`; waiters are `3: -> FLOCK ...`).
+fn flock_holder(proc_locks: &str, major: u32, minor: u32, ino: u64) -> Option<u32> {
+    let want = format!("{major:02x}:{minor:02x}:{ino}");
+    proc_locks.lines().find_map(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        match w.as_slice() {
+            [_, "FLOCK", _, _, pid, id, ..] if *id == want => pid.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
+/// A libcryptsetup failure of a reencryption call, named: its reencryption lock held by
+/// another process (-EBUSY), or its digest not verifying.
+fn reencrypt_err(op: &'static str, errno: Option<i32>, log: String, detail: String) -> LuksError {
+    if errno == Some(libc::EBUSY) && (log.contains("already running") || log.contains("in-progress")) {
+        return LuksError::ReencryptionLocked(log);
+    }
+    if log.contains(DIGEST_INVALID) {
+        return LuksError::BadReencryptDigest(format!("libcryptsetup: {log}"));
+    }
+    LuksError::Crypt { op, errno, detail }
+}
+
+/// Check, without touching any device, that `passphrase` opens the LUKS2 header in
+/// `header_bytes` (the device's first S bytes) and, while a reencryption is in progress,
+/// that its metadata verifies against its digest: what `cryptsetup open --test-passphrase`
+/// checks (`crypt_activate_by_passphrase` with no name), on a memfd copy. The reencryption
+/// lock is not taken. Errors: [`LuksError::WrongPassphrase`],
+/// [`LuksError::BadReencryptDigest`], [`LuksError::BadHeader`].
+pub fn verify(header_bytes: &[u8], passphrase: &[u8]) -> Result<()> {
+    let bytes = Zeroizing::new(header_bytes.to_vec());
+    let pass = Zeroizing::new(passphrase.to_vec());
+    on_worker(move || {
+        let (_dev, mut cd) = super::worker::load(&bytes)?;
+        let r = cd.activate_handle().activate_by_passphrase(None, None, &pass, CryptActivate::empty());
+        let Err(e) = r else { return Ok(()) };
+        let log = take_log();
+        if log.contains(DIGEST_INVALID) {
+            return Err(LuksError::BadReencryptDigest(format!("libcryptsetup: {log}")));
+        }
+        if errno_of(&e) == Some(libc::EPERM) {
+            return Err(LuksError::WrongPassphrase);
+        }
+        let detail = if log.is_empty() { e.to_string() } else { format!("{e} ({log})") };
+        Err(LuksError::Crypt { op: "crypt_activate_by_passphrase (no name: check only)", errno: errno_of(&e), detail })
+    })
+}
+
 /// `cryptsetup open DEVICE NAME`: activate the mapping `name` with `passphrase`. On a
 /// header whose step was interrupted, libcryptsetup first recovers that step (it needs the
-/// device to itself). Wrong passphrase: [`LuksError::WrongPassphrase`].
+/// device to itself). Wrong passphrase: [`LuksError::WrongPassphrase`]; another process
+/// reencrypting it: [`LuksError::ReencryptionLocked`].
 pub fn activate(device: &Path, name: &str, passphrase: &[u8]) -> Result<()> {
     let (device, name) = (device.to_path_buf(), name.to_string());
     let pass = Zeroizing::new(passphrase.to_vec());
     on_worker(move || {
         let mut l = load_device(&device)?;
         let r = l.cd.activate_handle().activate_by_passphrase(Some(&name), None, &pass, CryptActivate::empty());
-        match r {
-            Ok(_) => Ok(()),
-            Err(e) if errno_of(&e) == Some(libc::EPERM) => {
-                let _ = take_log();
-                Err(LuksError::WrongPassphrase)
-            }
-            Err(e) => Err(crypt_err("crypt_activate_by_passphrase", e)),
+        let Err(e) = r else { return Ok(()) };
+        let log = take_log();
+        if errno_of(&e) == Some(libc::EPERM) && !log.contains(DIGEST_INVALID) {
+            return Err(LuksError::WrongPassphrase);
         }
+        let detail = if log.is_empty() { e.to_string() } else { format!("{e} ({log})") };
+        Err(reencrypt_err("crypt_activate_by_passphrase", errno_of(&e), log, detail))
     })
 }
 
@@ -224,7 +348,14 @@ unsafe extern "C" fn progress_cb(size: u64, offset: u64, usr: *mut c_void) -> c_
 }
 
 fn run_job(device: &Path, name: &str, pass: &[u8], ctx: &mut RunCtx) -> Result<RunEnd> {
-    let l = load_device(device)?;
+    let mut l = load_device(device)?;
+    let _lock = match LOCKING_OFF.load(Ordering::SeqCst) {
+        true => {
+            let uuid = l.cd.status_handle().get_uuid().map_err(|e| crypt_err("crypt_get_uuid", e))?;
+            Some(take_lock(&uuid.hyphenated().to_string())?)
+        }
+        false => None,
+    };
     let (st, mut params) = status_of(&l);
     match st {
         Reencryption::Clean => {}
@@ -258,12 +389,14 @@ fn run_job(device: &Path, name: &str, pass: &[u8], ctx: &mut RunCtx) -> Result<R
             &params,
         )
     };
-    if r == -libc::EPERM {
-        let _ = take_log();
-        return Err(LuksError::WrongPassphrase);
-    }
     if r < 0 {
-        return Err(sys_err("crypt_reencrypt_init_by_passphrase (resume)", r));
+        let log = take_log();
+        if r == -libc::EPERM && !log.contains(DIGEST_INVALID) {
+            return Err(LuksError::WrongPassphrase);
+        }
+        let e = std::io::Error::from_raw_os_error(-r);
+        let detail = if log.is_empty() { e.to_string() } else { format!("{e} ({log})") };
+        return Err(reencrypt_err("crypt_reencrypt_init_by_passphrase (resume)", Some(-r), log, detail));
     }
     // SAFETY: valid context; `ctx` outlives the call; the callback matches the C type.
     let r = unsafe { sys::crypt_reencrypt_run(l.ptr, Some(progress_cb), ctx as *mut RunCtx as *mut c_void) };
@@ -299,5 +432,92 @@ pub fn run(
             Ok(Msg::Done(r)) => return r,
             Err(_) => return Err(LuksError::Internal("the libcryptsetup reencryption panicked".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flock_is_found_in_proc_locks_and_a_waiter_or_posix_lock_is_not() {
+        let locks = "1: POSIX  ADVISORY  WRITE 8069 fe:00:6299736 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 812 00:1a:4242 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 900 00:1a:4242 0 EOF\n\
+                     3: FLOCK  ADVISORY  READ 77 fe:00:10135836 0 EOF\n";
+        assert_eq!(flock_holder(locks, 0, 0x1a, 4242), Some(812));
+        assert_eq!(flock_holder(locks, 0xfe, 0, 10135836), Some(77));
+        assert_eq!(flock_holder(locks, 0xfe, 0, 6299736), None, "a POSIX lock is not cryptsetup's");
+        assert_eq!(flock_holder(locks, 0, 0x1a, 424), None);
+        assert_eq!(flock_holder("", 0, 0x1a, 4242), None);
+    }
+
+    #[test]
+    fn libcryptsetups_refusals_are_named() {
+        let e =
+            reencrypt_err("op", Some(libc::EBUSY), "Reencryption process is already running.".into(), String::new());
+        assert!(matches!(e, LuksError::ReencryptionLocked(_)), "{e}");
+        let e = reencrypt_err(
+            "op",
+            Some(libc::EBUSY),
+            "Reencryption in-progress. Cannot activate device.".into(),
+            "".into(),
+        );
+        assert!(e.to_string().starts_with("another program is reencrypting this device"), "{e}");
+        let e = reencrypt_err("op", Some(libc::EPERM), "Reencryption metadata is invalid.".into(), String::new());
+        assert!(matches!(e, LuksError::BadReencryptDigest(_)), "{e}");
+        let e = reencrypt_err("op", Some(libc::EBUSY), "Cannot use device, already in use.".into(), "d".into());
+        assert!(matches!(e, LuksError::Crypt { errno: Some(libc::EBUSY), .. }), "{e}");
+    }
+
+    /// The reencrypt header luksify formats, its backup-final segment's `iv_tweak` moved
+    /// (a parameter the reencryption digest covers), both copies' checksums recomputed.
+    fn tweaked(bytes: &[u8]) -> Vec<u8> {
+        use crate::core::luks2meta::{checksum, BIN_BYTES, MIN_HDR_SIZE as HS};
+        let mut b = bytes.to_vec();
+        for at in [0, HS] {
+            let area = &b[at + BIN_BYTES..at + HS];
+            let end = area.iter().position(|&c| c == 0).unwrap();
+            let mut j: serde_json::Value = serde_json::from_slice(&area[..end]).unwrap();
+            let segs = j["segments"].as_object_mut().unwrap();
+            let fin = segs
+                .values_mut()
+                .find(|s| s["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == "backup-final")));
+            fin.unwrap()["iv_tweak"] = "8".into();
+            let t = serde_json::to_vec(&j).unwrap();
+            b[at + BIN_BYTES..at + HS].fill(0);
+            b[at + BIN_BYTES..at + BIN_BYTES + t.len()].copy_from_slice(&t);
+            b[at + 448..at + 512].fill(0);
+            let c = checksum(&b[at..at + HS]);
+            b[at + 448..at + 480].copy_from_slice(&c);
+        }
+        assert!(crate::core::luks2meta::parse(&b).unwrap().unwrap().copies_valid == (true, true));
+        b
+    }
+
+    #[test]
+    fn verify_checks_the_passphrase_then_the_reencryption_digest() {
+        let mut p = HeaderParams::defaults(LuksType::Luks2);
+        p.pbkdf = Some("pbkdf2".into());
+        p.pbkdf_force_iterations = Some(1000);
+        let key = VolumeKey::generate(p.key_bytes).unwrap();
+        let token = LuksifyToken { name: "t_crypt".into(), allow_discards: false, pv_uuid: "pv".into() };
+        let h = format_reencrypt_header(&p, &key, b"pass", 4 * p.data_offset_sectors, &token).unwrap();
+        verify(&h.bytes, b"pass").unwrap();
+        assert!(matches!(verify(&h.bytes, b"wrong"), Err(LuksError::WrongPassphrase)));
+        let bad = tweaked(&h.bytes);
+        // the passphrase still opens it: only the reencryption's digest fails
+        assert_eq!(unlock(&bad, b"pass").unwrap(), key);
+        match verify(&bad, b"pass") {
+            Err(LuksError::BadReencryptDigest(m)) => assert!(m.contains("Reencryption metadata is invalid"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(verify(&bad, b"wrong"), Err(LuksError::WrongPassphrase)));
+    }
+
+    #[test]
+    fn the_lock_file_is_cryptsetups() {
+        let p = lock_path("0b6c1e39-5d8b-4d4f-9a35-2f7e3c1d9a10");
+        assert_eq!(p, Path::new("/run/cryptsetup/LUKS2-reencryption-0b6c1e39-5d8b-4d4f-9a35-2f7e3c1d9a10"));
     }
 }
