@@ -665,6 +665,21 @@ pub fn render(p: &Plan) -> String {
     if let Some(vg) = &p.vg {
         s.push_str(&format!("  LVM volume group:  {vg}\n"));
     }
+    if !p.refusals.is_empty() {
+        // a plan that will not run has no steps, time or layout worth reading: what is wrong
+        // (and the boot report, which may say why)
+        if let Some(b) = &p.boot {
+            s.push_str(&boot::render(b));
+        }
+        for w in &p.warnings {
+            s.push_str(&format!("  warning: {w}\n"));
+        }
+        s.push_str("  verdict: REFUSED (nothing was changed):\n");
+        for r in &p.refusals {
+            s.push_str(&format!("    - [{}] {}\n", r.code, r.message));
+        }
+        return s;
+    }
     s.push_str(&format!("  new mapping:       /dev/mapper/{}\n", p.name));
     s.push_str(&format!(
         "  header:            {} {} {}-bit, data offset S = {} sectors ({})\n",
@@ -738,14 +753,7 @@ pub fn render(p: &Plan) -> String {
     for w in &p.warnings {
         s.push_str(&format!("  warning: {w}\n"));
     }
-    if p.refusals.is_empty() {
-        s.push_str("  verdict: can convert (dry run: nothing was changed)\n");
-    } else {
-        s.push_str("  verdict: REFUSED (nothing was changed):\n");
-        for r in &p.refusals {
-            s.push_str(&format!("    - [{}] {}\n", r.code, r.message));
-        }
-    }
+    s.push_str("  verdict: can convert (dry run: nothing was changed)\n");
     s
 }
 
@@ -969,6 +977,19 @@ pub(crate) mod tests {
         let text = render(&p);
         assert!(text.contains("  mid-way format:    luksify's own journal (LUKS1 has no standard state for a conversion in progress): a half-converted LUKS1 disk needs luksify to resume\n"), "{text}");
         assert!(text.contains("  journal:           sectors "), "{text}");
+    }
+
+    #[test]
+    fn a_refused_plan_renders_the_refusals_without_steps_or_estimate() {
+        let o = Options { cipher: "serpent-cbc-essiv:sha256".into(), ..Options::default() };
+        let p = plan(&laptop(), &o);
+        assert!(codes(&p).contains(&"unsupported_cipher"), "{:?}", codes(&p));
+        let text = render(&p);
+        assert!(text.starts_with("luksify plan for /dev/sda5"), "{text}");
+        assert!(text.contains("  verdict: REFUSED (nothing was changed):\n    - [unsupported_cipher] "), "{text}");
+        for absent in ["steps:", "estimated time", "to move:", "step(s)", "header:"] {
+            assert!(!text.contains(absent), "a refused plan shows '{absent}':\n{text}");
+        }
     }
 
     #[test]
