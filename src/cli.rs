@@ -127,8 +127,8 @@ pub struct KeyOpts {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunOpts {
-    /// Do not ask for confirmation.
-    #[arg(long, short = 'y')]
+    /// Do not ask for confirmation (cryptsetup's -q/--batch-mode; `--yes` is the same).
+    #[arg(short = 'q', long = "batch-mode", visible_alias = "yes")]
     pub yes: bool,
     /// Do not touch /etc/crypttab, the initramfs or the LVM devices file.
     #[arg(long)]
