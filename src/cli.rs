@@ -87,17 +87,20 @@ pub struct ConvertOpts {
     /// Name of the new mapping (default: <device basename>_crypt).
     #[arg(long)]
     pub name: Option<String>,
-    /// LUKS data offset in 512-byte sectors (default: 32768 for LUKS2, 4096 for LUKS1).
-    #[arg(long, value_name = "SECTORS")]
+    /// LUKS data offset: 512-byte sectors, or a size with K, M, G (KiB, MiB, GiB) such as
+    /// 16M (default: 32768 sectors = 16M for LUKS2, 4096 = 2M for LUKS1).
+    #[arg(long, value_name = "SECTORS|SIZE", value_parser = parse_sectors)]
     pub offset: Option<u64>,
     /// Sectors moved per chunk (at most the data offset; default: the data offset or 16384,
     /// whichever is less). A step never moves more than 16384 sectors (8 MiB): a larger
     /// chunk is committed in steps of that size.
-    #[arg(long, value_name = "SECTORS")]
+    /// Sectors, or a size such as 4M.
+    #[arg(long, value_name = "SECTORS|SIZE", value_parser = parse_sectors)]
     pub chunk: Option<u64>,
     /// Region size in sectors (a power of two) of the dm-mirror luksify falls back to
     /// when a journal commit fails (it keeps both copies of the step identical).
-    #[arg(long, value_name = "SECTORS", default_value_t = 8192)]
+    /// Sectors, or a size such as 4M.
+    #[arg(long, value_name = "SECTORS|SIZE", default_value = "8192", value_parser = parse_sectors)]
     pub region: u64,
     /// Pass discards through the new mapping (leaks which blocks are unused); the crypttab
     /// line gets `discard`.
@@ -166,6 +169,27 @@ impl RunOpts {
     }
 }
 
+/// A number of 512-byte sectors: a plain number is sectors; with a suffix K, M, G or T
+/// (also KiB, MiB, GiB, TiB; binary units, as cryptsetup's sizes) a size.
+pub fn parse_sectors(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("`{s}` is not a size: a number of 512-byte sectors, or a number with K, M, G or T (e.g. 16M)");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" => return Ok(n),
+        "K" | "KIB" => 10,
+        "M" | "MIB" => 20,
+        "G" | "GIB" => 30,
+        "T" | "TIB" => 40,
+        _ => return Err(bad()),
+    };
+    // every unit is a whole number of sectors (1K = 2)
+    let bytes = n.checked_shl(shift).filter(|b| b >> shift == n).ok_or_else(bad)?;
+    Ok(bytes / 512)
+}
+
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if r.is_finite() && r >= 0.1 => Ok(r),
@@ -210,5 +234,38 @@ impl Cli {
     /// `--json` was asked for: standard output is JSON, errors included.
     pub fn wants_json(&self) -> bool {
         self.json || matches!(self.command, Some(Command::Status { json: true, .. }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_sectors_or_binary_units() {
+        assert_eq!(parse_sectors("32768"), Ok(32768));
+        assert_eq!(parse_sectors("16M"), Ok(32768));
+        assert_eq!(parse_sectors("16MiB"), Ok(32768));
+        assert_eq!(parse_sectors("2m"), Ok(4096));
+        assert_eq!(parse_sectors("4K"), Ok(8));
+        assert_eq!(parse_sectors("1G"), Ok(2 * 1024 * 1024));
+        assert_eq!(parse_sectors("1K"), Ok(2));
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_the_reason() {
+        for s in ["", "M", "16MB", "1.5M", "-4", "16 M", "99999999999999999999T", "16X"] {
+            assert!(parse_sectors(s).is_err(), "{s} accepted");
+        }
+        assert!(parse_sectors("1X").unwrap_err().contains("e.g. 16M"));
+    }
+
+    #[test]
+    fn offset_parses_with_a_suffix_on_the_command_line() {
+        use clap::Parser;
+        let c = Cli::try_parse_from(["luksify", "--offset", "16M", "--chunk", "4M", "--dry-run", "/dev/sda5"]).unwrap();
+        assert_eq!(c.opts.offset, Some(32768));
+        assert_eq!(c.opts.chunk, Some(8192));
+        assert_eq!(c.opts.region, 8192);
     }
 }
