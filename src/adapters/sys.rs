@@ -68,8 +68,11 @@ pub fn lock_device(path: &Path) -> io::Result<Option<File>> {
 pub enum KeySource<'a> {
     /// A file, read whole (cryptsetup's --key-file semantics: every byte counts); "-" = stdin.
     File(&'a Path),
-    /// Asked on the terminal, without echo; `confirm` asks twice.
-    Terminal { confirm: bool },
+    /// Asked on the terminal with `prompt`, without echo; `confirm` asks twice.
+    Terminal { prompt: &'a str, confirm: bool },
+    /// Standard input that is not a terminal, without --key-file: one line, its newline
+    /// not part of the passphrase (as cryptsetup reads a piped passphrase).
+    StdinLine,
 }
 
 /// Read the passphrase. Errors name the problem; nothing is changed by a failure here.
@@ -86,9 +89,15 @@ pub fn read_passphrase(src: KeySource<'_>) -> Result<Zeroizing<Vec<u8>>, String>
             f.read_to_end(&mut v).map_err(|e| format!("cannot read the key file {}: {e}", p.display()))?;
             v
         }
-        KeySource::Terminal { confirm } => {
+        KeySource::StdinLine => {
+            let mut v = Zeroizing::new(Vec::new());
+            read_line(&mut io::stdin().lock(), &mut v)
+                .map_err(|e| format!("cannot read the passphrase from standard input: {e}"))?;
+            v
+        }
+        KeySource::Terminal { prompt, confirm } => {
             let a = Zeroizing::new(
-                rpassword::prompt_password("Enter the new passphrase: ")
+                rpassword::prompt_password(prompt)
                     .map_err(|e| format!("cannot read the passphrase from the terminal ({e}); use --key-file"))?,
             );
             if confirm {
@@ -107,6 +116,25 @@ pub fn read_passphrase(src: KeySource<'_>) -> Result<Zeroizing<Vec<u8>>, String>
         return Err("the passphrase is empty; nothing was changed".into());
     }
     Ok(key)
+}
+
+/// One line of `r` into `out`, without its line end ("\n", or "\r\n"); bytes after it stay
+/// unread in spirit (a piped passphrase is one line, as cryptsetup reads it).
+pub fn read_line(r: &mut impl io::BufRead, out: &mut Zeroizing<Vec<u8>>) -> io::Result<()> {
+    r.read_until(b'\n', out)?;
+    if out.last() == Some(&b'\n') {
+        out.pop();
+        if out.last() == Some(&b'\r') {
+            out.pop();
+        }
+    }
+    Ok(())
+}
+
+/// Whether a passphrase read whole from a key file ends in a line end, which nobody can type
+/// at a boot prompt (`echo pw > file` writes "pw\n").
+pub fn ends_in_newline(key: &[u8]) -> bool {
+    matches!(key.last(), Some(b'\n' | b'\r'))
 }
 
 /// The calling thread's keyring (keyctl(2)'s KEY_SPEC_THREAD_KEYRING).
@@ -137,5 +165,39 @@ pub fn keyring_revoke(id: i32) {
     unsafe {
         libc::syscall(libc::SYS_keyctl, KEYCTL_REVOKE, id as libc::c_long);
         libc::syscall(libc::SYS_keyctl, KEYCTL_UNLINK, id as libc::c_long, KEY_SPEC_THREAD_KEYRING);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(input: &[u8]) -> Vec<u8> {
+        let mut v = Zeroizing::new(Vec::new());
+        read_line(&mut io::Cursor::new(input), &mut v).unwrap();
+        v.to_vec()
+    }
+
+    #[test]
+    fn a_piped_passphrase_is_one_line_without_its_line_end() {
+        assert_eq!(line(b"pw\n"), b"pw");
+        assert_eq!(line(b"pw\r\n"), b"pw");
+        assert_eq!(line(b"pw"), b"pw");
+        assert_eq!(line(b"two words\nsecond line\n"), b"two words");
+        assert_eq!(line(b"\n"), b"");
+    }
+
+    #[test]
+    fn a_key_file_ending_in_a_line_end_is_told_apart() {
+        assert!(ends_in_newline(b"pw\n"));
+        assert!(ends_in_newline(b"pw\r"));
+        assert!(!ends_in_newline(b"pw"));
+        assert!(!ends_in_newline(b""));
+        // a key file is read whole, as cryptsetup reads it: the line end stays in the key
+        let p = std::env::temp_dir().join(format!("luksify-keyfile-{}", std::process::id()));
+        std::fs::write(&p, b"pw\n").unwrap();
+        let k = read_passphrase(KeySource::File(&p)).unwrap();
+        assert_eq!(&k[..], b"pw\n");
+        let _ = std::fs::remove_file(&p);
     }
 }

@@ -4,7 +4,7 @@ use super::guard::{self, Progress};
 use super::progress::{phase, undo_warning};
 use super::{check_root, confirm, engine_err, finish, lock, lock_vg, open_disk, passphrase, probe_device, raw_devref};
 use crate::adapters::kernel::DmKernel;
-use crate::adapters::{bootprobe, luks, lvm};
+use crate::adapters::{bootprobe, luks, lvm, sys};
 use crate::cli::ConvertOpts;
 use crate::core::plan;
 use crate::engine::{Engine, NewConversion};
@@ -77,7 +77,21 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     if !o.key_size.is_multiple_of(8) || o.key_size == 0 {
         return Err(Error::Usage(format!("--key-size {} is not a whole number of bytes", o.key_size)));
     }
-    let pass = passphrase(&o.key, true)?;
+    let pass = passphrase(&o.key, "Enter the new passphrase: ", true)?;
+    if let Some(file) = o.key.key_file.as_ref().filter(|_| sys::ends_in_newline(&pass)) {
+        let boot = p.boot.as_ref().is_some_and(|b| b.root_on_pv || b.boot_on_pv);
+        let msg = format!(
+            "the passphrase in {} ends in a line end (`echo` adds one): it becomes part of the passphrase, as with cryptsetup's --key-file",
+            file.display()
+        );
+        if boot && !o.run.no_integrate {
+            return Err(Error::Usage(format!(
+                "{msg}, and nobody can type it at the boot prompt that must unlock {}'s root; write the file without it (printf '%s' PASSPHRASE > FILE); nothing was changed",
+                device.display()
+            )));
+        }
+        eprintln!("luksify: warning: {msg}: it can be given only by a key file, never typed at a prompt");
+    }
     if let Some(cmds) = &room {
         eprintln!("luksify: to make room past the PV, luksify will first run:");
         for c in cmds {

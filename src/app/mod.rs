@@ -86,17 +86,13 @@ fn damaged(d: &crate::core::evidence::Damage, device: &Path) -> Error {
     Error::Damaged { message: d.message(&device.display().to_string()), damage: Box::new(d.clone()) }
 }
 
-fn passphrase(k: &KeyOpts, confirm: bool) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+/// The passphrase: from `--key-file` (read whole, as cryptsetup does), else one line of piped
+/// standard input, else asked on the terminal with `prompt` (twice with `confirm`).
+fn passphrase(k: &KeyOpts, prompt: &str, confirm: bool) -> Result<zeroize::Zeroizing<Vec<u8>>> {
     let src = match &k.key_file {
         Some(p) => sys::KeySource::File(p),
-        None => {
-            if !std::io::stdin().is_terminal() {
-                return Err(Error::Usage(
-                    "no terminal to ask for the passphrase: use --key-file FILE (or - for standard input)".into(),
-                ));
-            }
-            sys::KeySource::Terminal { confirm }
-        }
+        None if !std::io::stdin().is_terminal() => sys::KeySource::StdinLine,
+        None => sys::KeySource::Terminal { prompt, confirm },
     };
     sys::read_passphrase(src).map_err(Error::Usage)
 }

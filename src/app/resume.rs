@@ -77,7 +77,7 @@ pub(super) fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     };
     let discard = rec.allow_discards;
     let header = engine::read_header_copy(&mut disk, &rec).map_err(|e| engine_err(e, device))?;
-    let pass = passphrase(k, false)?;
+    let pass = passphrase(k, &format!("Enter the passphrase for {}: ", device.display()), false)?;
     let key = luks::unlock(&header, &pass).map_err(|e| Error::Refused(format!("{e}; nothing was changed")))?;
     drop(pass);
     guard::arm()?;
@@ -169,7 +169,7 @@ fn resume_standard(
             lock.display()
         )));
     }
-    let pass = passphrase(k, false)?;
+    let pass = passphrase(k, &format!("Enter the passphrase for {}: ", device.display()), false)?;
     // The key, for the final table (libcryptsetup keeps its own copy in the kernel keyring
     // only while it runs). Checks the passphrase before anything changes, then the
     // reencryption's digest (what libcryptsetup's activation and resume check), both on a
