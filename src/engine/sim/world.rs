@@ -766,7 +766,7 @@ impl World {
 
     // ----- final checks -----
 
-    fn plain_ok(&self, x: u64, b: &[u8], exact: bool) -> Result<(), String> {
+    pub(super) fn plain_ok(&self, x: u64, b: &[u8], exact: bool) -> Result<(), String> {
         let allowed = if exact { self.model.latest(x) } else { self.model.allowed(x) };
         let id =
             if x == 1 && b == label_sector().as_slice() { 0 } else { u64::from_le_bytes(b[..8].try_into().unwrap()) };
