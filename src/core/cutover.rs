@@ -171,11 +171,7 @@ pub enum Finding {
 /// The decision from the first sectors: `head_is_luks2_primary` says whether luks2meta
 /// verified the primary LUKS2 header at sector 0; `record` is the record area's bytes
 /// decoded (`Err`: magic with a bad checksum or fields).
-pub fn classify(
-    head: &[u8],
-    head_is_luks2_primary: bool,
-    record: &Result<Option<CutRecord>, RecordError>,
-) -> Finding {
+pub fn classify(head: &[u8], head_is_luks2_primary: bool, record: &Result<Option<CutRecord>, RecordError>) -> Finding {
     let has_record = !matches!(record, Ok(None));
     if !label_sectors(head).is_empty() {
         return if has_record { Finding::PlainPv { stale: true } } else { Finding::Other };
@@ -190,7 +186,7 @@ pub fn classify(
 }
 
 /// What a recovery did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// Nothing of the cut-over's (or only a stale record, now erased): carry on as before.
     Nothing,

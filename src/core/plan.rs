@@ -696,7 +696,8 @@ pub fn render(p: &Plan) -> String {
         p.tail_have_sectors,
         mib(p.tail_have_sectors),
         match p.luks {
-            LuksVersion::Luks2 => "; 2 x S + 4 KiB: the LUKS2 header's shift, the moved first segment and luksify's cut-over record",
+            LuksVersion::Luks2 =>
+                "; 2 x S + 4 KiB: the LUKS2 header's shift, the moved first segment and luksify's cut-over record",
             LuksVersion::Luks1 => "",
         }
     ));
@@ -952,7 +953,12 @@ pub(crate) mod tests {
         assert!(j["journal_sector"].is_null(), "LUKS2 keeps no luksify journal");
         let text = render(&p);
         assert!(text.contains("  mid-way format:    standard LUKS2 reencryption in progress (online-reencrypt-v2): stock cryptsetup >= 2.3.7 / 2.4.3 opens, recovers and finishes a half-converted disk\n"), "{text}");
-        assert!(text.contains("2 x S + 4 KiB: the LUKS2 header's shift, the moved first segment and luksify's cut-over record"), "{text}");
+        assert!(
+            text.contains(
+                "2 x S + 4 KiB: the LUKS2 header's shift, the moved first segment and luksify's cut-over record"
+            ),
+            "{text}"
+        );
         assert!(!text.contains("journal:"), "{text}");
         let o = Options { luks: LuksVersion::Luks1, ..Options::default() };
         let p = plan(&laptop(), &o);
