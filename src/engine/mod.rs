@@ -22,7 +22,7 @@ use crate::core::state::{self, Step};
 use crate::core::tables::{self, BridgePhase, CryptSpec, DevRef, Devices, Line};
 use crate::core::units::{sector, sectors, Sectors, SECTOR_BYTES};
 pub use crate::iobuf::IoBuf;
-pub use standard::{recover_cut_over, CutStep, CUT_OVER_ORDER};
+pub use standard::{examine_cut_over, recover_cut_over, CutOverFinding, CutStep, CUT_OVER_ORDER};
 use std::time::{Duration, Instant};
 pub use traits::{Disk, HolderTable, KResult, Kernel, KernelError};
 use zeroize::Zeroizing;

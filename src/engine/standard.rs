@@ -417,12 +417,80 @@ pub(crate) fn roll_back<D: Disk>(
 /// - otherwise a valid record whose moved segment matches its SHA-256: rolled back
 ///   ([`roll_back`]); one that does not match is refused, nothing changed.
 pub fn recover_cut_over<D: Disk>(disk: &mut D, n: u64) -> EResult<Decision> {
-    let Some(rec_at) = cutover::record_sector(n) else { return Ok(Decision::Nothing) };
+    let Some(x) = examine_cut_over(disk, n)? else { return Ok(Decision::Nothing) };
+    let rec_at = cutover::record_sector(n).expect("examined");
+    let zero4k = vec![0u8; cutover::RECORD_BYTES];
+    let erase = |disk: &mut D| {
+        io(disk.write(rec_at, &zero4k).and_then(|()| disk.flush()), || "erasing luksify's cut-over record".into())
+    };
+    match x.finding {
+        Finding::Other | Finding::PlainPv { stale: false } => Ok(Decision::Nothing),
+        Finding::PlainPv { stale: true } => {
+            erase(disk)?;
+            Ok(Decision::ErasedStale)
+        }
+        Finding::Luks2 { record, leftover } => {
+            if let Some(r) = record.filter(|r| x.data_offset == Some(Sectors(r.s).bytes())) {
+                let zeros = vec![0u8; (Sectors(r.s).bytes() - r.header_len) as usize];
+                if !zeros.is_empty() {
+                    io(disk.write(Sectors::in_len(r.header_len as usize).0, &zeros), || {
+                        "zeroing the rest of the LUKS2 header area".into()
+                    })?;
+                }
+                io(disk.flush(), || "flushing the header area".into())?;
+            }
+            if leftover {
+                erase(disk)?;
+            }
+            Ok(Decision::Luks2 { cleaned: leftover })
+        }
+        Finding::Window(r) => {
+            let moved = x.moved.expect("read for a window");
+            if cutover::sha256(&moved) != r.moved_sha256 {
+                return Err(EngineError::Refused(format!(
+                    "the cut-over to LUKS2 was interrupted, but the copy of sectors 0..{} at sector {} does not match luksify's cut-over record: nothing was changed; do not write to the device and report with `luksify status --json`",
+                    r.s,
+                    r.moved_at()
+                )));
+            }
+            let mut back = vec![0u8; moved.len()];
+            io(roll_back(disk, &moved, &mut back, rec_at, &zero4k), || {
+                format!("putting sectors 0..{} back from sector {}", r.s, r.moved_at())
+            })?;
+            Ok(Decision::RolledBack)
+        }
+    }
+}
+
+/// What [`examine_cut_over`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutOverFinding {
+    pub finding: Finding,
+    /// The data offset of the LUKS2 reencryption at sector 0 (bytes), if one verifies.
+    pub data_offset: Option<u64>,
+    /// [`Finding::Window`]: the moved sectors as read.
+    pub moved: Option<Vec<u8>>,
+}
+
+impl CutOverFinding {
+    /// [`Finding::Window`]: whether the moved copy matches the record (a rollback can run).
+    pub fn moved_matches(&self) -> bool {
+        match (&self.finding, &self.moved) {
+            (Finding::Window(r), Some(m)) => cutover::sha256(m) == r.moved_sha256,
+            _ => false,
+        }
+    }
+}
+
+/// Read-only: what the device is with respect to a LUKS2 cut-over (`None`: no record, nothing
+/// of the cut-over's). [`recover_cut_over`] acts on it; `luksify status` reports it.
+pub fn examine_cut_over<D: Disk>(disk: &mut D, n: u64) -> EResult<Option<CutOverFinding>> {
+    let Some(rec_at) = cutover::record_sector(n) else { return Ok(None) };
     let mut rb = vec![0u8; cutover::RECORD_BYTES];
     io(disk.read(rec_at, &mut rb), || "reading luksify's cut-over record".into())?;
     let record = CutRecord::decode(&rb, n);
     if record == Ok(None) {
-        return Ok(Decision::Nothing);
+        return Ok(None);
     }
     // The primary's verdict needs its binary header and JSON area (luksify writes hdr_size
     // 16 KiB, [`luks2meta::HEAD_BYTES`] covers it); a larger hdr_size asks for more.
@@ -440,50 +508,19 @@ pub fn recover_cut_over<D: Disk>(disk: &mut D, n: u64) -> EResult<Decision> {
             parsed = luks2meta::parse(&head);
         }
     }
-    let meta = (head, parsed);
-    let (head, parsed) = meta;
     let primary = matches!(&parsed, Ok(Some(m)) if m.copies_valid.0);
-    let zero4k = vec![0u8; cutover::RECORD_BYTES];
-    let erase = |disk: &mut D| {
-        io(disk.write(rec_at, &zero4k).and_then(|()| disk.flush()), || "erasing luksify's cut-over record".into())
+    let data_offset = match &parsed {
+        Ok(Some(m)) if primary => m.reencrypt.as_ref().map(|r| r.data_offset),
+        _ => None,
     };
-    match cutover::classify(&head, primary, &record) {
-        Finding::Other | Finding::PlainPv { stale: false } => Ok(Decision::Nothing),
-        Finding::PlainPv { stale: true } => {
-            erase(disk)?;
-            Ok(Decision::ErasedStale)
-        }
-        Finding::Luks2 { record, leftover } => {
-            let offset = parsed.ok().flatten().and_then(|m| m.reencrypt.map(|r| r.data_offset));
-            if let Some(r) = record.filter(|r| offset == Some(Sectors(r.s).bytes())) {
-                let zeros = vec![0u8; (Sectors(r.s).bytes() - r.header_len) as usize];
-                if !zeros.is_empty() {
-                    io(disk.write(Sectors::in_len(r.header_len as usize).0, &zeros), || {
-                        "zeroing the rest of the LUKS2 header area".into()
-                    })?;
-                }
-                io(disk.flush(), || "flushing the header area".into())?;
-            }
-            if leftover {
-                erase(disk)?;
-            }
-            Ok(Decision::Luks2 { cleaned: leftover })
-        }
+    let finding = cutover::classify(&head, primary, &record);
+    let moved = match &finding {
         Finding::Window(r) => {
             let mut moved = vec![0u8; Sectors(r.s).byte_len()];
             io(disk.read(r.moved_at(), &mut moved), || format!("reading the moved sectors at {}", r.moved_at()))?;
-            if cutover::sha256(&moved) != r.moved_sha256 {
-                return Err(EngineError::Refused(format!(
-                    "the cut-over to LUKS2 was interrupted, but the copy of sectors 0..{} at sector {} does not match luksify's cut-over record: nothing was changed; do not write to the device and report with `luksify status --json`",
-                    r.s,
-                    r.moved_at()
-                )));
-            }
-            let mut back = vec![0u8; moved.len()];
-            io(roll_back(disk, &moved, &mut back, rec_at, &zero4k), || {
-                format!("putting sectors 0..{} back from sector {}", r.s, r.moved_at())
-            })?;
-            Ok(Decision::RolledBack)
+            Some(moved)
         }
-    }
+        _ => None,
+    };
+    Ok(Some(CutOverFinding { finding, data_offset, moved }))
 }
