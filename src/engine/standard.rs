@@ -3,13 +3,20 @@
 //!
 //! Nothing is written to the device before the cut-over: the bridge goes in under the LVs
 //! exactly as for LUKS1, its records live in memory only. The cut-over, with the bridge
-//! suspended, copies the first S plaintext sectors to the moved segment [L+S, L+2S),
-//! writes the LUKS2 header of an encryption in progress over [0, S) (everything but its
-//! first 4 KiB first, then those), and resumes the bridge with the table `cryptsetup open`
-//! builds for that header. From then on the device is what `cryptsetup reencrypt
-//! --encrypt --reduce-device-size 2S` would have made of it, and libcryptsetup's own
-//! online reencryption runs the data phase (the caller's job). At the end the mapping
-//! becomes what `cryptsetup open` maps for the final header ([`Engine::finish_standard`]).
+//! suspended, runs [`CUT_OVER_ORDER`]: the first S plaintext sectors copied to the moved
+//! segment [L+S, L+2S) and luksify's cut-over record (`core::cutover`: where they are, and
+//! their SHA-256) written to the device's last 4 KiB, flushed, read back; the LVM label
+//! removed (zeros over the first 4 KiB), flushed, so that no PV with a half-overwritten
+//! metadata area is ever visible; the LUKS2 header of an encryption in progress over
+//! [4 KiB, H), flushed, then its first 4 KiB, flushed; the bridge resumed with the table
+//! `cryptsetup open` builds for that header; [H, S) zeroed, flushed; the record erased.
+//! A crash anywhere leaves either the plain PV, or the record and an intact copy (which
+//! [`recover_cut_over`] puts back: `luksify resume`), or a complete LUKS2 reencryption: from
+//! then on the device is what `cryptsetup reencrypt --encrypt --reduce-device-size 2S` would
+//! have made of it, and libcryptsetup's own online reencryption runs the data phase (the
+//! caller's job). At the end the mapping becomes what `cryptsetup open` maps for the final
+//! header ([`Engine::finish_standard`]). The simulator sweeps every crash point of this
+//! order under every cache policy (`sim/cutover_tests.rs`), and fails on wrong orders.
 
 use super::*;
 use crate::core::cutover::{self, CutRecord, Decision, Finding};
