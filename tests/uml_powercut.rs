@@ -278,6 +278,7 @@ mknodes
 if [ -b /dev/mapper/vg0-root ]; then echo "rescue: vg0-root came up" > "$OUT/came-up.txt"; vgchange -an vg0 >/dev/null 2>&1 || true; fi
 "$LUKSIFY" status /dev/ubda5 > "$OUT/status-window.txt" 2>&1 || die "status failed: $(cat "$OUT/status-window.txt")"
 "$LUKSIFY" status --json /dev/ubda5 > "$OUT/status-window.json" 2>&1 || die "status --json failed"
+"$LUKSIFY" --dry-run /dev/ubda5 > "$OUT/dryrun-window.txt" 2>&1 && die "the dry-run accepted a device inside the window"
 set +e
 "$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" /dev/ubda5 > "$OUT/resume.txt" 2>&1
 echo $? > "$OUT/resume-rc"
@@ -294,6 +295,8 @@ echo RESCUE-DONE
     assert!(!d.state.join("came-up.txt").exists(), "an LV came up inside the window");
     let status = rescue.file("status-window.txt");
     assert!(status.contains("interrupted during its cut-over"), "status inside the window: {status}");
+    let dry = rescue.file("dryrun-window.txt");
+    assert!(dry.contains("interrupted during its cut-over") && dry.contains("luksify resume"), "dry-run: {dry}");
     let json = rescue.file("status-window.json");
     assert!(json.contains("\"cut-over-interrupted\"") && json.contains("luksify-cut-over-record"), "{json}");
     let resume = rescue.file("resume.txt");
