@@ -253,14 +253,24 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                     Err((e, false))
                 }
                 Err(e2) => {
+                    // The failed writes may not have landed at all (a write error before the
+                    // disk took anything): then [0, S) is the plaintext and the old table is
+                    // right (a record left behind the label is stale).
+                    if self.disk.read(0, &mut back).is_ok() && back[..] == plain[..] {
+                        let _ = self.disk.write(rec_at, &zero4k).and_then(|()| self.disk.flush());
+                        self.resume_old(&bridge);
+                        return Err((e, false));
+                    }
                     // Neither: map the moved copy (the new table) and say what the disk holds.
                     let r = self.kernel.resume(&bridge);
                     undone(&mut self.undo_failed, || format!("resuming {bridge}"), r);
                     Err((
                         EngineError::Io {
                             what: format!(
-                                "the cut-over failed ({e}) and putting sectors 0..{s} back failed too; the device's first {s} sectors are intact at sector {} (the bridge maps them from there) and luksify's cut-over record says so: `luksify resume` puts them back",
-                                l + s
+                                "the cut-over failed ({e}) and putting sectors 0..{s} back failed too; the device's first {s} sectors are intact at sector {} (the bridge maps them from there, so the system keeps running on them) and luksify's cut-over record says so: once the device accepts writes, `luksify resume` puts them back if nothing has written to them since (it checks); otherwise copy sectors {}..{} to sector 0 by hand",
+                                l + s,
+                                l + s,
+                                l + 2 * s
                             ),
                             source: e2,
                         },
@@ -455,9 +465,11 @@ pub fn recover_cut_over<D: Disk>(disk: &mut D, n: u64) -> EResult<Decision> {
             let moved = x.moved.expect("read for a window");
             if cutover::sha256(&moved) != r.moved_sha256 {
                 return Err(EngineError::Refused(format!(
-                    "the cut-over to LUKS2 was interrupted, but the copy of sectors 0..{} at sector {} does not match luksify's cut-over record: nothing was changed; do not write to the device and report with `luksify status --json`",
+                    "the cut-over to LUKS2 was interrupted, but the copy of sectors 0..{} at sector {} no longer matches luksify's cut-over record: nothing was changed. Either the copy is damaged, or luksify's own rollback failed and the system kept running on that copy (then it holds the current data: copying sectors {}..{} to sector 0 restores the PV by hand); do not write to the device and report with `luksify status --json`",
                     r.s,
-                    r.moved_at()
+                    r.moved_at(),
+                    r.moved_at(),
+                    r.moved_at() + r.s
                 )));
             }
             let mut back = vec![0u8; moved.len()];

@@ -297,6 +297,72 @@ fn an_error_at_every_cut_over_operation_converts_or_leaves_the_pv() {
     assert!(s.points > 30 && s.converted > 0 && s.intact > 0);
 }
 
+/// Writes to the first 4 KiB fail (the fence, then the rollback's own first write): the
+/// old table goes back (nothing landed), the LVs return to the raw device, the live system
+/// reads what it wrote, and after a power cut the device is the intact PV.
+#[test]
+fn a_cut_over_that_cannot_write_the_first_sectors_leaves_the_pv_running() {
+    let mut sc = standard(2100);
+    sc.writer.p_meta = 0.0; // (LVM's own metadata writes would hit the failing sectors)
+    let sim = Sim::new(&sc);
+    sim.w.borrow_mut().disk.bad.push(BadArea { start: 0, end: 8, reads: false, writes: true, silent: false });
+    let r = sim.cut_over_standard(&mut NoHooks, header(), CUT_OVER_ORDER);
+    let Err((e, may)) = r else { panic!("the cut-over succeeded over failing sectors") };
+    assert!(!may, "the engine says the header may be on the device: {e}");
+    sim.w.borrow_mut().disk.bad.clear();
+    sim.idle(30);
+    assert!(!sim.w.borrow().dm.devs.contains_key(BRIDGE), "the bridge is still there after {e}");
+    sim.w.borrow_mut().check_all_reads().unwrap();
+    assert!(sim.w.borrow().violations.is_empty(), "{:?}", sim.w.borrow().violations);
+    let cur = sim.power_cut(1, CachePolicy::Random);
+    let (cur, d) = recover(cur, &mut ChaCha8Rng::seed_from_u64(1), false).unwrap();
+    let img = cur.w.borrow().disk.durable().to_vec();
+    assert_eq!(check_image(&cur, &img, false), Ok("intact"), "after {d:?}");
+}
+
+/// The header's bulk cannot be written and neither can the plaintext be put back (the
+/// fence landed): the bridge maps the moved copy (the new table) and says the header may be
+/// there. With nothing written since, a resume after the disk is fixed rolls back; after the
+/// live system wrote to those sectors, the copy no longer matches the record and the
+/// recovery refuses (saying how to restore by hand), never leaving a PV that lost writes.
+#[test]
+fn a_rollback_that_fails_too_runs_on_the_moved_copy_and_is_never_silently_lost() {
+    for busy in [false, true] {
+        let mut sc = standard(2200 + busy as u64);
+        sc.writer = if busy { WriterConfig::busy() } else { WriterConfig::off() };
+        let s = sc.s;
+        // The sectors start failing at the cut-over's first write (the moved copy's).
+        let probe = Sim::new(&sc);
+        probe.cut_over_standard(&mut NoHooks, header(), CUT_OVER_ORDER).map_err(|(e, _)| e).unwrap();
+        let at = probe.find_op(&format!("disk write {}+", sc.l + s), 0).unwrap();
+        let sim = Sim::new(&sc);
+        let bad = BadArea { start: 8, end: s, reads: false, writes: true, silent: false };
+        sim.w.borrow_mut().bad_from = Some((at, bad));
+        let r = sim.cut_over_standard(&mut NoHooks, header(), CUT_OVER_ORDER);
+        let Err((e, may)) = r else { panic!("the cut-over succeeded over failing sectors") };
+        assert!(may, "{e}");
+        assert!(e.to_string().contains("by hand"), "{e}");
+        sim.idle(30);
+        sim.w.borrow_mut().check_all_reads().unwrap();
+        assert!(sim.w.borrow().violations.is_empty(), "{:?}", sim.w.borrow().violations);
+        sim.w.borrow_mut().disk.bad.clear();
+        let cur = sim.power_cut(2, CachePolicy::LoseAll);
+        check_fence(&cur).unwrap();
+        let wrote = sim.w.borrow().model.writes > 0;
+        match recover_cut_over(&mut cur.disk(), cur.n()) {
+            Ok(d) => {
+                assert!(!wrote, "rolled back ({d:?}) although the live system wrote to the copy");
+                let img = cur.w.borrow().disk.durable().to_vec();
+                assert_eq!(check_image(&cur, &img, false), Ok("intact"));
+            }
+            Err(e) => {
+                assert!(wrote, "refused with nothing written: {e}");
+                assert!(e.to_string().contains("no longer matches") && e.to_string().contains("by hand"), "{e}");
+            }
+        }
+    }
+}
+
 // ----- the tests of the tests: a wrong order must be caught -----
 
 use CutStep::*;
