@@ -157,7 +157,11 @@ echo RESCUE-DONE
         assert!(!finished_before, "seed {seed}: the conversion finished, yet the disk is not LUKS");
         if !stock {
             let status = rescue.file("status-rescue.txt");
-            assert!(status.contains("no luksify conversion"), "seed {seed}: plain disk but a conversion: {status}");
+            // (or a cut inside the cut-over's window, which `luksify resume` rolled back)
+            assert!(
+                status.contains("no luksify conversion") || status.contains("interrupted during its cut-over"),
+                "seed {seed}: plain disk but a conversion: {status}"
+            );
         }
     }
     assert!(stock || after != "midway", "seed {seed}: luksify resume left the reencryption unfinished");
@@ -221,4 +225,91 @@ fn power_cuts_at_seeded_moments_then_stock_cryptsetup_or_luksify_finish_and_noth
             }
         }
     }
+}
+
+/// The LUKS2 cut-over's window on a real kernel: luksify stopped (the test hook
+/// LUKSIFY_TEST_HANG_AFTER_FLUSH_OF=8) right after the header's bulk is durable, before its
+/// first 4 KiB is written, and the power cut there, the live writer running. On the rescue
+/// media the raw partition shows no PV (the label went first) and nothing comes up;
+/// `luksify status` says the cut-over was interrupted; `luksify resume` rolls it back
+/// (exit 0, saying so); then the disk is the plain PV with every acknowledged record, and
+/// `luksify status` says no conversion is in progress.
+#[test]
+fn a_power_cut_inside_the_cut_over_window_is_rolled_back_to_the_plain_pv() {
+    let dir = test_dir("powercut-cutover-window");
+    let d = fresh_copy(&dir);
+    let mut g = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).spawn_script(
+        r#"
+vgchange -ay vg0 >/dev/null; mknodes
+mkdir -p /mnt/root /mnt/home
+mount /dev/vg0/root /mnt/root; mount /dev/vg0/home /mnt/home
+printf 'window passphrase' > "$OUT/key"
+start_writer /mnt/root/records.dat "$OUT/acked"
+wait_acked 20
+LUKSIFY_TEST_HANG_AFTER_FLUSH_OF=8 "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --progress-json /dev/ubda5 2> /tmp/progress &
+P=$!
+while kill -0 $P 2>/dev/null; do
+    if grep -q 'test hook: the write at sector 8 is flushed' /tmp/progress; then
+        cp /tmp/progress "$OUT/progress.log"; echo go > "$OUT/cut-now"; sync; break
+    fi
+    sleep 0.02
+done
+cp /tmp/progress "$OUT/progress.log"
+echo "LUKSIFY ENDED BEFORE THE HOOK"; echo done > "$OUT/cut-now"; sync
+sleep 600
+"#,
+    );
+    g.wait_for_file("cut-now", Duration::from_secs(180));
+    g.power_cut();
+    let cut = g.wait();
+    assert!(
+        !cut.log.contains("LUKSIFY ENDED BEFORE THE HOOK"),
+        "luksify ended before the hook:\n{}",
+        cut.file("progress.log")
+    );
+    let acked_n = acked_count(&d.state.join("acked"), 20);
+    eprintln!("cut inside the cut-over window with {acked_n} records acked");
+
+    let rescue = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(
+        r#"
+blkid -p /dev/ubda5 > "$OUT/blkid-window.txt" 2>&1 || true
+vgchange -aay > "$OUT/autoactivate.txt" 2>&1 || true
+mknodes
+if [ -b /dev/mapper/vg0-root ]; then echo "rescue: vg0-root came up" > "$OUT/came-up.txt"; vgchange -an vg0 >/dev/null 2>&1 || true; fi
+"$LUKSIFY" status /dev/ubda5 > "$OUT/status-window.txt" 2>&1 || die "status failed: $(cat "$OUT/status-window.txt")"
+"$LUKSIFY" status --json /dev/ubda5 > "$OUT/status-window.json" 2>&1 || die "status --json failed"
+"$LUKSIFY" --dry-run /dev/ubda5 > "$OUT/dryrun-window.txt" 2>&1 && die "the dry-run accepted a device inside the window"
+set +e
+"$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" /dev/ubda5 > "$OUT/resume.txt" 2>&1
+echo $? > "$OUT/resume-rc"
+set -e
+cat "$OUT/resume.txt"
+"$LUKSIFY" status /dev/ubda5 > "$OUT/status-after.txt" 2>&1 || true
+blkid -p /dev/ubda5 > "$OUT/blkid-after.txt" 2>&1 || true
+echo RESCUE-DONE
+"#,
+    );
+    rescue.assert_ok().assert_log_contains("RESCUE-DONE");
+    let blkid = rescue.file("blkid-window.txt");
+    assert!(!blkid.contains("LVM2_member"), "the raw partition shows a PV inside the window: {blkid}");
+    assert!(!d.state.join("came-up.txt").exists(), "an LV came up inside the window");
+    let status = rescue.file("status-window.txt");
+    assert!(status.contains("interrupted during its cut-over"), "status inside the window: {status}");
+    let dry = rescue.file("dryrun-window.txt");
+    assert!(dry.contains("interrupted during its cut-over") && dry.contains("luksify resume"), "dry-run: {dry}");
+    let json = rescue.file("status-window.json");
+    assert!(json.contains("\"cut-over-interrupted\"") && json.contains("luksify-cut-over-record"), "{json}");
+    let resume = rescue.file("resume.txt");
+    assert_eq!(rescue.file("resume-rc").trim(), "0", "luksify resume: {resume}");
+    assert!(resume.contains("rolled back to the plain PV"), "luksify resume: {resume}");
+    let after = rescue.file("status-after.txt");
+    assert!(after.contains("no luksify conversion"), "status after the rollback: {after}");
+    let blkid = rescue.file("blkid-after.txt");
+    assert!(blkid.contains("LVM2_member"), "no PV after the rollback: {blkid}");
+    let v = uml()
+        .disk(&d.disk1)
+        .disk(&d.disk2)
+        .out_dir(&d.state)
+        .run_script(&format!(r#"bash "$UML_LIB/verify.sh" --plain --min-acked {acked_n}"#));
+    v.assert_ok().assert_log_contains("VERIFY OK (plain)");
 }

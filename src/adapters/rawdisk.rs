@@ -14,6 +14,14 @@ const BOUNCE: usize = 1 << 20;
 pub struct RawDisk {
     file: File,
     bounce: IoBuf,
+    /// Test-only fault injection (LUKSIFY_TEST_HANG_AFTER_FLUSH_OF=<sector>, read-write
+    /// opens only): the first flush after a write that starts at that sector completes, then
+    /// the process says so on stderr and hangs (a test bed cuts the power there). Used to stop
+    /// a LUKS2 cut-over inside its window (sector 8: the header's bulk is durable, its first
+    /// 4 KiB not yet written).
+    hang_after_flush_of: Option<u64>,
+    /// A write at that sector happened since the last flush.
+    hang_armed: bool,
 }
 
 impl RawDisk {
@@ -30,7 +38,11 @@ impl RawDisk {
         let (file, _) = crate::adapters::blockdev::open_direct(path, |extra| {
             OpenOptions::new().read(true).write(writable).custom_flags(extra).open(path)
         })?;
-        Ok(RawDisk { file, bounce: IoBuf::new(bounce)? })
+        let hang_after_flush_of = match writable {
+            true => std::env::var("LUKSIFY_TEST_HANG_AFTER_FLUSH_OF").ok().and_then(|v| v.parse().ok()),
+            false => None,
+        };
+        Ok(RawDisk { file, bounce: IoBuf::new(bounce)?, hang_after_flush_of, hang_armed: false })
     }
 }
 
@@ -67,6 +79,9 @@ impl Disk for RawDisk {
 
     fn write(&mut self, sector: u64, buf: &[u8]) -> io::Result<()> {
         let mut off = check(sector, buf.len())?;
+        if self.hang_after_flush_of == Some(sector) {
+            self.hang_armed = true;
+        }
         if direct_ok(buf) {
             return self.file.write_all_at(buf, off);
         }
@@ -81,7 +96,17 @@ impl Disk for RawDisk {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.sync_all()
+        self.file.sync_all()?;
+        if self.hang_armed {
+            eprintln!(
+                "luksify: test hook: the write at sector {} is flushed; hanging (LUKSIFY_TEST_HANG_AFTER_FLUSH_OF)",
+                self.hang_after_flush_of.unwrap_or(0)
+            );
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -11,6 +11,24 @@ use crate::engine::{Engine, NewConversion};
 use crate::error::{exit, Error, Result};
 use std::path::Path;
 
+/// A LUKS2 cut-over interrupted inside its window (luksify's cut-over record, no PV label, no
+/// LUKS2 header) is not something to plan on: `luksify resume` rolls it back first.
+fn refuse_interrupted_cut_over(device: &Path) -> Result<()> {
+    let Ok(n) = super::device_size(device) else { return Ok(()) };
+    let Ok(mut disk) = open_disk(device, false) else { return Ok(()) };
+    if let Ok(Some(x)) = crate::engine::examine_cut_over(&mut disk, n) {
+        if let crate::core::cutover::Finding::Window(r) = x.finding {
+            return Err(Error::Refused(format!(
+                "a conversion of {d} to LUKS2 was interrupted during its cut-over (its first {} sectors are at sector {}, luksify's cut-over record says so): run `luksify resume {d}`, which puts them back (the plain PV again), then luksify again",
+                r.s,
+                r.moved_at(),
+                d = device.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The plan with the boot checks of `--root`.
 fn plan_for(facts: &crate::core::facts::DeviceFacts, o: &ConvertOpts) -> Result<plan::Plan> {
     check_root(&o.run)?;
@@ -19,6 +37,7 @@ fn plan_for(facts: &crate::core::facts::DeviceFacts, o: &ConvertOpts) -> Result<
 }
 
 pub(super) fn dry_run(device: &Path, o: &ConvertOpts, json: bool) -> Result<i32> {
+    refuse_interrupted_cut_over(device)?;
     let facts = probe_device(device)?;
     let p = plan_for(&facts, o)?;
     let room = room_commands(&p).filter(|_| o.make_room);
@@ -65,6 +84,7 @@ fn refused(p: &plan::Plan) -> Error {
 
 pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     let _lock = lock(device)?;
+    refuse_interrupted_cut_over(device)?;
     let mut facts = probe_device(device)?;
     phase(&o.run, "probed");
     let popts = o.plan_options();

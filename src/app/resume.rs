@@ -63,6 +63,9 @@ pub(super) fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     let n = device_size(device)?;
     let raw = raw_devref(device)?;
     let mut disk = open_disk(device, true)?;
+    if let Some(rc) = finish_interrupted_cut_over(&mut disk, n, device)? {
+        return Ok(rc);
+    }
     if let Some((meta, r)) =
         super::status::read_luks2(&mut disk, n, device)?.and_then(|m| m.reencrypt.clone().map(|r| (m, r)))
     {
@@ -120,6 +123,48 @@ pub(super) fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     drop(engine);
     let boot_on_pv = !run.no_integrate && boot_on_pv_after(&name, &run.root);
     finish(device, &name, &uuid, discard, run, boot_on_pv, true)
+}
+
+/// LUKS2: a cut-over interrupted by a crash (journal-format.md, "The cut-over record"). If
+/// luksify's cut-over record is on the device: the plain PV (a stale record erased) or a
+/// rollback end the command (`Some(0)`: run luksify again); a complete LUKS2 header gets
+/// the cut-over's last cleanup and the resume goes on (`None`). Nothing without a record.
+fn finish_interrupted_cut_over(
+    disk: &mut crate::adapters::rawdisk::RawDisk,
+    n: u64,
+    device: &Path,
+) -> Result<Option<i32>> {
+    use crate::core::cutover::Decision;
+    let dev = device.display();
+    let d = engine::recover_cut_over(disk, n).map_err(|e| match e {
+        crate::engine::EngineError::Refused(m) => Error::Refused(format!("{dev}: {m}")),
+        e => Error::Failed(format!(
+            "{dev}: recovering an interrupted cut-over to LUKS2: {e}; luksify's cut-over record is still on the device: fix the device and run `luksify resume {dev}` again"
+        )),
+    })?;
+    match d {
+        Decision::Nothing => Ok(None),
+        Decision::Luks2 { cleaned } => {
+            if cleaned {
+                eprintln!(
+                    "luksify: {dev}: the cut-over to LUKS2 had written its header; finished its cleanup (the rest of the header area zeroed, luksify's cut-over record removed)"
+                );
+            }
+            Ok(None)
+        }
+        Decision::ErasedStale => {
+            eprintln!(
+                "luksify: {dev}: the conversion had stopped before it changed the physical volume; removed luksify's cut-over record. {dev} is the plain PV it was: run luksify again to convert it"
+            );
+            Ok(Some(0))
+        }
+        Decision::RolledBack => {
+            eprintln!(
+                "luksify: {dev}: the cut-over to LUKS2 was interrupted before its header was complete; the conversion was rolled back to the plain PV (its first sectors put back from their copy in the tail). Run luksify again to convert it"
+            );
+            Ok(Some(0))
+        }
+    }
 }
 
 /// LUKS2: the device is a standard reencryption in progress. Open it (an interrupted step

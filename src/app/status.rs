@@ -9,6 +9,7 @@
 
 use super::{device_size, engine_err, open_disk};
 use crate::adapters::rawdisk::RawDisk;
+use crate::core::cutover::{CutRecord, Finding};
 use crate::core::journal::{Record, State};
 use crate::core::luks2meta::{self, Meta, MetaError, Reencrypt};
 use crate::core::state as fsm;
@@ -19,6 +20,8 @@ use std::path::Path;
 /// `format` in `status --json`: where the conversion's state is recorded.
 const FORMAT_JOURNAL: &str = "luksify-journal";
 const FORMAT_LUKS2: &str = "luks2-reencrypt";
+/// A LUKS2 cut-over interrupted before its header was complete: luksify's cut-over record.
+const FORMAT_CUT_OVER: &str = "luksify-cut-over-record";
 
 #[derive(serde::Serialize)]
 struct StatusJson<'a> {
@@ -39,6 +42,12 @@ struct StatusJson<'a> {
 pub(super) fn status(device: &Path, json: bool) -> Result<i32> {
     let n = device_size(device)?;
     let mut disk = open_disk(device, false)?;
+    if let Some(x) = engine::examine_cut_over(&mut disk, n).map_err(|e| engine_err(e, device))? {
+        if let Finding::Window(r) = &x.finding {
+            print_cut_over_window(device, r, x.moved_matches(), json);
+            return Ok(exit::OK);
+        }
+    }
     if let Some((meta, r)) = read_luks2(&mut disk, n, device)?.and_then(|m| m.reencrypt.clone().map(|r| (m, r))) {
         print_luks2(device, &meta, &r, json);
         return Ok(exit::OK);
@@ -46,6 +55,39 @@ pub(super) fn status(device: &Path, json: bool) -> Result<i32> {
     let rec = engine::read_journal(&mut disk, n).map_err(|e| engine_err(e, device))?;
     print_journal(device, rec.as_ref(), json);
     Ok(exit::OK)
+}
+
+/// A LUKS2 cut-over interrupted inside its window (neither the PV nor a LUKS2 header): what
+/// luksify's cut-over record says, and what `luksify resume` will do.
+fn print_cut_over_window(device: &Path, r: &CutRecord, moved_ok: bool, json: bool) {
+    if json {
+        let s = StatusJson {
+            device: device.display().to_string(),
+            in_progress: true,
+            state: Some(if moved_ok { "cut-over-interrupted" } else { "cut-over-copy-mismatch" }),
+            cursor: None,
+            move_sectors: Some(r.l),
+            progress: Some(0.0),
+            name: None,
+            luks_version: Some(2),
+            luks_uuid: None,
+            seq: None,
+            format: Some(FORMAT_CUT_OVER),
+        };
+        println!("{}", serde_json::to_string_pretty(&s).expect("serialises"));
+        return;
+    }
+    let d = device.display();
+    println!(
+        "{d}: a conversion to LUKS2 was interrupted during its cut-over, before the LUKS2 header was complete: neither a PV nor LUKS2 on disk. Sectors 0..{} are at sector {} (luksify's cut-over record, in the last 4 KiB)",
+        r.s,
+        r.moved_at()
+    );
+    if moved_ok {
+        println!("  `luksify resume {d}` puts them back: the plain PV again (then run luksify again)");
+    } else {
+        println!("  their copy does NOT match the record: `luksify resume` will refuse; do not write to {d}, report with `luksify status --json {d}`");
+    }
 }
 
 /// The LUKS2 metadata at the device's start, if any (the first [`luks2meta::MAX_HEAD_BYTES`]

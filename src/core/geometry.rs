@@ -25,6 +25,8 @@ pub const FENCE_SECTORS: u64 = 8;
 /// in memory, and while the bridge is suspended its source is read once more to catch the
 /// last live writes, so this bounds both the memory and the stall.
 pub const MAX_STEP: u64 = 16384;
+/// LUKS2: luksify's cut-over record, the device's last aligned 4 KiB (`core::cutover`).
+pub const CUT_OVER_RECORD_SECTORS: u64 = 8;
 /// One journal slot: 4 KiB.
 pub const JOURNAL_SLOT_SECTORS: u64 = 8;
 /// Room reserved for the copy of the LUKS header (binary header, JSON, used keyslot areas).
@@ -208,13 +210,15 @@ impl Geometry {
 /// `cryptsetup reencrypt --encrypt --reduce-device-size 2S` writes it): the data shifts by S
 /// behind the header at [0, S), and the first S plaintext sectors are copied to the moved
 /// segment [L+S, L+2S), so 2S past the PV, plus the sectors lost to aligning the end of the
-/// device down to 4 KiB. LUKS2 keeps no luksify journal, header copy or shadow in the tail.
+/// device down to 4 KiB, plus the 4 KiB of luksify's cut-over record in the device's last
+/// aligned 4 KiB past the moved segment (it exists only while the cut-over writes the header;
+/// `core::cutover`). LUKS2 keeps no luksify journal, header copy or shadow in the tail.
 ///
 /// Never less than [`Geometry::tail_needed`]: the engine still lays out its in-memory
 /// [`Geometry`] with [`Geometry::new`], which must accept every tail this accepts (the two
 /// differ only for S below the journal's reserve, about 1 MiB).
 pub fn standard_tail_needed(n: u64, s: u64) -> u64 {
-    (2 * s + (n - align_down(n, 8))).max(Geometry::tail_needed(n, s))
+    (2 * s + CUT_OVER_RECORD_SECTORS + (n - align_down(n, 8))).max(Geometry::tail_needed(n, s))
 }
 
 /// A region of at most `region` sectors for a mirror segment of `len` sectors: a power of
@@ -264,15 +268,18 @@ mod tests {
 
     #[test]
     fn standard_tail_is_two_headers_and_never_less_than_the_geometry_needs() {
-        // LUKS2's default 16 MiB: 2S, plus what aligning the end down to 4 KiB loses.
-        assert_eq!(standard_tail_needed(600_000, 32768), 65536);
-        assert_eq!(standard_tail_needed(600_003, 32768), 65539);
+        // LUKS2's default 16 MiB: 2S, the cut-over record's 4 KiB, plus what aligning the
+        // end down to 4 KiB loses.
+        assert_eq!(standard_tail_needed(600_000, 32768), 65544);
+        assert_eq!(standard_tail_needed(600_003, 32768), 65547);
         // More than luksify's own tail (S + journal, header copy, shadow) for any real S.
         assert!(standard_tail_needed(600_000, 32768) > Geometry::tail_needed(600_000, 32768));
         // A tiny S: the geometry's reserve decides, so Geometry::new accepts the tail.
         for (n, s) in [(600_000u64, 8u64), (600_005, 1024), (600_000, 2048), (600_001, 4096)] {
             let need = standard_tail_needed(n, s);
-            assert_eq!(need, (2 * s + n % 8).max(Geometry::tail_needed(n, s)));
+            assert_eq!(need, (2 * s + 8 + n % 8).max(Geometry::tail_needed(n, s)));
+            let rec = crate::core::cutover::record_sector(n).unwrap();
+            assert!(n - need + 2 * s <= rec, "{n} {s}: the record overlaps the moved segment");
             assert!(Geometry::new(n, n - need, s, s, 1024).is_ok(), "{n} {s}");
         }
     }

@@ -644,7 +644,7 @@ fn too_little_tail_message(
     room: Option<&MakeRoom>,
 ) -> String {
     let why = match luks {
-        LuksVersion::Luks2 => " (twice the data offset: the LUKS2 header's shift and the moved first segment)",
+        LuksVersion::Luks2 => " (twice the data offset: the LUKS2 header's shift and the moved first segment; and 4 KiB for luksify's cut-over record)",
         LuksVersion::Luks1 => "",
     };
     let mut m = format!(
@@ -711,7 +711,8 @@ pub fn render(p: &Plan) -> String {
         p.tail_have_sectors,
         mib(p.tail_have_sectors),
         match p.luks {
-            LuksVersion::Luks2 => "; 2 x S: the LUKS2 header's shift and the moved first segment",
+            LuksVersion::Luks2 =>
+                "; 2 x S + 4 KiB: the LUKS2 header's shift, the moved first segment and luksify's cut-over record",
             LuksVersion::Luks1 => "",
         }
     ));
@@ -861,35 +862,37 @@ pub(crate) mod tests {
     #[test]
     fn luks2_needs_twice_the_offset_past_the_pv() {
         // The sample laptop: 40960 sectors past the PV hold S + luksify's journal
-        // (32768 + 2072) but not 2S (65536): refused, 24576 sectors (3 extents) missing.
+        // (32768 + 2072) but not 2S + the cut-over record (65544): refused, 24584 sectors
+        // (4 extents) missing.
         let f = laptop();
         assert!(f.size_sectors - 493_568 >= Geometry::tail_needed(f.size_sectors, 32768));
         let p = plan(&f, &Options::default());
         assert_eq!(codes(&p), vec!["too_little_tail"]);
-        assert_eq!((p.tail_need_sectors, p.tail_have_sectors), (65536, 40960));
+        assert_eq!((p.tail_need_sectors, p.tail_have_sectors), (65544, 40960));
         let m = &p.refusals[0].message;
-        assert!(m.contains("luksify needs 65536 sectors (32 MiB)"), "{m}");
+        assert!(m.contains("luksify needs 65544 sectors (32 MiB)"), "{m}");
         assert!(m.contains("the moved first segment"), "{m}");
-        assert!(m.contains("24576 sectors (12 MiB) are missing"), "{m}");
-        assert!(m.contains("--setphysicalvolumesize 468992s") && m.contains("--make-room"), "{m}");
-        assert_eq!(p.make_room, Some(MakeRoom::ShrinkPv { extents: 3, new_pv_sectors: 2048 + 57 * 8192 }));
+        assert!(m.contains("24584 sectors (12 MiB) are missing"), "{m}");
+        assert!(m.contains("--setphysicalvolumesize 460800s") && m.contains("--make-room"), "{m}");
+        assert_eq!(p.make_room, Some(MakeRoom::ShrinkPv { extents: 4, new_pv_sectors: 2048 + 56 * 8192 }));
         assert!(p.geometry.is_none() && p.journal_sector.is_none());
-        // Exactly 2S: accepted; 8 sectors less: refused, those 8 missing.
-        let p = plan(&laptop_with_tail(65536), &Options::default());
+        // Exactly 2S + 8: accepted; 8 sectors less (2S, no room for the record): refused,
+        // those 8 missing.
+        let p = plan(&laptop_with_tail(65544), &Options::default());
         assert!(p.ok(), "{:?}", p.refusals);
-        assert_eq!(p.tail_need_sectors, 65536);
+        assert_eq!(p.tail_need_sectors, 65544);
         assert!(p.geometry.is_some());
-        let p = plan(&laptop_with_tail(65528), &Options::default());
+        let p = plan(&laptop_with_tail(65536), &Options::default());
         assert_eq!(codes(&p), vec!["too_little_tail"]);
         assert!(p.refusals[0].message.contains("; 8 sectors (0.00 MiB) are missing"), "{}", p.refusals[0].message);
         // An unaligned end costs its odd sectors, as before.
-        let p = plan(&laptop_with_tail(65536 + 5), &Options::default());
-        assert!(p.ok() && p.tail_need_sectors == 65541, "{:?}", p.refusals);
+        let p = plan(&laptop_with_tail(65544 + 5), &Options::default());
+        assert!(p.ok() && p.tail_need_sectors == 65549, "{:?}", p.refusals);
         // --offset: 2S of that offset.
         let o = Options { shift: Some(16384), ..Options::default() };
         let p = plan(&laptop(), &o);
         assert!(p.ok(), "{:?}", p.refusals);
-        assert_eq!((p.shift_sectors, p.tail_need_sectors), (16384, 32768));
+        assert_eq!((p.shift_sectors, p.tail_need_sectors), (16384, 32776));
         // LUKS1 is unchanged: S and luksify's journal (the sample laptop converts).
         let o = Options { luks: LuksVersion::Luks1, shift: Some(4096), ..Options::default() };
         let p = plan(&laptop(), &o);
@@ -958,7 +961,12 @@ pub(crate) mod tests {
         assert!(j["journal_sector"].is_null(), "LUKS2 keeps no luksify journal");
         let text = render(&p);
         assert!(text.contains("  mid-way format:    standard LUKS2 reencryption in progress (online-reencrypt-v2): stock cryptsetup >= 2.3.7 / 2.4.3 opens, recovers and finishes a half-converted disk\n"), "{text}");
-        assert!(text.contains("2 x S: the LUKS2 header's shift and the moved first segment"), "{text}");
+        assert!(
+            text.contains(
+                "2 x S + 4 KiB: the LUKS2 header's shift, the moved first segment and luksify's cut-over record"
+            ),
+            "{text}"
+        );
         assert!(!text.contains("journal:"), "{text}");
         let o = Options { luks: LuksVersion::Luks1, ..Options::default() };
         let p = plan(&laptop(), &o);

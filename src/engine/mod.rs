@@ -22,6 +22,7 @@ use crate::core::state::{self, Step};
 use crate::core::tables::{self, BridgePhase, CryptSpec, DevRef, Devices, Line};
 use crate::core::units::{sector, sectors, Sectors, SECTOR_BYTES};
 pub use crate::iobuf::IoBuf;
+pub use standard::{examine_cut_over, recover_cut_over, CutOverFinding, CutStep, CUT_OVER_ORDER};
 use std::time::{Duration, Instant};
 pub use traits::{Disk, HolderTable, KResult, Kernel, KernelError};
 use zeroize::Zeroizing;
@@ -208,6 +209,9 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// state in cryptsetup's own metadata from the cut-over on and writes nothing before it:
     /// its records live in memory only ([`Engine::prepare_standard`]).
     persist: bool,
+    /// LUKS2: the order of the cut-over's writes ([`CUT_OVER_ORDER`]; the simulator's tests
+    /// run wrong orders to prove that the crash sweep catches them).
+    cut_order: &'static [CutStep],
     /// TESTS ONLY (compiled only in tests): flip the bridge table to crypt *before* the
     /// journal commit, the order DESIGN.md forbids. The crash simulation sets it to prove
     /// that its sweep catches a wrong order.
@@ -354,6 +358,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             undo_failed: Vec::new(),
             original_tail: None,
             persist: true,
+            cut_order: CUT_OVER_ORDER,
             #[cfg(test)]
             wrong_order_for_tests: false,
             rec,

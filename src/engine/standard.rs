@@ -3,15 +3,24 @@
 //!
 //! Nothing is written to the device before the cut-over: the bridge goes in under the LVs
 //! exactly as for LUKS1, its records live in memory only. The cut-over, with the bridge
-//! suspended, copies the first S plaintext sectors to the moved segment [L+S, L+2S),
-//! writes the LUKS2 header of an encryption in progress over [0, S) (everything but its
-//! first 4 KiB first, then those), and resumes the bridge with the table `cryptsetup open`
-//! builds for that header. From then on the device is what `cryptsetup reencrypt
-//! --encrypt --reduce-device-size 2S` would have made of it, and libcryptsetup's own
-//! online reencryption runs the data phase (the caller's job). At the end the mapping
-//! becomes what `cryptsetup open` maps for the final header ([`Engine::finish_standard`]).
+//! suspended, runs [`CUT_OVER_ORDER`]: the first S plaintext sectors copied to the moved
+//! segment [L+S, L+2S) and luksify's cut-over record (`core::cutover`: where they are, and
+//! their SHA-256) written to the device's last 4 KiB, flushed, read back; the LVM label
+//! removed (zeros over the first 4 KiB), flushed, so that no PV with a half-overwritten
+//! metadata area is ever visible; the LUKS2 header of an encryption in progress over
+//! [4 KiB, H), flushed, then its first 4 KiB, flushed; the bridge resumed with the table
+//! `cryptsetup open` builds for that header; [H, S) zeroed, flushed; the record erased.
+//! A crash anywhere leaves either the plain PV, or the record and an intact copy (which
+//! [`recover_cut_over`] puts back: `luksify resume`), or a complete LUKS2 reencryption: from
+//! then on the device is what `cryptsetup reencrypt --encrypt --reduce-device-size 2S` would
+//! have made of it, and libcryptsetup's own online reencryption runs the data phase (the
+//! caller's job). At the end the mapping becomes what `cryptsetup open` maps for the final
+//! header ([`Engine::finish_standard`]). The simulator sweeps every crash point of this
+//! order under every cache policy (`sim/cutover_tests.rs`), and fails on wrong orders.
 
 use super::*;
+use crate::core::cutover::{self, CutRecord, Decision, Finding};
+use crate::core::luks2meta;
 use crate::core::tables::Target;
 
 /// What the cut-over did, for the progress output and the benchmark.
@@ -41,9 +50,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             header_crc: crc32fast::hash(&c.header),
         };
         let g = c.geometry;
-        if g.l < g.s || g.n < g.l + 2 * g.s {
+        if g.l < g.s || cutover::record_sector(g.n).is_none_or(|r| r < g.l + 2 * g.s) {
             return Err(EngineError::Refused(format!(
-                "a LUKS2 conversion needs L >= S and 2S sectors past the PV (L {} S {} device {})",
+                "a LUKS2 conversion needs L >= S, and 2S sectors and luksify's 4 KiB cut-over record past the PV (L {} S {} device {})",
                 g.l, g.s, g.n
             )));
         }
@@ -118,21 +127,29 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         t
     }
 
-    /// Bridged → a LUKS2 reencryption in progress. On error, whether the header may be on
-    /// the device (then the bridge stays: the device is a standard reencryption or, if the
-    /// plaintext could not be put back, says so).
+    /// Bridged → a LUKS2 reencryption in progress, in the order [`Engine::cut_order`] gives
+    /// ([`CUT_OVER_ORDER`]). On error, whether the header may be on the device (then the
+    /// bridge stays: the device is a standard reencryption or, if the plaintext could not be
+    /// put back, the cut-over record says where it is and `luksify resume` rolls back).
     fn cut_over(&mut self) -> Result<CutOver, (EngineError, bool)> {
         let g = *self.g();
-        let (s, l) = (g.s, g.l);
+        let (s, l, n) = (g.s, g.l, g.n);
+        let before = |e| (e, false);
+        let rec_at = cutover::record_sector(n).filter(|&r| r >= l + 2 * s).ok_or_else(|| {
+            before(EngineError::Refused(format!(
+                "a LUKS2 conversion needs 2S sectors and luksify's 4 KiB cut-over record past the PV (L {l} S {s} device {n})"
+            )))
+        })?;
         let bridge = self.names.bridge.clone();
         let table = self.cut_over_table();
-        let before = |e| (e, false);
         // Everything the suspended window needs is allocated (and, under mlockall, faulted
         // in) before the suspend.
         let buf = |n: usize| io(IoBuf::new(n), || "allocating the cut-over buffers".into());
         let mut plain = buf(Sectors(s).byte_len()).map_err(before)?;
         let mut back = buf(Sectors(s).byte_len()).map_err(before)?;
         let mut hdr = buf(self.header.len()).map_err(before)?;
+        let mut rec_buf = buf(cutover::RECORD_BYTES).map_err(before)?;
+        let zero4k = buf(cutover::RECORD_BYTES).map_err(before)?;
         hdr.copy_from_slice(&self.header);
         kern(self.kernel.load(&bridge, &table, &self.key_hex)).map_err(before)?;
         if let Err(e) = self.kernel.suspend(&bridge) {
@@ -141,79 +158,152 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             return Err((EngineError::Kernel(e.context("suspending the bridge for the cut-over")), false));
         }
         let t0 = Instant::now();
-        // 1. The moved segment: the first S sectors at L + S, flushed and read back.
-        let moved = (|| -> std::io::Result<()> {
-            self.disk.read(0, &mut plain)?;
-            self.disk.write(l + s, &plain)?;
-            self.disk.flush()?;
-            self.disk.read(l + s, &mut back)?;
-            if back[..] != plain[..] {
-                return Err(std::io::Error::other("the moved segment reads back different from what was written"));
-            }
-            Ok(())
-        })();
-        if let Err(e) = moved {
+        // The first S sectors, read once with the bridge suspended (no write can change them
+        // any more): the moved segment's content and the record's checksum.
+        if let Err(e) = self.disk.read(0, &mut plain) {
             self.resume_old(&bridge);
-            return Err((EngineError::Io { what: format!("copying sectors 0..{s} to {}", l + s), source: e }, false));
+            return Err((EngineError::Io { what: format!("reading sectors 0..{s}"), source: e }, false));
         }
-        // 2. The header: all but its first 4 KiB (so the secondary copy and the keyslots are
-        // complete), flush, then the first 4 KiB (the LVM label goes), flush.
-        let header = (|| -> std::io::Result<()> {
-            self.disk.write(8, &hdr[4096..])?;
-            self.disk.flush()?;
-            self.disk.write(0, &hdr[..4096])?;
-            self.disk.flush()
-        })();
-        if let Err(e) = header {
-            // [0, S) may hold part of the header: put the plaintext back before the old table
-            // maps it again.
-            let put_back = self.disk.write(0, &plain).and_then(|_| self.disk.flush());
-            return match put_back {
+        let record = CutRecord {
+            n,
+            l,
+            s,
+            header_len: self.header.len() as u64,
+            moved_sha256: cutover::sha256(&plain),
+            pv_uuid: self.rec.pv_uuid.clone(),
+        };
+        record.encode_into(&mut rec_buf);
+        let h = self.header.len();
+        // What has happened so far, for the error paths.
+        let (mut record_written, mut touched, mut header_pending, mut header_durable, mut resumed) =
+            (false, false, false, false, false);
+        let mut stall = Duration::ZERO;
+        for &step in self.cut_order {
+            let r: EResult<()> = match step {
+                CutStep::Moved => io(self.disk.write(l + s, &plain), || format!("copying sectors 0..{s} to {}", l + s)),
+                CutStep::Record => {
+                    record_written = true;
+                    io(self.disk.write(rec_at, &rec_buf), || "writing the cut-over record".into())
+                }
+                CutStep::Flush => {
+                    let r = io(self.disk.flush(), || "flushing the device during the cut-over".into());
+                    if r.is_ok() && header_pending {
+                        header_durable = true;
+                    }
+                    r
+                }
+                CutStep::ReadBack => io(self.disk.read(l + s, &mut back), || format!("reading back sector {}", l + s))
+                    .and_then(|()| match back[..] == plain[..] {
+                        true => Ok(()),
+                        false => Err(EngineError::Io {
+                            what: format!("copying sectors 0..{s} to {}", l + s),
+                            source: std::io::Error::other(
+                                "the moved segment reads back different from what was written",
+                            ),
+                        }),
+                    }),
+                CutStep::Fence => {
+                    touched = true;
+                    io(self.disk.write(0, &zero4k), || "removing the LVM label (zeroing the first 4 KiB)".into())
+                }
+                CutStep::HeaderRest => {
+                    touched = true;
+                    io(self.disk.write(8, &hdr[4096..]), || "writing the LUKS2 header".into())
+                }
+                CutStep::HeaderFirst => {
+                    touched = true;
+                    header_pending = true;
+                    io(self.disk.write(0, &hdr[..4096]), || "writing the LUKS2 header's first 4 KiB".into())
+                }
+                CutStep::Resume => {
+                    let r = kern(self.kernel.resume(&bridge));
+                    if r.is_ok() {
+                        resumed = true;
+                        stall = t0.elapsed();
+                    }
+                    r
+                }
+                CutStep::WipeRest => self.zero_bytes(h, Sectors(s).byte_len()),
+                CutStep::EraseRecord => io(self.disk.write(rec_at, &zero4k), || "erasing the cut-over record".into()),
+            };
+            let Err(e) = r else { continue };
+            if header_durable || resumed {
+                return Err((e, true));
+            }
+            if !touched {
+                // [0, S) is as it was: a record left behind the LVM label is stale and
+                // harmless (a resume erases it); try to erase it now anyway.
+                if record_written {
+                    let _ = self.disk.write(rec_at, &zero4k).and_then(|()| self.disk.flush());
+                }
+                self.resume_old(&bridge);
+                return Err((e, false));
+            }
+            // [0, S) may hold part of the header: put the plaintext back (the rollback's own
+            // order) before the old table maps it again.
+            return match roll_back(&mut self.disk, &plain, &mut back, rec_at, &zero4k) {
                 Ok(()) => {
                     self.resume_old(&bridge);
-                    Err((
-                        EngineError::Io {
-                            what: "writing the LUKS2 header (the plaintext is back in place)".into(),
-                            source: e,
-                        },
-                        false,
-                    ))
+                    let e = match e {
+                        EngineError::Io { what, source } => {
+                            EngineError::Io { what: format!("{what} (the plaintext is back in place)"), source }
+                        }
+                        e => e,
+                    };
+                    Err((e, false))
                 }
                 Err(e2) => {
+                    // The failed writes may not have landed at all (a write error before the
+                    // disk took anything): then [0, S) is the plaintext and the old table is
+                    // right (a record left behind the label is stale).
+                    if self.disk.read(0, &mut back).is_ok() && back[..] == plain[..] {
+                        let _ = self.disk.write(rec_at, &zero4k).and_then(|()| self.disk.flush());
+                        self.resume_old(&bridge);
+                        return Err((e, false));
+                    }
                     // Neither: map the moved copy (the new table) and say what the disk holds.
                     let r = self.kernel.resume(&bridge);
                     undone(&mut self.undo_failed, || format!("resuming {bridge}"), r);
                     Err((
                         EngineError::Io {
                             what: format!(
-                                "writing the LUKS2 header failed and putting sectors 0..{s} back failed too ({e2}); the device's first {s} sectors are intact at sector {} (the bridge maps them from there)",
-                                l + s
+                                "the cut-over failed ({e}) and putting sectors 0..{s} back failed too; the device's first {s} sectors are intact at sector {} (the bridge maps them from there, so the system keeps running on them) and luksify's cut-over record says so: once the device accepts writes, `luksify resume` puts them back if nothing has written to them since (it checks); otherwise copy sectors {}..{} to sector 0 by hand",
+                                l + s,
+                                l + s,
+                                l + 2 * s
                             ),
-                            source: e,
+                            source: e2,
                         },
                         true,
                     ))
                 }
             };
         }
-        // 3. The new table goes live.
-        kern(self.kernel.resume(&bridge)).map_err(|e| (e, true))?;
-        let stall = t0.elapsed();
-        // 4. No plaintext stays behind the header: [H, S) zeroed (nothing maps it now).
-        let h = self.header.len();
-        let zeros = &mut self.verify_src;
-        zeros.fill(0);
-        let s_bytes = Sectors(s).byte_len();
-        let mut at = h;
-        while at < s_bytes {
-            let n = zeros.len().min(s_bytes - at);
-            io(self.disk.write(Sectors::in_len(at).0, &zeros[..n]), || "zeroing the rest of the header area".into())
-                .map_err(|e| (e, true))?;
-            at += n;
+        if !resumed {
+            kern(self.kernel.resume(&bridge)).map_err(|e| (e, true))?;
+            stall = t0.elapsed();
         }
-        io(self.disk.flush(), || "flushing the header area".into()).map_err(|e| (e, true))?;
         self.remove_helpers().map_err(|e| (e, true))?;
         Ok(CutOver { stall })
+    }
+
+    /// Zero the device's bytes [from, to) (sector-aligned) with the scratch buffer.
+    fn zero_bytes(&mut self, from: usize, to: usize) -> EResult<()> {
+        let zeros = &mut self.verify_src;
+        zeros.fill(0);
+        let mut at = from;
+        while at < to {
+            let n = zeros.len().min(to - at);
+            io(self.disk.write(Sectors::in_len(at).0, &zeros[..n]), || "zeroing the rest of the header area".into())?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// TESTS ONLY: run the cut-over in another order (the crash sweep must catch a wrong one).
+    #[cfg(test)]
+    pub(crate) fn set_cut_order(&mut self, order: &'static [CutStep]) {
+        self.cut_order = order;
     }
 
     /// After a failed cut-over step that wrote nothing durable: the old table back.
@@ -236,4 +326,220 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         hooks.event(&Event::Done);
         Ok(())
     }
+}
+
+/// One action of the LUKS2 cut-over (all with the bridge suspended but the last three).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutStep {
+    /// [0, S) (read once, the bridge suspended) written to the moved segment [L+S, L+2S).
+    Moved,
+    /// The cut-over record (L, S, H, SHA-256 of the moved sectors) written to the device's
+    /// last 4 KiB ([`cutover::record_sector`]).
+    Record,
+    /// A device flush.
+    Flush,
+    /// The moved segment read back and compared with what was written.
+    ReadBack,
+    /// [0, 4 KiB) zeroed: the LVM label goes. The fence: from here until the primary header
+    /// is durable, nothing sees a PV whose metadata area is half overwritten.
+    Fence,
+    /// The header's bytes [4 KiB, H): the primary's JSON area, the secondary copy, the
+    /// keyslot areas.
+    HeaderRest,
+    /// The header's first 4 KiB, the primary binary header. Once flushed, the device is a
+    /// LUKS2 reencryption in progress.
+    HeaderFirst,
+    /// The bridge resumes with the table `cryptsetup open` builds for the header.
+    Resume,
+    /// [H, S) zeroed: no plaintext stays behind the header.
+    WipeRest,
+    /// The record zeroed.
+    EraseRecord,
+}
+
+/// The cut-over's order (journal-format.md, "LUKS2"). Every prefix of it, with any subset of
+/// the writes since the last flush torn or lost, is either the plain PV (possibly after
+/// [`recover_cut_over`] rolls back) or a complete LUKS2 reencryption in progress:
+///
+/// - the moved copy and the record are durable (and the copy read back) before anything in
+///   [0, S) changes, so the record always finds an intact copy;
+/// - the LVM label goes (flushed) before anything else in [0, S): a device whose label is
+///   there has its whole [0, S) intact (LVM never sees a half-overwritten PV);
+/// - everything of the header but its primary binary header is durable before that is
+///   written: a primary that verifies means the whole header (keyslots too) is there;
+/// - [H, S) is zeroed (flushed) before the record goes: a record that is gone means the
+///   header area holds no plaintext.
+pub const CUT_OVER_ORDER: &[CutStep] = &[
+    CutStep::Moved,
+    CutStep::Record,
+    CutStep::Flush,
+    CutStep::ReadBack,
+    CutStep::Fence,
+    CutStep::Flush,
+    CutStep::HeaderRest,
+    CutStep::Flush,
+    CutStep::HeaderFirst,
+    CutStep::Flush,
+    CutStep::Resume,
+    CutStep::WipeRest,
+    CutStep::Flush,
+    CutStep::EraseRecord,
+    CutStep::Flush,
+];
+
+/// Put the plaintext `plain` (S sectors) back over [0, S), then erase the record at
+/// `rec_at`. The order keeps the cut-over's invariants at every crash point: the primary
+/// header goes first (zeros over [0, 4 KiB), flushed), so no primary can verify over a
+/// half-restored header area; then [4 KiB, S); then the first 4 KiB but the LVM label's
+/// sector; the label's sector last (one sector: never torn), so a label on disk means
+/// [0, S) is whole again; read back; the record last. `back`: S sectors of scratch.
+pub(crate) fn roll_back<D: Disk>(
+    disk: &mut D,
+    plain: &[u8],
+    back: &mut [u8],
+    rec_at: u64,
+    zero4k: &[u8],
+) -> std::io::Result<()> {
+    let labels = cutover::label_sectors(&plain[..4096]);
+    disk.write(0, zero4k)?;
+    disk.flush()?;
+    if plain.len() > 4096 {
+        disk.write(8, &plain[4096..])?;
+    }
+    disk.flush()?;
+    for i in (0..8).filter(|i| !labels.contains(i)) {
+        disk.write(i as u64, &plain[i * 512..(i + 1) * 512])?;
+    }
+    disk.flush()?;
+    for &i in &labels {
+        disk.write(i as u64, &plain[i * 512..(i + 1) * 512])?;
+    }
+    disk.flush()?;
+    disk.read(0, back)?;
+    if *back != *plain {
+        return Err(std::io::Error::other("sectors 0.. read back different from what was put back"));
+    }
+    disk.write(rec_at, zero4k)?;
+    disk.flush()
+}
+
+/// After a crash (or a failure) during a LUKS2 cut-over: what the device is, and the one
+/// action that makes it either the plain PV or a complete LUKS2 reencryption in progress
+/// ([`cutover::classify`]). Reads the record area first; without a record it changes
+/// nothing and says [`Decision::Nothing`] (the other paths judge the device).
+///
+/// - the LVM label is in place: the plain PV; a stale record is erased;
+/// - the primary LUKS2 header verifies: the cut-over is complete; if the record is still
+///   there, [H, S) is zeroed (flushed), then the record erased;
+/// - otherwise a valid record whose moved segment matches its SHA-256: rolled back
+///   ([`roll_back`]); one that does not match is refused, nothing changed.
+pub fn recover_cut_over<D: Disk>(disk: &mut D, n: u64) -> EResult<Decision> {
+    let Some(x) = examine_cut_over(disk, n)? else { return Ok(Decision::Nothing) };
+    let rec_at = cutover::record_sector(n).expect("examined");
+    let zero4k = vec![0u8; cutover::RECORD_BYTES];
+    let erase = |disk: &mut D| {
+        io(disk.write(rec_at, &zero4k).and_then(|()| disk.flush()), || "erasing luksify's cut-over record".into())
+    };
+    match x.finding {
+        Finding::Other | Finding::PlainPv { stale: false } => Ok(Decision::Nothing),
+        Finding::PlainPv { stale: true } => {
+            erase(disk)?;
+            Ok(Decision::ErasedStale)
+        }
+        Finding::Luks2 { record, leftover } => {
+            if let Some(r) = record.filter(|r| x.data_offset == Some(Sectors(r.s).bytes())) {
+                let zeros = vec![0u8; (Sectors(r.s).bytes() - r.header_len) as usize];
+                if !zeros.is_empty() {
+                    io(disk.write(Sectors::in_len(r.header_len as usize).0, &zeros), || {
+                        "zeroing the rest of the LUKS2 header area".into()
+                    })?;
+                }
+                io(disk.flush(), || "flushing the header area".into())?;
+            }
+            if leftover {
+                erase(disk)?;
+            }
+            Ok(Decision::Luks2 { cleaned: leftover })
+        }
+        Finding::Window(r) => {
+            let moved = x.moved.expect("read for a window");
+            if cutover::sha256(&moved) != r.moved_sha256 {
+                return Err(EngineError::Refused(format!(
+                    "the cut-over to LUKS2 was interrupted, but the copy of sectors 0..{} at sector {} no longer matches luksify's cut-over record: nothing was changed. Either the copy is damaged, or luksify's own rollback failed and the system kept running on that copy (then it holds the current data: copying sectors {}..{} to sector 0 restores the PV by hand); do not write to the device and report with `luksify status --json`",
+                    r.s,
+                    r.moved_at(),
+                    r.moved_at(),
+                    r.moved_at() + r.s
+                )));
+            }
+            let mut back = vec![0u8; moved.len()];
+            io(roll_back(disk, &moved, &mut back, rec_at, &zero4k), || {
+                format!("putting sectors 0..{} back from sector {}", r.s, r.moved_at())
+            })?;
+            Ok(Decision::RolledBack)
+        }
+    }
+}
+
+/// What [`examine_cut_over`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutOverFinding {
+    pub finding: Finding,
+    /// The data offset of the LUKS2 reencryption at sector 0 (bytes), if one verifies.
+    pub data_offset: Option<u64>,
+    /// [`Finding::Window`]: the moved sectors as read.
+    pub moved: Option<Vec<u8>>,
+}
+
+impl CutOverFinding {
+    /// [`Finding::Window`]: whether the moved copy matches the record (a rollback can run).
+    pub fn moved_matches(&self) -> bool {
+        match (&self.finding, &self.moved) {
+            (Finding::Window(r), Some(m)) => cutover::sha256(m) == r.moved_sha256,
+            _ => false,
+        }
+    }
+}
+
+/// Read-only: what the device is with respect to a LUKS2 cut-over (`None`: no record, nothing
+/// of the cut-over's). [`recover_cut_over`] acts on it; `luksify status` reports it.
+pub fn examine_cut_over<D: Disk>(disk: &mut D, n: u64) -> EResult<Option<CutOverFinding>> {
+    let Some(rec_at) = cutover::record_sector(n) else { return Ok(None) };
+    let mut rb = vec![0u8; cutover::RECORD_BYTES];
+    io(disk.read(rec_at, &mut rb), || "reading luksify's cut-over record".into())?;
+    let record = CutRecord::decode(&rb, n);
+    if record == Ok(None) {
+        return Ok(None);
+    }
+    // The primary's verdict needs its binary header and JSON area (luksify writes hdr_size
+    // 16 KiB, [`luks2meta::HEAD_BYTES`] covers it); a larger hdr_size asks for more.
+    let dev_bytes = (Sectors(n).bytes() as usize) / 4096 * 4096;
+    let read_head = |disk: &mut D, len: usize| {
+        let mut head = vec![0u8; len];
+        io(disk.read(0, &mut head), || "reading the device's first sectors".into()).map(|()| head)
+    };
+    let mut head = read_head(disk, luks2meta::HEAD_BYTES.min(dev_bytes))?;
+    let mut parsed = luks2meta::parse(&head);
+    if let Err(luks2meta::MetaError::NeedMore(k)) = parsed {
+        let len = k.min(luks2meta::MAX_HEAD_BYTES).min(dev_bytes).div_ceil(4096) * 4096;
+        if len > head.len() {
+            head = read_head(disk, len)?;
+            parsed = luks2meta::parse(&head);
+        }
+    }
+    let primary = matches!(&parsed, Ok(Some(m)) if m.copies_valid.0);
+    let data_offset = match &parsed {
+        Ok(Some(m)) if primary => m.reencrypt.as_ref().map(|r| r.data_offset),
+        _ => None,
+    };
+    let finding = cutover::classify(&head, primary, &record);
+    let moved = match &finding {
+        Finding::Window(r) => {
+            let mut moved = vec![0u8; Sectors(r.s).byte_len()];
+            io(disk.read(r.moved_at(), &mut moved), || format!("reading the moved sectors at {}", r.moved_at()))?;
+            Some(moved)
+        }
+        _ => None,
+    };
+    Ok(Some(CutOverFinding { finding, data_offset, moved }))
 }

@@ -31,6 +31,8 @@ mod simulation;
 mod world;
 
 #[cfg(test)]
+mod cutover_tests;
+#[cfg(test)]
 mod replay;
 #[cfg(test)]
 mod tests;

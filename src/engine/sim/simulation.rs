@@ -126,6 +126,39 @@ impl Sim {
         Ok(e)
     }
 
+    /// `luksify DEVICE` for LUKS2, up to the end of the cut-over: [`Engine::prepare_standard`]
+    /// with `header` (a real LUKS2 reencryption header for this scenario's L and S), then
+    /// [`Engine::bridge_and_cut_over`] in the cut-over order `order`. On error, whether the
+    /// engine says the header may be on the device.
+    pub fn cut_over_standard(
+        &self,
+        hooks: &mut dyn Hooks,
+        header: &[u8],
+        order: &'static [crate::engine::CutStep],
+    ) -> Result<Engine<SimDisk, SimKernel>, (crate::engine::EngineError, bool)> {
+        let (g, key) = {
+            let mut w = self.w.borrow_mut();
+            w.udev_hidden.clear();
+            (w.g, w.key.clone())
+        };
+        let conversion = NewConversion {
+            raw: RAW,
+            geometry: g,
+            name: BRIDGE,
+            luks_version: 2,
+            luks_uuid: LUKS_UUID,
+            cipher: CIPHER,
+            allow_discards: false,
+            pv_uuid: PV_UUID,
+            key: &key,
+            header: header.to_vec(),
+        };
+        let mut e = Engine::prepare_standard(self.disk(), self.kernel(), conversion).map_err(|e| (e, false))?;
+        e.set_cut_order(order);
+        e.bridge_and_cut_over(hooks)?;
+        Ok(e)
+    }
+
     /// The number of the first operation (from 0, in this machine's life) whose trace line
     /// contains `what`, and of the `nth` such.
     pub fn find_op(&self, what: &str, nth: usize) -> Option<u64> {

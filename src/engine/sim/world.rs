@@ -134,6 +134,8 @@ pub struct World {
     /// Operations performed so far (the next one gets this number).
     pub ops: u64,
     pub fault: Option<(u64, Fault)>,
+    /// A failing area that appears at operation number `.0` (before that operation runs).
+    pub bad_from: Option<(u64, super::disk::BadArea)>,
     /// The fault fired.
     pub fired: Option<(u64, Fault)>,
     /// The luksify process is dead (kill or power cut): every engine operation fails.
@@ -198,6 +200,7 @@ impl World {
             rng: ChaCha8Rng::seed_from_u64(sc.seed),
             ops: 0,
             fault: None,
+            bad_from: None,
             fired: None,
             dead: false,
             off: false,
@@ -228,6 +231,13 @@ impl World {
         let i = self.ops;
         self.ops += 1;
         let what = what();
+        if let Some((at, b)) = self.bad_from {
+            if at == i {
+                self.bad_from = None;
+                self.disk.bad.push(b);
+                self.trace.push(format!("   (sectors {}..{} start failing)", b.start, b.end));
+            }
+        }
         self.tick();
         if let Some((at, f)) = self.fault {
             if at == i {
@@ -766,7 +776,7 @@ impl World {
 
     // ----- final checks -----
 
-    fn plain_ok(&self, x: u64, b: &[u8], exact: bool) -> Result<(), String> {
+    pub(super) fn plain_ok(&self, x: u64, b: &[u8], exact: bool) -> Result<(), String> {
         let allowed = if exact { self.model.latest(x) } else { self.model.allowed(x) };
         let id =
             if x == 1 && b == label_sector().as_slice() { 0 } else { u64::from_le_bytes(b[..8].try_into().unwrap()) };
