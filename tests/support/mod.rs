@@ -96,7 +96,8 @@ pub fn tests_root() -> PathBuf {
 ///
 /// The directory goes when the returned guard drops: all of it after a test
 /// that passed; after a failure the logs stay for diagnosis and only the disk
-/// images (`*.img`, hundreds of MiB each) go, unless `LUKSIFY_KEEP_IMAGES=1`.
+/// images (`*.img`, hundreds of MiB each) go. `LUKSIFY_KEEP_IMAGES=1` keeps everything, passed
+/// or failed (to read a run's logs and dumps afterwards).
 /// A whole suite keeping its images filled CI's disk (ENOSPC, 2026-12-03).
 pub fn test_dir(name: &str) -> TestDir {
     let root = tests_root();
@@ -138,12 +139,12 @@ impl AsRef<Path> for TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-            return;
-        }
         if std::env::var_os("LUKSIFY_KEEP_IMAGES").is_some_and(|v| v == "1") {
             eprintln!("kept {} (LUKSIFY_KEEP_IMAGES=1)", self.0.display());
+            return;
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
             return;
         }
         let removed = remove_images(&self.0);
