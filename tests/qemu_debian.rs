@@ -561,3 +561,48 @@ fn power_cut_after_the_cut_over_boots_through_the_prompt_and_the_unit_finishes()
     boot_encrypted_and_verify(&dir, &disk, &kver, &acks, &usr, "after-unit");
     eprintln!("[bootcut] scenario took {:.0} s", t0.elapsed().as_secs_f64());
 }
+
+/// Issue 20 (d): a power cut after luksify set up the boot chain but before its cut-over.
+/// The regenerated initramfs boots the plain PV without waiting for the LUKS device that
+/// does not exist, and a later `luksify` run converts it; then the encrypted boot.
+#[test]
+fn power_cut_before_the_cut_over_boots_the_plain_system_at_once_and_luksify_runs_again() {
+    let t0 = Instant::now();
+    let (Converting { kver, dir, disk, acks, .. }, mut vm) = start_converting("qemu_plaincut", "plaincut");
+    vm.wait_for("boot chain ready", BOOT_LIMIT);
+    let c = vm.power_cut();
+    let r = results(&c);
+    let usr = get(&r, "usr_digest", &c).to_string();
+
+    let (kernel, initrd) = boot_files(&disk, &kver, &dir);
+    let convert = std::fs::read_to_string(support::repo().join("qemu/debian/stages/convert.sh")).unwrap();
+    let ctl = ctl_disk(&dir, "plainboot", &[("convert.sh", convert)]);
+    let acks2 = dir.join("acks-plainboot.log");
+    let vm = Vm::start(
+        "plainboot",
+        Boot {
+            kernel: &kernel,
+            initrd: &initrd,
+            append: SYSTEM_ROOT,
+            disks: vec![&disk, &ctl],
+            acks: &acks2,
+            log: dir.join("plainboot.console.log"),
+        },
+    );
+    let (c, r) = vm.finish(BOOT_LIMIT);
+    assert_eq!(get(&r, "plain_blkid", &c), "LVM2_member", "the cut came after the cut-over: nothing tested");
+    assert!(!c.contains("Please unlock disk"), "the plain boot asked for a passphrase");
+    assert!(!c.contains("Waiting for encrypted source device"), "the plain boot waited for the LUKS device");
+    assert!(c.contains("still the plain LVM PV"), "luksify's local-top script did not run:\n{}", tail(&c, 80));
+    assert!(!get(&r, "plain_stack", &c).contains("crypt"));
+    assert_eq!(get(&r, "unit_ran", &c), "0", "luksify-resume.service ran on the plain boot");
+    let up: f64 = get(&r, "uptime_at_stage", &c).parse().unwrap();
+    eprintln!("[plaincut] the plain system was up (stage start) {up:.0} s after the kernel started");
+    assert_eq!(get(&r, "luksify_rc", &c), "0", "the later luksify run failed:\n{}", tail(&c, 80));
+    let both = dir.join("acks-both");
+    let mut a = std::fs::read(&acks).unwrap();
+    a.extend(std::fs::read(&acks2).unwrap());
+    std::fs::write(&both, a).unwrap();
+    boot_encrypted_and_verify(&dir, &disk, &kver, &both, &usr, "after-plaincut");
+    eprintln!("[plaincut] scenario took {:.0} s", t0.elapsed().as_secs_f64());
+}

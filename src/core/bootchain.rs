@@ -151,6 +151,7 @@ pub fn unit_text(c: &Chain) -> String {
 Description=luksify: finish the conversion of {dev} to LUKS
 After=local-fs.target cryptsetup.target
 ConditionPathExists={bin}
+ConditionPathExists={pass}
 
 [Service]
 Type=simple
@@ -247,6 +248,8 @@ mod tests {
         assert!(u.contains("ExecStopPost=-/bin/rm -f /run/luksify/vda5_crypt.pass\n"));
         assert!(u.contains("WantedBy=multi-user.target\n"));
         assert!(u.contains("Type=simple\n"), "must not hold up multi-user.target");
+        // a plain boot (a crash before the cut-over: no prompt, no pass file) runs nothing
+        assert!(u.contains("ConditionPathExists=/run/luksify/vda5_crypt.pass\n"));
     }
 
     #[test]
