@@ -252,19 +252,6 @@ fn keyring_desc_in_table(table: &str) -> Option<String> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_key_description_of_a_live_crypt_table() {
-        let t = "0 32768 linear 254:5 1230848\n32768 1000 crypt aes-xts-plain64 :64:logon:cryptsetup:035d9171-8721-4d95-8a2e-4199351531e4-d0 0 254:5 32768\n";
-        assert_eq!(
-            super::keyring_desc_in_table(t).as_deref(),
-            Some("cryptsetup:035d9171-8721-4d95-8a2e-4199351531e4-d0")
-        );
-        assert_eq!(super::keyring_desc_in_table("0 8 crypt aes-xts-plain64 00ff 0 8:1 0"), None);
-    }
-}
-
 /// Wipe the areas, flush, then both metadata copies (primary first), flush.
 fn write_final(
     disk: &mut crate::adapters::rawdisk::RawDisk,
@@ -285,4 +272,17 @@ fn write_final(
     md.copy_from_slice(&f.metadata);
     disk.write(0, &md)?;
     disk.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_key_description_of_a_live_crypt_table() {
+        let t = "0 32768 linear 254:5 1230848\n32768 1000 crypt aes-xts-plain64 :64:logon:cryptsetup:035d9171-8721-4d95-8a2e-4199351531e4-d0 0 254:5 32768\n";
+        assert_eq!(
+            super::keyring_desc_in_table(t).as_deref(),
+            Some("cryptsetup:035d9171-8721-4d95-8a2e-4199351531e4-d0")
+        );
+        assert_eq!(super::keyring_desc_in_table("0 8 crypt aes-xts-plain64 00ff 0 8:1 0"), None);
+    }
 }
