@@ -188,7 +188,7 @@ fn resume_standard(
     // A mapping made by another process (the initramfs's cryptsetup, an earlier luksify)
     // names its key in the kernel keyring: libcryptsetup reloads that table, so the key
     // must be found from here too.
-    let held = active.as_deref().and_then(|a| hold_active_key(a, key.as_bytes()));
+    let held = active.as_deref().and_then(|a| hold_active_key(a, &meta.uuid, key.as_bytes()));
     let g = Geometry::new(n, l, s, s.min(MAX_STEP), 8192)
         .map_err(|e| Error::Failed(format!("{dev}: the LUKS2 metadata describes an impossible layout: {e}")))?;
     let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
@@ -224,18 +224,27 @@ fn resume_standard(
     finish(device, &name, &meta.uuid, discard, run, boot_on_pv, true)
 }
 
-/// The keyring description in the live table of `name` (`:64:logon:cryptsetup:<uuid>-d0`),
-/// put into this process's keyring with `key`; the key's serial number.
-fn hold_active_key(name: &str, key: &[u8]) -> Option<i32> {
+/// The keyring description in the live table of `name` (`:64:logon:cryptsetup:<uuid>-d0`;
+/// `dmsetup table` masks it without `--showkeys`, which for such a table shows only the
+/// description), put into this process's keyring with `key`; the key's serial number.
+/// A table without one (the key in hex) needs nothing: None.
+fn hold_active_key(name: &str, uuid: &str, key: &[u8]) -> Option<i32> {
     let out = std::process::Command::new("dmsetup")
-        .args(["table", name])
+        .args(["table", "--showkeys", name])
         .env("PATH", crate::core::integrate::PATH)
-        .output()
-        .ok()?;
-    let table = String::from_utf8_lossy(&out.stdout);
-    let desc = keyring_desc_in_table(&table)?;
+        .output();
+    let table = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let desc = match keyring_desc_in_table(&table) {
+        Some(d) => d,
+        None if table.contains(" crypt ") => return None,
+        // (no table read: cryptsetup's own name for the segment key of luksify's headers)
+        None => format!("cryptsetup:{uuid}-d0"),
+    };
     match crate::adapters::sys::keyring_add_logon_process(&desc, key) {
-        Ok(id) => Some(id),
+        Ok(id) => {
+            eprintln!("luksify: /dev/mapper/{name} reads its key from the kernel keyring ({desc}): holding it for libcryptsetup");
+            Some(id)
+        }
         Err(e) => {
             eprintln!("luksify: warning: cannot put the volume key of /dev/mapper/{name} into the keyring ({e})");
             None
