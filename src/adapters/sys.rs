@@ -139,36 +139,3 @@ pub fn keyring_revoke(id: i32) {
         libc::syscall(libc::SYS_keyctl, KEYCTL_UNLINK, id as libc::c_long, KEY_SPEC_THREAD_KEYRING);
     }
 }
-
-/// The calling process's keyring (keyctl(2)'s KEY_SPEC_PROCESS_KEYRING): every thread of
-/// luksify (libcryptsetup's worker too) finds a key there.
-const KEY_SPEC_PROCESS_KEYRING: libc::c_long = -2;
-
-/// Add a `logon` key `desc` holding `key` to this process's keyring; its serial number.
-/// For a mapping that another process (the initramfs's cryptsetup, an earlier luksify) made
-/// with its volume key in the kernel keyring: libcryptsetup's online reencryption reloads
-/// that table (its overlay device), which needs the key to be found by description.
-pub fn keyring_add_logon_process(desc: &str, key: &[u8]) -> io::Result<i32> {
-    let ty = c"logon";
-    let d = std::ffi::CString::new(desc).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: add_key(2) with NUL-terminated strings and a payload of `key.len()` bytes, all
-    // live for the call.
-    let r = unsafe {
-        libc::syscall(libc::SYS_add_key, ty.as_ptr(), d.as_ptr(), key.as_ptr(), key.len(), KEY_SPEC_PROCESS_KEYRING)
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(r as i32)
-}
-
-/// Revoke and unlink a key added by [`keyring_add_logon_process`].
-pub fn keyring_revoke_process(id: i32) {
-    const KEYCTL_REVOKE: libc::c_long = 3;
-    const KEYCTL_UNLINK: libc::c_long = 9;
-    // SAFETY: keyctl(2) with integer arguments only.
-    unsafe {
-        libc::syscall(libc::SYS_keyctl, KEYCTL_REVOKE, id as libc::c_long);
-        libc::syscall(libc::SYS_keyctl, KEYCTL_UNLINK, id as libc::c_long, KEY_SPEC_PROCESS_KEYRING);
-    }
-}

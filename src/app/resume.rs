@@ -215,7 +215,7 @@ fn resume_standard(
     let progress = Progress { name: &name, l, moved };
     let driven = guard::drive_standard(&mut engine, run, progress, vg_lock, device, &pass, start);
     if let Some(id) = held {
-        crate::adapters::sys::keyring_revoke_process(id);
+        reencrypt::release_key(id);
     }
     driven?;
     drop(pass);
@@ -226,7 +226,7 @@ fn resume_standard(
 
 /// The keyring description in the live table of `name` (`:64:logon:cryptsetup:<uuid>-d0`;
 /// `dmsetup table` masks it without `--showkeys`, which for such a table shows only the
-/// description), put into this process's keyring with `key`; the key's serial number.
+/// description), put into the keyring of libcryptsetup's thread with `key`; its serial number.
 /// A table without one (the key in hex) needs nothing: None.
 fn hold_active_key(name: &str, uuid: &str, key: &[u8]) -> Option<i32> {
     let out = std::process::Command::new("dmsetup")
@@ -240,7 +240,7 @@ fn hold_active_key(name: &str, uuid: &str, key: &[u8]) -> Option<i32> {
         // (no table read: cryptsetup's own name for the segment key of luksify's headers)
         None => format!("cryptsetup:{uuid}-d0"),
     };
-    match crate::adapters::sys::keyring_add_logon_process(&desc, key) {
+    match crate::adapters::luks::reencrypt::hold_key(&desc, key) {
         Ok(id) => {
             eprintln!("luksify: /dev/mapper/{name} reads its key from the kernel keyring ({desc}): holding it for libcryptsetup");
             Some(id)

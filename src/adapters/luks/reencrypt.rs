@@ -301,3 +301,25 @@ pub fn run(
         }
     }
 }
+
+/// Put the `logon` key `desc` with `key` into the libcryptsetup worker thread's own keyring,
+/// for a mapping that another process made with its volume key in the kernel keyring (the
+/// initramfs's cryptsetup): [`run`] reloads that table (libcryptsetup's overlay device),
+/// and dm-crypt looks the key up in the keyrings of the thread that loads it. Returns the
+/// key's serial number for [`release_key`].
+pub fn hold_key(desc: &str, key: &[u8]) -> Result<i32> {
+    let desc = desc.to_string();
+    let key = Zeroizing::new(key.to_vec());
+    on_worker(move || {
+        crate::adapters::sys::keyring_add_logon(&desc, &key)
+            .map_err(|e| LuksError::Internal(format!("add_key logon {desc}: {e}")))
+    })
+}
+
+/// Revoke a key of [`hold_key`].
+pub fn release_key(id: i32) {
+    let _ = on_worker(move || {
+        crate::adapters::sys::keyring_revoke(id);
+        Ok(())
+    });
+}
