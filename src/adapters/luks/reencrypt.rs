@@ -225,6 +225,13 @@ unsafe extern "C" fn progress_cb(size: u64, offset: u64, usr: *mut c_void) -> c_
 
 fn run_job(device: &Path, name: &str, pass: &[u8], ctx: &mut RunCtx) -> Result<RunEnd> {
     let l = load_device(device)?;
+    // `crypt_volume_key_keyring` is process-wide in libcryptsetup, and the header work in
+    // memfds turns it off. A mapping that names its key in the kernel keyring (made by
+    // cryptsetup itself: the initramfs) needs it on, as cryptsetup has it: else the reload
+    // of its table fails (ENOKEY), and libcryptsetup later crashed on the missing key
+    // description (seen in the QEMU boot test).
+    // SAFETY: a valid context; the call only sets a flag.
+    unsafe { sys::crypt_volume_key_keyring(l.ptr, 1) };
     let (st, mut params) = status_of(&l);
     match st {
         Reencryption::Clean => {}
