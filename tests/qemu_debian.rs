@@ -488,3 +488,121 @@ fn power_cut_mid_conversion_then_rescue_media_resume_then_the_system_boots_encry
     assert_eq!(get(&r, "stage_rc", &c), "0");
     boot_encrypted_and_verify(&dir, &disk, &kver, &acks, &usr, "after-rescue");
 }
+
+/// The seed of the random moments below: `LUKSIFY_QEMU_SEED`, or the clock (printed, so a
+/// failure can be replayed).
+fn seed() -> u64 {
+    let s = std::env::var("LUKSIFY_QEMU_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("seed: LUKSIFY_QEMU_SEED={s}");
+    s
+}
+
+/// A number in [0, 1) from `state` (splitmix64).
+fn uniform(state: &mut u64) -> f64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Issue 20 (a): a power cut at a random moment after the cut-over; the machine boots
+/// through its own initramfs (the passphrase prompt on the console), the system comes up,
+/// luksify-resume.service finishes the conversion, and the next boot is the ordinary
+/// encrypted one with every file and acknowledged record intact.
+#[test]
+fn power_cut_after_the_cut_over_boots_through_the_prompt_and_the_unit_finishes() {
+    let t0 = Instant::now();
+    let mut rng = seed();
+    let frac = 0.05 + 0.85 * uniform(&mut rng);
+    let extra = Duration::from_millis((uniform(&mut rng) * 400.0) as u64);
+    let (Converting { kver, dir, disk, acks, .. }, mut vm) = start_converting("qemu_bootcut", "bootcut");
+    vm.wait_for("boot chain ready", BOOT_LIMIT);
+    vm.wait_for_progress(frac, BOOT_LIMIT);
+    std::thread::sleep(extra);
+    eprintln!("[bootcut] cut at {:.0}% moved + {extra:?}", frac * 100.0);
+    let c = vm.power_cut();
+    let r = results(&c);
+    let usr = get(&r, "usr_digest", &c).to_string();
+    assert!(!c.contains("\"event\":\"done\""), "the conversion finished before the cut; nothing was tested");
+
+    // Boot 2: the installed system's own kernel and initramfs (made before the cut-over).
+    let (kernel, initrd) = boot_files(&disk, &kver, &dir);
+    let ctl = ctl_disk(&dir, "resumeboot", &[]);
+    let mut vm = Vm::start(
+        "resumeboot",
+        Boot {
+            kernel: &kernel,
+            initrd: &initrd,
+            append: SYSTEM_ROOT,
+            disks: vec![&disk, &ctl],
+            acks: &dir.join("acks-resumeboot.log"),
+            log: dir.join("resumeboot.console.log"),
+        },
+    );
+    vm.wait_for(&format!("Please unlock disk {NAME}"), BOOT_LIMIT);
+    vm.unlock();
+    let (c, r) = vm.finish(BOOT_LIMIT);
+    assert_eq!(get(&r, "root_source", &c), "/dev/mapper/vg0-root");
+    assert!(get(&r, "root_stack", &c).contains(&format!("{NAME} crypt")), "{}", tail(&c, 80));
+    assert_eq!(get(&r, "unit_enabled", &c), "enabled");
+    assert_eq!(get(&r, "unit_result", &c), "success", "luksify-resume.service failed:\n{}", tail(&c, 120));
+    assert_eq!(get(&r, "unit_exit", &c), "0");
+    assert_eq!(get(&r, "unit_left", &c), "", "the boot chain was not removed at the finish");
+    assert_eq!(get(&r, "initramfs_luksify", &c), "0", "the final initramfs still has luksify's scripts");
+    assert_ne!(get(&r, "initramfs_cryptsetup", &c), "0");
+    let ct = get(&r, "crypttab", &c);
+    assert!(ct.starts_with(&format!("{NAME} UUID=")) && ct.ends_with(" none luks"), "final crypttab line: {ct}");
+    let log = c.lines().skip_while(|l| !l.contains("Please unlock disk")).collect::<Vec<_>>();
+    let done = log.iter().position(|l| l.contains("luksify: done:")).expect("no done line from the unit");
+    eprintln!("[bootcut] boot log from the prompt to the unit's done line:\n{}", log[..=done].join("\n"));
+    boot_encrypted_and_verify(&dir, &disk, &kver, &acks, &usr, "after-unit");
+    eprintln!("[bootcut] scenario took {:.0} s", t0.elapsed().as_secs_f64());
+}
+
+/// Issue 20 (d): a power cut after luksify set up the boot chain but before its cut-over.
+/// The regenerated initramfs boots the plain PV without waiting for the LUKS device that
+/// does not exist, and a later `luksify` run converts it; then the encrypted boot.
+#[test]
+fn power_cut_before_the_cut_over_boots_the_plain_system_at_once_and_luksify_runs_again() {
+    let t0 = Instant::now();
+    let (Converting { kver, dir, disk, acks, .. }, mut vm) = start_converting("qemu_plaincut", "plaincut");
+    vm.wait_for("boot chain ready", BOOT_LIMIT);
+    let c = vm.power_cut();
+    let r = results(&c);
+    let usr = get(&r, "usr_digest", &c).to_string();
+
+    let (kernel, initrd) = boot_files(&disk, &kver, &dir);
+    let convert = std::fs::read_to_string(support::repo().join("qemu/debian/stages/convert.sh")).unwrap();
+    let ctl = ctl_disk(&dir, "plainboot", &[("convert.sh", convert)]);
+    let acks2 = dir.join("acks-plainboot.log");
+    let vm = Vm::start(
+        "plainboot",
+        Boot {
+            kernel: &kernel,
+            initrd: &initrd,
+            append: SYSTEM_ROOT,
+            disks: vec![&disk, &ctl],
+            acks: &acks2,
+            log: dir.join("plainboot.console.log"),
+        },
+    );
+    let (c, r) = vm.finish(BOOT_LIMIT);
+    assert_eq!(get(&r, "plain_blkid", &c), "LVM2_member", "the cut came after the cut-over: nothing tested");
+    assert!(!c.contains("Please unlock disk"), "the plain boot asked for a passphrase");
+    assert!(!c.contains("Waiting for encrypted source device"), "the plain boot waited for the LUKS device");
+    assert!(c.contains("still the plain LVM PV"), "luksify's local-top script did not run:\n{}", tail(&c, 80));
+    assert!(!get(&r, "plain_stack", &c).contains("crypt"));
+    assert_eq!(get(&r, "unit_ran", &c), "0", "luksify-resume.service ran on the plain boot");
+    let up: f64 = get(&r, "uptime_at_stage", &c).parse().unwrap();
+    eprintln!("[plaincut] the plain system was up (stage start) {up:.0} s after the kernel started");
+    assert_eq!(get(&r, "luksify_rc", &c), "0", "the later luksify run failed:\n{}", tail(&c, 80));
+    let both = dir.join("acks-both");
+    let mut a = std::fs::read(&acks).unwrap();
+    a.extend(std::fs::read(&acks2).unwrap());
+    std::fs::write(&both, a).unwrap();
+    boot_encrypted_and_verify(&dir, &disk, &kver, &both, &usr, "after-plaincut");
+    eprintln!("[plaincut] scenario took {:.0} s", t0.elapsed().as_secs_f64());
+}

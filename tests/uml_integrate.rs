@@ -34,6 +34,9 @@ cryptsetup luksUUID /dev/ubda5 > "$OUT/uuid"
 cp $R/etc/crypttab "$OUT/crypttab.after"
 cp $R/etc/lvm/devices/system.devices "$OUT/devices.after"
 cp $R/update-initramfs.log "$OUT/hook.1"
+for f in var/lib/luksify etc/initramfs-tools/hooks/luksify etc/initramfs-tools/scripts/local-top/luksify etc/systemd/system/luksify-resume.service; do
+    [ ! -e $R/$f ] || die "the boot chain's $f is left after the finish"
+done
 ls -a $R/etc > "$OUT/etc.ls"
 # Resume on the finished device: the same crypttab, no new backup.
 set +e; "$LUKSIFY" resume --yes --root $R /dev/ubda5 2> "$OUT/resume.err"; rc=$?; set -e
@@ -62,11 +65,14 @@ echo INTEGRATED
     assert!(after.contains("swap_crypt /dev/sdb2 /dev/urandom swap"), "the old line is kept: {after}");
     let ls = run.file("etc.ls");
     let backups: Vec<&str> = ls.lines().filter(|l| l.starts_with("crypttab.luksify-backup-")).collect();
-    assert_eq!(backups.len(), 1, "one backup: {ls}");
+    // one before the boot chain's line went in, one at the finish (of that line)
+    assert_eq!(backups.len(), 2, "two backups: {ls}");
     assert!(!ls.contains("luksify-tmp"), "temp file left: {ls}");
     assert_eq!(run.file("etc2.ls"), ls, "resume made a new backup or left a file");
-    assert_eq!(run.file("hook.1"), "update-initramfs -u -k all\n", "the initramfs hook ran once, in the chroot");
-    assert_eq!(run.file("hook.2"), "update-initramfs -u -k all\nupdate-initramfs -u -k all\n");
+    // before the cut-over (the boot chain) and at the finish, in the chroot
+    let u = "update-initramfs -u -k all\n";
+    assert_eq!(run.file("hook.1"), u.repeat(2), "the initramfs hook ran twice, in the chroot");
+    assert_eq!(run.file("hook.2"), u.repeat(3));
     let dbefore = run.file("devices.before");
     let dafter = run.file("devices.after");
     assert!(dbefore.contains("DEVNAME=/dev/ubda5 "), "{dbefore}");

@@ -1,5 +1,6 @@
 //! Thin wrappers over the outside world.
 pub mod blockdev;
+pub(crate) mod bootchain;
 pub(crate) mod bootprobe;
 pub(crate) mod dm;
 pub(crate) mod integrate;

@@ -3,9 +3,13 @@
 use super::guard::{self, Progress};
 use super::progress::{phase, undo_warning};
 use super::{check_root, confirm, engine_err, finish, lock, lock_vg, open_disk, passphrase, probe_device, raw_devref};
+use crate::adapters::blockdev::{BlockDev, OpenMode};
+use crate::adapters::integrate::SystemRunner;
 use crate::adapters::kernel::DmKernel;
-use crate::adapters::{bootprobe, luks, lvm, sys};
+use crate::adapters::{bootchain, bootprobe, luks, lvm, sys};
 use crate::cli::ConvertOpts;
+use crate::core::boot::{generator, Generator};
+use crate::core::integrate::luks_uuid;
 use crate::core::plan;
 use crate::engine::{Engine, NewConversion};
 use crate::error::{exit, Error, Result};
@@ -168,6 +172,83 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     .map_err(|e| Error::Failed(format!("formatting the LUKS header: {e}; nothing was changed")))?;
     let pass = if standard { Some(pass) } else { None };
     phase(&o.run, "header_formatted");
+    // LUKS2 with the root on the PV: the boot chain goes in before the cut-over.
+    let chain = if standard { boot_chain(device, &p, o, &header.uuid)? } else { None };
+    let r = convert_formatted(device, o, &p, facts, g, key, header, pass, pv_uuid);
+    if let (Err(_), Some(inst)) = (&r, &chain) {
+        if device_is_plain_pv(device) {
+            // stopped before the cut-over: crypttab and the initramfs as they were
+            if let Err(e) = bootchain::undo(inst, &mut SystemRunner, true) {
+                eprintln!("luksify: warning: taking the boot chain out again: {e}");
+            }
+        }
+    }
+    r
+}
+
+/// Whether `device` still starts with the plain LVM PV's label (the cut-over did not
+/// happen, or was put back).
+fn device_is_plain_pv(device: &Path) -> bool {
+    let mut head = vec![0u8; 4096];
+    let Ok(dev) = BlockDev::open(device, OpenMode::READ_DIRECT) else { return false };
+    if dev.read_at(0, &mut head).is_err() {
+        return false;
+    }
+    (0..4).any(|s| &head[s * 512..s * 512 + 8] == b"LABELONE") && luks_uuid(&head).is_none()
+}
+
+/// When the root is on the PV and the system uses initramfs-tools, set up the boot chain
+/// (`core::bootchain`) for the LUKS UUID `uuid`; refuse when the initramfs's cryptsetup
+/// cannot open a reencryption in progress. Other generators: a warning (for now).
+fn boot_chain(device: &Path, p: &plan::Plan, o: &ConvertOpts, uuid: &str) -> Result<Option<bootchain::Installed>> {
+    let root_on_pv = p.boot.as_ref().is_some_and(|b| b.root_on_pv);
+    if o.run.no_integrate || !root_on_pv {
+        return Ok(None);
+    }
+    if generator(&bootprobe::probe_boot(&o.run.root)) != Some(Generator::InitramfsTools) {
+        eprintln!("luksify: warning: the root is on {} and luksify sets up the boot through a conversion in progress only for initramfs-tools: until the finish, a reboot needs rescue media (README, \"Recovery\")", device.display());
+        return Ok(None);
+    }
+    let v = bootchain::cryptsetup_version(&o.run.root).map_err(|e| {
+        Error::Refused(format!(
+            "{e}: cannot tell whether the initramfs could open the conversion in progress; nothing was changed"
+        ))
+    })?;
+    if !crate::core::bootchain::opens_reencryption(v) {
+        return Err(Error::Refused(format!(
+            "the initramfs of {} would have cryptsetup {}.{}.{}, which cannot open a LUKS2 reencryption in progress (2.3.7 or later 2.3, 2.4.3 or later needed): a reboot mid-way could not boot; upgrade cryptsetup first; nothing was changed",
+            o.run.root.display(), v.0, v.1, v.2
+        )));
+    }
+    let raw = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
+    let c = crate::core::bootchain::Chain {
+        name: p.name.clone(),
+        uuid: uuid.to_string(),
+        discard: o.allow_discards,
+        device: raw.display().to_string(),
+    };
+    bootchain::install(&o.run.root, &c, &o.cipher, &mut SystemRunner, &integ_stamp())
+        .map(Some)
+        .map_err(|e| Error::Failed(format!("setting up the boot chain: {e}; nothing was changed")))
+}
+
+fn integ_stamp() -> String {
+    crate::adapters::integrate::stamp()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn convert_formatted(
+    device: &Path,
+    o: &ConvertOpts,
+    p: &plan::Plan,
+    facts: crate::core::facts::DeviceFacts,
+    g: crate::core::geometry::Geometry,
+    key: luks::VolumeKey,
+    header: luks::Header,
+    pass: Option<zeroize::Zeroizing<Vec<u8>>>,
+    pv_uuid: String,
+) -> Result<i32> {
+    let popts = o.plan_options();
     let raw = raw_devref(device)?;
     // From here to the finish, no LVM command may change the VG (ours included).
     let vg_lock = match facts.lvm.as_ref().map(|l| l.vg_name.clone()).filter(|v| !v.is_empty()) {

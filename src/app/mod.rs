@@ -180,6 +180,9 @@ fn finish(
     if announce {
         announce_done(device, name, uuid);
     }
+    if let Some(m) = crate::adapters::bootchain::remove_at_finish(&run.root) {
+        eprintln!("luksify: integration: {m}");
+    }
     let raw = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
     let input = integ::gather(&run.root, name, uuid, discard, &raw.display().to_string(), boot_on_pv);
     let out = integ::integrate(&input, &mut SystemRunner, &integ::stamp());

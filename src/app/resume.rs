@@ -245,6 +245,10 @@ fn resume_standard(
             reencrypt::activate(device, &name, &pass).map_err(|e| standard_err(e, &dev, "opening it"))?;
         }
     }
+    // A mapping made by another process (the initramfs's cryptsetup, an earlier luksify)
+    // names its key in the kernel keyring: libcryptsetup reloads that table, so the key
+    // must be found from here too.
+    let held = active.as_deref().and_then(|a| hold_active_key(a, &meta.uuid, key.as_bytes()));
     let g = Geometry::new(n, l, s, s.min(MAX_STEP), 8192)
         .map_err(|e| Error::Failed(format!("{dev}: the LUKS2 metadata describes an impossible layout: {e}")))?;
     let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
@@ -269,7 +273,11 @@ fn resume_standard(
     drop(key);
     let moved = Sectors::in_len(r.encrypted_bytes as usize).0.min(l);
     let progress = Progress { name: &name, l, moved };
-    guard::drive_standard(&mut engine, run, progress, vg_lock, device, &pass, start)?;
+    let driven = guard::drive_standard(&mut engine, run, progress, vg_lock, device, &pass, start);
+    if let Some(id) = held {
+        reencrypt::release_key(id);
+    }
+    driven?;
     drop(pass);
     drop(engine);
     let boot_on_pv = !run.no_integrate && boot_on_pv_after(&name, &run.root);
@@ -292,6 +300,43 @@ fn standard_err(e: luks::LuksError, dev: &str, doing: &str) -> Error {
     }
 }
 
+/// The keyring description in the live table of `name` (`:64:logon:cryptsetup:<uuid>-d0`;
+/// `dmsetup table` masks it without `--showkeys`, which for such a table shows only the
+/// description), put into the keyring of libcryptsetup's thread with `key`; its serial number.
+/// A table without one (the key in hex) needs nothing: None.
+fn hold_active_key(name: &str, uuid: &str, key: &[u8]) -> Option<i32> {
+    let out = std::process::Command::new("dmsetup")
+        .args(["table", "--showkeys", name])
+        .env("PATH", crate::core::integrate::PATH)
+        .output();
+    let table = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let desc = match keyring_desc_in_table(&table) {
+        Some(d) => d,
+        None if table.contains(" crypt ") => return None,
+        // (no table read: cryptsetup's own name for the segment key of luksify's headers)
+        None => format!("cryptsetup:{uuid}-d0"),
+    };
+    match crate::adapters::luks::reencrypt::hold_key(&desc, key) {
+        Ok(id) => {
+            eprintln!("luksify: /dev/mapper/{name} reads its key from the kernel keyring ({desc}): holding it for libcryptsetup");
+            Some(id)
+        }
+        Err(e) => {
+            eprintln!("luksify: warning: cannot put the volume key of /dev/mapper/{name} into the keyring ({e})");
+            None
+        }
+    }
+}
+
+/// The first `logon` key description a crypt table names (`:<len>:logon:<desc>`).
+fn keyring_desc_in_table(table: &str) -> Option<String> {
+    table.split_whitespace().find_map(|w| {
+        let rest = w.strip_prefix(':')?;
+        let (_, rest) = rest.split_once(':')?;
+        rest.strip_prefix("logon:").map(str::to_string)
+    })
+}
+
 /// Wipe the areas, flush, then both metadata copies (primary first), flush.
 fn write_final(
     disk: &mut crate::adapters::rawdisk::RawDisk,
@@ -312,4 +357,17 @@ fn write_final(
     md.copy_from_slice(&f.metadata);
     disk.write(0, &md)?;
     disk.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_key_description_of_a_live_crypt_table() {
+        let t = "0 32768 linear 254:5 1230848\n32768 1000 crypt aes-xts-plain64 :64:logon:cryptsetup:035d9171-8721-4d95-8a2e-4199351531e4-d0 0 254:5 32768\n";
+        assert_eq!(
+            super::keyring_desc_in_table(t).as_deref(),
+            Some("cryptsetup:035d9171-8721-4d95-8a2e-4199351531e4-d0")
+        );
+        assert_eq!(super::keyring_desc_in_table("0 8 crypt aes-xts-plain64 00ff 0 8:1 0"), None);
+    }
 }

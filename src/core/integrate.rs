@@ -23,13 +23,17 @@ fn target_of(line: &str) -> Option<&str> {
 /// same name is replaced in place (later duplicates dropped), every other line (comments
 /// included) is kept as it was, otherwise the line is appended. Idempotent.
 pub fn edit_crypttab(existing: &str, name: &str, uuid: &str, discard: bool) -> String {
-    let line = crypttab_line(name, uuid, discard);
+    edit_crypttab_line(existing, name, &crypttab_line(name, uuid, discard))
+}
+
+/// [`edit_crypttab`] with a line of the caller's (whose first field is `name`).
+pub fn edit_crypttab_line(existing: &str, name: &str, line: &str) -> String {
     let mut out = String::with_capacity(existing.len() + line.len() + 1);
     let mut placed = false;
     for l in existing.lines() {
         if target_of(l) == Some(name) {
             if !placed {
-                out.push_str(&line);
+                out.push_str(line);
                 out.push('\n');
                 placed = true;
             }
@@ -39,7 +43,7 @@ pub fn edit_crypttab(existing: &str, name: &str, uuid: &str, discard: bool) -> S
         out.push('\n');
     }
     if !placed {
-        out.push_str(&line);
+        out.push_str(line);
         out.push('\n');
     }
     out

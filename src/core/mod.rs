@@ -3,6 +3,7 @@
 //! what to do next from any journaled state.
 
 pub mod boot;
+pub(crate) mod bootchain;
 pub mod cutover;
 pub(crate) mod dmline;
 pub(crate) mod evidence;

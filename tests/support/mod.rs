@@ -66,6 +66,9 @@ exit %s
 ' $failing > "$R/usr/sbin/update-initramfs"
         chmod 755 "$R/usr/sbin/update-initramfs"
     fi
+    # the version luksify checks before setting up the boot chain (>= 2.3.7)
+    printf '#!/bin/sh\necho "cryptsetup 2.6.1 flags: fake"\n' > "$R/usr/sbin/cryptsetup"
+    chmod 755 "$R/usr/sbin/cryptsetup"
     cp /bin/sh "$R/bin/sh"
     for lib in $(ldd /bin/sh | grep -o '/[^ ]*'); do mkdir -p "$R$(dirname "$lib")"; cp -L "$lib" "$R$lib"; done
     if [ -n "$devfile" ]; then

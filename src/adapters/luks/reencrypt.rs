@@ -356,6 +356,13 @@ fn run_job(device: &Path, name: &str, pass: &[u8], ctx: &mut RunCtx) -> Result<R
         }
         false => None,
     };
+    // `crypt_volume_key_keyring` is process-wide in libcryptsetup, and the header work in
+    // memfds turns it off. A mapping that names its key in the kernel keyring (made by
+    // cryptsetup itself: the initramfs) needs it on, as cryptsetup has it: else the reload
+    // of its table fails (ENOKEY), and libcryptsetup later crashed on the missing key
+    // description (seen in the QEMU boot test).
+    // SAFETY: a valid context; the call only sets a flag.
+    unsafe { sys::crypt_volume_key_keyring(l.ptr, 1) };
     let (st, mut params) = status_of(&l);
     match st {
         Reencryption::Clean => {}
@@ -433,6 +440,28 @@ pub fn run(
             Err(_) => return Err(LuksError::Internal("the libcryptsetup reencryption panicked".into())),
         }
     }
+}
+
+/// Put the `logon` key `desc` with `key` into the libcryptsetup worker thread's own keyring,
+/// for a mapping that another process made with its volume key in the kernel keyring (the
+/// initramfs's cryptsetup): [`run`] reloads that table (libcryptsetup's overlay device),
+/// and dm-crypt looks the key up in the keyrings of the thread that loads it. Returns the
+/// key's serial number for [`release_key`].
+pub fn hold_key(desc: &str, key: &[u8]) -> Result<i32> {
+    let desc = desc.to_string();
+    let key = Zeroizing::new(key.to_vec());
+    on_worker(move || {
+        crate::adapters::sys::keyring_add_logon(&desc, &key)
+            .map_err(|e| LuksError::Internal(format!("add_key logon {desc}: {e}")))
+    })
+}
+
+/// Revoke a key of [`hold_key`].
+pub fn release_key(id: i32) {
+    let _ = on_worker(move || {
+        crate::adapters::sys::keyring_revoke(id);
+        Ok(())
+    });
 }
 
 #[cfg(test)]

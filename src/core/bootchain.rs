@@ -1,0 +1,329 @@
+//! The boot chain of a LUKS2 conversion in progress (initramfs-tools only, for now): what
+//! luksify puts in place *before the cut-over* so that a reboot at any instant boots, and
+//! what it removes at the finish. Pure: the texts and the decisions; `adapters::bootchain`
+//! writes them.
+//!
+//! - etc/crypttab gets the line for the new LUKS UUID with `initramfs` (cryptsetup's
+//!   initramfs hook includes it although the root is not on a crypt device yet), `nofail`
+//!   (systemd does not wait for a UUID that does not exist yet after a crash before the
+//!   cut-over) and luksify's keyscript, which asks the usual question and keeps the answer
+//!   in /run (tmpfs, root only) for the resume unit.
+//! - An initramfs-tools hook adds blkid and the dm-crypt modules a reencryption in progress
+//!   needs (crypto_null maps the plaintext segments) to the initramfs.
+//! - A local-top script, which runs before cryptroot (cryptroot runs last in local-top):
+//!   when the partition is still the plain LVM PV (a crash before the cut-over), it drops
+//!   the entry from the initramfs's crypttab, so the plain system boots at once.
+//! - luksify-resume.service runs `luksify resume DEVICE` once the system is up.
+
+/// Where luksify keeps its copy of itself and the keyscript while a conversion may need the
+/// boot chain (removed at the finish).
+pub const STATE_DIR: &str = "/var/lib/luksify";
+pub const BINARY: &str = "/var/lib/luksify/luksify";
+pub const KEYSCRIPT: &str = "/var/lib/luksify/keyscript";
+pub const HOOK: &str = "/etc/initramfs-tools/hooks/luksify";
+pub const LOCAL_TOP: &str = "/etc/initramfs-tools/scripts/local-top/luksify";
+pub const UNIT_NAME: &str = "luksify-resume.service";
+pub const UNIT: &str = "/etc/systemd/system/luksify-resume.service";
+pub const UNIT_WANTS: &str = "/etc/systemd/system/multi-user.target.wants/luksify-resume.service";
+/// Where the keyscript leaves the passphrase typed at boot (the initramfs's /run is moved
+/// into the booted system).
+pub const RUN_DIR: &str = "/run/luksify";
+
+/// Every file the boot chain installs (the state dir itself aside).
+pub const FILES: [&str; 5] = [HOOK, LOCAL_TOP, UNIT, UNIT_WANTS, KEYSCRIPT];
+
+/// What the boot chain is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// The mapping name (`vda5_crypt`).
+    pub name: String,
+    /// The LUKS UUID luksify chose before formatting.
+    pub uuid: String,
+    pub discard: bool,
+    /// The raw partition, canonical (`/dev/vda5`).
+    pub device: String,
+}
+
+/// The passphrase file the keyscript writes for `name`.
+pub fn pass_file(name: &str) -> String {
+    format!("{RUN_DIR}/{name}.pass")
+}
+
+/// The crypttab line while the conversion runs (see the module's notes).
+pub fn crypttab_line_during(c: &Chain) -> String {
+    format!(
+        "{} UUID={} none luks,{}initramfs,nofail,keyscript={KEYSCRIPT}",
+        c.name,
+        c.uuid,
+        if c.discard { "discard," } else { "" }
+    )
+}
+
+/// The keyscript: the question cryptroot itself asks, the answer both to cryptsetup
+/// (standard output) and to the pass file for the resume unit.
+pub fn keyscript(c: &Chain) -> String {
+    format!(
+        r#"#!/bin/sh
+# luksify: asks for the passphrase of {name} as cryptroot does and keeps it in
+# {pass} (tmpfs, root only) for luksify-resume.service, which finishes the
+# conversion in progress and removes this script.
+umask 077
+mkdir -p {run}
+/lib/cryptsetup/askpass "Please unlock disk ${{CRYPTTAB_NAME:-{name}}}: " | tee {pass}
+"#,
+        name = c.name,
+        run = RUN_DIR,
+        pass = pass_file(&c.name)
+    )
+}
+
+/// The initramfs-tools hook: blkid (util-linux's: the local-top script needs `-p`) and the
+/// kernel modules for a LUKS2 reencryption in progress with `cipher`.
+pub fn hook_script(cipher: &str) -> String {
+    let mut mods: Vec<&str> = vec!["dm_mod", "dm_crypt", "crypto_null", "algif_skcipher", "sha256_generic"];
+    let parts: Vec<&str> = cipher.split('-').collect();
+    if let Some(c) = parts.first() {
+        match *c {
+            "aes" => mods.extend(["aesni_intel", "aes_generic", "aes"]),
+            other => mods.push(other),
+        }
+    }
+    if let Some(m) = parts.get(1) {
+        mods.push(m);
+        if *m == "xts" {
+            mods.push("ecb");
+        }
+    }
+    mods.dedup();
+    format!(
+        r#"#!/bin/sh
+# luksify: while a conversion to LUKS2 may be in progress, the initramfs opens it.
+PREREQ=""
+prereqs() {{ echo "$PREREQ"; }}
+case "$1" in prereqs) prereqs; exit 0;; esac
+. /usr/share/initramfs-tools/hook-functions
+copy_exec /sbin/blkid /sbin
+manual_add_modules {mods}
+"#,
+        mods = mods.join(" ")
+    )
+}
+
+/// The local-top script: runs before cryptroot; drops the entry for `name` from the
+/// initramfs's crypttab when `device` still is the plain LVM PV (the cut-over never
+/// happened). Any other answer (LUKS, nothing readable, no device) keeps it.
+pub fn local_top_script(c: &Chain) -> String {
+    format!(
+        r#"#!/bin/sh
+# luksify: a conversion of {dev} to LUKS2 (UUID {uuid}) was set up. Before its cut-over
+# the partition is still the plain LVM PV: then boot it as before, without waiting for a
+# LUKS device that does not exist (cryptroot runs after every other local-top script).
+PREREQ=""
+prereqs() {{ echo "$PREREQ"; }}
+case "$1" in prereqs) prereqs; exit 0;; esac
+[ -f /scripts/functions ] && . /scripts/functions
+TAB=${{LUKSIFY_TABFILE:-/cryptroot/crypttab}}
+DEV={dev}
+NAME={name}
+n=${{LUKSIFY_WAIT:-100}}
+command -v wait_for_udev >/dev/null 2>&1 && wait_for_udev 10
+while [ ! -b "$DEV" ] && [ "$n" -gt 0 ]; do sleep 0.1; n=$((n - 1)); done
+type=$(blkid -p -s TYPE -o value "$DEV" 2>/dev/null)
+if [ "$type" = LVM2_member ] && [ -f "$TAB" ]; then
+    echo "luksify: $DEV is still the plain LVM PV (the conversion did not start): not unlocking $NAME"
+    sed -i "/^$NAME[[:space:]]/d" "$TAB"
+else
+    echo "luksify: $DEV: ${{type:-nothing known}}: $NAME is unlocked as usual"
+fi
+exit 0
+"#,
+        dev = c.device,
+        uuid = c.uuid,
+        name = c.name
+    )
+}
+
+/// The unit that finishes the conversion once the system is up.
+pub fn unit_text(c: &Chain) -> String {
+    format!(
+        r#"# Installed by luksify for the conversion of {dev} to LUKS2; removed at its finish.
+[Unit]
+Description=luksify: finish the conversion of {dev} to LUKS
+After=local-fs.target cryptsetup.target
+ConditionPathExists={bin}
+ConditionPathExists={pass}
+
+[Service]
+Type=simple
+ExecStart={bin} resume --yes --progress-json --key-file {pass} {dev}
+ExecStopPost=-/bin/rm -f {pass}
+TimeoutStopSec=10min
+KillMode=process
+
+[Install]
+WantedBy=multi-user.target
+"#,
+        dev = c.device,
+        bin = BINARY,
+        pass = pass_file(&c.name)
+    )
+}
+
+/// The version in `cryptsetup --version` output ("cryptsetup 2.6.1 flags: ...").
+pub fn parse_cryptsetup_version(out: &str) -> Option<(u32, u32, u32)> {
+    let w = out.split_whitespace().find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
+    let mut it = w.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse::<u32>());
+    let maj = it.next()?.ok()?;
+    let min = it.next()?.ok()?;
+    let pat = it.next().and_then(|r| r.ok()).unwrap_or(0);
+    Some((maj, min, pat))
+}
+
+/// Whether this cryptsetup opens a LUKS2 reencryption in progress (`online-reencrypt-v2`):
+/// 2.3.7 and later 2.3 releases, 2.4.3 and later (2.4.0–2.4.2 do not).
+pub fn opens_reencryption(v: (u32, u32, u32)) -> bool {
+    match v {
+        (2, 3, p) => p >= 7,
+        (2, 4, p) => p >= 3,
+        (2, m, _) => m >= 5,
+        (maj, _, _) => maj > 2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn chain() -> Chain {
+        Chain {
+            name: "vda5_crypt".into(),
+            uuid: "0b2c6f3e-1111-2222-3333-444455556666".into(),
+            discard: false,
+            device: "/dev/vda5".into(),
+        }
+    }
+
+    #[test]
+    fn crypttab_line_during_the_conversion() {
+        let mut c = chain();
+        assert_eq!(
+            crypttab_line_during(&c),
+            "vda5_crypt UUID=0b2c6f3e-1111-2222-3333-444455556666 none luks,initramfs,nofail,keyscript=/var/lib/luksify/keyscript"
+        );
+        c.discard = true;
+        assert!(crypttab_line_during(&c).contains(" none luks,discard,initramfs,nofail,keyscript="));
+        // the same name as the final line: the finish's crypttab edit replaces it
+        let edited = crate::core::integrate::edit_crypttab(
+            &format!("# x\n{}\n", crypttab_line_during(&c)),
+            "vda5_crypt",
+            &c.uuid,
+            true,
+        );
+        assert_eq!(edited, format!("# x\nvda5_crypt UUID={} none luks,discard\n", c.uuid));
+    }
+
+    #[test]
+    fn cryptsetup_versions() {
+        assert_eq!(parse_cryptsetup_version("cryptsetup 2.6.1 flags: UDEV BLKID KEYRING"), Some((2, 6, 1)));
+        assert_eq!(parse_cryptsetup_version("cryptsetup 2.3.7\n"), Some((2, 3, 7)));
+        assert_eq!(parse_cryptsetup_version("cryptsetup 2.7.0-rc1 flags: x"), Some((2, 7, 0)));
+        assert_eq!(parse_cryptsetup_version("no version here"), None);
+        assert!(opens_reencryption((2, 3, 7)));
+        assert!(!opens_reencryption((2, 3, 6)));
+        assert!(!opens_reencryption((2, 4, 2)));
+        assert!(opens_reencryption((2, 4, 3)));
+        assert!(opens_reencryption((2, 6, 1)));
+        assert!(!opens_reencryption((2, 2, 2)));
+        assert!(!opens_reencryption((1, 7, 5)));
+        assert!(opens_reencryption((3, 0, 0)));
+    }
+
+    #[test]
+    fn unit_file_runs_resume_with_the_boot_passphrase_and_removes_it() {
+        let u = unit_text(&chain());
+        assert!(u.contains(
+            "ExecStart=/var/lib/luksify/luksify resume --yes --progress-json --key-file /run/luksify/vda5_crypt.pass /dev/vda5\n"
+        ));
+        assert!(u.contains("ExecStopPost=-/bin/rm -f /run/luksify/vda5_crypt.pass\n"));
+        assert!(u.contains("WantedBy=multi-user.target\n"));
+        assert!(u.contains("Type=simple\n"), "must not hold up multi-user.target");
+        // a plain boot (a crash before the cut-over: no prompt, no pass file) runs nothing
+        assert!(u.contains("ConditionPathExists=/run/luksify/vda5_crypt.pass\n"));
+    }
+
+    #[test]
+    fn hook_adds_blkid_and_the_reencryption_modules() {
+        let h = hook_script("aes-xts-plain64");
+        assert!(h.contains("copy_exec /sbin/blkid /sbin\n"));
+        let mods = h.lines().find(|l| l.starts_with("manual_add_modules ")).unwrap();
+        for m in ["dm_crypt", "crypto_null", "xts", "ecb", "aesni_intel"] {
+            assert!(mods.split_whitespace().any(|w| w == m), "{m} missing: {mods}");
+        }
+        let h = hook_script("serpent-cbc-essiv:sha256");
+        assert!(h.contains(" serpent cbc"), "{h}");
+    }
+
+    /// Runs the local-top script with a fake blkid answering `blkid_type`; returns the
+    /// initramfs crypttab afterwards and the script's output.
+    fn run_local_top(blkid_type: Option<&str>) -> (String, String) {
+        let d = crate::adapters::scratch_dir("bootchain", &format!("lt-{}", blkid_type.unwrap_or("none")));
+        let bin = d.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let fake = match blkid_type {
+            Some(t) => format!("#!/bin/sh\necho {t}\n"),
+            None => "#!/bin/sh\nexit 2\n".to_string(),
+        };
+        std::fs::write(bin.join("blkid"), fake).unwrap();
+        let script = d.join("luksify");
+        std::fs::write(&script, local_top_script(&chain())).unwrap();
+        let tab = d.join("crypttab");
+        let other = "swap_crypt UUID=aaaa none luks\n";
+        std::fs::write(&tab, format!("{other}vda5_crypt UUID=0b2c none luks,initramfs,nofail\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(bin.join("blkid"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = Command::new("sh")
+            .arg(&script)
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .env("LUKSIFY_TABFILE", &tab)
+            .env("LUKSIFY_WAIT", "0")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let t = std::fs::read_to_string(&tab).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+        (t, String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    #[test]
+    fn local_top_drops_the_entry_only_while_the_partition_is_the_plain_pv() {
+        let (t, out) = run_local_top(Some("LVM2_member"));
+        assert_eq!(t, "swap_crypt UUID=aaaa none luks\n", "{out}");
+        assert!(out.contains("still the plain LVM PV"));
+        for keep in [Some("crypto_LUKS"), None] {
+            let (t, out) = run_local_top(keep);
+            assert!(t.contains("vda5_crypt UUID=0b2c"), "{keep:?}: {t} {out}");
+            assert!(t.contains("swap_crypt"));
+        }
+    }
+
+    #[test]
+    fn prereqs_answers_for_initramfs_tools() {
+        let d = crate::adapters::scratch_dir("bootchain", "prereqs");
+        for (n, s) in [("hook", hook_script("aes-xts-plain64")), ("lt", local_top_script(&chain()))] {
+            let p = d.join(n);
+            std::fs::write(&p, s).unwrap();
+            let out = Command::new("sh").arg(&p).arg("prereqs").output().unwrap();
+            assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).trim().is_empty());
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn keyscript_asks_as_cryptroot_and_keeps_the_answer_for_the_unit() {
+        let k = keyscript(&chain());
+        assert!(k.contains("/lib/cryptsetup/askpass \"Please unlock disk ${CRYPTTAB_NAME:-vda5_crypt}: \""));
+        assert!(k.contains("| tee /run/luksify/vda5_crypt.pass"));
+        assert!(k.contains("umask 077"));
+    }
+}
