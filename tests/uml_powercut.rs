@@ -115,8 +115,9 @@ sleep 600
         ""
     } else {
         r#"if "$LUKSIFY" status --json /dev/ubda5 | grep '"in_progress": true' >/dev/null; then
-    "$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" --progress-json /dev/ubda5 2> "$OUT/resume.jsonl"
-    rc=$?; cat "$OUT/resume.jsonl" >&2; [ $rc -eq 0 ] || die "resume failed ($rc)"
+    # (set +e: under set -e a failing resume ended the script before its messages were shown)
+    set +e; "$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" --progress-json /dev/ubda5 2> "$OUT/resume.jsonl"
+    rc=$?; set -e; cat "$OUT/resume.jsonl" >&2; [ $rc -eq 0 ] || die "resume failed ($rc)"
 fi
 vgchange -an vg0 >/dev/null 2>&1 || true
 dmsetup remove ubda5_crypt 2>/dev/null || true"#

@@ -376,7 +376,12 @@ fn run_job(device: &Path, name: &str, pass: &[u8], ctx: &mut RunCtx) -> Result<R
             )))
         }
     }
-    // As the CLI resumes: the status's own parameters, no hotzone limit, the device's size.
+    // As the CLI resumes (src/utils_reencrypt.c, without --resilience): the status's own
+    // parameters but no resilience (NULL: no change requested; passing the status's own
+    // "datashift" made libcryptsetup re-validate the reencrypt keyslot's area and refuse
+    // with "Invalid reencryption resilience mode change requested." after some recovered
+    // crashes: power-cut seed 1796311877), no hotzone limit, the device's size.
+    params.resilience = std::ptr::null();
     params.flags = sys::CRYPT_REENCRYPT_RESUME_ONLY;
     params.max_hotzone_size = 0;
     params.device_size = 0;
