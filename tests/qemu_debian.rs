@@ -5,7 +5,7 @@
 //! rescue media, and boots the system normally.
 //!
 //! The image comes from `qemu/debian/build-image` (cached; see qemu/debian/README.md).
-//! Each boot gets a control disk (ext4 `LKCTL`) with luksify, lktest and one stage script
+//! Each boot gets a control disk (ext4 `LKCTL`) with the luksify .deb, lktest and one stage script
 //! of `qemu/debian/stages/`, which the image's `luksify-ctl.service` runs; the stage
 //! reports `LKRESULT key=value` lines on the console. Acks of the live writer leave the
 //! guest on its second serial port, into a host file that survives the power cut.
@@ -62,8 +62,34 @@ fn image() -> PathBuf {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A control disk for one boot: luksify, lktest, the stage script as stage.sh, common.sh,
-/// and `extra` files (name, content).
+/// The Debian package of this tree (`packaging/build-deb`: the release build, stripped, with
+/// its man page and completions; once per test process). The guests install luksify from
+/// it with `dpkg -i`, the path a user takes, so a dependency it does not declare fails here.
+fn deb() -> PathBuf {
+    static DEB: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    DEB.get_or_init(|| {
+        let out = Command::new(support::repo().join("packaging/build-deb"))
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("run packaging/build-deb: {e}"))?;
+        if !out.status.success() {
+            return Err("packaging/build-deb failed (its messages are above)".into());
+        }
+        let s = String::from_utf8_lossy(&out.stdout);
+        let p = s.lines().last().map(|l| PathBuf::from(l.trim())).ok_or("build-deb printed no package path")?;
+        let p = if p.is_absolute() { p } else { support::repo().join(p) };
+        if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("build-deb printed {}, which is not a file", p.display()))
+        }
+    })
+    .clone()
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A control disk for one boot: the luksify package (common.sh installs it with `dpkg -i`),
+/// lktest, the stage script as stage.sh, common.sh, and `extra` files (name, content).
 fn ctl_disk(dir: &Path, stage: &str, extra: &[(&str, String)]) -> PathBuf {
     let c = dir.join("ctl");
     let _ = std::fs::remove_dir_all(&c);
@@ -71,7 +97,7 @@ fn ctl_disk(dir: &Path, stage: &str, extra: &[(&str, String)]) -> PathBuf {
     let stages = support::repo().join("qemu/debian/stages");
     std::fs::copy(stages.join(format!("{stage}.sh")), c.join("stage.sh")).unwrap();
     std::fs::copy(stages.join("common.sh"), c.join("common.sh")).unwrap();
-    std::fs::copy(support::luksify_bin(), c.join("luksify")).unwrap();
+    std::fs::copy(deb(), c.join("luksify.deb")).unwrap();
     std::fs::copy(support::lktest(), c.join("lktest")).unwrap();
     std::fs::write(c.join("passphrase"), PASSPHRASE).unwrap();
     std::fs::write(c.join("name"), NAME).unwrap();

@@ -343,14 +343,9 @@ fn write_final(
     f: &crate::core::luks2meta::Finalize,
 ) -> std::io::Result<()> {
     use crate::engine::Disk;
-    let zeros = crate::engine::IoBuf::new(1 << 20)?;
+    let mut zeros = crate::engine::IoBuf::new(1 << 20)?;
     for &(off, len) in &f.wipe {
-        let mut at = 0u64;
-        while at < len {
-            let n = (len - at).min(zeros.len() as u64) as usize;
-            disk.write((off + at) / 512, &zeros[..n])?;
-            at += n as u64;
-        }
+        disk.write_zeros(off, len, &mut zeros)?;
     }
     disk.flush()?;
     let mut md = crate::engine::IoBuf::new(f.metadata.len())?;

@@ -62,8 +62,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let g = *self.g();
         let bridge = self.names.bridge.clone();
         self.open_as_cryptsetup_would()?;
-        let zeros = vec![0u8; Sectors(g.header_copy_len + g.f).byte_len()];
-        io(self.disk.write(g.shadow, &zeros), || "wiping the header copy".into())?;
+        let mut scratch = vec![0u8; 1 << 20];
+        let (at, len) = (Sectors(g.shadow).bytes(), Sectors(g.header_copy_len + g.f).bytes());
+        io(self.disk.write_zeros(at, len, &mut scratch), || "wiping the header copy".into())?;
         io(self.disk.flush(), || "flushing".into())?;
         let newest = journal::slot_for(self.rec.seq);
         let z = vec![0u8; SLOT_BYTES];

@@ -223,7 +223,11 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                     }
                     r
                 }
-                CutStep::WipeRest => self.zero_bytes(h, Sectors(s).byte_len()),
+                CutStep::WipeRest => {
+                    io(self.disk.write_zeros(h as u64, Sectors(s).bytes() - h as u64, &mut self.verify_src), || {
+                        "zeroing the rest of the header area".into()
+                    })
+                }
                 CutStep::EraseRecord => io(self.disk.write(rec_at, &zero4k), || "erasing the cut-over record".into()),
             };
             let Err(e) = r else { continue };
@@ -285,19 +289,6 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         }
         self.remove_helpers().map_err(|e| (e, true))?;
         Ok(CutOver { stall })
-    }
-
-    /// Zero the device's bytes [from, to) (sector-aligned) with the scratch buffer.
-    fn zero_bytes(&mut self, from: usize, to: usize) -> EResult<()> {
-        let zeros = &mut self.verify_src;
-        zeros.fill(0);
-        let mut at = from;
-        while at < to {
-            let n = zeros.len().min(to - at);
-            io(self.disk.write(Sectors::in_len(at).0, &zeros[..n]), || "zeroing the rest of the header area".into())?;
-            at += n;
-        }
-        Ok(())
     }
 
     /// TESTS ONLY: run the cut-over in another order (the crash sweep must catch a wrong one).
@@ -448,12 +439,10 @@ pub fn recover_cut_over<D: Disk>(disk: &mut D, n: u64) -> EResult<Decision> {
         }
         Finding::Luks2 { record, leftover } => {
             if let Some(r) = record.filter(|r| x.data_offset == Some(Sectors(r.s).bytes())) {
-                let zeros = vec![0u8; (Sectors(r.s).bytes() - r.header_len) as usize];
-                if !zeros.is_empty() {
-                    io(disk.write(Sectors::in_len(r.header_len as usize).0, &zeros), || {
-                        "zeroing the rest of the LUKS2 header area".into()
-                    })?;
-                }
+                let mut scratch = vec![0u8; 1 << 20];
+                io(disk.write_zeros(r.header_len, Sectors(r.s).bytes() - r.header_len, &mut scratch), || {
+                    "zeroing the rest of the LUKS2 header area".into()
+                })?;
                 io(disk.flush(), || "flushing the header area".into())?;
             }
             if leftover {

@@ -12,6 +12,26 @@ pub trait Disk {
     fn read(&mut self, sector: u64, buf: &mut [u8]) -> std::io::Result<()>;
     fn write(&mut self, sector: u64, buf: &[u8]) -> std::io::Result<()>;
     fn flush(&mut self) -> std::io::Result<()>;
+
+    /// Zero the device's bytes [`from`, `from + len`) (both multiples of 512), in pieces of
+    /// `scratch`'s size (no allocation: the caller may hold a pre-faulted buffer). Not flushed.
+    /// The one way a range is wiped (header areas, copies, the cut-over record's neighbours).
+    fn write_zeros(&mut self, from: u64, len: u64, scratch: &mut [u8]) -> std::io::Result<()> {
+        assert!(
+            from.is_multiple_of(512) && len.is_multiple_of(512) && scratch.len() >= 512,
+            "write_zeros: unaligned range or scratch"
+        );
+        let piece = scratch.len() / 512 * 512;
+        let zeros = &mut scratch[..piece];
+        zeros.fill(0);
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(piece as u64) as usize;
+            self.write((from + at) / 512, &zeros[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
 }
 
 /// An error from the kernel side: what was being done (the whole message), and the adapter's

@@ -2,6 +2,15 @@
 # LUKSIFY, LKTEST and CTL=/ctl, the control disk). Results are lines "LKRESULT key=value"
 # on the serial console, which the host test reads.
 result() { echo "LKRESULT $1=$2"; }
+# luksify comes as the Debian package of this build, installed the way a user installs it
+# (dpkg checks its declared dependencies against this system); the stages run the installed
+# /usr/sbin/luksify. The control disk has no loose binary, so this cannot be bypassed.
+if [ "$(dpkg-deb -f "$CTL/luksify.deb" Version)" != "$(dpkg-query -W -f '${Version}' luksify 2>/dev/null)" ] \
+        || ! cmp -s <(dpkg-deb --fsys-tarfile "$CTL/luksify.deb" | tar -xO ./usr/sbin/luksify) /usr/sbin/luksify; then
+    dpkg -i "$CTL/luksify.deb" >/dev/null || { result dpkg_rc $?; echo "dpkg -i luksify.deb failed"; exit 1; }
+fi
+LUKSIFY=/usr/sbin/luksify
+result luksify_installed "$(dpkg-query -W -f '${Package} ${Version} ${Status}' luksify)"
 # one digest of every file under /usr: the same before the conversion and after it
 # (md5: a check for damage, not for an adversary, and about twice as fast under emulation)
 usr_digest() { find /usr -xdev -type f -print0 | LC_ALL=C sort -z | xargs -0 md5sum | md5sum | cut -c1-32; }
