@@ -257,6 +257,62 @@ echo HANDED-OVER
     verify_fresh_boot(&d, acked(&d), "ubda5_crypt");
 }
 
+/// Issue 21, "any cipher the kernel has": with LUKS2 the kernel's dm-crypt encrypts (through
+/// libcryptsetup's reencryption), so `--cipher serpent-xts-plain64` converts the live disk and
+/// stock cryptsetup opens it. Before that, with the disk idle: a cipher the kernel does not
+/// have and another cipher with `--type luks1` are refused, the disk byte for byte unchanged
+/// and no device-mapper device left over from the probe.
+#[test]
+fn luks2_with_another_cipher_the_kernel_maps_and_refusals_change_nothing() {
+    let dir = test_dir("convert-cipher");
+    let d = fresh_copy(&dir);
+    let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(&format!(
+        r#"printf 'correct horse battery staple' > "$OUT/key"
+sha256sum /dev/ubda5 | cut -d' ' -f1 > "$OUT/sha-before.txt"
+dmsetup ls > "$OUT/dm-before.txt" 2>&1 || true
+refused() {{ # NAME ARGS...: luksify must refuse, nothing changed
+    local n=$1; shift
+    set +e; "$LUKSIFY" "$@" > "$OUT/$n.out" 2> "$OUT/$n.err"; echo $? > "$OUT/$n.rc"; set -e
+    [ "$(cat "$OUT/$n.rc")" != 0 ] || die "$n: accepted"
+}}
+refused dry-nosuch --dry-run --cipher nosuch-xts-plain64 /dev/ubda5
+refused run-nosuch --yes --no-integrate --key-file "$OUT/key" --cipher nosuch-xts-plain64 /dev/ubda5
+refused run-badsize --yes --no-integrate --key-file "$OUT/key" --cipher serpent-xts-plain64 --key-size 500 /dev/ubda5
+refused run-luks1 --yes --no-integrate --key-file "$OUT/key" --type luks1 --cipher serpent-xts-plain64 /dev/ubda5
+sha256sum /dev/ubda5 | cut -d' ' -f1 > "$OUT/sha-after.txt"
+dmsetup ls > "$OUT/dm-after.txt" 2>&1 || true
+{LIVE}
+"$LUKSIFY" --dry-run --cipher serpent-xts-plain64 --key-size 512 /dev/ubda5 > "$OUT/dry-serpent.txt"
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --cipher serpent-xts-plain64 --key-size 512 /dev/ubda5
+{STOP_LIVE}
+cryptsetup luksDump /dev/ubda5 > "$OUT/dump-done.txt"
+{SAME_AS_OPEN}
+echo CONVERTED
+"#
+    ));
+    run.assert_ok().assert_log_contains("CONVERTED");
+    assert_eq!(run.file("sha-before.txt"), run.file("sha-after.txt"), "a refused run changed the disk");
+    assert_eq!(run.file("dm-before.txt"), run.file("dm-after.txt"), "the cipher probe left a device behind");
+    for n in ["dry-nosuch", "run-nosuch"] {
+        let all = run.file(&format!("{n}.out")) + &run.file(&format!("{n}.err"));
+        assert!(all.contains("cipher_unavailable") || all.contains("refuses cipher nosuch-xts-plain64"), "{n}: {all}");
+    }
+    let e = run.file("run-badsize.out") + &run.file("run-badsize.err");
+    assert!(e.contains("--key-size 500: a cipher is given as"), "{e}");
+    let e = run.file("run-luks1.out") + &run.file("run-luks1.err");
+    assert!(e.contains("--type luks1 converts with aes-xts-plain64"), "{e}");
+    assert!(
+        run.file("dry-serpent.txt").contains("LUKS2 serpent-xts-plain64 512-bit"),
+        "{}",
+        run.file("dry-serpent.txt")
+    );
+    let dump = run.file("dump-done.txt");
+    assert!(dump.contains("cipher: serpent-xts-plain64") && !dump.contains("online-reencrypt"), "{dump}");
+    assert!(dump.contains("sector: 512 [bytes]"), "the encryption sector must stay 512 bytes: {dump}");
+    assert_same_as_open(&run, true);
+    verify_fresh_boot(&d, acked(&d), "ubda5_crypt");
+}
+
 /// LUKS1 (luksify's own journal): pause by SIGINT, `luksify resume` killed with SIGKILL
 /// mid-way, `luksify resume` again, live.
 #[test]

@@ -433,6 +433,55 @@ impl Dm {
     }
 }
 
+/// Whether the kernel's dm-crypt maps `cipher_spec` (e.g. `serpent-xts-plain64`) with a key
+/// of `key_bytes`: the crypt target's constructor (run by the table load) allocates the cipher
+/// and its IV generator and checks the key size, as it will for the real mapping. The target
+/// is a private 8-sector `error` device; a random key is used and wiped; both devices are
+/// removed again. Nothing else is touched. Err says what the kernel refused.
+pub fn probe_cipher(cipher_spec: &str, key_bytes: usize) -> std::result::Result<(), String> {
+    let mut dm = Dm::open().map_err(|e| e.to_string())?;
+    let tag = format!("luksify-cipher-probe-{}", std::process::id());
+    let (under, over) = (format!("{tag}-e"), format!("{tag}-c"));
+    let mut key = vec![0u8; key_bytes];
+    getrandom::fill(&mut key).map_err(|e| format!("random key: {e}"))?;
+    let mut hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    key.zeroize();
+    let run = |dm: &mut Dm, hex: &str| -> std::result::Result<(), String> {
+        let (maj, min) =
+            dm.create(&under, &format!("{PRIVATE_UUID_PREFIX}{under}"), true).map_err(|e| e.to_string())?;
+        let err = [TableLine { start: 0, length: 8, target_type: "error".into(), params: String::new() }];
+        dm.load(&under, &err, false).and_then(|()| dm.resume(&under)).map_err(|e| e.to_string())?;
+        dm.create(&over, &format!("{PRIVATE_UUID_PREFIX}{over}"), true).map_err(|e| e.to_string())?;
+        let mut crypt = [TableLine {
+            start: 0,
+            length: 8,
+            target_type: "crypt".into(),
+            params: format!("{cipher_spec} {hex} 0 {maj}:{min} 0"),
+        }];
+        let r = dm.load(&over, &crypt, true);
+        crypt[0].params.zeroize();
+        r.map_err(|e| match e.errno() {
+            Some(Errno::EINVAL) | Some(Errno::ENOENT) => format!(
+                "the kernel's dm-crypt refuses cipher {cipher_spec} with a {}-bit key (unknown cipher or IV mode, a module that is not there, or a key size the cipher does not take; `dmesg` says which)",
+                key_bytes * 8
+            ),
+            _ => e.to_string(),
+        })
+    };
+    let r = run(&mut dm, &hex);
+    hex.zeroize();
+    for n in [&over, &under] {
+        if dm.info(n).ok().flatten().is_some() {
+            if let Err(e) = dm.remove(n) {
+                eprintln!(
+                    "luksify: warning: removing the cipher probe device {n}: {e} (remove it with `dmsetup remove {n}`)"
+                );
+            }
+        }
+    }
+    r
+}
+
 /// Replace key material in a table line by `-`, so the line can be printed or logged:
 /// crypt's key field (hex keys; keyring references `:<size>:<type>:<desc>` are not secret and
 /// are kept), and dm-integrity's `internal_hash:`, `journal_crypt:`, `journal_mac:` keys.

@@ -37,7 +37,13 @@ fn refuse_interrupted_cut_over(device: &Path) -> Result<()> {
 fn plan_for(facts: &crate::core::facts::DeviceFacts, o: &ConvertOpts) -> Result<plan::Plan> {
     check_root(&o.run)?;
     let boot = bootprobe::probe_boot(&o.run.root);
-    Ok(plan::plan_with_boot(facts, Some(&boot), &o.plan_options()))
+    let mut po = o.plan_options();
+    // The kernel must map the cipher before anything changes: tried in a throwaway dm-crypt
+    // mapping over an `error` device (a malformed spec is the plan's own refusal).
+    if plan::cipher_form_ok(&po.cipher, po.key_bits) {
+        po.kernel_cipher_error = crate::adapters::dm::probe_cipher(&po.cipher, (po.key_bits / 8) as usize).err();
+    }
+    Ok(plan::plan_with_boot(facts, Some(&boot), &po))
 }
 
 pub(super) fn dry_run(device: &Path, o: &ConvertOpts, json: bool) -> Result<i32> {

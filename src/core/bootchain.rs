@@ -94,6 +94,12 @@ pub fn hook_script(cipher: &str) -> String {
             mods.push("ecb");
         }
     }
+    // the IV generator, when it is a kernel template of its own (essiv:<hash>)
+    if let Some((iv, hash)) = parts.get(2).and_then(|iv| iv.split_once(':')) {
+        if iv == "essiv" {
+            mods.extend(["essiv", hash]);
+        }
+    }
     mods.dedup();
     format!(
         r#"#!/bin/sh
@@ -250,6 +256,15 @@ mod tests {
         assert!(u.contains("Type=simple\n"), "must not hold up multi-user.target");
         // a plain boot (a crash before the cut-over: no prompt, no pass file) runs nothing
         assert!(u.contains("ConditionPathExists=/run/luksify/vda5_crypt.pass\n"));
+    }
+
+    #[test]
+    fn hook_adds_the_modules_of_another_cipher() {
+        let h = hook_script("serpent-cbc-essiv:sha256");
+        let mods = h.lines().find(|l| l.starts_with("manual_add_modules ")).unwrap();
+        for m in ["dm_crypt", "serpent", "cbc", "essiv", "sha256"] {
+            assert!(mods.split_whitespace().any(|w| w == m), "{m} missing: {mods}");
+        }
     }
 
     #[test]

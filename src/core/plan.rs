@@ -117,6 +117,10 @@ pub struct Options {
     pub pbkdf: Option<String>,
     /// `--force-unknown-boot`: convert although the root's initramfs generator is unknown.
     pub force_unknown_boot: bool,
+    /// What the kernel said when the app tried `cipher` with a `key_bits` key in a throwaway
+    /// dm-crypt mapping (`adapters::dm::probe_cipher`): None when it maps it (or when it was
+    /// not tried, as in unit tests).
+    pub kernel_cipher_error: Option<String>,
 }
 
 impl Default for Options {
@@ -131,8 +135,20 @@ impl Default for Options {
             region: 8192,
             pbkdf: None,
             force_unknown_boot: false,
+            kernel_cipher_error: None,
         }
     }
+}
+
+/// Whether `spec` has cryptsetup's `cipher-chainmode[-ivmode[:ivopts]]` form (no spaces, no
+/// empty part) and `bits` is a key size a cipher can take (a whole number of bytes, 128 to
+/// 1024 bits): the rest is up to the kernel (`kernel_cipher_error`).
+pub fn cipher_form_ok(spec: &str, bits: u32) -> bool {
+    let parts: Vec<&str> = spec.split('-').collect();
+    parts.len() >= 2
+        && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b":_(),".contains(&b)))
+        && bits.is_multiple_of(8)
+        && (128..=1024).contains(&bits)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -266,11 +282,18 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
     if f.direct_swap {
         refuse(&mut refusals, "swap_directly", format!("{dev} is in use as swap directly: swapoff it first"));
     }
-    if o.cipher != "aes-xts-plain64" || o.key_bits != 512 {
-        refuse(&mut refusals, "unsupported_cipher", format!(
-            "this luksify converts with aes-xts-plain64 and a 512-bit key only (it checks every copied chunk against its source with that cipher before committing it); got {} with {} bits",
+    if !cipher_form_ok(&o.cipher, o.key_bits) {
+        refuse(&mut refusals, "bad_cipher", format!(
+            "--cipher {} --key-size {}: a cipher is given as cipher-chainmode-ivmode (e.g. aes-xts-plain64, serpent-xts-plain64, aes-cbc-essiv:sha256) and a key size as a multiple of 8 from 128 to 1024 bits",
             o.cipher, o.key_bits
         ));
+    } else if o.luks == LuksVersion::Luks1 && (o.cipher != "aes-xts-plain64" || o.key_bits != 512) {
+        refuse(&mut refusals, "unsupported_cipher", format!(
+            "--type luks1 converts with aes-xts-plain64 and a 512-bit key only (luksify's own LUKS1 copy encrypts in userspace and checks every chunk against its source with that cipher); got {} with {} bits: for another cipher use LUKS2 (the default), where the kernel's dm-crypt encrypts",
+            o.cipher, o.key_bits
+        ));
+    } else if let Some(e) = &o.kernel_cipher_error {
+        refuse(&mut refusals, "cipher_unavailable", format!("{dev}: {e}; nothing was changed"));
     }
     if f.read_only {
         refuse(&mut refusals, "read_only", format!("{dev} is read-only"));
@@ -988,8 +1011,52 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn luks2_takes_any_cipher_the_kernel_maps_luks1_only_aes_xts_512() {
+        let roomy = roomy_laptop();
+        for (c, bits) in [
+            ("serpent-xts-plain64", 512),
+            ("aes-cbc-essiv:sha256", 256),
+            ("aes-xts-plain64", 256),
+            ("twofish-xts-plain64", 512),
+        ] {
+            let p = plan(&roomy, &Options { cipher: c.into(), key_bits: bits, ..Options::default() });
+            assert!(p.ok(), "LUKS2 {c} {bits}: {:?}", codes(&p));
+            assert!(render(&p).contains(&format!("LUKS2 {c} {bits}-bit")), "{}", render(&p));
+            let p1 = plan(
+                &roomy,
+                &Options { cipher: c.into(), key_bits: bits, luks: LuksVersion::Luks1, ..Options::default() },
+            );
+            if (c, bits) != ("aes-xts-plain64", 512) {
+                assert!(codes(&p1).contains(&"unsupported_cipher"), "LUKS1 {c} {bits}: {:?}", codes(&p1));
+            }
+        }
+        for (c, bits) in [
+            ("aes", 512),
+            ("aes-xts plain64", 512),
+            ("aes--plain64", 512),
+            ("aes-xts-plain64", 500),
+            ("aes-xts-plain64", 2048),
+            ("aes-xts-plain64", 64),
+        ] {
+            let p = plan(&roomy, &Options { cipher: c.into(), key_bits: bits, ..Options::default() });
+            assert_eq!(codes(&p), vec!["bad_cipher"], "{c:?} {bits}");
+        }
+        let no = Options {
+            cipher: "serpent-xts-plain64".into(),
+            kernel_cipher_error: Some("the kernel's dm-crypt refuses cipher serpent-xts-plain64".into()),
+            ..Options::default()
+        };
+        let p = plan(&roomy, &no);
+        assert_eq!(codes(&p), vec!["cipher_unavailable"]);
+        assert!(
+            p.refusals[0].message.contains("serpent-xts-plain64")
+                && p.refusals[0].message.contains("nothing was changed")
+        );
+    }
+
+    #[test]
     fn a_refused_plan_renders_the_refusals_without_steps_or_estimate() {
-        let o = Options { cipher: "serpent-cbc-essiv:sha256".into(), ..Options::default() };
+        let o = Options { cipher: "serpent-cbc-essiv:sha256".into(), luks: LuksVersion::Luks1, ..Options::default() };
         let p = plan(&laptop(), &o);
         assert!(codes(&p).contains(&"unsupported_cipher"), "{:?}", codes(&p));
         let text = render(&p);
