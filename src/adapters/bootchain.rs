@@ -33,6 +33,14 @@ fn update_initramfs(root: &Path) -> Cmd {
     Cmd { argv: v, env: vec![("PATH".into(), PATH.into())], by_hand }
 }
 
+/// The partition's PARTUUID from its partition table (`blkid -p`, no udev needed), as udev
+/// names it in /dev/disk/by-partuuid; None when the table gives none or blkid cannot tell.
+pub fn partuuid(raw: &Path) -> Option<String> {
+    let out = Command::new("blkid").args(["-p", "-o", "value", "-s", "PART_ENTRY_UUID"]).arg(raw).output().ok()?;
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_ascii_lowercase();
+    (out.status.success() && !v.is_empty() && v.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')).then_some(v)
+}
+
 /// The version of `cryptsetup` in `root` (the one its initramfs gets), or why it is unknown.
 pub fn cryptsetup_version(root: &Path) -> Result<(u32, u32, u32), String> {
     let mut c = if root == Path::new("/") {
@@ -197,7 +205,13 @@ mod tests {
     use crate::adapters::integrate::Recorder;
 
     fn chain() -> Chain {
-        Chain { name: "sda5_crypt".into(), uuid: "u-1".into(), discard: false, device: "/dev/sda5".into() }
+        Chain {
+            name: "sda5_crypt".into(),
+            uuid: "u-1".into(),
+            discard: false,
+            device: "/dev/sda5".into(),
+            partuuid: None,
+        }
     }
 
     #[test]

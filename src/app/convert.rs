@@ -232,6 +232,7 @@ fn boot_chain(device: &Path, p: &plan::Plan, o: &ConvertOpts, uuid: &str) -> Res
         uuid: uuid.to_string(),
         discard: o.allow_discards,
         device: raw.display().to_string(),
+        partuuid: bootchain::partuuid(&raw),
     };
     bootchain::install(&o.run.root, &c, &o.cipher, &mut SystemRunner, &integ_stamp())
         .map(Some)

@@ -40,8 +40,29 @@ pub struct Chain {
     /// The LUKS UUID luksify chose before formatting.
     pub uuid: String,
     pub discard: bool,
-    /// The raw partition, canonical (`/dev/vda5`).
+    /// The raw partition, canonical (`/dev/vda5`): the name of this boot only.
     pub device: String,
+    /// The partition's PARTUUID, when its partition table gives one: a name that stays the
+    /// same when the kernel names the disks in another order at the next boot (a USB stick
+    /// plugged in makes sda sdb).
+    pub partuuid: Option<String>,
+}
+
+impl Chain {
+    /// How the initramfs finds the partition before the cut-over: by PARTUUID (udev's link,
+    /// the same at every boot), else by the kernel name of today.
+    pub fn boot_device(&self) -> String {
+        match &self.partuuid {
+            Some(p) => format!("/dev/disk/by-partuuid/{p}"),
+            None => self.device.clone(),
+        }
+    }
+
+    /// How the resume unit names the device: by its LUKS UUID (udev's link for the
+    /// crypto_LUKS it is from the cut-over on; the unit runs only after the boot unlocked it).
+    pub fn unit_device(&self) -> String {
+        format!("/dev/disk/by-uuid/{}", self.uuid)
+    }
 }
 
 /// The passphrase file the keyscript writes for `name`.
@@ -129,7 +150,7 @@ prereqs() {{ echo "$PREREQ"; }}
 case "$1" in prereqs) prereqs; exit 0;; esac
 [ -f /scripts/functions ] && . /scripts/functions
 TAB=${{LUKSIFY_TABFILE:-/cryptroot/crypttab}}
-DEV={dev}
+DEV={boot_dev}
 NAME={name}
 n=${{LUKSIFY_WAIT:-100}}
 command -v wait_for_udev >/dev/null 2>&1 && wait_for_udev 10
@@ -144,6 +165,7 @@ fi
 exit 0
 "#,
         dev = c.device,
+        boot_dev = c.boot_device(),
         uuid = c.uuid,
         name = c.name
     )
@@ -161,7 +183,7 @@ ConditionPathExists={pass}
 
 [Service]
 Type=simple
-ExecStart={bin} resume --yes --progress-json --key-file {pass} {dev}
+ExecStart={bin} resume --yes --progress-json --key-file {pass} {unit_dev}
 ExecStopPost=-/bin/rm -f {pass}
 TimeoutStopSec=10min
 KillMode=process
@@ -170,6 +192,7 @@ KillMode=process
 WantedBy=multi-user.target
 "#,
         dev = c.device,
+        unit_dev = c.unit_device(),
         bin = BINARY,
         pass = pass_file(&c.name)
     )
@@ -207,7 +230,18 @@ mod tests {
             uuid: "0b2c6f3e-1111-2222-3333-444455556666".into(),
             discard: false,
             device: "/dev/vda5".into(),
+            partuuid: None,
         }
+    }
+
+    #[test]
+    fn the_initramfs_and_the_unit_name_the_partition_by_what_survives_a_reboot() {
+        let c = Chain { partuuid: Some("5e1f2a3b-05".into()), ..chain() };
+        assert!(local_top_script(&c).contains("\nDEV=/dev/disk/by-partuuid/5e1f2a3b-05\n"), "{}", local_top_script(&c));
+        assert!(local_top_script(&chain()).contains("\nDEV=/dev/vda5\n"));
+        let u = unit_text(&c);
+        assert!(u.contains(" /dev/disk/by-uuid/0b2c6f3e-1111-2222-3333-444455556666\n"), "{u}");
+        assert!(!u.contains("ExecStart=/var/lib/luksify/luksify resume --yes --progress-json --key-file /run/luksify/vda5_crypt.pass /dev/vda5"), "{u}");
     }
 
     #[test]
@@ -249,7 +283,7 @@ mod tests {
     fn unit_file_runs_resume_with_the_boot_passphrase_and_removes_it() {
         let u = unit_text(&chain());
         assert!(u.contains(
-            "ExecStart=/var/lib/luksify/luksify resume --yes --progress-json --key-file /run/luksify/vda5_crypt.pass /dev/vda5\n"
+            "ExecStart=/var/lib/luksify/luksify resume --yes --progress-json --key-file /run/luksify/vda5_crypt.pass /dev/disk/by-uuid/0b2c6f3e-1111-2222-3333-444455556666\n"
         ));
         assert!(u.contains("ExecStopPost=-/bin/rm -f /run/luksify/vda5_crypt.pass\n"));
         assert!(u.contains("WantedBy=multi-user.target\n"));
