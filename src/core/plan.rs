@@ -455,6 +455,12 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
     };
     match o.luks {
         LuksVersion::Luks2 => {
+            if let Some(b) = boot_report.as_ref().filter(|b| b.root_on_pv && b.initramfs == Some("initramfs-tools")) {
+                actions.push(format!(
+                    "set up the boot chain (unless --no-integrate) in {}: the crypttab line for the new LUKS UUID with luksify's keyscript, an initramfs hook and local-top script, luksify-resume.service, then `update-initramfs -u -k all`: from here on a reboot or power cut boots (the plain PV until the cut-over, then the usual passphrase prompt, and the unit finishes the conversion); taken out again if luksify stops before the cut-over",
+                    b.root_dir
+                ));
+            }
             actions.push(format!(
                 "insert the bridge /dev/mapper/{name} (linear over [0, {l}) of {dev}) under the LVs: reroute {} LV mapping(s) onto it, each under a brief suspend: {rerouted}",
                 reroute.len()
@@ -1008,6 +1014,34 @@ pub(crate) mod tests {
         let text = render(&p);
         assert!(text.contains("  mid-way format:    luksify's own journal (LUKS1 has no standard state for a conversion in progress): a half-converted LUKS1 disk needs luksify to resume\n"), "{text}");
         assert!(text.contains("  journal:           sectors "), "{text}");
+    }
+
+    #[test]
+    fn the_dry_run_says_when_the_boot_chain_goes_in() {
+        use crate::core::boot::{BootFacts, FsSource};
+        let debian = BootFacts {
+            root_dir: "/".into(),
+            root_fs: Some(FsSource { spec: "/dev/mapper/vg0-root".into(), dev: Some((254, 0)) }),
+            boot_fs: Some(FsSource { spec: "/dev/sda1".into(), dev: Some((8, 1)) }),
+            mounts_from: "mountinfo".into(),
+            update_initramfs: true,
+            initramfs_tools_conf: true,
+            cryptroot_hook: true,
+            ..Default::default()
+        };
+        let p = plan_with_boot(&roomy_laptop(), Some(&debian), &Options::default());
+        assert!(p.ok(), "{:?}", p.refusals);
+        let i = p.actions.iter().position(|a| a.starts_with("set up the boot chain")).expect("no boot chain action");
+        let cut = p.actions.iter().position(|a| a.starts_with("cut-over")).unwrap();
+        assert!(i < cut, "the boot chain goes in before the cut-over: {:?}", p.actions);
+        // not for LUKS1 (no standard state mid-way), nor when the root is elsewhere
+        let p1 =
+            plan_with_boot(&roomy_laptop(), Some(&debian), &Options { luks: LuksVersion::Luks1, ..Options::default() });
+        assert!(!p1.actions.iter().any(|a| a.contains("boot chain")));
+        let elsewhere =
+            BootFacts { root_fs: Some(FsSource { spec: "/dev/sdb1".into(), dev: Some((8, 17)) }), ..debian };
+        let p2 = plan_with_boot(&roomy_laptop(), Some(&elsewhere), &Options::default());
+        assert!(!p2.actions.iter().any(|a| a.contains("boot chain")), "{:?}", p2.actions);
     }
 
     #[test]
