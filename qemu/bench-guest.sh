@@ -1,7 +1,7 @@
 #!/bin/bash
 # Guest side of qemu/bench (run inside User-Mode Linux by qemu/uml/run; not by hand).
 #
-#   bench-guest.sh SIZE_MIB BASELINE_SECS WRITER_INTERVAL_MS [LUKS_TYPE]
+#   bench-guest.sh SIZE_MIB BASELINE_SECS WRITER_INTERVAL_MS [LUKS_TYPE [CIPHER KEY_BITS]]
 #
 # /dev/ubda holds one partition, /dev/ubda1, of exactly SIZE_MIB: the device every
 # measurement uses. Results go to $OUT/results.env as key=value lines (the host turns them
@@ -13,8 +13,10 @@ set -uo pipefail
 PS4='+ ${EPOCHREALTIME} '
 
 SIZE_MIB=$1 BASE_SECS=$2 WRITER_INTERVAL=$3 LUKS_TYPE=${4:-luks2}
+CIPHER=${5:-aes-xts-plain64} KEY_BITS=${6:-512}
+# cryptsetup benchmark's name of it: cipher-chainmode (its IV mode costs nothing to speak of)
+CS_BENCH=$(echo "$CIPHER" | cut -d- -f1-2)
 DISK=/dev/ubda DEV=/dev/ubda1 NAME=ubda1_crypt VG=bench
-CIPHER=aes-xts-plain64 KEY_BITS=512
 BS=4M                       # dd block size of every dd measurement
 # Room past the PV, the same for cryptsetup (--reduce-device-size) and luksify: luksify's
 # planner raises its data offset while the tail has room (fewer, larger steps), to 128 MiB
@@ -107,7 +109,7 @@ make_layout() {
 
 # --- the plan: how many bytes luksify moves (L), the same for every copy below --------
 make_layout || die "building the plain layout failed"
-"$LUKSIFY" --dry-run --json --type "$LUKS_TYPE" "$DEV" > "$OUT/plan.json" 2> "$OUT/plan.err" || {
+"$LUKSIFY" --dry-run --json --type "$LUKS_TYPE" --cipher "$CIPHER" --key-size "$KEY_BITS" "$DEV" > "$OUT/plan.json" 2> "$OUT/plan.err" || {
     cat "$OUT/plan.err" "$OUT/plan.json" >&2; die "luksify --dry-run refused $DEV"; }
 plan() { sed -n "s/.*\"$1\": *\([0-9][0-9]*\).*/\1/p" "$OUT/plan.json" | head -1; }
 L=$(plan move_bytes) SHIFT=$(plan shift_sectors)
@@ -141,17 +143,18 @@ if dd if="$DEV" of="$DEV" bs=$BS iflag=direct,count_bytes oflag=direct,seek_byte
 else failed raw_copy "dd failed"; fi
 
 # --- dm-crypt: cryptsetup benchmark, and dd through a plain crypt mapping -------------
-note "cryptsetup benchmark -c aes-xts -s 512"
-if cryptsetup benchmark -c aes-xts -s 512 > "$OUT/cryptsetup-benchmark.txt" 2>&1; then
+note "cryptsetup benchmark -c $CS_BENCH -s $KEY_BITS"
+result cs_bench_name "\"$CS_BENCH ${KEY_BITS}b\""
+if cryptsetup benchmark -c "$CS_BENCH" -s "$KEY_BITS" > "$OUT/cryptsetup-benchmark.txt" 2>&1; then
     cat "$OUT/cryptsetup-benchmark.txt" >&2
     # "aes-xts 512b 1234.5 MiB/s 1250.0 MiB/s" (GiB/s on fast machines)
     # (no process substitution: the guest has no /dev/fd)
-    ed=$(awk '$1 == "aes-xts" && $2 == "512b" {
+    ed=$(awk -v c="$CS_BENCH" -v b="${KEY_BITS}b" '$1 == c && $2 == b {
         e = $3; if ($4 ~ /^GiB/) e *= 1024; d = $5; if ($6 ~ /^GiB/) d *= 1024; print e, d }' \
         "$OUT/cryptsetup-benchmark.txt")
     enc=${ed% *} dec=${ed#* }
     if [ -n "${enc:-}" ]; then result cs_bench_enc_mib_s "$enc"; result cs_bench_dec_mib_s "$dec"
-    else failed cs_bench "no aes-xts 512b line: $(cat "$OUT/cryptsetup-benchmark.txt")"; fi
+    else failed cs_bench "no $CS_BENCH ${KEY_BITS}b line: $(cat "$OUT/cryptsetup-benchmark.txt")"; fi
 else failed cs_bench "$(tail -3 "$OUT/cryptsetup-benchmark.txt")"; fi
 
 # THE LIMIT: the same L bytes read from the device and written through dm-crypt to the same
@@ -185,7 +188,8 @@ else failed reencrypt "building the plain layout failed"; fi
 luksify_run() {
     local mode=$1 t0 s rc done_line
     t0=$EPOCHREALTIME
-    "$LUKSIFY" --yes --no-integrate --key-file "$KEY" "${FAST[@]}" --progress-json "$DEV" \
+    "$LUKSIFY" --yes --no-integrate --key-file "$KEY" "${FAST[@]}" --cipher "$CIPHER" --key-size "$KEY_BITS" \
+        --progress-json "$DEV" \
         2> "$OUT/progress.$mode.jsonl" > "$OUT/luksify.$mode.out"
     rc=$?
     s=$(secs_since "$t0")
