@@ -40,6 +40,26 @@ fn check_installed() {
     }
 }
 
+/// Runs a build script of the repository (its messages go to stderr) and returns the path
+/// its last line of output names: the cached Debian image, the .deb.
+fn built_path(script: &str) -> Result<PathBuf, String> {
+    let out = Command::new(support::repo().join(script))
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("run {script}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{script} failed (its messages are above)"));
+    }
+    let s = String::from_utf8_lossy(&out.stdout);
+    let p = s.lines().last().map(|l| PathBuf::from(l.trim())).ok_or(format!("{script} printed no path"))?;
+    let p = if p.is_absolute() { p } else { support::repo().join(p) };
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(format!("{script} printed {}, which does not exist", p.display()))
+    }
+}
+
 /// The cached image directory (built on first use: once per test process, and a lock in
 /// build-image serialises processes). The other test waits here without a guest slot.
 fn image() -> PathBuf {
@@ -48,15 +68,7 @@ fn image() -> PathBuf {
         .get_or_init(|| {
             check_installed();
             let _slot = support::slot(); // the build boots a UML guest
-            let out = Command::new(support::repo().join("qemu/debian/build-image"))
-                .stderr(Stdio::inherit())
-                .output()
-                .map_err(|e| format!("run qemu/debian/build-image: {e}"))?;
-            if !out.status.success() {
-                return Err("qemu/debian/build-image failed (its messages are above)".into());
-            }
-            let s = String::from_utf8_lossy(&out.stdout);
-            s.lines().last().map(|l| PathBuf::from(l.trim())).ok_or_else(|| "build-image printed no directory".into())
+            built_path("qemu/debian/build-image")
         })
         .clone()
         .unwrap_or_else(|e| panic!("{e}"))
@@ -67,25 +79,7 @@ fn image() -> PathBuf {
 /// it with `dpkg -i`, the path a user takes, so a dependency it does not declare fails here.
 fn deb() -> PathBuf {
     static DEB: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
-    DEB.get_or_init(|| {
-        let out = Command::new(support::repo().join("packaging/build-deb"))
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| format!("run packaging/build-deb: {e}"))?;
-        if !out.status.success() {
-            return Err("packaging/build-deb failed (its messages are above)".into());
-        }
-        let s = String::from_utf8_lossy(&out.stdout);
-        let p = s.lines().last().map(|l| PathBuf::from(l.trim())).ok_or("build-deb printed no package path")?;
-        let p = if p.is_absolute() { p } else { support::repo().join(p) };
-        if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("build-deb printed {}, which is not a file", p.display()))
-        }
-    })
-    .clone()
-    .unwrap_or_else(|e| panic!("{e}"))
+    DEB.get_or_init(|| built_path("packaging/build-deb")).clone().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A control disk for one boot: the luksify package (common.sh installs it with `dpkg -i`),

@@ -343,12 +343,13 @@ pub fn render(b: &BootReport) -> String {
     s
 }
 
+/// Boot facts for tests elsewhere (the planner's): a Debian with initramfs-tools and
+/// cryptsetup-initramfs, root on vg0-root (on the sample laptop's PV), /boot on sda1.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::core::facts::samples::laptop;
+pub mod samples {
+    use super::{BootFacts, FsSource};
 
-    fn debian() -> BootFacts {
+    pub fn debian() -> BootFacts {
         BootFacts {
             root_dir: "/".into(),
             root_fs: Some(FsSource { spec: "/dev/mapper/vg0-root".into(), dev: Some((254, 0)) }),
@@ -361,6 +362,14 @@ mod tests {
             ..Default::default()
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::facts::samples::laptop;
+
+    use samples::debian;
 
     fn luks2() -> LuksChoice {
         LuksChoice { luks: LuksVersion::Luks2, pbkdf: None, force_unknown_boot: false }

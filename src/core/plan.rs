@@ -1018,17 +1018,8 @@ pub(crate) mod tests {
 
     #[test]
     fn the_dry_run_says_when_the_boot_chain_goes_in() {
-        use crate::core::boot::{BootFacts, FsSource};
-        let debian = BootFacts {
-            root_dir: "/".into(),
-            root_fs: Some(FsSource { spec: "/dev/mapper/vg0-root".into(), dev: Some((254, 0)) }),
-            boot_fs: Some(FsSource { spec: "/dev/sda1".into(), dev: Some((8, 1)) }),
-            mounts_from: "mountinfo".into(),
-            update_initramfs: true,
-            initramfs_tools_conf: true,
-            cryptroot_hook: true,
-            ..Default::default()
-        };
+        use crate::core::boot::{samples::debian, BootFacts, FsSource};
+        let debian = debian();
         let p = plan_with_boot(&roomy_laptop(), Some(&debian), &Options::default());
         assert!(p.ok(), "{:?}", p.refusals);
         let i = p.actions.iter().position(|a| a.starts_with("set up the boot chain")).expect("no boot chain action");
