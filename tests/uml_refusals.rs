@@ -81,10 +81,18 @@ refused already_luks /dev/ubda5
 # Nothing on it.
 MK --variant blank
 refused not_lvm /dev/ubda5
+# The PV's partition also carries a partition table (stale, in its unused first sector):
+# luksify's own reading sees the LVM label, but libblkid (udev's, LVM's view) a partitioned
+# device. Refused, naming what libblkid sees.
+MK
+echo 'start=2048, size=4096, type=83' | sfdisk -q --wipe never --no-reread --no-tell-kernel /dev/ubda5 >/dev/null
+refused not_lvm /dev/ubda5
+grep -q "an LVM label and a dos partition table" /tmp/out || die "libblkid's partition table not named"
+echo "LIBBLKID-OK"
 echo DRYRUN-DONE
 "#
     ));
-    run.assert_ok().assert_log_contains("DRYRUN-DONE");
+    run.assert_ok().assert_log_contains("DRYRUN-DONE").assert_log_contains("LIBBLKID-OK");
     for code in ["too_little_tail", "unsupported_lv", "mounted_directly", "already_luks", "not_lvm"] {
         assert!(run.log.contains(&format!("REFUSED-OK {code}")), "{code} not tested");
     }

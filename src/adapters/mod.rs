@@ -1,4 +1,5 @@
 //! Thin wrappers over the outside world.
+pub(crate) mod blkid;
 pub mod blockdev;
 pub(crate) mod bootchain;
 pub(crate) mod bootprobe;

@@ -137,7 +137,16 @@ impl Prober {
         let mut head = vec![0u8; head_len];
         dev.read_at(0, &mut head).map_err(io("the first sectors"))?;
         let sigs = blockdev::detect_signatures(&head);
-        let content = blockdev::content_of(&sigs);
+        let own = blockdev::content_of(&sigs);
+        // libblkid knows far more formats than luksify reads itself; where it cannot answer,
+        // say so (the conversion then rests on luksify's own reading alone).
+        let content = match super::blkid::probe(&canonical) {
+            Ok(b) => crate::core::facts::reconcile(own, &b, &p),
+            Err(e) => {
+                warnings.push(format!("{e}: signatures checked by luksify's own reading only"));
+                own
+            }
+        };
         let luksify_marker = sigs.contains(&blockdev::Signature::FenceMarker);
 
         // The journal slots in the tail.

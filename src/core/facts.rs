@@ -63,6 +63,42 @@ pub enum Content {
     },
 }
 
+/// What libblkid's low-level probe (superblocks and partition tables, in safe mode: two
+/// signatures that exclude each other are "ambivalent") finds on the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlkidSays {
+    Nothing,
+    Found { fs_type: Option<String>, pt_type: Option<String> },
+    Ambivalent,
+}
+
+/// The content, luksify's own reading of the first bytes (`own`) checked against libblkid's
+/// (the library udev, LVM's scanning and `wipefs` use, which knows far more formats). luksify's
+/// own states (its marker, a LUKS header: a conversion may be in progress) and what it already
+/// refuses stay as they are; a PV must be nothing else to libblkid either, and a device with
+/// no signature luksify knows gets libblkid's name for what is there.
+pub fn reconcile(own: Content, blkid: &BlkidSays, dev: &str) -> Content {
+    let other = |what: String| Content::Other { what };
+    let list = format!("`wipefs --no-act {dev}` lists them");
+    match (own, blkid) {
+        (Content::LvmPv, BlkidSays::Found { fs_type: Some(t), pt_type: None }) if t == "LVM2_member" => Content::LvmPv,
+        (Content::LvmPv, BlkidSays::Found { fs_type: Some(t), .. }) if t != "LVM2_member" => other(format!(
+            "an LVM label, but libblkid identifies the device as {t}: one of the two is stale, and udev and LVM may follow either ({list}; remove the stale one first)"
+        )),
+        (Content::LvmPv, BlkidSays::Found { pt_type: Some(p), .. }) => other(format!(
+            "an LVM label and a {p} partition table: LVM ignores a partitioned device ({list})"
+        )),
+        (Content::LvmPv, BlkidSays::Ambivalent) => other(format!(
+            "an LVM label and other signatures that exclude it (libblkid's probe is ambivalent: {list}; remove the stale one first)"
+        )),
+        (Content::LvmPv, _) => other(format!("an LVM label that libblkid does not see ({list})")),
+        (Content::Nothing, BlkidSays::Found { fs_type: Some(t), .. }) => other(format!("{t} (libblkid)")),
+        (Content::Nothing, BlkidSays::Found { pt_type: Some(p), .. }) => other(format!("a {p} partition table (libblkid)")),
+        (Content::Nothing, BlkidSays::Ambivalent) => other(format!("several signatures (libblkid; {list})")),
+        (own, _) => own,
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     /// dm name, e.g. "vg0-root".
@@ -197,5 +233,55 @@ pub(crate) mod samples {
             luksify_marker: false,
             warnings: vec![],
         }
+    }
+}
+
+#[cfg(test)]
+mod reconcile_tests {
+    use super::{reconcile, BlkidSays, Content};
+
+    fn found(fs: Option<&str>, pt: Option<&str>) -> BlkidSays {
+        BlkidSays::Found { fs_type: fs.map(str::to_string), pt_type: pt.map(str::to_string) }
+    }
+
+    #[test]
+    fn a_pv_must_be_a_pv_to_libblkid_too() {
+        let d = "/dev/sda5";
+        assert_eq!(reconcile(Content::LvmPv, &found(Some("LVM2_member"), None), d), Content::LvmPv);
+        for (b, word) in [
+            (found(Some("zfs_member"), None), "zfs_member"),
+            (found(Some("LVM2_member"), Some("dos")), "dos partition table"),
+            (BlkidSays::Ambivalent, "ambivalent"),
+            (BlkidSays::Nothing, "does not see"),
+        ] {
+            match reconcile(Content::LvmPv, &b, d) {
+                Content::Other { what } => {
+                    assert!(what.contains(word) && what.contains("wipefs --no-act /dev/sda5"), "{what}")
+                }
+                c => panic!("{b:?} gave {c:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn luksify_s_own_states_and_other_refusals_stay() {
+        for own in [
+            Content::LuksifyMarker,
+            Content::Luks { version: 2 },
+            Content::Swap,
+            Content::Filesystem { fstype: "xfs".into() },
+        ] {
+            assert_eq!(reconcile(own.clone(), &BlkidSays::Ambivalent, "/dev/x"), own);
+            assert_eq!(reconcile(own.clone(), &BlkidSays::Nothing, "/dev/x"), own);
+        }
+    }
+
+    #[test]
+    fn an_unknown_device_gets_libblkid_s_name() {
+        assert_eq!(
+            reconcile(Content::Nothing, &found(Some("BitLocker"), None), "/dev/x"),
+            Content::Other { what: "BitLocker (libblkid)".into() }
+        );
+        assert_eq!(reconcile(Content::Nothing, &BlkidSays::Nothing, "/dev/x"), Content::Nothing);
     }
 }
