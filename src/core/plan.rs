@@ -117,6 +117,8 @@ pub struct Options {
     pub pbkdf: Option<String>,
     /// `--force-unknown-boot`: convert although the root's initramfs generator is unknown.
     pub force_unknown_boot: bool,
+    /// `--recovery-key`: a second keyslot with a generated recovery key.
+    pub recovery_key: bool,
 }
 
 impl Default for Options {
@@ -131,6 +133,7 @@ impl Default for Options {
             region: 8192,
             pbkdf: None,
             force_unknown_boot: false,
+            recovery_key: false,
         }
     }
 }
@@ -184,6 +187,12 @@ pub struct Plan {
     pub make_room: Option<MakeRoom>,
     /// The boot checks (null when they were not run).
     pub boot: Option<BootReport>,
+    /// `--recovery-key`: keyslot 1 will hold a generated recovery key (never in the plan:
+    /// the dry-run makes none).
+    pub recovery_key: bool,
+    /// One-line suggestions (`core::recovery::suggestions`; the app fills them in, as they
+    /// depend on the machine: a TPM).
+    pub suggestions: Vec<String>,
     #[serde(skip)]
     pub geometry: Option<Geometry>,
 }
@@ -417,6 +426,19 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
         s,
         mib(s)
     )];
+    if o.recovery_key {
+        let grub = boot_report.as_ref().is_some_and(|b| b.boot_on_pv);
+        let hash = match (o.luks, grub) {
+            (LuksVersion::Luks1, _) => "the header's hash (LUKS1)",
+            (LuksVersion::Luks2, true) => "the passphrase keyslot's hash (GRUB opens /boot on this PV)",
+            (LuksVersion::Luks2, false) => "sha512, as systemd-cryptenroll",
+        };
+        actions.push(format!(
+            "add keyslot 1 for a recovery key: 32 random bytes in systemd-cryptenroll's format (8 groups of 8 letters), PBKDF2 with {} iterations and {hash}{}; shown once on standard output, before anything is written to {dev}",
+            crate::core::recovery::PBKDF2_ITERATIONS,
+            if o.luks == LuksVersion::Luks2 { ", with systemd's `systemd-recovery` token" } else { "" }
+        ));
+    }
     let mut notes = Vec::new();
     if o.shift.is_none() && s > s0 {
         let default_steps = geometry.map(|g| g.l.div_ceil(o.chunk.unwrap_or(s0).min(s0))).unwrap_or(0);
@@ -516,6 +538,8 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
         notes,
         make_room: make_room_plan,
         boot: boot_report,
+        recovery_key: o.recovery_key,
+        suggestions: Vec::new(),
         geometry,
     }
 }
@@ -753,6 +777,9 @@ pub fn render(p: &Plan) -> String {
     }
     for w in &p.warnings {
         s.push_str(&format!("  warning: {w}\n"));
+    }
+    for t in &p.suggestions {
+        s.push_str(&format!("  suggestion: {t}\n"));
     }
     s.push_str("  verdict: can convert (dry run: nothing was changed)\n");
     s
