@@ -220,15 +220,16 @@ pub(crate) fn recovery_frame(device: &Path, slot: u32, luks2: bool) -> (String, 
     let rule = "-".repeat(75);
     let before = format!("\n{rule}\nRECOVERY KEY for {d} (LUKS keyslot {slot}):\n\n        ");
     let remove = if luks2 {
-        format!("`systemd-cryptenroll --wipe-slot=recovery {d}`")
+        format!("systemd-cryptenroll --wipe-slot=recovery {d}")
     } else {
-        format!("`cryptsetup luksKillSlot {d} {slot}`")
+        format!("cryptsetup luksKillSlot {d} {slot}")
     };
     let after = format!(
-        "\n\nWrite this key down or store it off this machine now: it is shown only this once,\n\
-luksify keeps no copy of it. It opens {d} wherever the passphrase is asked\n\
-for (the boot prompt, `cryptsetup open`, `luksify resume`), from now on and after\n\
-the conversion; anyone who has it can read the disk. {remove} removes it.\n{rule}\n\n"
+        "\n\nWrite this key down or store it off this machine now: it is shown only this\n\
+once, and luksify keeps no copy. It opens {d} wherever the passphrase is\n\
+asked for (the boot prompt, `cryptsetup open`, `luksify resume`), mid-way through\n\
+the conversion and after it; anyone who has it can read the disk.\n\
+To remove it later: {remove}\n{rule}\n\n"
     );
     (before, after)
 }
