@@ -11,6 +11,7 @@ mod plain;
 use plain::{run, stdout_ok, Scratch};
 
 use luksify::adapters::luks::{self, HeaderParams, LuksError, LuksType, VolumeKey};
+use luksify::core::geometry::HEADER_COPY_SECTORS;
 
 const PASS: &[u8] = b"correct horse battery staple";
 const WRONG: &[u8] = b"Correct horse battery staple";
@@ -333,6 +334,9 @@ fn check_recovery(t: LuksType, uuid: &str, hash: &str, tag: &str) -> String {
     assert_eq!(header.recovery_keyslot, Some(1));
     // H covers both keyslots: cut at H, the image still opens with either secret.
     assert!(header.bytes.len() as u64 > luks::header_size_estimate(t, 64), "H = {}", header.bytes.len());
+    // and still fits the room luksify reserves for the header's copy in the tail
+    assert!(header.bytes.len() as u64 <= HEADER_COPY_SECTORS * 512, "H = {}", header.bytes.len());
+    eprintln!("{t} with the recovery keyslot: H = {} bytes", header.bytes.len());
     assert!(luks::unlock(&header.bytes, rk.as_str().as_bytes()).unwrap() == key);
     assert!(luks::unlock(&header.bytes, PASS).unwrap() == key);
     // the key itself is nowhere in the header
@@ -397,6 +401,8 @@ fn luks2_reencrypt_header_with_recovery_key() {
     let l = 4 * p.data_offset_sectors;
     let header = format_reencrypt_header(&p, &key, PASS, l, &token, Some(&rk.slot("sha512"))).unwrap();
     assert_eq!(header.recovery_keyslot, Some(1));
+    assert!(header.bytes.len() as u64 <= HEADER_COPY_SECTORS * 512, "H = {}", header.bytes.len());
+    eprintln!("LUKS2 reencryption header with the recovery keyslot: H = {} bytes", header.bytes.len());
     let dir = Scratch::new("luks", "rkre");
     let img = dir.path("disk.img");
     let rkf = dir.path("recovery.key");
