@@ -810,6 +810,40 @@ pub(crate) mod tests {
         laptop_with_tail(2 * 32768 + 8192)
     }
 
+    /// `--recovery-key` is a step of the plan, with the keyslot's hash: systemd's sha512,
+    /// LUKS1's header hash, or the passphrase keyslot's when GRUB opens /boot on the PV.
+    #[test]
+    fn recovery_key_step_follows_grub_and_the_luks_type() {
+        use crate::core::boot::FsSource;
+        let grub_boot = BootFacts {
+            root_dir: "/".into(),
+            root_fs: Some(FsSource { spec: "/dev/mapper/vg0-root".into(), dev: Some((254, 0)) }),
+            boot_fs: None, // /boot on the root LV: GRUB opens the PV
+            mounts_from: "mountinfo".into(),
+            update_initramfs: true,
+            initramfs_tools_conf: true,
+            cryptroot_hook: true,
+            grub_default: Some("GRUB_ENABLE_CRYPTODISK=y\n".into()),
+            ..Default::default()
+        };
+        let step = |p: &Plan| p.actions.iter().find(|a| a.contains("recovery key")).cloned();
+        let o = Options { recovery_key: true, pbkdf: Some("pbkdf2".into()), ..Options::default() };
+        let p = plan_with_boot(&roomy_laptop(), Some(&grub_boot), &o);
+        assert!(p.ok(), "{:?}", p.refusals);
+        assert!(p.boot.as_ref().unwrap().boot_on_pv);
+        let a = step(&p).expect("a recovery key step");
+        assert!(a.contains("the passphrase keyslot's hash") && a.contains("systemd-recovery"), "{a}");
+        assert!(p.recovery_key);
+        assert!(serde_json::to_string(&p).unwrap().contains("\"recovery_key\":true"));
+        let a = step(&plan(&roomy_laptop(), &o)).unwrap();
+        assert!(a.contains("sha512"), "{a}");
+        let l1 = Options { luks: LuksVersion::Luks1, ..o.clone() };
+        let a = step(&plan(&roomy_laptop(), &l1)).unwrap();
+        assert!(a.contains("the header's hash") && !a.contains("systemd-recovery"), "{a}");
+        let without = plan(&roomy_laptop(), &Options::default());
+        assert!(step(&without).is_none() && !without.recovery_key);
+    }
+
     #[test]
     fn laptop_plan_is_accepted() {
         let p = plan(&roomy_laptop(), &Options::default());
