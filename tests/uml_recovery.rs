@@ -122,6 +122,14 @@ fn luks2_recovery_key_opens_mid_way_and_after_the_finish() {
 "$LUKSIFY" --dry-run /dev/ubda5 > "$OUT/dry-plain.txt"
 "$LUKSIFY" --dry-run --recovery-key /dev/ubda5 > "$OUT/dry-recovery.txt"
 "$LUKSIFY" --dry-run --json --recovery-key /dev/ubda5 > "$OUT/dry-recovery.json"
+# nowhere to show the key (standard output is /dev/full): luksify stops, nothing written
+ends() {{ n=$(blockdev --getsz /dev/ubda5); {{ dd if=/dev/ubda5 bs=512 count=2048 status=none; dd if=/dev/ubda5 bs=512 skip=$((n - 65536)) status=none; }} | sha256sum; }}
+before=$(ends)
+if "$LUKSIFY" --yes --no-integrate --recovery-key --key-file "$OUT/key" $FAST /dev/ubda5 > /dev/full 2> "$OUT/full.err"; then
+    die "converted with nowhere to show the recovery key"
+fi
+[ "$(ends)" = "$before" ] || die "the device's first MiB or last 32 MiB changed although the key could not be shown"
+"$LUKSIFY" status /dev/ubda5 > "$OUT/status-full.txt"
 "$LUKSIFY" --yes --no-integrate --recovery-key --key-file "$OUT/key" $FAST --progress-json /dev/ubda5 \
     > "$OUT/convert.out" 2> "$OUT/convert.err" &
 P=$!
@@ -155,6 +163,7 @@ echo RECOVERED
             "dump-done.txt",
             "dry-recovery.txt",
             "dry-recovery.json",
+            "full.err",
         ],
     );
     // stdout holds the key's frame and nothing else of the conversion
@@ -168,6 +177,17 @@ echo RECOVERED
         assert!(ks1.contains("PBKDF:      pbkdf2") && ks1.contains("Hash:       sha512"), "{f}: {ks1}");
         assert!(dump.contains("systemd-recovery"), "{f}: no systemd-recovery token:\n{dump}");
     }
+    // with nowhere to show it, no conversion
+    let full = run.file("full.err");
+    assert!(
+        full.contains("cannot show the recovery key on standard output") && full.contains("did not start"),
+        "{full}"
+    );
+    assert!(
+        run.file("status-full.txt").contains("no luksify conversion in progress"),
+        "{}",
+        run.file("status-full.txt")
+    );
     // the dry-runs: the flag's step, or the suggestion to use it
     let plain = run.file("dry-plain.txt");
     assert!(plain.contains("suggestion: add --recovery-key"), "{plain}");

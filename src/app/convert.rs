@@ -215,7 +215,7 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
 }
 
 /// The frame around the recovery key on standard output: (before, after). No key in it.
-pub(crate) fn recovery_frame(device: &Path, slot: u32, luks2: bool) -> (String, String) {
+fn recovery_frame(device: &Path, slot: u32, luks2: bool) -> (String, String) {
     let d = device.display();
     let rule = "-".repeat(75);
     let before = format!("\n{rule}\nRECOVERY KEY for {d} (LUKS keyslot {slot}):\n\n        ");
@@ -248,7 +248,7 @@ fn show_recovery_key(device: &Path, key: &luks::RecoveryKey, slot: u32, luks2: b
     text.push_str(&after);
     let failed = |e: std::io::Error| {
         Error::Failed(format!(
-            "cannot show the recovery key on standard output ({e}); nothing was written to {}",
+            "cannot show the recovery key on standard output ({e}); the conversion of {} did not start",
             device.display()
         ))
     };
