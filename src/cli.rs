@@ -112,6 +112,14 @@ pub struct ConvertOpts {
     /// the PV first if they are in use (`pvmove`). Never shrinks an LV or a filesystem.
     #[arg(long)]
     pub make_room: bool,
+    /// Add a second keyslot holding a generated recovery key, in the format
+    /// `systemd-cryptenroll --recovery-key` uses (32 random bytes as 8 groups of 8 letters).
+    /// It opens the disk wherever the passphrase is asked for (boot prompt, `cryptsetup
+    /// open`, `luksify resume`). It is printed once, on standard output only, when the LUKS
+    /// header is made and before anything is written: write it down or store it off the
+    /// machine. luksify keeps no copy and never logs it.
+    #[arg(long)]
+    pub recovery_key: bool,
     /// Convert even when the root filesystem is on DEVICE and luksify knows no initramfs
     /// generator that could unlock it at boot (you make sure yours will).
     #[arg(long)]
@@ -214,6 +222,7 @@ impl ConvertOpts {
             pbkdf: self.pbkdf.clone(),
             force_unknown_boot: self.force_unknown_boot,
             kernel_cipher_error: None,
+            recovery_key: self.recovery_key,
         }
     }
 }

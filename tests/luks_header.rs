@@ -11,6 +11,7 @@ mod plain;
 use plain::{run, stdout_ok, Scratch};
 
 use luksify::adapters::luks::{self, HeaderParams, LuksError, LuksType, VolumeKey};
+use luksify::core::geometry::HEADER_COPY_SECTORS;
 
 const PASS: &[u8] = b"correct horse battery staple";
 const WRONG: &[u8] = b"Correct horse battery staple";
@@ -140,7 +141,7 @@ fn check_with_cryptsetup(header: &luks::Header, key: &VolumeKey, tag: &str) -> S
 fn luks2_header_is_valid_and_opens() {
     let key = known_key();
     let p = cheap(LuksType::Luks2, UUID2);
-    let header = luks::format_header(&p, &key, PASS).unwrap();
+    let header = luks::format_header(&p, &key, PASS, None).unwrap();
     assert_eq!(header.uuid, UUID2);
     check_common(&header, &p, &key);
     let dump = check_with_cryptsetup(&header, &key, "l2");
@@ -156,7 +157,7 @@ fn luks2_header_is_valid_and_opens() {
 fn luks1_header_is_valid_and_opens() {
     let key = known_key();
     let p = cheap(LuksType::Luks1, UUID1);
-    let header = luks::format_header(&p, &key, PASS).unwrap();
+    let header = luks::format_header(&p, &key, PASS, None).unwrap();
     assert_eq!(header.uuid, UUID1);
     check_common(&header, &p, &key);
     let dump = check_with_cryptsetup(&header, &key, "l1");
@@ -175,7 +176,7 @@ fn luks2_nondefault_offset_and_random_uuid() {
     p.uuid = None;
     p.label = Some("luksify-test".into());
     p.data_offset_sectors = 16392;
-    let header = luks::format_header(&p, &key, PASS).unwrap();
+    let header = luks::format_header(&p, &key, PASS, None).unwrap();
     assert!(uuid::Uuid::parse_str(&header.uuid).is_ok());
     check_common(&header, &p, &key);
     let dump = check_with_cryptsetup(&header, &key, "l2off");
@@ -192,7 +193,7 @@ fn luks2_keyslots_area_stays_default_with_a_large_offset() {
     for (s, want) in [(262144u64, luks::LUKS2_DEFAULT_KEYSLOTS_BYTES), (16392, 16392 * 512 - 32768)] {
         let mut p = cheap(LuksType::Luks2, UUID2);
         p.data_offset_sectors = s;
-        let header = luks::format_header(&p, &key, PASS).unwrap();
+        let header = luks::format_header(&p, &key, PASS, None).unwrap();
         check_common(&header, &p, &key);
         let dump = check_with_cryptsetup(&header, &key, "l2ks");
         assert!(dump.contains(&format!("Keyslots area: \t{want} [bytes]")), "S = {s}:\n{dump}");
@@ -207,7 +208,7 @@ fn luks2_argon2id_low_cost() {
     p.pbkdf = Some("argon2id".into());
     p.iter_time_ms = Some(50);
     let t = Instant::now();
-    let header = luks::format_header(&p, &key, PASS).unwrap();
+    let header = luks::format_header(&p, &key, PASS, None).unwrap();
     eprintln!("argon2id 50 ms format: {:?}", t.elapsed());
     check_common(&header, &p, &key);
     let dump = check_with_cryptsetup(&header, &key, "argon");
@@ -220,7 +221,7 @@ fn luks1_smaller_key_and_sha512() {
     let mut p = cheap(LuksType::Luks1, UUID1);
     p.key_bytes = 32;
     p.hash = "sha512".into();
-    let header = luks::format_header(&p, &key, PASS).unwrap();
+    let header = luks::format_header(&p, &key, PASS, None).unwrap();
     assert_eq!(header.key_bytes, 32);
     assert_eq!(header.bytes.len() as u64, luks::header_size_estimate(LuksType::Luks1, 32));
     assert!(luks::unlock(&header.bytes, PASS).unwrap() == key);
@@ -237,22 +238,22 @@ fn refusals() {
     let key = known_key();
     let mut p = cheap(LuksType::Luks2, UUID2);
     p.data_offset_sectors = 32767;
-    assert!(matches!(luks::format_header(&p, &key, PASS), Err(LuksError::InvalidParams(_))));
+    assert!(matches!(luks::format_header(&p, &key, PASS, None), Err(LuksError::InvalidParams(_))));
     let mut p = cheap(LuksType::Luks1, UUID1);
     p.pbkdf = Some("argon2id".into());
-    assert!(matches!(luks::format_header(&p, &key, PASS), Err(LuksError::InvalidParams(_))));
+    assert!(matches!(luks::format_header(&p, &key, PASS, None), Err(LuksError::InvalidParams(_))));
     let mut p = cheap(LuksType::Luks2, UUID2);
     p.uuid = Some("not-a-uuid".into());
-    assert!(matches!(luks::format_header(&p, &key, PASS), Err(LuksError::InvalidParams(_))));
+    assert!(matches!(luks::format_header(&p, &key, PASS, None), Err(LuksError::InvalidParams(_))));
     let p = cheap(LuksType::Luks2, UUID2);
     assert!(matches!(
-        luks::format_header(&p, &VolumeKey::from_slice(&[1; 32]), PASS),
+        luks::format_header(&p, &VolumeKey::from_slice(&[1; 32]), PASS, None),
         Err(LuksError::InvalidParams(_))
     ));
     // A cipher the kernel crypto API does not know fails in libcryptsetup, not with a panic.
     let mut p = cheap(LuksType::Luks2, UUID2);
     p.cipher = "nosuchcipher".into();
-    let e = luks::format_header(&p, &key, PASS).unwrap_err();
+    let e = luks::format_header(&p, &key, PASS, None).unwrap_err();
     assert!(matches!(e, LuksError::Crypt { .. }), "{e:?}");
 }
 
@@ -263,7 +264,7 @@ fn garbage_is_not_a_header() {
     assert!(matches!(luks::unlock(&zeros, PASS), Err(LuksError::BadHeader(_))));
     assert!(matches!(luks::inspect(b"short"), Err(LuksError::BadHeader(_))));
     // A header whose JSON is corrupt, both copies.
-    let header = luks::format_header(&cheap(LuksType::Luks2, UUID2), &known_key(), PASS).unwrap();
+    let header = luks::format_header(&cheap(LuksType::Luks2, UUID2), &known_key(), PASS, None).unwrap();
     let mut b = header.bytes.clone();
     b[4096 + 10] ^= 0xff;
     b[16384 + 4096 + 10] ^= 0xff;
@@ -284,7 +285,7 @@ fn volume_key_never_prints() {
     assert!(g != key);
     assert!(!format!("{g:?}").contains(&g.hex()[..16]));
     // Header's Debug does not dump the (large) byte vector either.
-    let header = luks::format_header(&cheap(LuksType::Luks2, UUID2), &key, PASS).unwrap();
+    let header = luks::format_header(&cheap(LuksType::Luks2, UUID2), &key, PASS, None).unwrap();
     assert!(format!("{header:?}").len() < 400);
 }
 
@@ -292,7 +293,7 @@ fn volume_key_never_prints() {
 fn calls_from_many_threads() {
     // libcryptsetup-rs (no `mutex` feature) panics off its first thread; the adapter's
     // worker thread must make concurrent callers safe.
-    let header = luks::format_header(&cheap(LuksType::Luks1, UUID1), &known_key(), PASS).unwrap();
+    let header = luks::format_header(&cheap(LuksType::Luks1, UUID1), &known_key(), PASS, None).unwrap();
     let hs: Vec<_> = (0..4)
         .map(|_| {
             let b = header.bytes.clone();
@@ -313,10 +314,116 @@ fn default_pbkdf_timing() {
         let key = VolumeKey::generate(64).unwrap();
         let p = HeaderParams::defaults(t);
         let t0 = Instant::now();
-        let header = luks::format_header(&p, &key, PASS).unwrap();
+        let header = luks::format_header(&p, &key, PASS, None).unwrap();
         let f = t0.elapsed();
         let t1 = Instant::now();
         assert!(luks::unlock(&header.bytes, PASS).unwrap() == key);
         eprintln!("{t}: format {f:?}, unlock {:?}, H = {}", t1.elapsed(), header.bytes.len());
     }
+}
+
+/// `--recovery-key`: keyslot 1 holds the recovery key, as systemd-cryptenroll would enroll
+/// it (PBKDF2, 1000 iterations; LUKS2: sha512 and the `systemd-recovery` token naming the
+/// keyslot). Stock cryptsetup opens keyslot 1 with the key and keyslot 0 with the
+/// passphrase, and neither with the other's secret; both unlock the same volume key.
+fn check_recovery(t: LuksType, uuid: &str, hash: &str, tag: &str) -> String {
+    let key = known_key();
+    let p = cheap(t, uuid);
+    let rk = luks::RecoveryKey::generate().unwrap();
+    let header = luks::format_header(&p, &key, PASS, Some(&rk.slot(hash))).unwrap();
+    assert_eq!(header.recovery_keyslot, Some(1));
+    // H covers both keyslots: cut at H, the image still opens with either secret.
+    assert!(header.bytes.len() as u64 > luks::header_size_estimate(t, 64), "H = {}", header.bytes.len());
+    // and still fits the room luksify reserves for the header's copy in the tail
+    assert!(header.bytes.len() as u64 <= HEADER_COPY_SECTORS * 512, "H = {}", header.bytes.len());
+    eprintln!("{t} with the recovery keyslot: H = {} bytes", header.bytes.len());
+    assert!(luks::unlock(&header.bytes, rk.as_str().as_bytes()).unwrap() == key);
+    assert!(luks::unlock(&header.bytes, PASS).unwrap() == key);
+    // the key itself is nowhere in the header
+    assert!(!header.bytes.windows(17).any(|w| w == &rk.as_str().as_bytes()[..17]));
+    let dir = Scratch::new("luks", tag);
+    let img = dir.path("disk.img");
+    let rkf = dir.path("recovery.key");
+    let pf = dir.path("pass.key");
+    std::fs::write(&rkf, rk.as_str()).unwrap();
+    std::fs::write(&pf, PASS).unwrap();
+    write_image(&img, &header, 2048);
+    let slot = |f: &Path, n: &str| {
+        cryptsetup(&[
+            "open",
+            "--test-passphrase",
+            "--disable-locks",
+            "--key-slot",
+            n,
+            "--key-file",
+            f.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ])
+    };
+    stdout_ok(&slot(&rkf, "1"), "open --test-passphrase --key-slot 1 (recovery key)");
+    stdout_ok(&slot(&pf, "0"), "open --test-passphrase --key-slot 0 (passphrase)");
+    assert!(!slot(&rkf, "0").status.success(), "the recovery key opened keyslot 0");
+    assert!(!slot(&pf, "1").status.success(), "the passphrase opened keyslot 1");
+    assert!(dumped_volume_key(&img, &rkf) == key.as_bytes(), "the recovery key unlocks another volume key");
+    stdout_ok(&cryptsetup(&["luksDump", "--disable-locks", img.to_str().unwrap()]), "luksDump")
+}
+
+#[test]
+fn luks2_recovery_keyslot_is_systemds() {
+    let dump = check_recovery(LuksType::Luks2, UUID2, "sha512", "rk2");
+    let ks1 = dump.split("  1: luks2").nth(1).expect("keyslot 1 in luksDump");
+    let ks1 = ks1.split("Tokens:").next().unwrap();
+    assert!(ks1.contains("PBKDF:      pbkdf2"), "{ks1}");
+    assert!(ks1.contains("Hash:       sha512"), "{ks1}");
+    assert!(ks1.contains("Iterations: 1000"), "{ks1}");
+    let tokens = dump.split("Tokens:").nth(1).unwrap().split("Digests:").next().unwrap();
+    assert!(tokens.contains("systemd-recovery") && tokens.contains("Keyslot:    1"), "{tokens}");
+}
+
+#[test]
+fn luks1_recovery_keyslot_uses_the_header_hash() {
+    let dump = check_recovery(LuksType::Luks1, UUID1, "sha256", "rk1");
+    let ks1 = dump.split("Key Slot 1: ENABLED").nth(1).expect("keyslot 1 enabled");
+    assert!(ks1.contains("Iterations:         \t1000"), "{ks1}");
+    assert!(dump.contains("Hash spec:     \tsha256"), "{dump}");
+}
+
+/// The LUKS2 reencryption header (the standard mid-way format) with a recovery key:
+/// keyslot 1 (the `reencrypt` keyslot goes to 2), both secrets open it with stock
+/// cryptsetup mid-way.
+#[test]
+fn luks2_reencrypt_header_with_recovery_key() {
+    use luksify::adapters::luks::reencrypt::{format_reencrypt_header, LuksifyToken};
+    let key = known_key();
+    let p = cheap(LuksType::Luks2, UUID2);
+    let rk = luks::RecoveryKey::generate().unwrap();
+    let token = LuksifyToken { name: "t_crypt".into(), allow_discards: false, pv_uuid: "pv".into() };
+    let l = 4 * p.data_offset_sectors;
+    let header = format_reencrypt_header(&p, &key, PASS, l, &token, Some(&rk.slot("sha512"))).unwrap();
+    assert_eq!(header.recovery_keyslot, Some(1));
+    assert!(header.bytes.len() as u64 <= HEADER_COPY_SECTORS * 512, "H = {}", header.bytes.len());
+    eprintln!("LUKS2 reencryption header with the recovery keyslot: H = {} bytes", header.bytes.len());
+    let dir = Scratch::new("luks", "rkre");
+    let img = dir.path("disk.img");
+    let rkf = dir.path("recovery.key");
+    std::fs::write(&rkf, rk.as_str()).unwrap();
+    let mut bytes = header.bytes.clone();
+    bytes.resize(((l + 2 * p.data_offset_sectors) * 512) as usize, 0);
+    std::fs::write(&img, &bytes).unwrap();
+    let dump = stdout_ok(&cryptsetup(&["luksDump", "--disable-locks", img.to_str().unwrap()]), "luksDump");
+    assert!(dump.contains("online-reencrypt"), "{dump}");
+    assert!(dump.contains("2: reencrypt"), "{dump}");
+    assert!(dump.contains("systemd-recovery") && dump.contains("luksify"), "{dump}");
+    let o = cryptsetup(&[
+        "open",
+        "--test-passphrase",
+        "--disable-locks",
+        "--key-slot",
+        "1",
+        "--key-file",
+        rkf.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    stdout_ok(&o, "open --test-passphrase --key-slot 1 mid-way");
+    assert!(luks::unlock(&header.bytes, rk.as_str().as_bytes()).unwrap() == key);
 }

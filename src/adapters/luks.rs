@@ -5,6 +5,9 @@
 //!   H bytes: the binary header(s), the JSON area and the used keyslot area, H rounded up
 //!   to 4096. Written at sector 0 of the device and followed by zeros up to the data offset
 //!   S, those bytes are a valid LUKS device, as `cryptsetup luksFormat` would make it.
+//!   With a [`RecoverySlot`] (`--recovery-key`) it adds keyslot 1 for a [`RecoveryKey`] as
+//!   `systemd-cryptenroll --recovery-key` would: PBKDF2 with 1000 iterations (the key has
+//!   256 bits of entropy) and, in LUKS2, the `systemd-recovery` token naming the keyslot.
 //! * [`unlock`] recovers the volume key from such header bytes (e.g. luksify's journal copy)
 //!   with a passphrase (`crypt_volume_key_get`: no activation, no kernel keyring).
 //! * [`inspect`] reads data offset, UUID, cipher and key size without a passphrase.
@@ -251,6 +254,62 @@ impl PartialEq for VolumeKey {
 }
 impl Eq for VolumeKey {}
 
+/// A recovery key (`--recovery-key`): 32 random bytes in systemd-cryptenroll's modhex
+/// format (`core::recovery`), the passphrase of its keyslot as printed. Wiped on drop;
+/// `Debug` never shows it. It is shown once, on standard output (`app::convert`), and
+/// nowhere else.
+pub struct RecoveryKey(Zeroizing<String>);
+
+impl RecoveryKey {
+    /// A new key from the OS's random number generator (getrandom, as systemd's
+    /// `crypto_random_bytes`).
+    pub fn generate() -> Result<RecoveryKey> {
+        RecoveryKey::generate_with(|b| getrandom::fill(b).map_err(|e| LuksError::Random(e.to_string())))
+    }
+
+    /// A new key from the bytes `fill` writes (all of [`crate::core::recovery::RAW_BYTES`]:
+    /// nothing else goes into the key); tests pass their own source.
+    pub fn generate_with(fill: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<RecoveryKey> {
+        let mut raw = Zeroizing::new([0u8; crate::core::recovery::RAW_BYTES]);
+        fill(&mut raw[..])?;
+        Ok(RecoveryKey(crate::core::recovery::format(&raw)))
+    }
+
+    /// The formatted key (`cbdefghi-…`, 71 characters).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The keyslot that holds it, with the PBKDF2 hash `hash` (see
+    /// `core::recovery::keyslot_hash`).
+    pub fn slot(&self, hash: &str) -> RecoverySlot {
+        RecoverySlot { passphrase: Zeroizing::new(self.0.as_bytes().to_vec()), hash: hash.to_string() }
+    }
+}
+
+impl fmt::Debug for RecoveryKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RecoveryKey(<redacted>)")
+    }
+}
+
+/// What [`format_header`] needs to add the recovery keyslot (keyslot 1): the key as its
+/// passphrase (a wiped copy) and the PBKDF2 hash. `Debug` shows the hash only.
+#[derive(Clone)]
+pub struct RecoverySlot {
+    passphrase: Zeroizing<Vec<u8>>,
+    hash: String,
+}
+
+impl fmt::Debug for RecoverySlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RecoverySlot(<redacted>, pbkdf2 {} x{})", self.hash, crate::core::recovery::PBKDF2_ITERATIONS)
+    }
+}
+
+/// The keyslot luksify gives the recovery key.
+pub const RECOVERY_KEYSLOT: u32 = 1;
+
 /// A formatted header: what goes to [0, H) of the device; [H, S) must be zeros.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Header {
@@ -266,6 +325,8 @@ pub struct Header {
     pub cipher_spec: String,
     /// Volume key size in bytes.
     pub key_bytes: usize,
+    /// The recovery key's keyslot, when there is one.
+    pub recovery_keyslot: Option<u32>,
 }
 
 impl fmt::Debug for Header {
@@ -277,6 +338,7 @@ impl fmt::Debug for Header {
             .field("luks_type", &self.luks_type)
             .field("cipher_spec", &self.cipher_spec)
             .field("key_bytes", &self.key_bytes)
+            .field("recovery_keyslot", &self.recovery_keyslot)
             .finish()
     }
 }
@@ -313,14 +375,21 @@ pub fn header_size_estimate(luks_type: LuksType, key_bytes: usize) -> u64 {
 
 /// Formats a header in memory (a memfd) with `key` as volume key and one keyslot (0) for
 /// `passphrase`, data offset exactly `params.data_offset_sectors`, encryption sector size
-/// 512. Runs the PBKDF once (≈ the iteration time, 2 s by default). Checks that the first
-/// H bytes followed by zeros load back with the same offset, UUID and cipher.
-pub fn format_header(params: &HeaderParams, key: &VolumeKey, passphrase: &[u8]) -> Result<Header> {
+/// 512; with `recovery`, keyslot 1 for the recovery key. Runs the PBKDF once (≈ the
+/// iteration time, 2 s by default). Checks that the first H bytes followed by zeros load
+/// back with the same offset, UUID and cipher.
+pub fn format_header(
+    params: &HeaderParams,
+    key: &VolumeKey,
+    passphrase: &[u8],
+    recovery: Option<&RecoverySlot>,
+) -> Result<Header> {
     validate(params, key)?;
     let params = params.clone();
     let key = key.clone();
     let pass = Zeroizing::new(passphrase.to_vec());
-    let header = on_worker(move || worker::format(&params, &key, &pass))?;
+    let recovery = recovery.cloned();
+    let header = on_worker(move || worker::format(&params, &key, &pass, recovery.as_ref()))?;
     // Self-check: the truncated image is what goes on disk.
     let info = inspect(&header.bytes)?;
     if info.data_offset_sectors != header.data_offset_sectors
@@ -626,15 +695,27 @@ mod worker {
         Ok(t)
     }
 
-    pub(super) fn format(p: &HeaderParams, key: &VolumeKey, pass: &[u8]) -> Result<Header> {
+    pub(super) fn format(
+        p: &HeaderParams,
+        key: &VolumeKey,
+        pass: &[u8],
+        recovery: Option<&RecoverySlot>,
+    ) -> Result<Header> {
         let s = p.data_offset_sectors;
         let dev = MemDev::new(s * SECTOR + DEVICE_MARGIN)?;
-        let mut cd = format_on(&dev, p, key, pass)?;
-        header_of(&dev, &mut cd, p, 0)
+        let mut cd = format_on(&dev, p, key, pass, recovery)?;
+        header_of(&dev, &mut cd, p, recovery.map(|_| RECOVERY_KEYSLOT))
     }
 
-    /// Format `dev` (LUKS1/LUKS2, data offset S, `key`, keyslot 0 for `pass`).
-    pub(super) fn format_on(dev: &MemDev, p: &HeaderParams, key: &VolumeKey, pass: &[u8]) -> Result<CryptDevice> {
+    /// Format `dev` (LUKS1/LUKS2, data offset S, `key`, keyslot 0 for `pass`, keyslot 1 for
+    /// the recovery key if any).
+    pub(super) fn format_on(
+        dev: &MemDev,
+        p: &HeaderParams,
+        key: &VolumeKey,
+        pass: &[u8],
+        recovery: Option<&RecoverySlot>,
+    ) -> Result<CryptDevice> {
         let s = p.data_offset_sectors;
         let mut cd = dev.open()?;
         let pbkdf = pbkdf(p)?;
@@ -694,19 +775,81 @@ mod worker {
         if slot != 0 {
             return Err(LuksError::Internal(format!("the passphrase went to keyslot {slot}, not 0")));
         }
+        if let Some(r) = recovery {
+            add_recovery(&mut cd, p, key, r)?;
+        }
         Ok(cd)
     }
 
+    /// Keyslot 1 for the recovery key, as systemd-cryptenroll adds one: PBKDF2, 1000
+    /// iterations, no benchmark (`cryptsetup_set_minimal_pbkdf`), then (LUKS2) the
+    /// `systemd-recovery` token naming the keyslot. The device's PBKDF is set back to the
+    /// passphrase keyslot's afterwards.
+    fn add_recovery(cd: &mut CryptDevice, p: &HeaderParams, key: &VolumeKey, r: &RecoverySlot) -> Result<()> {
+        use crate::core::recovery;
+        let mut t = CryptSettingsHandle::get_pbkdf_type_params(&CryptKdf::Pbkdf2)
+            .map_err(|e| crypt_err("crypt_get_pbkdf_type_params", e))?;
+        t.hash = Some(r.hash.clone());
+        t.iterations = recovery::PBKDF2_ITERATIONS;
+        t.time_ms = 0;
+        t.max_memory_kb = 0;
+        t.parallel_threads = 0;
+        t.flags |= CryptPbkdf::NO_BENCHMARK;
+        cd.settings_handle().set_pbkdf_type(&t).map_err(|e| crypt_err("crypt_set_pbkdf_type (recovery keyslot)", e))?;
+        let slot = cd
+            .keyslot_handle()
+            .add_by_key(
+                Some(RECOVERY_KEYSLOT),
+                Some(Either::Left(key.as_bytes())),
+                &r.passphrase,
+                CryptVolumeKey::empty(),
+            )
+            .map_err(|e| crypt_err("crypt_keyslot_add_by_key (recovery key)", e))?;
+        if slot != RECOVERY_KEYSLOT {
+            return Err(LuksError::Internal(format!(
+                "the recovery key went to keyslot {slot}, not {RECOVERY_KEYSLOT}"
+            )));
+        }
+        let back = pbkdf(p)?;
+        cd.settings_handle().set_pbkdf_type(&back).map_err(|e| crypt_err("crypt_set_pbkdf_type", e))?;
+        if p.luks_type == LuksType::Luks2 {
+            cd.token_handle()
+                .json_set(libcryptsetup_rs::TokenInput::AddToken(&recovery::token_json(slot)))
+                .map_err(|e| crypt_err("crypt_token_json_set (systemd-recovery)", e))?;
+        }
+        Ok(())
+    }
+
     /// The first H bytes of `dev` as a [`Header`], checked against `p`: H is the end of the
-    /// last used area (keyslots 0..=`extra_slots`, the metadata copies), rounded up to 4 KiB.
-    pub(super) fn header_of(dev: &MemDev, cd: &mut CryptDevice, p: &HeaderParams, extra_slots: u32) -> Result<Header> {
+    /// last used area (every keyslot in use: the passphrase's, the recovery key's, LUKS2's
+    /// `reencrypt` keyslot; the metadata copies), rounded up to 4 KiB.
+    pub(super) fn header_of(
+        dev: &MemDev,
+        cd: &mut CryptDevice,
+        p: &HeaderParams,
+        recovery_keyslot: Option<u32>,
+    ) -> Result<Header> {
+        use libcryptsetup_rs::consts::vals::KeyslotInfo;
         let s = p.data_offset_sectors;
         let (area_off, area_len) = cd.keyslot_handle().area(0).map_err(|e| crypt_err("crypt_keyslot_area", e))?;
         let mut end = area_off + area_len;
-        for slot in 1..=extra_slots {
-            let (o, l) = cd.keyslot_handle().area(slot).map_err(|e| crypt_err("crypt_keyslot_area", e))?;
-            end = end.max(o + l);
+        let slots = match p.luks_type {
+            LuksType::Luks1 => 8,
+            LuksType::Luks2 => 32,
+        };
+        for slot in 1..slots {
+            // LUKS1 gives every slot index an area, used or not; LUKS2 only the used ones
+            // (the `reencrypt` keyslot included), an error for the others.
+            let used = p.luks_type == LuksType::Luks2
+                || matches!(cd.keyslot_handle().status(slot), Ok(KeyslotInfo::Active | KeyslotInfo::ActiveLast));
+            if !used {
+                continue;
+            }
+            if let Ok((o, l)) = cd.keyslot_handle().area(slot) {
+                end = end.max(o + l);
+            }
         }
+        let _ = take_log();
         if p.luks_type == LuksType::Luks2 {
             let (md, _ks) =
                 cd.settings_handle().get_metadata_size().map_err(|e| crypt_err("crypt_get_metadata_size", e))?;
@@ -741,6 +884,7 @@ mod worker {
             luks_type: p.luks_type,
             cipher_spec: info.cipher_spec,
             key_bytes: info.key_bytes,
+            recovery_keyslot,
         })
     }
 
@@ -848,6 +992,42 @@ mod tests {
         assert_eq!(&*k.hex(), "deadbeef");
         let d = format!("{k:?}");
         assert!(!d.contains("deadbeef") && !d.contains("222"), "{d}");
+    }
+
+    /// The key is made of exactly the 32 bytes the source gives (nothing else), and
+    /// `generate` takes them from getrandom: two keys differ, and over a few keys every
+    /// letter of the alphabet shows up.
+    #[test]
+    fn recovery_key_comes_from_its_entropy_source() {
+        use crate::core::recovery::{FORMATTED_LEN, MODHEX, RAW_BYTES};
+        let mut asked = 0;
+        let k = RecoveryKey::generate_with(|b| {
+            asked = b.len();
+            b.fill(0x5a);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(asked, RAW_BYTES);
+        assert_eq!(k.as_str(), ["glglglgl"; 8].join("-"));
+        assert!(RecoveryKey::generate_with(|_| Err(LuksError::Random("no entropy".into()))).is_err());
+        let a = RecoveryKey::generate().unwrap();
+        let b = RecoveryKey::generate().unwrap();
+        assert_ne!(a.as_str(), b.as_str());
+        assert_eq!(a.as_str().len(), FORMATTED_LEN);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..16 {
+            seen.extend(RecoveryKey::generate().unwrap().as_str().bytes().filter(|c| *c != b'-'));
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<u8>>(), {
+            let mut v = MODHEX.to_vec();
+            v.sort();
+            v
+        });
+        // never in Debug output, nor in the keyslot parameters' Debug
+        assert!(!format!("{a:?}").contains(&a.as_str()[..8]));
+        let slot = a.slot("sha512");
+        let d = format!("{slot:?}");
+        assert!(!d.contains(&a.as_str()[..8]) && d.contains("sha512"), "{d}");
     }
 
     #[test]

@@ -2,7 +2,10 @@
 
 use super::guard::{self, Progress};
 use super::progress::{phase, undo_warning};
-use super::{check_root, confirm, engine_err, finish, lock, lock_vg, open_disk, passphrase, probe_device, raw_devref};
+use super::{
+    check_root, confirm, engine_err, finish, has_tpm, lock, lock_vg, open_disk, passphrase, probe_device, raw_devref,
+    suggest_after,
+};
 use crate::adapters::blockdev::{BlockDev, OpenMode};
 use crate::adapters::integrate::SystemRunner;
 use crate::adapters::kernel::DmKernel;
@@ -49,7 +52,16 @@ fn plan_for(facts: &crate::core::facts::DeviceFacts, o: &ConvertOpts) -> Result<
 pub(super) fn dry_run(device: &Path, o: &ConvertOpts, json: bool) -> Result<i32> {
     refuse_interrupted_cut_over(device)?;
     let facts = probe_device(device)?;
-    let p = plan_for(&facts, o)?;
+    let mut p = plan_for(&facts, o)?;
+    if p.ok() {
+        p.suggestions = crate::core::recovery::suggestions(
+            &device.display().to_string(),
+            p.luks == plan::LuksVersion::Luks1,
+            o.recovery_key,
+            has_tpm(),
+            false,
+        );
+    }
     let room = room_commands(&p).filter(|_| o.make_room);
     if json {
         println!("{}", serde_json::to_string_pretty(&p).expect("plan serialises"));
@@ -165,22 +177,38 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     };
     let pv_uuid = facts.lvm.as_ref().map(|l| l.pv_uuid.clone()).unwrap_or_default();
     let standard = popts.luks == plan::LuksVersion::Luks2;
+    let recovery = match o.recovery_key {
+        true => Some(luks::RecoveryKey::generate().map_err(|e| Error::Failed(format!("{e}; nothing was changed")))?),
+        false => None,
+    };
+    let recovery_slot = recovery.as_ref().map(|k| {
+        let grub_opens = p.boot.as_ref().is_some_and(|b| b.boot_on_pv);
+        k.slot(&crate::core::recovery::keyslot_hash(!standard, grub_opens, &params.hash))
+    });
     let header = if standard {
         let token = luks::reencrypt::LuksifyToken {
             name: p.name.clone(),
             allow_discards: o.allow_discards,
             pv_uuid: pv_uuid.clone(),
         };
-        luks::reencrypt::format_reencrypt_header(&params, &key, &pass, g.l, &token)
+        luks::reencrypt::format_reencrypt_header(&params, &key, &pass, g.l, &token, recovery_slot.as_ref())
     } else {
-        luks::format_header(&params, &key, &pass)
+        luks::format_header(&params, &key, &pass, recovery_slot.as_ref())
     }
     .map_err(|e| Error::Failed(format!("formatting the LUKS header: {e}; nothing was changed")))?;
+    drop(recovery_slot);
+    // The recovery key is shown now, before anything is written: from the moment the
+    // header (or, LUKS1, its copy in the tail) is on the disk, the key opens it. If it
+    // cannot be shown, nothing is written.
+    if let (Some(k), Some(slot)) = (recovery, header.recovery_keyslot) {
+        show_recovery_key(device, &k, slot, standard)?;
+    }
     let pass = if standard { Some(pass) } else { None };
     phase(&o.run, "header_formatted");
     // LUKS2 with the root on the PV: the boot chain goes in before the cut-over.
     let chain = if standard { boot_chain(device, &p, o, &header.uuid)? } else { None };
     let r = convert_formatted(device, o, &p, facts, g, key, header, pass, pv_uuid);
+    suggest_after(device, &r);
     if let (Err(_), Some(inst)) = (&r, &chain) {
         if device_is_plain_pv(device) {
             // stopped before the cut-over: crypttab and the initramfs as they were
@@ -190,6 +218,57 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
         }
     }
     r
+}
+
+/// The frame around the recovery key on standard output: (before, after). No key in it.
+fn recovery_frame(device: &Path, slot: u32, luks2: bool) -> (String, String) {
+    let d = device.display();
+    let rule = "-".repeat(75);
+    let before = format!("\n{rule}\nRECOVERY KEY for {d} (LUKS keyslot {slot}):\n\n        ");
+    let remove = if luks2 {
+        format!("systemd-cryptenroll --wipe-slot=recovery {d}")
+    } else {
+        format!("cryptsetup luksKillSlot {d} {slot}")
+    };
+    let after = format!(
+        "\n\nWrite this key down or store it off this machine now: it is shown only this\n\
+once, and luksify keeps no copy. It opens {d} wherever the passphrase is\n\
+asked for (the boot prompt, `cryptsetup open`, `luksify resume`), mid-way through\n\
+the conversion and after it; anyone who has it can read the disk.\n\
+To remove it later: {remove}\n{rule}\n\n"
+    );
+    (before, after)
+}
+
+/// Shows the recovery key once, framed, on standard output only: written straight to file
+/// descriptor 1 from one buffer that is wiped afterwards (the standard library's stdout
+/// buffer would keep a copy), after flushing what that buffer holds. When standard output
+/// is not a terminal, a line on stderr (without the key) says where it went.
+fn show_recovery_key(device: &Path, key: &luks::RecoveryKey, slot: u32, luks2: bool) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    use std::os::fd::FromRawFd;
+    let (before, after) = recovery_frame(device, slot, luks2);
+    let mut text = zeroize::Zeroizing::new(String::with_capacity(before.len() + key.as_str().len() + after.len()));
+    text.push_str(&before);
+    text.push_str(key.as_str());
+    text.push_str(&after);
+    let failed = |e: std::io::Error| {
+        Error::Failed(format!(
+            "cannot show the recovery key on standard output ({e}); the conversion of {} did not start",
+            device.display()
+        ))
+    };
+    std::io::stdout().flush().map_err(failed)?;
+    // SAFETY: fd 1 stays open for the process's life; ManuallyDrop never closes it.
+    let mut out = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(1) });
+    out.write_all(text.as_bytes()).map_err(failed)?;
+    if !std::io::stdout().is_terminal() {
+        eprintln!(
+            "luksify: the recovery key for {} went to standard output (not a terminal): keep that copy as safe as the key itself",
+            device.display()
+        );
+    }
+    Ok(())
 }
 
 /// Whether `device` still starts with the plain LVM PV's label (the cut-over did not

@@ -202,6 +202,38 @@ fn finish(
     }
 }
 
+/// Whether this machine has a TPM (for the TPM2 enrollment suggestion).
+fn has_tpm() -> bool {
+    Path::new("/sys/class/tpm/tpm0").exists()
+}
+
+/// After a finish (the conversion done, integrated or not): what the header on `device` has
+/// beyond the passphrase, and the suggestions (`core::recovery::suggestions`), on stderr.
+/// A header with a second keyslot gets no recovery key suggestion. Never any key.
+fn suggest_after(device: &Path, finished: &Result<i32>) {
+    if !matches!(finished, Ok(_) | Err(Error::Integration(_))) {
+        return;
+    }
+    let Ok((t, slots)) = crate::adapters::luks::reencrypt::active_keyslots(device) else { return };
+    let luks1 = t == LuksVersion::Luks1;
+    let d = device.display();
+    let recovery = slots.len() > 1;
+    if slots.contains(&crate::adapters::luks::RECOVERY_KEYSLOT) {
+        eprintln!(
+            "luksify: keyslot {} holds a second key (the recovery key, if luksify made it: shown once when the header was made); {}",
+            crate::adapters::luks::RECOVERY_KEYSLOT,
+            if luks1 {
+                format!("`cryptsetup luksKillSlot {d} 1` removes it")
+            } else {
+                format!("`systemd-cryptenroll --wipe-slot=recovery {d}` removes it")
+            }
+        );
+    }
+    for s in crate::core::recovery::suggestions(&d.to_string(), luks1, recovery, has_tpm(), true) {
+        eprintln!("luksify: suggestion: {s}");
+    }
+}
+
 /// What `luksify --version` says of the libcryptsetup it runs with.
 pub fn libcryptsetup_version() -> String {
     crate::adapters::luks::library_file()

@@ -4,6 +4,7 @@
 use super::guard::{self, Progress};
 use super::{
     boot_on_pv_after, check_root, device_size, engine_err, finish, lock, lock_vg, open_disk, passphrase, raw_devref,
+    suggest_after,
 };
 use crate::adapters::blockdev::{BlockDev, OpenMode};
 use crate::adapters::bootprobe;
@@ -122,7 +123,9 @@ pub(super) fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     guard::drive(&mut engine, run, progress, vg_lock).map_err(|e| engine_err(e, device))?;
     drop(engine);
     let boot_on_pv = !run.no_integrate && boot_on_pv_after(&name, &run.root);
-    finish(device, &name, &uuid, discard, run, boot_on_pv, true)
+    let r = finish(device, &name, &uuid, discard, run, boot_on_pv, true);
+    suggest_after(device, &r);
+    r
 }
 
 /// LUKS2: a cut-over interrupted by a crash (journal-format.md, "The cut-over record"). If
@@ -281,7 +284,9 @@ fn resume_standard(
     drop(pass);
     drop(engine);
     let boot_on_pv = !run.no_integrate && boot_on_pv_after(&name, &run.root);
-    finish(device, &name, &meta.uuid, discard, run, boot_on_pv, true)
+    let r = finish(device, &name, &meta.uuid, discard, run, boot_on_pv, true);
+    suggest_after(device, &r);
+    r
 }
 
 /// A libcryptsetup refusal before the reencryption runs, for the user: another program

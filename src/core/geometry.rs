@@ -30,8 +30,9 @@ pub const CUT_OVER_RECORD_SECTORS: u64 = 8;
 /// One journal slot: 4 KiB.
 pub const JOURNAL_SLOT_SECTORS: u64 = 8;
 /// Room reserved for the copy of the LUKS header (binary header, JSON, used keyslot areas).
-/// A LUKS2 header with one 512-bit keyslot needs 284 KiB, LUKS1 256 KiB; 1 MiB leaves room
-/// for bigger keys and metadata.
+/// A LUKS2 header with one 512-bit keyslot needs 284 KiB, LUKS1 256 KiB; with the recovery
+/// keyslot (`--recovery-key`) 536 KiB and 508 KiB (tests/luks_header.rs checks that they
+/// fit); 1 MiB leaves room for bigger keys and metadata.
 pub const HEADER_COPY_SECTORS: u64 = 2048;
 
 /// Where the journal's slot A of a device of `n` sectors is (slot B follows it): its last

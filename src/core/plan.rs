@@ -121,6 +121,8 @@ pub struct Options {
     /// dm-crypt mapping (`adapters::dm::probe_cipher`): None when it maps it (or when it was
     /// not tried, as in unit tests).
     pub kernel_cipher_error: Option<String>,
+    /// `--recovery-key`: a second keyslot with a generated recovery key.
+    pub recovery_key: bool,
 }
 
 impl Default for Options {
@@ -136,6 +138,7 @@ impl Default for Options {
             pbkdf: None,
             force_unknown_boot: false,
             kernel_cipher_error: None,
+            recovery_key: false,
         }
     }
 }
@@ -200,6 +203,12 @@ pub struct Plan {
     pub make_room: Option<MakeRoom>,
     /// The boot checks (null when they were not run).
     pub boot: Option<BootReport>,
+    /// `--recovery-key`: keyslot 1 will hold a generated recovery key (never in the plan:
+    /// the dry-run makes none).
+    pub recovery_key: bool,
+    /// One-line suggestions (`core::recovery::suggestions`; the app fills them in, as they
+    /// depend on the machine: a TPM).
+    pub suggestions: Vec<String>,
     #[serde(skip)]
     pub geometry: Option<Geometry>,
 }
@@ -440,6 +449,19 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
         s,
         mib(s)
     )];
+    if o.recovery_key {
+        let grub = boot_report.as_ref().is_some_and(|b| b.boot_on_pv);
+        let hash = match (o.luks, grub) {
+            (LuksVersion::Luks1, _) => "the header's hash (LUKS1)",
+            (LuksVersion::Luks2, true) => "the passphrase keyslot's hash (GRUB opens /boot on this PV)",
+            (LuksVersion::Luks2, false) => "sha512, as systemd-cryptenroll",
+        };
+        actions.push(format!(
+            "add keyslot 1 for a recovery key: 32 random bytes in systemd-cryptenroll's format (8 groups of 8 letters), PBKDF2 with {} iterations and {hash}{}; shown once on standard output, before anything is written to {dev}",
+            crate::core::recovery::PBKDF2_ITERATIONS,
+            if o.luks == LuksVersion::Luks2 { ", with systemd's `systemd-recovery` token" } else { "" }
+        ));
+    }
     let mut notes = Vec::new();
     if o.shift.is_none() && s > s0 {
         let default_steps = geometry.map(|g| g.l.div_ceil(o.chunk.unwrap_or(s0).min(s0))).unwrap_or(0);
@@ -545,6 +567,8 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
         notes,
         make_room: make_room_plan,
         boot: boot_report,
+        recovery_key: o.recovery_key,
+        suggestions: Vec::new(),
         geometry,
     }
 }
@@ -783,6 +807,9 @@ pub fn render(p: &Plan) -> String {
     for w in &p.warnings {
         s.push_str(&format!("  warning: {w}\n"));
     }
+    for t in &p.suggestions {
+        s.push_str(&format!("  suggestion: {t}\n"));
+    }
     s.push_str("  verdict: can convert (dry run: nothing was changed)\n");
     s
 }
@@ -810,6 +837,40 @@ pub(crate) mod tests {
     /// A laptop with room for a LUKS2 conversion (2S past the PV and some more).
     fn roomy_laptop() -> DeviceFacts {
         laptop_with_tail(2 * 32768 + 8192)
+    }
+
+    /// `--recovery-key` is a step of the plan, with the keyslot's hash: systemd's sha512,
+    /// LUKS1's header hash, or the passphrase keyslot's when GRUB opens /boot on the PV.
+    #[test]
+    fn recovery_key_step_follows_grub_and_the_luks_type() {
+        use crate::core::boot::FsSource;
+        let grub_boot = BootFacts {
+            root_dir: "/".into(),
+            root_fs: Some(FsSource { spec: "/dev/mapper/vg0-root".into(), dev: Some((254, 0)) }),
+            boot_fs: None, // /boot on the root LV: GRUB opens the PV
+            mounts_from: "mountinfo".into(),
+            update_initramfs: true,
+            initramfs_tools_conf: true,
+            cryptroot_hook: true,
+            grub_default: Some("GRUB_ENABLE_CRYPTODISK=y\n".into()),
+            ..Default::default()
+        };
+        let step = |p: &Plan| p.actions.iter().find(|a| a.contains("recovery key")).cloned();
+        let o = Options { recovery_key: true, pbkdf: Some("pbkdf2".into()), ..Options::default() };
+        let p = plan_with_boot(&roomy_laptop(), Some(&grub_boot), &o);
+        assert!(p.ok(), "{:?}", p.refusals);
+        assert!(p.boot.as_ref().unwrap().boot_on_pv);
+        let a = step(&p).expect("a recovery key step");
+        assert!(a.contains("the passphrase keyslot's hash") && a.contains("systemd-recovery"), "{a}");
+        assert!(p.recovery_key);
+        assert!(serde_json::to_string(&p).unwrap().contains("\"recovery_key\":true"));
+        let a = step(&plan(&roomy_laptop(), &o)).unwrap();
+        assert!(a.contains("sha512"), "{a}");
+        let l1 = Options { luks: LuksVersion::Luks1, ..o.clone() };
+        let a = step(&plan(&roomy_laptop(), &l1)).unwrap();
+        assert!(a.contains("the header's hash") && !a.contains("systemd-recovery"), "{a}");
+        let without = plan(&roomy_laptop(), &Options::default());
+        assert!(step(&without).is_none() && !without.recovery_key);
     }
 
     #[test]

@@ -51,8 +51,8 @@ impl LuksifyToken {
 /// `cryptsetup reencrypt --encrypt --reduce-device-size 2S --init-only` writes on a device
 /// of L + 2S sectors (LUKS2 only): requirement `online-reencrypt-v2`, segments linear
 /// [moved first S sectors at L + S] + linear [S, L) in place, the `reencrypt` keyslot
-/// (encrypt, backward, datashift S) and its digest, keyslot 0 for `passphrase`, and
-/// luksify's token. Made in a memfd by libcryptsetup itself. Returns the first H bytes
+/// (encrypt, backward, datashift S) and its digest, keyslot 0 for `passphrase`, keyslot 1
+/// for the recovery key with its `systemd-recovery` token if `recovery`, and luksify's token. Made in a memfd by libcryptsetup itself. Returns the first H bytes
 /// (through the reencrypt keyslot's area); [H, S) must be zeros on the device.
 pub fn format_reencrypt_header(
     params: &HeaderParams,
@@ -60,6 +60,7 @@ pub fn format_reencrypt_header(
     passphrase: &[u8],
     l: u64,
     token: &LuksifyToken,
+    recovery: Option<&RecoverySlot>,
 ) -> Result<Header> {
     validate(params, key)?;
     if params.luks_type != LuksType::Luks2 {
@@ -71,9 +72,10 @@ pub fn format_reencrypt_header(
     }
     let (params, key, token) = (params.clone(), key.clone(), token.json());
     let pass = Zeroizing::new(passphrase.to_vec());
+    let recovery = recovery.cloned();
     on_worker(move || {
         let dev = MemDev::new((l + 2 * s) * SECTOR)?;
-        let mut cd = format_on(&dev, &params, &key, &pass)?;
+        let mut cd = format_on(&dev, &params, &key, &pass, recovery.as_ref())?;
         cd.token_handle().json_set(TokenInput::AddToken(&token)).map_err(|e| crypt_err("crypt_token_json_set", e))?;
         let luks2 = CryptParamsLuks2 {
             pbkdf: None,
@@ -107,7 +109,7 @@ pub fn format_reencrypt_header(
         cd.reencrypt_handle()
             .reencrypt_init_by_passphrase(None, &pass, None, Some(0), Some(cipher), rp)
             .map_err(|e| crypt_err("crypt_reencrypt_init_by_passphrase (encrypt, datashift, move first segment)", e))?;
-        header_of(&dev, &mut cd, &params, 1)
+        header_of(&dev, &mut cd, &params, recovery.as_ref().map(|_| RECOVERY_KEYSLOT))
     })
 }
 
@@ -183,6 +185,30 @@ pub fn status(device: &Path) -> Result<Reencryption> {
     on_worker(move || {
         let l = load_device(&device)?;
         Ok(status_of(&l).0)
+    })
+}
+
+/// The LUKS version of the header on `device` and its keyslots that hold a key (active),
+/// read only (e.g. whether a recovery keyslot is there, for the finish's suggestions).
+pub fn active_keyslots(device: &Path) -> Result<(LuksType, Vec<u32>)> {
+    use libcryptsetup_rs::consts::vals::KeyslotInfo;
+    let device = device.to_path_buf();
+    on_worker(move || {
+        let mut l = load_device(&device)?;
+        let t = match l.cd.format_handle().get_type().map_err(|e| crypt_err("crypt_get_type", e))? {
+            EncryptionFormat::Luks1 => LuksType::Luks1,
+            EncryptionFormat::Luks2 => LuksType::Luks2,
+            _ => return Err(LuksError::BadHeader("not a LUKS1 or LUKS2 header".into())),
+        };
+        let max = match t {
+            LuksType::Luks1 => 8,
+            LuksType::Luks2 => 32,
+        };
+        let slots = (0..max)
+            .filter(|&k| matches!(l.cd.keyslot_handle().status(k), Ok(KeyslotInfo::Active | KeyslotInfo::ActiveLast)))
+            .collect();
+        let _ = take_log();
+        Ok((t, slots))
     })
 }
 
@@ -536,7 +562,7 @@ mod tests {
         p.pbkdf_force_iterations = Some(1000);
         let key = VolumeKey::generate(p.key_bytes).unwrap();
         let token = LuksifyToken { name: "t_crypt".into(), allow_discards: false, pv_uuid: "pv".into() };
-        let h = format_reencrypt_header(&p, &key, b"pass", 4 * p.data_offset_sectors, &token).unwrap();
+        let h = format_reencrypt_header(&p, &key, b"pass", 4 * p.data_offset_sectors, &token, None).unwrap();
         verify(&h.bytes, b"pass").unwrap();
         assert!(matches!(verify(&h.bytes, b"wrong"), Err(LuksError::WrongPassphrase)));
         let bad = tweaked(&h.bytes);

@@ -58,7 +58,7 @@ fn header() -> &'static [u8] {
         p.data_offset_sectors = sc.s;
         let (key, _) = key_and_header(KEY_SEED);
         let token = LuksifyToken { name: BRIDGE.into(), allow_discards: false, pv_uuid: PV_UUID.into() };
-        let h = format_reencrypt_header(&p, &VolumeKey::from_slice(&key), b"sim passphrase", sc.l, &token)
+        let h = format_reencrypt_header(&p, &VolumeKey::from_slice(&key), b"sim passphrase", sc.l, &token, None)
             .expect("libcryptsetup makes the reencryption header")
             .bytes;
         assert!(h.len() > luks2meta::HEAD_BYTES && h.len() <= sc.s as usize * SECTOR, "header of {} bytes", h.len());
