@@ -276,7 +276,7 @@ fn convert_formatted(
         let mut engine = Engine::prepare_standard(disk, kernel, conversion).map_err(|e| engine_err(e, device))?;
         drop(key);
         phase(&o.run, "prepared");
-        let progress = Progress { name: &p.name, l: g.l, moved: 0 };
+        let progress = Progress { device, name: &p.name, l: g.l, moved: 0 };
         guard::drive_standard(&mut engine, &o.run, progress, vg_lock, device, &pass, guard::Start::CutOver)?;
         drop(pass);
         drop(engine);
@@ -286,7 +286,7 @@ fn convert_formatted(
     let mut engine = Engine::prepare(disk, kernel, conversion).map_err(|e| engine_err(e, device))?;
     drop(key);
     phase(&o.run, "prepared");
-    let progress = Progress { name: &p.name, l: g.l, moved: 0 };
+    let progress = Progress { device, name: &p.name, l: g.l, moved: 0 };
     if let Err(e) = guard::drive(&mut engine, &o.run, progress, vg_lock) {
         // Failed before anything but the tail changed (e.g. an LV table that would not
         // reroute): put the tail back, so the device is exactly as it was.

@@ -15,6 +15,7 @@ pub mod kinds;
 pub mod luks2meta;
 pub mod marker;
 pub mod plan;
+pub mod running;
 pub(crate) mod state;
 pub(crate) mod tables;
 pub(crate) mod units;
