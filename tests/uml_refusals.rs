@@ -47,6 +47,9 @@ snap
 "$LUKSIFY" --dry-run --json /dev/ubda5 > "$OUT/plan.json"
 "$LUKSIFY" --dry-run --json --type luks1 /dev/ubda5 > "$OUT/plan-luks1.json"
 same "dry-run realistic"
+# the time estimate comes from a short O_DIRECT read of the device, and says so
+grep -q "estimated time: .*; an estimate from an O_DIRECT read of [1-9][0-9]* MiB at [0-9]* MiB/s" "$OUT/plan.txt" \
+    || die "the estimate is not from a measured read: $(grep 'estimated time' "$OUT/plan.txt")"
 
 umount /mnt/r /mnt/h; vgchange -an vg0 >/dev/null
 
@@ -106,6 +109,14 @@ echo DRYRUN-DONE
     let l = j["move_sectors"].as_u64().unwrap();
     assert_eq!(j["move_bytes"].as_u64().unwrap(), l * 512);
     assert!(j["tail_have_sectors"].as_u64().unwrap() >= j["tail_need_sectors"].as_u64().unwrap());
+    // the estimate's rate is the measured read's, divided by the I/O a moved byte costs
+    let r = &j["estimate_from_read"];
+    assert!(r["read_mib"].as_u64().is_some_and(|m| m >= 1) && r["read_mib_per_s"].as_u64().is_some(), "{j}");
+    assert_eq!(r["io_per_byte"], 2, "{j}");
+    let rate = j["estimate_assumes_mib_per_s"].as_u64().unwrap();
+    let half = (r["read_mib_per_s"].as_u64().unwrap() as f64 / 2.0).max(1.0);
+    assert!((rate as f64 - half).abs() <= 1.0, "rate {rate}, half the read {half}: {j}");
+    eprintln!("estimate: {}", run.file("plan.txt").lines().find(|l| l.contains("estimated time")).unwrap_or_default());
     // LUKS2 keeps cryptsetup's own format mid-way: no luksify journal; LUKS1 keeps one.
     assert!(j["steps"].as_u64().unwrap() >= 1 && j["journal_sector"].is_null(), "{j}");
     assert_eq!(j["midway_format"]["kind"], "luks2-reencrypt", "{j}");
