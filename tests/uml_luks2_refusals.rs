@@ -277,6 +277,11 @@ fn bad_luks2_headers_and_a_foreign_reencryption_are_refused_and_nothing_changes(
         running.contains(&format!("a reencryption runs now: process {pid} holds cryptsetup's reencryption lock")),
         "luksify (pid {pid}) did not hold the reencryption lock while converting: {running}"
     );
+    // and status names it as the luksify running on the device (LUKS2 engine: device lock)
+    assert!(
+        running.contains(&format!("running:  yes, luksify process {pid}")),
+        "status does not say luksify {pid} runs: {running}"
+    );
     // one copy broken: status says which; resume uses the other, finishes, both copies valid
     assert_eq!(run.file("onecopy.copies").trim(), "bad valid");
     assert_eq!(rc(&run, "onecopy-status"), 0, "{}", run.file("onecopy-status.err"));

@@ -290,6 +290,7 @@ echo BADINPUT-DONE
     // status while the conversion ran: running, its pid, a rate, the time left; sizes in MiB
     let pid: u64 = run.file("first.pid").trim().parse().unwrap();
     let text = run.file("running-status.txt");
+    eprintln!("status while a luksify runs:\n{text}");
     assert!(text.contains(&format!("running:  yes, luksify process {pid}, ")), "{text}");
     assert!(text.contains(" MiB encrypted)"), "sizes a person reads: {text}");
     let j: serde_json::Value = serde_json::from_str(&run.file("running-status.json")).unwrap();

@@ -192,12 +192,17 @@ fn print_luks2(device: &Path, m: &Meta, r: &Reencrypt, run: &Running, json: bool
     println!("  progress: {}", progress_line(r.progress(), r.encrypted_bytes, r.total_bytes));
     println!("  target:   LUKS2 {} as /dev/mapper/{} (UUID {})", r.cipher, name.unwrap_or("<unknown>"), m.uuid);
     println!("  format:   standard LUKS2 reencryption ({})", luks2meta::REENCRYPT_V2);
+    // luksify's own run (the device lock) and any reencryption (cryptsetup's lock: luksify's
+    // own engine holds it too, a stock `cryptsetup reencrypt` only that one)
     match (run, crate::adapters::luks::reencrypt::lock_held(&m.uuid)) {
-        (Running::No, Some((lock, pid))) => println!(
-            "  running:  a reencryption runs now: process {pid} holds cryptsetup's reencryption lock {}",
-            lock.display()
-        ),
+        (Running::No, Some(_)) => {}
         (run, _) => println!("  running:  {}", running::describe(run, &d.to_string())),
+    }
+    if let Some((lock, pid)) = crate::adapters::luks::reencrypt::lock_held(&m.uuid) {
+        println!(
+            "  reencrypt: a reencryption runs now: process {pid} holds cryptsetup's reencryption lock {}",
+            lock.display()
+        );
     }
     match m.copies_valid {
         (true, false) => println!("  header:   the secondary copy does not verify (the next header write repairs it)"),
