@@ -107,7 +107,7 @@ fn check_case(run: &GuestRun, case: &str, journal_sector: &str, what: &str) {
     let out = run.file(&format!("{case}-json.out"));
     let v: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{case}: status --json is not JSON ({e}): {out}"));
-    assert_eq!(v["error"]["code"], 6, "{v}");
+    assert_eq!(v["error"]["code"], 13, "{v}");
     assert_eq!(v["in_progress"], true, "{v}");
     assert_eq!(v["state"], "damaged", "{v}");
     assert_eq!(v["damage"]["journal_sector"].to_string(), journal_sector, "{v}");

@@ -252,7 +252,7 @@ fn convert_formatted(
     let raw = raw_devref(device)?;
     // From here to the finish, no LVM command may change the VG (ours included).
     let vg_lock = match facts.lvm.as_ref().map(|l| l.vg_name.clone()).filter(|v| !v.is_empty()) {
-        Some(vg) => Some(lock_vg(&vg).map_err(|e| Error::Refused(format!("{e}; nothing was changed")))?),
+        Some(vg) => Some(lock_vg(&vg)?),
         None => None,
     };
 

@@ -150,7 +150,7 @@ fn lock_vg(vg: &str) -> Result<VgLock> {
     })
     .map_err(|e| match e {
         lvmlock::LockError::Timeout { .. } => Error::Busy(format!("{e}; nothing was changed")),
-        e => Error::Refused(e.to_string()),
+        e => Error::Refused(format!("{e}; nothing was changed")),
     })?;
     eprintln!("luksify: holding LVM's lock on VG {vg} until the finish (LVM commands on it wait until then)");
     Ok(l)
