@@ -293,6 +293,7 @@ echo BADINPUT-DONE
     eprintln!("status while a luksify runs:\n{text}");
     assert!(text.contains(&format!("running:  yes, luksify process {pid}, ")), "{text}");
     assert!(text.contains(" MiB encrypted)"), "sizes a person reads: {text}");
+    assert!(!text.contains("continue: luksify resume"), "no resume hint while it runs: {text}");
     let j: serde_json::Value = serde_json::from_str(&run.file("running-status.json")).unwrap();
     assert_eq!((j["running"].as_bool(), j["pid"].as_u64()), (Some(true), Some(pid)), "{j}");
     let rate = j["rate_bytes_per_s"].as_f64().unwrap_or_else(|| panic!("no rate: {j}"));
@@ -303,6 +304,7 @@ echo BADINPUT-DONE
     // after the pause: not running, and how to go on
     let text = run.file("stopped-status.txt");
     assert!(text.contains("running:  not running: `luksify resume /dev/ubda5` continues"), "{text}");
+    assert!(text.contains("continue: luksify resume /dev/ubda5"), "{text}");
     let j: serde_json::Value = serde_json::from_str(&run.file("stopped-status.json")).unwrap();
     assert_eq!(
         (j["running"].as_bool(), j["pid"].is_null(), j["rate_bytes_per_s"].is_null()),

@@ -266,7 +266,9 @@ fn print_journal(device: &Path, rec: Option<&Record>, run: &Running, json: bool)
                     "  target:   LUKS{} {} as /dev/mapper/{} (UUID {})",
                     r.luks_version, r.cipher, r.name, r.luks_uuid
                 );
-                println!("  continue: luksify resume {}", device.display());
+                if *run == Running::No {
+                    println!("  continue: luksify resume {}", device.display());
+                }
             }
         }
     }
