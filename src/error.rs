@@ -119,6 +119,39 @@ pub mod exit {
     /// A conversion is in progress but its journal is missing or damaged, or the LUKS2 header
     /// that may record one cannot be read (nothing changed).
     pub const DAMAGED: i32 = 13;
+
+    /// Every code and what it means, for `--help` and the man page.
+    pub const TABLE: &[(i32, &str)] = &[
+        (OK, "success"),
+        (ERROR, "an operation failed; the message says what state the device is in"),
+        (USAGE_OR_PERMISSION, "usage error, wrong passphrase, or not run as root (cryptsetup: no permission)"),
+        (WRONG_DEVICE, "DEVICE does not exist, is not a block device, or cannot be opened"),
+        (BUSY, "another luksify, cryptsetup or LVM command holds DEVICE or its VG; nothing was changed"),
+        (REFUSED, "refused by the plan; nothing was changed"),
+        (PAUSED, "stopped on request at a safe point: `luksify resume DEVICE` continues"),
+        (INTEGRATION, "converted, but the system integration is incomplete (the message says what to do)"),
+        (DAMAGED, "a conversion is in progress but its journal or LUKS2 header is damaged; nothing was changed"),
+    ];
+
+    /// The table for `luksify --help`.
+    pub fn help_text() -> String {
+        let mut s = String::from("Exit status (0-5 as cryptsetup's where the case is the same):\n");
+        for (c, what) in TABLE {
+            s.push_str(&format!("  {c:<3} {what}\n"));
+        }
+        s
+    }
+
+    /// The table as the man page's EXIT STATUS section (roff).
+    pub fn man_section() -> String {
+        let mut s = String::from(
+            ".SH \"EXIT STATUS\"\n0\\-5 as cryptsetup(8)'s where the case is the same; luksify's own from 10.\n",
+        );
+        for (c, what) in TABLE {
+            s.push_str(&format!(".TP\n\\fB{c}\\fR\n{}\n", what.replace('-', "\\-")));
+        }
+        s
+    }
 }
 
 /// Print how a run failed: one line on stderr, and with `--json` the error as JSON on stdout.
@@ -127,4 +160,22 @@ pub fn report(e: &Error, json: bool) {
         println!("{}", serde_json::to_string_pretty(&e.to_json()).expect("serialises"));
     }
     eprintln!("luksify: {e}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exit::*;
+
+    #[test]
+    fn the_table_has_every_code_once_and_cryptsetups_meanings_below_10() {
+        let codes: Vec<i32> = TABLE.iter().map(|(c, _)| *c).collect();
+        assert_eq!(codes, [0, 1, 2, 4, 5, 10, 11, 12, 13]);
+        assert!(TABLE[2].1.contains("wrong passphrase") && TABLE[3].1.contains("does not exist"));
+        let h = help_text();
+        assert!(h.contains("  13  a conversion is in progress"), "{h}");
+        let m = man_section();
+        assert!(m.starts_with(".SH \"EXIT STATUS\"\n"), "{m}");
+        assert!(m.contains(".TP\n\\fB11\\fR\nstopped on request"), "{m}");
+        assert!(!m.contains("0-5"), "a plain '-' in roff is a hyphen: {m}");
+    }
 }
