@@ -252,6 +252,7 @@ done
 cat "$OUT/running-status.txt"
 "$LUKSIFY" status --json /dev/ubda5 > "$OUT/running-status.json"
 ls /run/luksify/ubda5.progress.json
+[ "$(stat -c %a /run/luksify)" = 700 ] || die "/run/luksify is not private: $(stat -c %a /run/luksify)"
 set +e; "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" /dev/ubda5 2> "$OUT/second.err"; rc=$?; set -e
 cat "$OUT/second.err"
 [ $rc = 5 ] && grep -q "another luksify is running" "$OUT/second.err" || die "second luksify: rc $rc, expected 5 (busy)"
