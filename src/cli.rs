@@ -237,7 +237,8 @@ pub fn parse_with_version(runtime: &str) -> Cli {
         env!("LUKSIFY_LIBCRYPTSETUP_BUILT")
     );
     let long: &'static str = Box::leak(long.into_boxed_str()); // once per process
-    let mut m = Cli::command().long_version(long).get_matches();
+    let exits: &'static str = Box::leak(crate::error::exit::help_text().into_boxed_str());
+    let mut m = Cli::command().long_version(long).after_long_help(exits).get_matches();
     Cli::from_arg_matches_mut(&mut m).unwrap_or_else(|e| e.exit())
 }
 

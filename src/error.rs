@@ -9,6 +9,19 @@ pub enum Error {
     /// Bad input from the user (key file, options): nothing was changed.
     #[error("{0}")]
     Usage(String),
+    /// Not run as root: nothing was looked at or changed.
+    #[error("{0}")]
+    NotRoot(String),
+    /// The passphrase opens no keyslot: nothing was changed.
+    #[error("{0}")]
+    BadPassphrase(String),
+    /// The device named does not exist, is not a block device, or cannot be opened.
+    #[error("{0}")]
+    WrongDevice(String),
+    /// Another program holds the device: another luksify (the device lock), cryptsetup's
+    /// reencryption lock, or an LVM command LVM's VG lock. Nothing was changed.
+    #[error("{0}")]
+    Busy(String),
     /// Stopped on request at a safe point.
     #[error("stopped at a safe point ({0}); run `luksify resume {1}` to continue")]
     Paused(String, String),
@@ -35,7 +48,9 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Refused(_) => exit::REFUSED,
-            Error::Usage(_) => exit::ERROR,
+            Error::Usage(_) | Error::NotRoot(_) | Error::BadPassphrase(_) => exit::USAGE_OR_PERMISSION,
+            Error::WrongDevice(_) => exit::WRONG_DEVICE,
+            Error::Busy(_) => exit::BUSY,
             Error::Paused(..) => exit::PAUSED,
             Error::Failed(_) => exit::ERROR,
             Error::Integration(_) => exit::INTEGRATION,
@@ -74,20 +89,69 @@ impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
     }
 }
 
-/// Exit codes: 0 success, 1 error (one line on stderr), 2 usage (clap), 3 refused by the plan,
-/// 4 stopped on request (SIGINT/SIGTERM) at a safe point: `luksify resume` continues;
-/// 5 converted, but the system integration is incomplete (the message says what to do);
-/// 6 a conversion is in progress but its journal is missing or damaged, or the LUKS2 header
-/// at the device's start (which may record one) cannot be read.
+/// Exit codes, in one table. 0-5 are cryptsetup's (man cryptsetup, "RETURN CODES") where
+/// the case is the same; luksify's own outcomes start at 10, clear of cryptsetup's range
+/// (0-5, and room for it to grow), of shells' 126-165 and of `timeout`'s 124-125.
+///
+/// | code | cryptsetup                   | luksify                                               |
+/// |------|------------------------------|-------------------------------------------------------|
+/// | 0    | success                      | success                                               |
+/// | 1    | wrong parameters             | an operation failed (the message says the state)      |
+/// | 2    | no permission (bad passphrase)| usage error, wrong passphrase, not root              |
+/// | 3    | out of memory                | (not used)                                            |
+/// | 4    | wrong device specified       | device missing, not a block device, cannot be opened  |
+/// | 5    | device already exists / busy | another luksify, cryptsetup or LVM command holds it   |
+/// | 10   |                              | refused by the plan: nothing was changed              |
+/// | 11   |                              | stopped on request at a safe point: `resume` goes on  |
+/// | 12   |                              | converted, but the system integration is incomplete   |
+/// | 13   |                              | conversion in progress, journal or header damaged     |
 pub mod exit {
     pub const OK: i32 = 0;
     pub const ERROR: i32 = 1;
-    pub const REFUSED: i32 = 3;
-    pub const PAUSED: i32 = 4;
-    pub const INTEGRATION: i32 = 5;
+    /// clap's usage errors, luksify's own ([`super::Error::Usage`]), a wrong passphrase
+    /// and not root: cryptsetup's "no permission".
+    pub const USAGE_OR_PERMISSION: i32 = 2;
+    pub const WRONG_DEVICE: i32 = 4;
+    pub const BUSY: i32 = 5;
+    pub const REFUSED: i32 = 10;
+    pub const PAUSED: i32 = 11;
+    pub const INTEGRATION: i32 = 12;
     /// A conversion is in progress but its journal is missing or damaged, or the LUKS2 header
     /// that may record one cannot be read (nothing changed).
-    pub const DAMAGED: i32 = 6;
+    pub const DAMAGED: i32 = 13;
+
+    /// Every code and what it means, for `--help` and the man page.
+    pub const TABLE: &[(i32, &str)] = &[
+        (OK, "success"),
+        (ERROR, "an operation failed; the message says what state the device is in"),
+        (USAGE_OR_PERMISSION, "usage error, wrong passphrase, or not run as root (cryptsetup: no permission)"),
+        (WRONG_DEVICE, "DEVICE does not exist, is not a block device, or cannot be opened"),
+        (BUSY, "another luksify, cryptsetup or LVM command holds DEVICE or its VG; nothing was changed"),
+        (REFUSED, "refused by the plan; nothing was changed"),
+        (PAUSED, "stopped on request at a safe point: `luksify resume DEVICE` continues"),
+        (INTEGRATION, "converted, but the system integration is incomplete (the message says what to do)"),
+        (DAMAGED, "a conversion is in progress but its journal or LUKS2 header is damaged; nothing was changed"),
+    ];
+
+    /// The table for `luksify --help`.
+    pub fn help_text() -> String {
+        let mut s = String::from("Exit status (0-5 as cryptsetup's where the case is the same):\n");
+        for (c, what) in TABLE {
+            s.push_str(&format!("  {c:<3} {what}\n"));
+        }
+        s
+    }
+
+    /// The table as the man page's EXIT STATUS section (roff).
+    pub fn man_section() -> String {
+        let mut s = String::from(
+            ".SH \"EXIT STATUS\"\n0\\-5 as cryptsetup(8)'s where the case is the same; luksify's own from 10.\n",
+        );
+        for (c, what) in TABLE {
+            s.push_str(&format!(".TP\n\\fB{c}\\fR\n{}\n", what.replace('-', "\\-")));
+        }
+        s
+    }
 }
 
 /// Print how a run failed: one line on stderr, and with `--json` the error as JSON on stdout.
@@ -96,4 +160,22 @@ pub fn report(e: &Error, json: bool) {
         println!("{}", serde_json::to_string_pretty(&e.to_json()).expect("serialises"));
     }
     eprintln!("luksify: {e}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exit::*;
+
+    #[test]
+    fn the_table_has_every_code_once_and_cryptsetups_meanings_below_10() {
+        let codes: Vec<i32> = TABLE.iter().map(|(c, _)| *c).collect();
+        assert_eq!(codes, [0, 1, 2, 4, 5, 10, 11, 12, 13]);
+        assert!(TABLE[2].1.contains("wrong passphrase") && TABLE[3].1.contains("does not exist"));
+        let h = help_text();
+        assert!(h.contains("  13  a conversion is in progress"), "{h}");
+        let m = man_section();
+        assert!(m.starts_with(".SH \"EXIT STATUS\"\n"), "{m}");
+        assert!(m.contains(".TP\n\\fB11\\fR\nstopped on request"), "{m}");
+        assert!(!m.contains("0-5"), "a plain '-' in roff is a hyphen: {m}");
+    }
 }

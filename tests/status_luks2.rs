@@ -144,7 +144,7 @@ fn cryptsetups_init_header_is_a_luks2_reencryption_at_zero_percent() {
 }
 
 #[test]
-fn a_torn_primary_falls_back_and_two_bad_copies_are_exit_6() {
+fn a_torn_primary_falls_back_and_two_bad_copies_are_exit_13() {
     let dir = Scratch::new("status", "torn");
     let (img, _) = init_image(&dir);
     let (_, epoch, _) = dump(&img);
@@ -159,7 +159,7 @@ fn a_torn_primary_falls_back_and_two_bad_copies_are_exit_6() {
     bytes[16384 + 4096 + 10] ^= 0x20; // the secondary's too
     std::fs::write(&img, &bytes).unwrap();
     let o = luksify(&["status", "--json", img.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(6), "{o:?}");
+    assert_eq!(o.status.code(), Some(13), "{o:?}");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["state"], "damaged", "{v}");
     let msg = v["error"]["message"].as_str().unwrap();

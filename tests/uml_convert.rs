@@ -216,7 +216,7 @@ pause_at() {{ # run luksify ($@) and stop it with SIGINT after its first step
     kill -INT $P
     set +e; wait $P; rc=$?; set -e
     cat "$OUT/run.err"
-    [ $rc = 4 ] || die "SIGINT: expected exit 4 (paused), got $rc"
+    [ $rc = 11 ] || die "SIGINT: expected exit 11 (paused), got $rc"
 }}
 pause_at "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST /dev/ubda5
 grep -q "luksify resume" "$OUT/run.err" || die "no resume hint"
@@ -328,7 +328,7 @@ sleep 1
 kill -INT $P
 set +e; wait $P; rc=$?; set -e
 echo "first run exit $rc"; cat "$OUT/run1.err"
-[ $rc = 4 ] || die "SIGINT: expected exit 4 (paused), got $rc"
+[ $rc = 11 ] || die "SIGINT: expected exit 11 (paused), got $rc"
 grep -q "luksify resume" "$OUT/run1.err" || die "no resume hint"
 "$LUKSIFY" status /dev/ubda5 | tee "$OUT/status-paused.txt"
 grep -q migrating "$OUT/status-paused.txt" || die "status after pause"

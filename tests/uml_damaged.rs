@@ -2,10 +2,10 @@
 //! the journal is luksify's own there (LUKS2 keeps cryptsetup's header; its damage is
 //! covered by tests/status_luks2.rs).
 //!
-//! A conversion of the laptop disk is paused mid-way with SIGINT (exit 4), its mappings torn
+//! A conversion of the laptop disk is paused mid-way with SIGINT (exit 11), its mappings torn
 //! down as a reboot would, then its journal damaged the two ways a bad sector or a stray `dd`
 //! would: (1) both slots zeroed, (2) one bit of the cursor flipped in both slots. In each case
-//! `status`, `status --json` and `resume` must exit 6 with one line that says what is known
+//! `status`, `status --json` and `resume` must exit 13 with one line that says what is known
 //! (luksify's fence marker, which slot holds what), that nothing may write to the device, and
 //! no hint that cannot work; `--json` prints JSON; and the disk is byte for byte unchanged.
 //! With the journal put back, `resume` finishes and a fresh boot verifies every byte.
@@ -29,7 +29,7 @@ sleep 1.5
 kill -INT $P
 set +e; wait $P; rc=$?; set -e
 cat "$OUT/run1.err"
-[ $rc = 4 ] || die "SIGINT: expected exit 4 (paused), got $rc"
+[ $rc = 11 ] || die "SIGINT: expected exit 11 (paused), got $rc"
 "$LUKSIFY" status --json /dev/ubda5 > "$OUT/paused.json"
 # as after a reboot: no mapping of the disk left
 vgchange -an vg0 >/dev/null
@@ -85,7 +85,7 @@ fn check_case(run: &GuestRun, case: &str, journal_sector: &str, what: &str) {
     for cmd in ["status", "json", "resume"] {
         let tag = format!("{case}-{cmd}");
         let rc = run.file(&format!("{tag}.rc"));
-        assert_eq!(rc.trim(), "6", "{tag}: exit {rc}, stderr: {}", run.file(&format!("{tag}.err")));
+        assert_eq!(rc.trim(), "13", "{tag}: exit {rc}, stderr: {}", run.file(&format!("{tag}.err")));
         let err = run.file(&format!("{tag}.err"));
         let lines: Vec<&str> = err.lines().collect();
         assert_eq!(lines.len(), 1, "{tag}: one line on stderr, got:\n{err}");
@@ -107,7 +107,7 @@ fn check_case(run: &GuestRun, case: &str, journal_sector: &str, what: &str) {
     let out = run.file(&format!("{case}-json.out"));
     let v: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{case}: status --json is not JSON ({e}): {out}"));
-    assert_eq!(v["error"]["code"], 6, "{v}");
+    assert_eq!(v["error"]["code"], 13, "{v}");
     assert_eq!(v["in_progress"], true, "{v}");
     assert_eq!(v["state"], "damaged", "{v}");
     assert_eq!(v["damage"]["journal_sector"].to_string(), journal_sector, "{v}");

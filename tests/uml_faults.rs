@@ -93,7 +93,7 @@ while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep '"state": "migrat
 sleep 0.5
 kill -INT $P
 set +e; wait $P; rc=$?; set -e
-[ $rc = 4 ] || { cat "$OUT/run1.err"; die "SIGINT: expected exit 4 (paused), got $rc"; }
+[ $rc = 11 ] || { cat "$OUT/run1.err"; die "SIGINT: expected exit 11 (paused), got $rc"; }
 C=$("$LUKSIFY" status --json /dev/ubda5 | sed -n 's/.*"cursor": *\([0-9]*\).*/\1/p')
 A=$((C - K))
 [ "$A" -gt 8 ] || die "cursor $C too low for the test"

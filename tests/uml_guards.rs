@@ -34,7 +34,7 @@ LUKSIFY_LVM_LOCK_WAIT_SECS=2 "$LUKSIFY" --yes --no-integrate --key-file "$OUT/ke
 rc=$?
 set -e
 cat "$OUT/refused.err"
-[ $rc = 3 ] || die "luksify with the VG lock held elsewhere: expected exit 3, got $rc"
+[ $rc = 5 ] || die "luksify with the VG lock held elsewhere: expected exit 5 (busy), got $rc"
 "$LUKSIFY" status /dev/ubda5 | tee "$OUT/status-refused.txt"
 kill $HOLDER; wait $HOLDER 2>/dev/null || true
 

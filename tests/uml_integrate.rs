@@ -3,7 +3,7 @@
 //! (never the host's /etc): crypttab gets the new device's line by LUKS UUID (the old line
 //! kept, a backup made), the LVM devices file follows the PV onto the mapping, the
 //! initramfs hook runs inside `chroot ROOT`; `resume` on the finished device changes
-//! nothing; a failing initramfs hook gives exit 5 with what to do by hand.
+//! nothing; a failing initramfs hook gives exit 12 with what to do by hand.
 //!
 //! The fake root (tests/support FAKE_ROOT_SH) carries a copy of /bin/sh and its libraries
 //! so that `chroot ROOT update-initramfs` runs its fake update-initramfs script.
@@ -46,11 +46,11 @@ cmp $R/etc/crypttab "$OUT/crypttab.after" || die "resume changed crypttab: $(cat
 cmp $R/etc/lvm/devices/system.devices "$OUT/devices.after" || die "resume changed the devices file"
 ls -a $R/etc > "$OUT/etc2.ls"
 cp $R/update-initramfs.log "$OUT/hook.2"
-# A root whose initramfs hook fails: converted, integration incomplete, exit 5.
+# A root whose initramfs hook fails: converted, integration incomplete, exit 12.
 fake_root /tmp/broken --failing
 set +e; "$LUKSIFY" resume --yes --root /tmp/broken /dev/ubda5 2> "$OUT/broken.err"; rc=$?; set -e
 cat "$OUT/broken.err"
-[ $rc = 5 ] || die "failing update-initramfs: exit $rc, expected 5"
+[ $rc = 12 ] || die "failing update-initramfs: exit $rc, expected 12"
 cp /tmp/broken/etc/crypttab "$OUT/crypttab.broken"
 umount /mnt/root; vgchange -an vg0 >/dev/null; dmsetup remove ubda5_crypt
 echo INTEGRATED

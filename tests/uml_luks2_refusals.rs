@@ -133,12 +133,12 @@ FAST="--pbkdf pbkdf2 --pbkdf-force-iterations 1000"
 P=$!
 while kill -0 $P 2>/dev/null && ! grep -q '"event":"chunk"' "$OUT/run1.err"; do sleep 0.01; done
 # while it runs, luksify holds cryptsetup's reencryption lock (a stock `cryptsetup reencrypt`
-# is refused); status says so (it runs until the SIGINT: exit 4 below)
+# is refused); status says so (it runs until the SIGINT: exit 11 below)
 echo $P > "$OUT/convert.pid"
 "$LUKSIFY" status /dev/ubda5 > "$OUT/running-status.out" 2>&1 || true
 kill -INT $P
 set +e; wait $P; rc=$?; set -e
-[ $rc = 4 ] || die "SIGINT: expected exit 4 (paused), got $rc: $(cat "$OUT/run1.err")"
+[ $rc = 11 ] || die "SIGINT: expected exit 11 (paused), got $rc: $(cat "$OUT/run1.err")"
 UUID=$(cryptsetup luksUUID /dev/ubda5)
 cryptsetup luksDump /dev/ubda5 > "$OUT/dump-paused.txt"
 grep -q online-reencrypt-v2 "$OUT/dump-paused.txt" || die "not a LUKS2 reencryption: $(cat "$OUT/dump-paused.txt")"
@@ -203,14 +203,14 @@ fn status_in_progress(run: &GuestRun, tag: &str) {
 fn unreadable_header(run: &GuestRun, tag: &str, wants: &[&str]) {
     for cmd in ["status", "json", "resume"] {
         let t = format!("{tag}-{cmd}");
-        refused(run, &t, 6, wants);
+        refused(run, &t, 13, wants);
         assert!(last_err(run, &t).contains("do not write to /dev/ubda5"), "{t}");
         // status: the one line is all; resume may not even start
         assert_eq!(run.file(&format!("{t}.err")).lines().count(), 1, "{t}: {}", run.file(&format!("{t}.err")));
     }
     let j: serde_json::Value = serde_json::from_str(&run.file(&format!("{tag}-json.out")))
         .unwrap_or_else(|e| panic!("{tag}: status --json is not JSON ({e})"));
-    assert_eq!(j["error"]["code"], 6, "{j}");
+    assert_eq!(j["error"]["code"], 13, "{j}");
     assert_eq!(j["state"], "damaged", "{j}");
     assert!(j["in_progress"].is_null(), "{j}");
 }
@@ -242,12 +242,12 @@ fn bad_luks2_headers_and_a_foreign_reencryption_are_refused_and_nothing_changes(
         refused(
             &run,
             &format!("{st}-digest-resume"),
-            6,
+            13,
             &["the LUKS2 reencryption metadata does not verify against its digest", "do not write to /dev/ubda5"],
         );
         // b'. the wrong passphrase
         status_in_progress(&run, &t("wrongpass"));
-        refused(&run, &format!("{st}-wrongpass-resume"), 3, &["wrong passphrase"]);
+        refused(&run, &format!("{st}-wrongpass-resume"), 2, &["wrong passphrase"]);
         // d. another program holds cryptsetup's reencryption lock
         status_in_progress(&run, &t("lock"));
         let out = run.file(&format!("{st}-lock-status.out"));
@@ -258,7 +258,7 @@ fn bad_luks2_headers_and_a_foreign_reencryption_are_refused_and_nothing_changes(
         refused(
             &run,
             &format!("{st}-lock-resume"),
-            3,
+            5,
             &["another program is reencrypting this device", "/run/cryptsetup/LUKS2-reencryption-", "held by process"],
         );
         for c in ["both", "require", "digest", "wrongpass", "lock"] {
@@ -276,6 +276,11 @@ fn bad_luks2_headers_and_a_foreign_reencryption_are_refused_and_nothing_changes(
     assert!(
         running.contains(&format!("a reencryption runs now: process {pid} holds cryptsetup's reencryption lock")),
         "luksify (pid {pid}) did not hold the reencryption lock while converting: {running}"
+    );
+    // and status names it as the luksify running on the device (LUKS2 engine: device lock)
+    assert!(
+        running.contains(&format!("running:  yes, luksify process {pid}")),
+        "status does not say luksify {pid} runs: {running}"
     );
     // one copy broken: status says which; resume uses the other, finishes, both copies valid
     assert_eq!(run.file("onecopy.copies").trim(), "bad valid");

@@ -23,7 +23,7 @@ MK --variant lastused --tail-mib 1
 h1=$(dh /dev/ubda); h2=$(dh /dev/ubdb)
 set +e; "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --make-room /dev/ubda5 2> "$OUT/manual.err"; rc=$?; set -e
 cat "$OUT/manual.err"
-[ $rc = 3 ] || die "make-room with nothing safe to do: exit $rc, expected 3"
+[ $rc = 10 ] || die "make-room with nothing safe to do: exit $rc, expected 10 (refused)"
 grep -q "too few free extents" "$OUT/manual.err" || die "no advice on which LV to shrink"
 [ "$(dh /dev/ubda)" = "$h1" ] && [ "$(dh /dev/ubdb)" = "$h2" ] || die "a refused --make-room changed a disk"
 echo "MANUAL-REFUSED-OK"
@@ -46,7 +46,7 @@ grep -q "GO once the room is made" "$OUT/dry.txt" && grep -q "would first run" "
 "$LUKSIFY" --dry-run --json /dev/ubda5 > "$OUT/plan.json" 2>/dev/null || true
 # Without --make-room: refused.
 set +e; "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST /dev/ubda5 2>/dev/null; rc=$?; set -e
-[ $rc = 3 ] || die "without --make-room: exit $rc"
+[ $rc = 10 ] || die "without --make-room: exit $rc, expected 10 (refused)"
 # With it, online, the writer running.
 start_writer /mnt/root/records.dat "$OUT/acked"; wait_acked 20
 "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --make-room /dev/ubda5 2> "$OUT/convert.err"

@@ -136,7 +136,7 @@ P=$!
 while kill -0 $P 2>/dev/null && ! grep -q '"event":"chunk"' "$OUT/convert.err"; do sleep 0.01; done
 kill -INT $P
 set +e; wait $P; rc=$?; set -e
-[ $rc = 4 ] || die "SIGINT: expected exit 4 (paused), got $rc: $(tail -3 "$OUT/convert.err")"
+[ $rc = 11 ] || die "SIGINT: expected exit 11 (paused), got $rc: $(tail -3 "$OUT/convert.err")"
 K=$(recovery_key "$OUT/convert.out")
 [ -n "$K" ] || die "no recovery key on standard output"
 printf '%s' "$K" > "$OUT/recovery.key"
@@ -220,7 +220,7 @@ P=$!
 while kill -0 $P 2>/dev/null && ! grep -q '"event":"chunk"' "$OUT/convert.err"; do sleep 0.01; done
 kill -INT $P
 set +e; wait $P; rc=$?; set -e
-[ $rc = 4 ] || die "SIGINT: expected exit 4 (paused), got $rc: $(tail -3 "$OUT/convert.err")"
+[ $rc = 11 ] || die "SIGINT: expected exit 11 (paused), got $rc: $(tail -3 "$OUT/convert.err")"
 K=$(recovery_key "$OUT/convert.out")
 [ -n "$K" ] || die "no recovery key on standard output"
 printf '%s' "$K" > "$OUT/recovery.key"

@@ -22,7 +22,7 @@ refused() {
     snap
     set +e; "$LUKSIFY" --dry-run "$@" > /tmp/out 2> /tmp/err; local rc=$?; set -e
     cat /tmp/out /tmp/err
-    [ $rc = 3 ] || die "dry-run $*: exit $rc, expected 3"
+    [ $rc = 10 ] || die "dry-run $*: exit $rc, expected 10 (refused)"
     grep -q "\[$code\]" /tmp/out || die "dry-run $*: no [$code] in the plan"
     grep -q "^luksify: refused: " /tmp/err || die "dry-run $*: no refusal line on stderr"
     "$LUKSIFY" --dry-run --json "$@" > "$OUT/$code.json" 2>/dev/null || true
@@ -47,14 +47,24 @@ snap
 "$LUKSIFY" --dry-run --json /dev/ubda5 > "$OUT/plan.json"
 "$LUKSIFY" --dry-run --json --type luks1 /dev/ubda5 > "$OUT/plan-luks1.json"
 same "dry-run realistic"
+# the time estimate comes from a short O_DIRECT read of the device, and says so
+grep -q "estimated time: .*; an estimate from an O_DIRECT read of [1-9][0-9]* MiB at [0-9]* MiB/s" "$OUT/plan.txt" \
+    || die "the estimate is not from a measured read: $(grep 'estimated time' "$OUT/plan.txt")"
 
 umount /mnt/r /mnt/h; vgchange -an vg0 >/dev/null
 
-# Not found, not a block device.
+# Not found, not a block device: cryptsetup's "wrong device specified", exit 4, for every
+# command.
 set +e; "$LUKSIFY" --dry-run /dev/nonexistent 2> "$OUT/nf.err"; rc=$?; set -e
-[ $rc -ne 0 ] && grep -qi "not found\|no such" "$OUT/nf.err" || die "not found: rc $rc $(cat "$OUT/nf.err")"
+[ $rc = 4 ] && grep -qi "not found\|no such" "$OUT/nf.err" || die "not found: rc $rc $(cat "$OUT/nf.err")"
 set +e; "$LUKSIFY" --dry-run /etc/hostname 2> "$OUT/nb.err"; rc=$?; set -e
-[ $rc -ne 0 ] && grep -q "not a block device" "$OUT/nb.err" || die "not a block device: rc $rc $(cat "$OUT/nb.err")"
+[ $rc = 4 ] && grep -q "not a block device" "$OUT/nb.err" || die "not a block device: rc $rc $(cat "$OUT/nb.err")"
+for c in status resume; do
+    set +e; "$LUKSIFY" $c /dev/nonexistent < /dev/null 2> "$OUT/nf-$c.err"; rc=$?; set -e
+    [ $rc = 4 ] && grep -q "/dev/nonexistent" "$OUT/nf-$c.err" || die "$c on a missing device: rc $rc $(cat "$OUT/nf-$c.err")"
+done
+set +e; "$LUKSIFY" --yes --no-integrate /dev/nonexistent < /dev/null 2> "$OUT/nf-convert.err"; rc=$?; set -e
+[ $rc = 4 ] || die "convert on a missing device: rc $rc $(cat "$OUT/nf-convert.err")"
 
 # Free extents at the end but too little room: pvresize advice.
 MK --variant notail
@@ -107,6 +117,14 @@ echo DRYRUN-DONE
     let l = j["move_sectors"].as_u64().unwrap();
     assert_eq!(j["move_bytes"].as_u64().unwrap(), l * 512);
     assert!(j["tail_have_sectors"].as_u64().unwrap() >= j["tail_need_sectors"].as_u64().unwrap());
+    // the estimate's rate is the measured read's, divided by the I/O a moved byte costs
+    let r = &j["estimate_from_read"];
+    assert!(r["read_mib"].as_u64().is_some_and(|m| m >= 1) && r["read_mib_per_s"].as_u64().is_some(), "{j}");
+    assert_eq!(r["io_per_byte"], 2, "{j}");
+    let rate = j["estimate_assumes_mib_per_s"].as_u64().unwrap();
+    let half = (r["read_mib_per_s"].as_u64().unwrap() as f64 / 2.0).max(1.0);
+    assert!((rate as f64 - half).abs() <= 1.0, "rate {rate}, half the read {half}: {j}");
+    eprintln!("estimate: {}", run.file("plan.txt").lines().find(|l| l.contains("estimated time")).unwrap_or_default());
     // LUKS2 keeps cryptsetup's own format mid-way: no luksify journal; LUKS1 keeps one.
     assert!(j["steps"].as_u64().unwrap() >= 1 && j["journal_sector"].is_null(), "{j}");
     assert_eq!(j["midway_format"]["kind"], "luks2-reencrypt", "{j}");
@@ -137,7 +155,7 @@ echo DRYRUN-DONE
 
 /// The boot checks refuse before any change, against scratch roots in the guest's tmpfs
 /// (never the host's /etc) whose fstab puts / on vg0-root, an LV of the PV being converted:
-/// no cryptsetup-initramfs (dry-run and convert: exit 3, disks and dm devices unchanged), no
+/// no cryptsetup-initramfs (dry-run and convert: exit 10, disks and dm devices unchanged), no
 /// known initramfs generator (and `--force-unknown-boot`), /boot on the PV without a GRUB
 /// that can open it.
 #[test]
@@ -151,12 +169,12 @@ mkdir -p /mnt/r; mount -o ro /dev/vg0/root /mnt/r
 fake_root /tmp/nocrypt --no-cryptroot
 refused initramfs_cannot_unlock --root /tmp/nocrypt /dev/ubda5
 grep -q "apt-get install cryptsetup-initramfs" /tmp/out || die "the refusal does not name the package"
-# The conversion itself refuses the same way: exit 3, before any change.
+# The conversion itself refuses the same way: exit 10, before any change.
 printf 'good passphrase' > "$OUT/key"
 snap
 set +e; "$LUKSIFY" --yes --key-file "$OUT/key" --root /tmp/nocrypt /dev/ubda5 < /dev/null > /tmp/out 2> /tmp/err; rc=$?; set -e
 cat /tmp/err
-[ $rc = 3 ] || die "convert with root on the PV and no cryptsetup-initramfs: exit $rc, expected 3"
+[ $rc = 10 ] || die "convert with root on the PV and no cryptsetup-initramfs: exit $rc, expected 10 (refused)"
 [ "$(wc -l < /tmp/err)" = 1 ] && grep -q "cryptsetup-initramfs" /tmp/err || die "convert refusal: not one clear line"
 same "convert initramfs_cannot_unlock"
 echo "REFUSED-OK convert initramfs_cannot_unlock"
@@ -229,20 +247,39 @@ LUKSIFY_TEST_FAIL_LOAD=vg0-split fails "reroute failure" "nothing was changed" -
 dmsetup ls | grep -q ubda5_crypt && die "a bridge was left behind"
 "$LUKSIFY" status /dev/ubda5 | grep "no luksify conversion" >/dev/null || die "a journal was left behind"
 
-# A second luksify while one runs: refused by the lock.
-"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --type luks1 --chunk 2048 /dev/ubda5 2> "$OUT/first.err" &
+# A second luksify while one runs: refused by the lock (busy: exit 5). `status` meanwhile
+# says a luksify runs, which process, its rate and the time left (--rate keeps it running).
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --type luks1 --chunk 2048 --rate 16 /dev/ubda5 2> "$OUT/first.err" &
 P=$!
+echo $P > "$OUT/first.pid"
 while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep '"state": "migrating"' >/dev/null; do sleep 0.1; done
+n=0
+until "$LUKSIFY" status /dev/ubda5 > "$OUT/running-status.txt" 2>&1 && grep -q "running:  yes, luksify process $P, .*/s, about .* left" "$OUT/running-status.txt"; do
+    n=$((n + 1)); [ $n -lt 100 ] || die "status never showed the running luksify's rate: $(cat "$OUT/running-status.txt")"; sleep 0.1
+done
+cat "$OUT/running-status.txt"
+"$LUKSIFY" status --json /dev/ubda5 > "$OUT/running-status.json"
+ls /run/luksify/ubda5.progress.json
+[ "$(stat -c %a /run/luksify)" = 700 ] || die "/run/luksify is not private: $(stat -c %a /run/luksify)"
 set +e; "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" /dev/ubda5 2> "$OUT/second.err"; rc=$?; set -e
 cat "$OUT/second.err"
-[ $rc -ne 0 ] && grep -q "another luksify is running" "$OUT/second.err" || die "second luksify: rc $rc"
+[ $rc = 5 ] && grep -q "another luksify is running" "$OUT/second.err" || die "second luksify: rc $rc, expected 5 (busy)"
 set +e; "$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" /dev/ubda5 2> "$OUT/third.err"; rc=$?; set -e
-[ $rc -ne 0 ] && grep -q "another luksify is running" "$OUT/third.err" || die "concurrent resume: rc $rc"
+[ $rc = 5 ] && grep -q "another luksify is running" "$OUT/third.err" || die "concurrent resume: rc $rc, expected 5 (busy)"
 kill -INT $P; set +e; wait $P; rc=$?; set -e
-[ $rc = 4 ] || die "pause: exit $rc"
-# A wrong passphrase on resume changes nothing.
+[ $rc = 11 ] || die "pause: exit $rc, expected 11 (paused)"
+[ ! -e /run/luksify/ubda5.progress.json ] || die "the progress file outlived its luksify"
+"$LUKSIFY" status /dev/ubda5 > "$OUT/stopped-status.txt"
+"$LUKSIFY" status --json /dev/ubda5 > "$OUT/stopped-status.json"
+# A progress file of a live process that does not hold the device lock is not a running luksify.
+printf '{{"pid":%d,"moved_bytes":1048576,"total_bytes":2097152,"rate_bytes_per_s":1000000.0,"epoch_ms":0}}' $$ > /run/luksify/ubda5.progress.json
+"$LUKSIFY" status /dev/ubda5 > "$OUT/stale-status.txt"
+rm /run/luksify/ubda5.progress.json
+# A wrong passphrase on resume changes nothing (cryptsetup's "no permission": exit 2).
 printf 'wrong' > /tmp/wrong
 fails "wrong passphrase on resume" "passphrase" resume --yes --no-integrate --key-file /tmp/wrong /dev/ubda5
+set +e; "$LUKSIFY" resume --yes --no-integrate --key-file /tmp/wrong /dev/ubda5 2> /dev/null; rc=$?; set -e
+[ $rc = 2 ] || die "wrong passphrase on resume: exit $rc, expected 2"
 "$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" /dev/ubda5
 umount /mnt/r; vgchange -an vg0 >/dev/null; dmsetup remove ubda5_crypt
 echo BADINPUT-DONE
@@ -259,4 +296,31 @@ echo BADINPUT-DONE
     ] {
         assert!(run.log.contains(&format!("unchanged: {what}")), "{what} not checked");
     }
+    // status while the conversion ran: running, its pid, a rate, the time left; sizes in MiB
+    let pid: u64 = run.file("first.pid").trim().parse().unwrap();
+    let text = run.file("running-status.txt");
+    eprintln!("status while a luksify runs:\n{text}");
+    assert!(text.contains(&format!("running:  yes, luksify process {pid}, ")), "{text}");
+    assert!(text.contains(" MiB encrypted)"), "sizes a person reads: {text}");
+    assert!(!text.contains("continue: luksify resume"), "no resume hint while it runs: {text}");
+    let j: serde_json::Value = serde_json::from_str(&run.file("running-status.json")).unwrap();
+    assert_eq!((j["running"].as_bool(), j["pid"].as_u64()), (Some(true), Some(pid)), "{j}");
+    let rate = j["rate_bytes_per_s"].as_f64().unwrap_or_else(|| panic!("no rate: {j}"));
+    // --rate 16 (MB/s) caps it; anything far above says the rate is not the copy's
+    assert!(rate > 0.0 && rate < 24e6, "rate {rate}: {j}");
+    assert!(j["eta_s"].as_f64().is_some_and(|e| e > 0.0), "{j}");
+    assert!(j["total_bytes"].as_u64().is_some_and(|t| t > 200 << 20), "{j}");
+    // after the pause: not running, and how to go on
+    let text = run.file("stopped-status.txt");
+    assert!(text.contains("running:  not running: `luksify resume /dev/ubda5` continues"), "{text}");
+    assert!(text.contains("continue: luksify resume /dev/ubda5"), "{text}");
+    let j: serde_json::Value = serde_json::from_str(&run.file("stopped-status.json")).unwrap();
+    assert_eq!(
+        (j["running"].as_bool(), j["pid"].is_null(), j["rate_bytes_per_s"].is_null()),
+        (Some(false), true, true),
+        "{j}"
+    );
+    // a progress file whose process does not hold the device lock: not running, no rate
+    let text = run.file("stale-status.txt");
+    assert!(text.contains("running:  not running: `luksify resume /dev/ubda5` continues"), "{text}");
 }

@@ -229,6 +229,28 @@ impl BlockDev {
         Ok(())
     }
 
+    /// Time O_DIRECT reads of the device's first `max_bytes` (1 MiB at a time, stopping after
+    /// `max_time`): the plan's time estimate. None without O_DIRECT (a plain file: the page
+    /// cache would make any rate up) or on a read error.
+    pub fn measure_read(
+        &self,
+        max_bytes: u64,
+        max_time: std::time::Duration,
+    ) -> Option<crate::core::facts::ReadSample> {
+        const STEP: usize = 1 << 20;
+        if !self.direct {
+            return None;
+        }
+        let mut buf = Aligned::new(STEP);
+        let t0 = std::time::Instant::now();
+        let mut done = 0u64;
+        while done + STEP as u64 <= max_bytes && t0.elapsed() < max_time {
+            self.file.read_exact_at(buf.as_mut(), done).ok()?;
+            done += STEP as u64;
+        }
+        Some(crate::core::facts::ReadSample { bytes: done, micros: t0.elapsed().as_micros() as u64 })
+    }
+
     /// Write all of `buf` at byte `offset`. With O_DIRECT, offset and length must be
     /// multiples of 4096 (the data is bounced through an aligned buffer).
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {

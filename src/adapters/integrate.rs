@@ -62,7 +62,7 @@ impl Runner for Recorder {
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub done: Vec<String>,
-    /// Non-empty: integration incomplete (exit 5); each entry says what to do by hand.
+    /// Non-empty: integration incomplete (exit 12); each entry says what to do by hand.
     pub manual: Vec<String>,
     pub backups: Vec<PathBuf>,
 }

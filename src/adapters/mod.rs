@@ -10,6 +10,7 @@ pub mod luks;
 pub mod lvm;
 pub(crate) mod lvmlock;
 pub mod probe;
+pub(crate) mod progressfile;
 pub(crate) mod rawdisk;
 pub(crate) mod sys;
 

@@ -149,6 +149,9 @@ impl Prober {
         };
         let luksify_marker = sigs.contains(&blockdev::Signature::FenceMarker);
 
+        // A short timed read for the plan's time estimate (at most 64 MiB or half a second).
+        let read_sample = dev.measure_read((64 << 20).min(size_bytes), std::time::Duration::from_millis(500));
+
         // The journal slots in the tail.
         let luksify_journal = match journal_slots(size_sectors) {
             Some([a, _]) => {
@@ -276,6 +279,7 @@ impl Prober {
             lvm,
             luksify_journal,
             luksify_marker,
+            read_sample,
             warnings,
         })
     }

@@ -168,6 +168,17 @@ pub fn keyring_revoke(id: i32) {
     }
 }
 
+/// The processes holding the device lock ([`lock_device`]) on `path` now, from
+/// `/proc/locks` (nothing is locked to find out, so a luksify starting meanwhile is not
+/// refused because of `status`). Empty when nobody holds it or `path` cannot be read.
+pub fn device_lock_holders(path: &Path) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(path) else { return Vec::new() };
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else { return Vec::new() };
+    let (major, minor) = (libc::major(md.dev()), libc::minor(md.dev()));
+    crate::core::running::flock_holders(&locks, major, minor, md.ino())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

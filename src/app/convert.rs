@@ -338,7 +338,7 @@ fn convert_formatted(
     let raw = raw_devref(device)?;
     // From here to the finish, no LVM command may change the VG (ours included).
     let vg_lock = match facts.lvm.as_ref().map(|l| l.vg_name.clone()).filter(|v| !v.is_empty()) {
-        Some(vg) => Some(lock_vg(&vg).map_err(|e| Error::Refused(format!("{e}; nothing was changed")))?),
+        Some(vg) => Some(lock_vg(&vg)?),
         None => None,
     };
 
@@ -362,7 +362,7 @@ fn convert_formatted(
         let mut engine = Engine::prepare_standard(disk, kernel, conversion).map_err(|e| engine_err(e, device))?;
         drop(key);
         phase(&o.run, "prepared");
-        let progress = Progress { name: &p.name, l: g.l, moved: 0 };
+        let progress = Progress { device, name: &p.name, l: g.l, moved: 0 };
         guard::drive_standard(&mut engine, &o.run, progress, vg_lock, device, &pass, guard::Start::CutOver)?;
         drop(pass);
         drop(engine);
@@ -372,7 +372,7 @@ fn convert_formatted(
     let mut engine = Engine::prepare(disk, kernel, conversion).map_err(|e| engine_err(e, device))?;
     drop(key);
     phase(&o.run, "prepared");
-    let progress = Progress { name: &p.name, l: g.l, moved: 0 };
+    let progress = Progress { device, name: &p.name, l: g.l, moved: 0 };
     if let Err(e) = guard::drive(&mut engine, &o.run, progress, vg_lock) {
         // Failed before anything but the tail changed (e.g. an LV table that would not
         // reroute): put the tail back, so the device is exactly as it was.

@@ -32,6 +32,8 @@ pub(super) fn arm() -> Result<()> {
 /// What the progress shows of the conversion being driven.
 pub(super) struct Progress<'a> {
     pub name: &'a str,
+    /// The device converted (its progress file is named after it).
+    pub device: &'a std::path::Path,
     /// Sectors to move in all (L) and already moved.
     pub l: u64,
     pub moved: u64,
@@ -47,7 +49,7 @@ pub(super) fn drive(
     vg_lock: Option<VgLock>,
 ) -> std::result::Result<(), EngineError> {
     engine.set_options(Options { rate: run.rate_bytes(), max_stall: run.max_stall(), ..Options::default() });
-    let mut hooks = CliHooks::new(run, p.l, p.moved, p.name);
+    let mut hooks = CliHooks::new(run, p.device, p.l, p.moved, p.name);
     hooks.vg_lock = vg_lock;
     engine.run(&mut hooks)?;
     if let Err(e) = engine.kernel.ensure_node(p.name) {
@@ -83,7 +85,7 @@ pub(super) fn drive_standard(
     use crate::core::units::Sectors;
     use crate::engine::{ChunkStats, Event, Hooks};
     let dev = device.display().to_string();
-    let mut hooks = CliHooks::new(run, p.l, p.moved, p.name);
+    let mut hooks = CliHooks::new(run, p.device, p.l, p.moved, p.name);
     hooks.vg_lock = vg_lock;
     if let Start::CutOver = start {
         engine.bridge_and_cut_over(&mut hooks).map_err(|e| match e {

@@ -25,6 +25,10 @@ use std::path::Path;
 
 pub fn run(cli: Cli) -> Result<i32> {
     progress::start_clock();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(not_root(&cli));
+    }
     match cli.command {
         Some(Command::Status { json, device }) => status::status(&device, json),
         Some(Command::Resume { opts, run, device }) => resume::resume(&device, &opts, &run),
@@ -39,8 +43,30 @@ pub fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+/// Every command needs root: it reads the raw device, device-mapper's tables and LVM's
+/// metadata, and (convert, resume) loads tables and takes LVM's locks. One line, exit 2
+/// (cryptsetup's "no permission"), before anything is looked at.
+fn not_root(cli: &Cli) -> Error {
+    let (what, device) = match &cli.command {
+        Some(Command::Status { device, .. }) => ("status", device),
+        Some(Command::Resume { device, .. }) => ("resume", device),
+        None if cli.dry_run => ("--dry-run", cli.device.as_ref().expect("clap requires DEVICE")),
+        None => ("", cli.device.as_ref().expect("clap requires DEVICE")),
+    };
+    let cmd = if what.is_empty() { String::new() } else { format!("{what} ") };
+    Error::NotRoot(format!(
+        "`luksify {cmd}{d}` must run as root (it reads the raw device, device-mapper's tables and LVM's metadata); nothing was done: run it again with sudo",
+        d = device.display()
+    ))
+}
+
 pub(super) fn probe_device(device: &Path) -> Result<crate::core::facts::DeviceFacts> {
-    probe::probe(device).map_err(|e| Error::Refused(e.to_string()))
+    probe::probe(device).map_err(|e| match e {
+        probe::ProbeError::NotFound { .. }
+        | probe::ProbeError::NotBlockDevice { .. }
+        | probe::ProbeError::Access { .. } => Error::WrongDevice(e.to_string()),
+        e => Error::Refused(e.to_string()),
+    })
 }
 
 /// `--root` must be a directory.
@@ -53,16 +79,21 @@ pub(super) fn check_root(run: &RunOpts) -> Result<()> {
 
 /// The device's size in sectors.
 fn device_size(device: &Path) -> Result<u64> {
-    size_sectors_of(device).map_err(|e| Error::Refused(format!("cannot open {}: {e}", device.display())))
+    size_sectors_of(device).map_err(|e| cannot_open(device, &e))
 }
 
 /// The device number of the raw partition (tables name devices by it).
 fn raw_devref(device: &Path) -> Result<DevRef> {
-    devref_of(device).map_err(|e| Error::Refused(format!("{}: {e}", device.display())))
+    devref_of(device).map_err(|e| Error::WrongDevice(format!("{}: {e}", device.display())))
+}
+
+/// The device cannot be opened (missing, not a block device, refused O_DIRECT): exit 4.
+pub(super) fn cannot_open(device: &Path, e: &dyn std::fmt::Display) -> Error {
+    Error::WrongDevice(format!("cannot open {}: {e}; check the name (`lsblk` lists block devices)", device.display()))
 }
 
 fn open_disk(device: &Path, writable: bool) -> Result<RawDisk> {
-    RawDisk::open(device, writable).map_err(|e| Error::Failed(format!("cannot open {}: {e}", device.display())))
+    RawDisk::open(device, writable).map_err(|e| cannot_open(device, &e))
 }
 
 fn engine_err(e: EngineError, device: &Path) -> Error {
@@ -100,11 +131,11 @@ fn passphrase(k: &KeyOpts, prompt: &str, confirm: bool) -> Result<zeroize::Zeroi
 fn lock(device: &Path) -> Result<std::fs::File> {
     match sys::lock_device(device) {
         Ok(Some(f)) => Ok(f),
-        Ok(None) => Err(Error::Refused(format!(
-            "another luksify is running on {} (it holds the device lock); wait for it or stop it with Ctrl-C",
+        Ok(None) => Err(Error::Busy(format!(
+            "another luksify is running on {} (it holds the device lock; `luksify status {0}` shows it); wait for it or stop it with Ctrl-C",
             device.display()
         ))),
-        Err(e) => Err(Error::Refused(format!("cannot open {}: {e}", device.display()))),
+        Err(e) => Err(cannot_open(device, &e)),
     }
 }
 
@@ -117,7 +148,10 @@ fn lock_vg(vg: &str) -> Result<VgLock> {
     let l = VgLock::acquire(&dir, vg, lvmlock::wait_from_env(), &mut |p| {
         eprintln!("luksify: waiting for LVM's lock on VG {vg} ({}): another LVM command holds it", p.display())
     })
-    .map_err(|e| Error::Refused(e.to_string()))?;
+    .map_err(|e| match e {
+        lvmlock::LockError::Timeout { .. } => Error::Busy(format!("{e}; nothing was changed")),
+        e => Error::Refused(format!("{e}; nothing was changed")),
+    })?;
     eprintln!("luksify: holding LVM's lock on VG {vg} until the finish (LVM commands on it wait until then)");
     Ok(l)
 }
@@ -162,7 +196,7 @@ fn boot_on_pv_after(name: &str, root: &Path) -> bool {
     boot::check(&facts, &bootprobe::probe_boot(root), &choice).0.boot_on_pv
 }
 
-/// After the finish: integrate into `--root` (unless --no-integrate). Exit 5 when something
+/// After the finish: integrate into `--root` (unless --no-integrate). Exit 12 when something
 /// is left to do by hand.
 fn finish(
     device: &Path,

@@ -2,9 +2,10 @@
 //! The JSON lines are serde types; their bytes are what tests and `qemu/bench` read.
 
 use crate::adapters::lvmlock::VgLock;
-use crate::adapters::{lvm, sys};
+use crate::adapters::{lvm, progressfile, sys};
 use crate::cli::RunOpts;
 use crate::core::journal::State;
+use crate::core::running::{self, ProgressFile, RateWindow};
 use crate::core::units::Sectors;
 use crate::engine::{Event, Hooks};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -111,10 +112,62 @@ pub(super) struct CliHooks {
     chunks: u64,
     /// LVM's VG lock: released right before luksify's own `pvresize` (and on every exit).
     pub(super) vg_lock: Option<VgLock>,
+    /// The progress file `status` reads (removed when the hooks are dropped).
+    runfile: RunFile,
+}
+
+/// The progress file of this run ([`progressfile`]): the rate over the last seconds,
+/// rewritten at most once a second. A failure to write it is warned about once, and the
+/// conversion goes on (only `status` misses the rate).
+struct RunFile {
+    path: std::path::PathBuf,
+    total_bytes: u64,
+    window: RateWindow,
+    last_write: Option<f64>,
+    warned: bool,
+}
+
+impl RunFile {
+    fn new(device: &Path, total_bytes: u64) -> RunFile {
+        let path = progressfile::path_of(device);
+        RunFile { path, total_bytes, window: RateWindow::default(), last_write: None, warned: false }
+    }
+
+    fn update(&mut self, moved_bytes: u64, force: bool) {
+        let now = t_ms() / 1000.0;
+        self.window.push(now, moved_bytes);
+        if !force && !running::due(self.last_write, now) {
+            return;
+        }
+        self.last_write = Some(now);
+        let f = ProgressFile {
+            pid: std::process::id(),
+            moved_bytes,
+            total_bytes: self.total_bytes,
+            rate_bytes_per_s: self.window.rate(),
+            epoch_ms: epoch_ms() as u64,
+        };
+        if let Err(e) = progressfile::write(&self.path, &f) {
+            if !std::mem::replace(&mut self.warned, true) {
+                eprintln!(
+                    "luksify: warning: cannot write {} ({e}): `luksify status` will not show the rate",
+                    self.path.display()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for RunFile {
+    fn drop(&mut self) {
+        progressfile::remove_own(&self.path);
+    }
 }
 
 impl CliHooks {
-    pub(super) fn new(run: &RunOpts, l: u64, moved: u64, name: &str) -> CliHooks {
+    pub(super) fn new(run: &RunOpts, device: &Path, l: u64, moved: u64, name: &str) -> CliHooks {
+        let mut runfile = RunFile::new(device, Sectors(l).bytes());
+        runfile.update(Sectors(moved).bytes(), true);
         let tty = std::io::stderr().is_terminal();
         let bar = (!run.progress_json && tty).then(|| {
             let b = ProgressBar::new(Sectors(l).bytes());
@@ -138,6 +191,7 @@ impl CliHooks {
             cut_windows: 0,
             chunks: 0,
             vg_lock: None,
+            runfile,
         }
     }
 }
@@ -150,6 +204,7 @@ impl Hooks for CliHooks {
                 self.max_stall = self.max_stall.max(stats.stall);
                 self.cut_windows += u64::from(stats.cut_windows);
                 self.chunks += 1;
+                self.runfile.update(Sectors(moved).bytes(), false);
                 if let Some(b) = &self.bar {
                     b.set_position(Sectors(moved).bytes());
                 } else if self.json {

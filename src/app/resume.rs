@@ -37,8 +37,7 @@ fn resume_finished(device: &Path, run: &RunOpts) -> Result<i32> {
     if run.no_integrate {
         return Err(nothing());
     }
-    let dev = BlockDev::open(device, OpenMode::READ_DIRECT)
-        .map_err(|e| Error::Refused(format!("cannot open {}: {e}", device.display())))?;
+    let dev = BlockDev::open(device, OpenMode::READ_DIRECT).map_err(|e| super::cannot_open(device, &e))?;
     let mut head = vec![0u8; 4096];
     dev.read_at(0, &mut head).map_err(|e| Error::Failed(format!("cannot read {}: {e}", device.display())))?;
     drop(dev);
@@ -82,7 +81,7 @@ pub(super) fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     let discard = rec.allow_discards;
     let header = engine::read_header_copy(&mut disk, &rec).map_err(|e| engine_err(e, device))?;
     let pass = passphrase(k, &format!("Enter the passphrase for {}: ", device.display()), false)?;
-    let key = luks::unlock(&header, &pass).map_err(|e| Error::Refused(format!("{e}; nothing was changed")))?;
+    let key = luks::unlock(&header, &pass).map_err(|e| unlock_err(e, device))?;
     drop(pass);
     guard::arm()?;
     let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
@@ -119,7 +118,7 @@ pub(super) fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
             None => eprintln!("luksify: warning: no LVM metadata found on /dev/mapper/{name}; not holding any VG lock"),
         }
     }
-    let progress = Progress { name: &name, l, moved };
+    let progress = Progress { device, name: &name, l, moved };
     guard::drive(&mut engine, run, progress, vg_lock).map_err(|e| engine_err(e, device))?;
     drop(engine);
     let boot_on_pv = !run.no_integrate && boot_on_pv_after(&name, &run.root);
@@ -212,7 +211,7 @@ fn resume_standard(
     // Another libcryptsetup reencrypting it (`cryptsetup reencrypt`): refuse before anything.
     // libcryptsetup checks the lock again itself (reencrypt_err maps its -EBUSY).
     if let Some((lock, pid)) = reencrypt::lock_held(&meta.uuid) {
-        return Err(Error::Refused(format!(
+        return Err(Error::Busy(format!(
             "{dev}: another program is reencrypting this device: cryptsetup's reencryption lock {} is held by process {pid} (a running `cryptsetup reencrypt`, or another luksify); nothing was changed; wait until it ends, then see `luksify status {dev}`",
             lock.display()
         )));
@@ -225,7 +224,7 @@ fn resume_standard(
     let mut head = vec![0u8; Sectors(s).byte_len()];
     crate::engine::Disk::read(&mut disk, 0, &mut head)
         .map_err(|e| Error::Failed(format!("{dev}: reading the LUKS2 header: {e}")))?;
-    let key = luks::unlock(&head, &pass).map_err(|e| Error::Refused(format!("{e}; nothing was changed")))?;
+    let key = luks::unlock(&head, &pass).map_err(|e| unlock_err(e, device))?;
     reencrypt::verify(&head, &pass).map_err(|e| standard_err(e, &dev, "checking the LUKS2 header"))?;
     let mut start = guard::Start::Resume;
     let fin = crate::core::luks2meta::finalized_header(&head)
@@ -275,7 +274,7 @@ fn resume_standard(
     let mut engine = Engine::prepare_standard(disk, kernel, conversion).map_err(|e| engine_err(e, device))?;
     drop(key);
     let moved = Sectors::in_len(r.encrypted_bytes as usize).0.min(l);
-    let progress = Progress { name: &name, l, moved };
+    let progress = Progress { device, name: &name, l, moved };
     let driven = guard::drive_standard(&mut engine, run, progress, vg_lock, device, &pass, start);
     if let Some(id) = held {
         reencrypt::release_key(id);
@@ -289,18 +288,30 @@ fn resume_standard(
     r
 }
 
+/// The header copy or header did not open with the passphrase: a wrong passphrase is exit 2
+/// (cryptsetup's), anything else a refusal; nothing was changed either way.
+fn unlock_err(e: luks::LuksError, device: &Path) -> Error {
+    let d = device.display();
+    match e {
+        luks::LuksError::WrongPassphrase => Error::BadPassphrase(format!(
+            "{d}: {e}; nothing was changed: give the passphrase set when the conversion of {d} started"
+        )),
+        e => Error::Refused(format!("{d}: {e}; nothing was changed")),
+    }
+}
+
 /// A libcryptsetup refusal before the reencryption runs, for the user: another program
-/// reencrypting (refused), a digest that does not verify (damaged header, exit 6), else a
-/// failure. libcryptsetup refuses these before writing anything.
+/// reencrypting (busy, exit 5), a digest that does not verify (damaged header, exit 13), a
+/// wrong passphrase (exit 2), else a failure. libcryptsetup refuses these before writing anything.
 fn standard_err(e: luks::LuksError, dev: &str, doing: &str) -> Error {
     match e {
-        luks::LuksError::ReencryptionLocked(_) => Error::Refused(format!(
+        luks::LuksError::ReencryptionLocked(_) => Error::Busy(format!(
             "{dev}: {e}; nothing was changed; wait until it ends, then see `luksify status {dev}`"
         )),
         luks::LuksError::BadReencryptDigest(_) => Error::DamagedHeader(format!(
             "{dev}: {e}: the reencryption's parameters were altered or are corrupt, and continuing with them would destroy data; nothing was changed: do not write to {dev}; keep the disk as it is and report with `luksify status --json {dev}` and `cryptsetup luksDump {dev}`"
         )),
-        luks::LuksError::WrongPassphrase => Error::Refused(format!("{e}; nothing was changed")),
+        luks::LuksError::WrongPassphrase => unlock_err(e, Path::new(dev)),
         e => Error::Failed(format!("{dev}: {doing} failed: {e}; nothing was changed by luksify")),
     }
 }

@@ -9,10 +9,13 @@
 
 use super::{device_size, engine_err, open_disk};
 use crate::adapters::rawdisk::RawDisk;
+use crate::adapters::{progressfile, sys};
 use crate::core::cutover::{CutRecord, Finding};
 use crate::core::journal::{Record, State};
 use crate::core::luks2meta::{self, Meta, MetaError, Reencrypt};
+use crate::core::running::{self, human_bytes, Running};
 use crate::core::state as fsm;
+use crate::core::units::Sectors;
 use crate::engine::{self, Disk};
 use crate::error::{exit, Error, Result};
 use std::path::Path;
@@ -37,30 +40,58 @@ struct StatusJson<'a> {
     seq: Option<u64>,
     /// "luksify-journal", "luks2-reencrypt", or null when nothing is in progress.
     format: Option<&'a str>,
+    /// Bytes to encrypt in all, and encrypted so far (as the journal or header says).
+    total_bytes: Option<u64>,
+    moved_bytes: Option<u64>,
+    /// Whether a luksify runs on the device now (holds its lock), which, how fast, how long.
+    running: bool,
+    pid: Option<u32>,
+    rate_bytes_per_s: Option<f64>,
+    eta_s: Option<f64>,
+}
+
+/// The `running`, `pid`, `rate_bytes_per_s`, `eta_s` of `status --json`.
+fn running_fields(r: &Running) -> (bool, Option<u32>, Option<f64>, Option<f64>) {
+    match r {
+        Running::No => (false, None, None, None),
+        Running::Yes { pid, rate_bytes_per_s, eta_s, .. } => (true, Some(*pid), *rate_bytes_per_s, *eta_s),
+    }
+}
+
+/// Whether a luksify runs on `device` now: who holds the device lock, and its progress file.
+fn running_on(device: &Path) -> Running {
+    running::judge(&sys::device_lock_holders(device), progressfile::read(device).as_ref())
+}
+
+/// The progress line: percent and sizes a person reads.
+fn progress_line(fraction: f64, moved_bytes: u64, total_bytes: u64) -> String {
+    format!("{:.1}% ({} of {} encrypted)", 100.0 * fraction, human_bytes(moved_bytes), human_bytes(total_bytes))
 }
 
 pub(super) fn status(device: &Path, json: bool) -> Result<i32> {
     let n = device_size(device)?;
     let mut disk = open_disk(device, false)?;
+    let run = running_on(device);
     if let Some(x) = engine::examine_cut_over(&mut disk, n).map_err(|e| engine_err(e, device))? {
         if let Finding::Window(r) = &x.finding {
-            print_cut_over_window(device, r, x.moved_matches(), json);
+            print_cut_over_window(device, r, x.moved_matches(), &run, json);
             return Ok(exit::OK);
         }
     }
     if let Some((meta, r)) = read_luks2(&mut disk, n, device)?.and_then(|m| m.reencrypt.clone().map(|r| (m, r))) {
-        print_luks2(device, &meta, &r, json);
+        print_luks2(device, &meta, &r, &run, json);
         return Ok(exit::OK);
     }
     let rec = engine::read_journal(&mut disk, n).map_err(|e| engine_err(e, device))?;
-    print_journal(device, rec.as_ref(), json);
+    print_journal(device, rec.as_ref(), &run, json);
     Ok(exit::OK)
 }
 
 /// A LUKS2 cut-over interrupted inside its window (neither the PV nor a LUKS2 header): what
 /// luksify's cut-over record says, and what `luksify resume` will do.
-fn print_cut_over_window(device: &Path, r: &CutRecord, moved_ok: bool, json: bool) {
+fn print_cut_over_window(device: &Path, r: &CutRecord, moved_ok: bool, run: &Running, json: bool) {
     if json {
+        let (running, pid, rate_bytes_per_s, eta_s) = running_fields(run);
         let s = StatusJson {
             device: device.display().to_string(),
             in_progress: true,
@@ -73,6 +104,12 @@ fn print_cut_over_window(device: &Path, r: &CutRecord, moved_ok: bool, json: boo
             luks_uuid: None,
             seq: None,
             format: Some(FORMAT_CUT_OVER),
+            total_bytes: Some(Sectors(r.l).bytes()),
+            moved_bytes: Some(0),
+            running,
+            pid,
+            rate_bytes_per_s,
+            eta_s,
         };
         println!("{}", serde_json::to_string_pretty(&s).expect("serialises"));
         return;
@@ -87,6 +124,9 @@ fn print_cut_over_window(device: &Path, r: &CutRecord, moved_ok: bool, json: boo
         println!("  `luksify resume {d}` puts them back: the plain PV again (then run luksify again)");
     } else {
         println!("  their copy does NOT match the record: `luksify resume` will refuse; do not write to {d}, report with `luksify status --json {d}`");
+    }
+    if let Running::Yes { .. } = run {
+        println!("  running:  {}", running::describe(run, &d.to_string()));
     }
 }
 
@@ -118,10 +158,11 @@ fn damaged_header(e: &MetaError, device: &Path) -> Error {
     ))
 }
 
-fn print_luks2(device: &Path, m: &Meta, r: &Reencrypt, json: bool) {
+fn print_luks2(device: &Path, m: &Meta, r: &Reencrypt, run: &Running, json: bool) {
     let state = if r.crashed { "crashed" } else { "reencrypting" };
     let name = m.token.as_ref().map(|t| t.name.as_str());
     if json {
+        let (running, pid, rate_bytes_per_s, eta_s) = running_fields(run);
         let s = StatusJson {
             device: device.display().to_string(),
             in_progress: true,
@@ -134,6 +175,12 @@ fn print_luks2(device: &Path, m: &Meta, r: &Reencrypt, json: bool) {
             luks_uuid: Some(&m.uuid),
             seq: Some(m.seqid),
             format: Some(FORMAT_LUKS2),
+            total_bytes: Some(r.total_bytes),
+            moved_bytes: Some(r.encrypted_bytes),
+            running,
+            pid,
+            rate_bytes_per_s,
+            eta_s,
         };
         println!("{}", serde_json::to_string_pretty(&s).expect("serialises"));
         return;
@@ -142,12 +189,18 @@ fn print_luks2(device: &Path, m: &Meta, r: &Reencrypt, json: bool) {
     println!("{d}: luksify conversion in progress");
     let words = if r.crashed { "step interrupted (cryptsetup open recovers it)" } else { "reencrypting" };
     println!("  state:    {words}");
-    println!("  progress: {:.1}% ({} of {} bytes encrypted)", 100.0 * r.progress(), r.encrypted_bytes, r.total_bytes);
+    println!("  progress: {}", progress_line(r.progress(), r.encrypted_bytes, r.total_bytes));
     println!("  target:   LUKS2 {} as /dev/mapper/{} (UUID {})", r.cipher, name.unwrap_or("<unknown>"), m.uuid);
     println!("  format:   standard LUKS2 reencryption ({})", luks2meta::REENCRYPT_V2);
+    // luksify's own run (the device lock) and any reencryption (cryptsetup's lock: luksify's
+    // own engine holds it too, a stock `cryptsetup reencrypt` only that one)
+    match (run, crate::adapters::luks::reencrypt::lock_held(&m.uuid)) {
+        (Running::No, Some(_)) => {}
+        (run, _) => println!("  running:  {}", running::describe(run, &d.to_string())),
+    }
     if let Some((lock, pid)) = crate::adapters::luks::reencrypt::lock_held(&m.uuid) {
         println!(
-            "  running:  a reencryption runs now: process {pid} holds cryptsetup's reencryption lock {}",
+            "  reencrypt: a reencryption runs now: process {pid} holds cryptsetup's reencryption lock {}",
             lock.display()
         );
     }
@@ -162,12 +215,16 @@ fn print_luks2(device: &Path, m: &Meta, r: &Reencrypt, json: bool) {
     );
 }
 
-fn print_journal(device: &Path, rec: Option<&Record>, json: bool) {
+fn print_journal(device: &Path, rec: Option<&Record>, run: &Running, json: bool) {
     let cursor = rec.and_then(|r| match r.state {
         State::Migrating { cursor } => Some(cursor),
         _ => None,
     });
+    let total = rec.map(|r| Sectors(r.geometry.l).bytes());
+    let moved =
+        rec.map(|r| (fsm::progress(&r.geometry, r.state) * Sectors(r.geometry.l).bytes() as f64).round() as u64);
     if json {
+        let (running, pid, rate_bytes_per_s, eta_s) = running_fields(run);
         let s = StatusJson {
             device: device.display().to_string(),
             in_progress: rec.is_some(),
@@ -180,23 +237,38 @@ fn print_journal(device: &Path, rec: Option<&Record>, json: bool) {
             luks_uuid: rec.map(|r| r.luks_uuid.as_str()),
             seq: rec.map(|r| r.seq),
             format: rec.map(|_| FORMAT_JOURNAL),
+            total_bytes: total,
+            moved_bytes: moved,
+            running,
+            pid,
+            rate_bytes_per_s,
+            eta_s,
         };
         println!("{}", serde_json::to_string_pretty(&s).expect("serialises"));
     } else {
         match rec {
-            None => println!("{}: no luksify conversion in progress", device.display()),
+            None => {
+                println!("{}: no luksify conversion in progress", device.display());
+                if let Running::Yes { pid, .. } = run {
+                    println!("  running:  luksify process {pid} holds the device lock (starting, or finishing)");
+                }
+            }
             Some(r) => {
                 println!("{}: luksify conversion in progress", device.display());
                 println!("  state:    {}", r.state.name());
                 if let Some(c) = cursor {
                     println!("  cursor:   sector {c} of {} ({} sectors left to move)", r.geometry.l, c);
                 }
-                println!("  progress: {:.1}%", 100.0 * fsm::progress(&r.geometry, r.state));
+                let f = fsm::progress(&r.geometry, r.state);
+                println!("  progress: {}", progress_line(f, moved.unwrap_or(0), total.unwrap_or(0)));
+                println!("  running:  {}", running::describe(run, &device.display().to_string()));
                 println!(
                     "  target:   LUKS{} {} as /dev/mapper/{} (UUID {})",
                     r.luks_version, r.cipher, r.name, r.luks_uuid
                 );
-                println!("  continue: luksify resume {}", device.display());
+                if *run == Running::No {
+                    println!("  continue: luksify resume {}", device.display());
+                }
             }
         }
     }

@@ -25,6 +25,7 @@ fn generate(out: &std::path::Path) -> std::io::Result<()> {
     let cmd = luksify::cli::Cli::command();
     let mut page = Vec::new();
     clap_mangen::Man::new(cmd.clone()).section("8").render(&mut page)?;
+    page.extend_from_slice(luksify::error::exit::man_section().as_bytes());
     std::fs::write(out.join("luksify.8"), page)?;
     for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
         let mut c = cmd.clone();

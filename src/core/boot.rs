@@ -2,7 +2,7 @@
 //! target root directory (`--root`, default `/`) are gathered by `adapters::bootprobe`; this
 //! decides which initramfs generator is in charge, whether it can unlock LUKS, whether the
 //! root filesystem and /boot live on the PV being converted, and whether GRUB can read
-//! /boot from it. The planner turns the findings into refusals (exit 3, nothing changed).
+//! /boot from it. The planner turns the findings into refusals (exit 10, nothing changed).
 
 use super::facts::DeviceFacts;
 use super::kinds::{LuksVersion, Refusal};

@@ -185,6 +185,8 @@ ConditionPathExists={pass}
 Type=simple
 ExecStart={bin} resume --yes --progress-json --key-file {pass} {unit_dev}
 ExecStopPost=-/bin/rm -f {pass}
+# stopped at a safe point (a shutdown's SIGTERM): the next boot goes on, not a failure
+SuccessExitStatus={paused}
 TimeoutStopSec=10min
 KillMode=process
 
@@ -194,7 +196,8 @@ WantedBy=multi-user.target
         dev = c.device,
         unit_dev = c.unit_device(),
         bin = BINARY,
-        pass = pass_file(&c.name)
+        pass = pass_file(&c.name),
+        paused = crate::error::exit::PAUSED
     )
 }
 
@@ -288,6 +291,8 @@ mod tests {
         assert!(u.contains("ExecStopPost=-/bin/rm -f /run/luksify/vda5_crypt.pass\n"));
         assert!(u.contains("WantedBy=multi-user.target\n"));
         assert!(u.contains("Type=simple\n"), "must not hold up multi-user.target");
+        // a pause at shutdown (luksify's exit 11) is no failure of the unit
+        assert!(u.contains("SuccessExitStatus=11\n"), "{u}");
         // a plain boot (a crash before the cut-over: no prompt, no pass file) runs nothing
         assert!(u.contains("ConditionPathExists=/run/luksify/vda5_crypt.pass\n"));
     }

@@ -6,6 +6,21 @@ use serde::{Deserialize, Serialize};
 /// Sector = 512 bytes throughout.
 pub use super::units::SECTOR;
 
+/// `bytes` read with O_DIRECT in `micros` microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadSample {
+    pub bytes: u64,
+    pub micros: u64,
+}
+
+impl ReadSample {
+    /// MiB per second; None for a sample too small to say anything (under 1 MiB or 1 ms).
+    pub fn mib_per_s(&self) -> Option<f64> {
+        (self.bytes >= 1 << 20 && self.micros >= 1000)
+            .then(|| self.bytes as f64 / f64::from(1u32 << 20) / (self.micros as f64 / 1e6))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceFacts {
     /// Path as given by the user.
@@ -36,6 +51,10 @@ pub struct DeviceFacts {
     /// A luksify journal was found in the tail (conversion in progress), or a fence marker.
     pub luksify_journal: bool,
     pub luksify_marker: bool,
+    /// A short O_DIRECT read of the device's start, timed (the plan's time estimate);
+    /// None when not measured.
+    #[serde(default)]
+    pub read_sample: Option<ReadSample>,
     /// What the probe could not check or found odd, one sentence each (e.g. no
     /// device-mapper in this kernel, so holders were not checked; a holder that is not a dm
     /// device). Empty when everything was checked.
@@ -231,6 +250,7 @@ pub(crate) mod samples {
             }),
             luksify_journal: false,
             luksify_marker: false,
+            read_sample: None,
             warnings: vec![],
         }
     }

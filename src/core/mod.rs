@@ -16,6 +16,7 @@ pub mod luks2meta;
 pub mod marker;
 pub mod plan;
 pub mod recovery;
+pub mod running;
 pub(crate) mod state;
 pub(crate) mod tables;
 pub(crate) mod units;

@@ -154,6 +154,36 @@ pub fn cipher_form_ok(spec: &str, bits: u32) -> bool {
         && (128..=1024).contains(&bits)
 }
 
+/// The read the time estimate comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct EstimateRead {
+    /// MiB read, and how fast (MiB/s, rounded).
+    pub read_mib: u64,
+    pub read_mib_per_s: u64,
+    /// The read rate is divided by this: the I/O every moved byte costs on the same disk
+    /// (LUKS2: read and written; LUKS1: read, written and read back).
+    pub io_per_byte: u64,
+}
+
+/// The rate of the time estimate (MiB/s) and where it comes from: a measured read divided
+/// by the I/O a moved byte costs, at least 1; else [`ASSUMED_MIB_PER_S`].
+pub fn estimate_rate(
+    sample: Option<&crate::core::facts::ReadSample>,
+    luks: LuksVersion,
+) -> (u64, Option<EstimateRead>) {
+    let io_per_byte = match luks {
+        LuksVersion::Luks2 => 2,
+        LuksVersion::Luks1 => 3,
+    };
+    match sample.and_then(|s| s.mib_per_s().map(|r| (s, r))) {
+        Some((s, read)) => {
+            let e = EstimateRead { read_mib: s.bytes >> 20, read_mib_per_s: read.round() as u64, io_per_byte };
+            (((read / io_per_byte as f64).round() as u64).max(1), Some(e))
+        }
+        None => (ASSUMED_MIB_PER_S, None),
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Reroute {
     pub dm_name: String,
@@ -192,6 +222,9 @@ pub struct Plan {
     pub steps: u64,
     pub estimate_seconds: u64,
     pub estimate_assumes_mib_per_s: u64,
+    /// What the estimate's rate comes from: a timed O_DIRECT read of the device, or null
+    /// (then [`ASSUMED_MIB_PER_S`]).
+    pub estimate_from_read: Option<EstimateRead>,
     pub vg: Option<String>,
     pub reroute: Vec<Reroute>,
     pub actions: Vec<String>,
@@ -437,7 +470,8 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
         LuksVersion::Luks1 => geometry.map(|g| g.steps()).unwrap_or_else(|| if k > 0 { l.div_ceil(k) } else { 0 }),
     };
     let move_bytes = Sectors(l).bytes();
-    let estimate_seconds = move_bytes.div_ceil(ASSUMED_MIB_PER_S << 20);
+    let (estimate_mib_per_s, estimate_from_read) = estimate_rate(f.read_sample.as_ref(), o.luks);
+    let estimate_seconds = move_bytes.div_ceil(estimate_mib_per_s << 20);
     let mut actions = vec![format!(
         "generate a {}-bit volume key and format a {} header ({} cipher, data offset {} sectors = {}) in memory",
         o.key_bits,
@@ -558,7 +592,8 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
         midway_format: MidwayFormat::of(o.luks, l, s),
         steps,
         estimate_seconds,
-        estimate_assumes_mib_per_s: ASSUMED_MIB_PER_S,
+        estimate_assumes_mib_per_s: estimate_mib_per_s,
+        estimate_from_read,
         vg,
         reroute,
         actions,
@@ -777,9 +812,19 @@ pub fn render(p: &Plan) -> String {
         s.push_str(&format!("  journal:           sectors {j}..{} (the last 8 KiB)\n", j + 2 * JOURNAL_SLOT_SECTORS));
         s.push_str(&format!("  header copy:       {} sectors reserved before it\n", HEADER_COPY_SECTORS));
     }
+    let basis = match &p.estimate_from_read {
+        Some(r) => format!(
+            "an estimate from an O_DIRECT read of {} MiB at {} MiB/s: the copy {} every byte on the same disk",
+            r.read_mib,
+            r.read_mib_per_s,
+            if r.io_per_byte == 3 { "reads, writes and reads back" } else { "reads and writes" }
+        ),
+        None => "not measured".to_string(),
+    };
     s.push_str(&format!(
-        "  estimated time:    about {} s (assuming {} MiB/s)\n",
-        p.estimate_seconds, p.estimate_assumes_mib_per_s
+        "  estimated time:    about {} (assuming {} MiB/s; {basis})\n",
+        crate::core::running::human_duration(p.estimate_seconds as f64),
+        p.estimate_assumes_mib_per_s
     ));
     if !p.reroute.is_empty() {
         s.push_str("  mappings to reroute onto the bridge:\n");
@@ -1138,6 +1183,44 @@ pub(crate) mod tests {
             p.refusals[0].message.contains("serpent-xts-plain64")
                 && p.refusals[0].message.contains("nothing was changed")
         );
+    }
+
+    #[test]
+    fn the_time_estimate_comes_from_a_measured_read_when_there_is_one() {
+        use crate::core::facts::ReadSample;
+        // not measured: the assumed rate, and the text says so
+        let p = plan(&roomy_laptop(), &Options::default());
+        assert_eq!((p.estimate_assumes_mib_per_s, p.estimate_from_read), (ASSUMED_MIB_PER_S, None));
+        assert!(render(&p).contains(&format!("(assuming {ASSUMED_MIB_PER_S} MiB/s; not measured)")), "{}", render(&p));
+        // 64 MiB read in 0.5 s = 128 MiB/s: LUKS2 reads and writes (64 MiB/s), LUKS1 also
+        // reads back (43 MiB/s)
+        let mut f = roomy_laptop();
+        f.read_sample = Some(ReadSample { bytes: 64 << 20, micros: 500_000 });
+        let p = plan(&f, &Options::default());
+        assert_eq!(p.estimate_assumes_mib_per_s, 64);
+        assert_eq!(p.estimate_from_read, Some(EstimateRead { read_mib: 64, read_mib_per_s: 128, io_per_byte: 2 }));
+        assert_eq!(p.estimate_seconds, p.move_bytes.div_ceil(64 << 20));
+        let text = render(&p);
+        assert!(
+            text.contains("(assuming 64 MiB/s; an estimate from an O_DIRECT read of 64 MiB at 128 MiB/s: the copy reads and writes every byte on the same disk)"),
+            "{text}"
+        );
+        let p1 = plan(&f, &Options { luks: LuksVersion::Luks1, ..Options::default() });
+        assert_eq!(p1.estimate_assumes_mib_per_s, 43);
+        assert!(render(&p1).contains("reads, writes and reads back"), "{}", render(&p1));
+        // a slow disk: never 0 MiB/s; a sample too small says nothing
+        assert_eq!(estimate_rate(Some(&ReadSample { bytes: 1 << 20, micros: 10_000_000 }), LuksVersion::Luks1).0, 1);
+        assert_eq!(
+            estimate_rate(Some(&ReadSample { bytes: 4096, micros: 10 }), LuksVersion::Luks2),
+            (ASSUMED_MIB_PER_S, None)
+        );
+        assert_eq!(
+            estimate_rate(Some(&ReadSample { bytes: 0, micros: 0 }), LuksVersion::Luks2),
+            (ASSUMED_MIB_PER_S, None)
+        );
+        // JSON: the basis is there for scripts
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["estimate_from_read"]["read_mib_per_s"], 128, "{v}");
     }
 
     #[test]
