@@ -1,8 +1,8 @@
 //! Progress on the terminal (a bar, or a line every 10%) or as `--progress-json` lines.
 //! The JSON lines are serde types; their bytes are what tests and `qemu/bench` read.
 
+use crate::adapters::lvm;
 use crate::adapters::lvmlock::VgLock;
-use crate::adapters::{lvm, sys};
 use crate::cli::RunOpts;
 use crate::core::journal::State;
 use crate::core::units::Sectors;
@@ -243,7 +243,7 @@ impl Hooks for CliHooks {
     }
 
     fn stop_requested(&self) -> bool {
-        sys::stop_requested()
+        super::power::stop_here()
     }
 
     fn lvm_resize(&mut self, bridge: &str) -> std::result::Result<(), String> {
