@@ -528,6 +528,42 @@ fn uniform(state: &mut u64) -> f64 {
     ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Boots the half-converted system with its own kernel and initramfs (made by luksify
+/// before its cut-over): the test types the passphrase at the prompt, the system comes up
+/// on the LUKS2 reencryption in progress, and `stages/resumeboot.sh` waits for
+/// luksify-resume.service to finish the conversion and its integration.
+fn boot_through_the_prompt_and_the_unit_finishes(dir: &Path, disk: &Path, kver: &str, tag: &str, scenario: &str) {
+    let (kernel, initrd) = boot_files(disk, kver, dir);
+    let ctl = ctl_disk(dir, "resumeboot", &[]);
+    let mut vm = Vm::start(
+        tag,
+        Boot {
+            kernel: &kernel,
+            initrd: &initrd,
+            append: SYSTEM_ROOT,
+            disks: vec![disk, &ctl],
+            acks: &dir.join(format!("acks-{tag}.log")),
+            log: dir.join(format!("{tag}.console.log")),
+        },
+    );
+    vm.wait_for(&format!("Please unlock disk {NAME}"), BOOT_LIMIT);
+    vm.unlock();
+    let (c, r) = vm.finish(BOOT_LIMIT);
+    assert_eq!(get(&r, "root_source", &c), "/dev/mapper/vg0-root");
+    assert!(get(&r, "root_stack", &c).contains(&format!("{NAME} crypt")), "{}", tail(&c, 80));
+    assert_eq!(get(&r, "unit_enabled", &c), "enabled");
+    assert_eq!(get(&r, "unit_result", &c), "success", "luksify-resume.service failed:\n{}", tail(&c, 120));
+    assert_eq!(get(&r, "unit_exit", &c), "0");
+    assert_eq!(get(&r, "unit_left", &c), "", "the boot chain was not removed at the finish");
+    assert_eq!(get(&r, "initramfs_luksify", &c), "0", "the final initramfs still has luksify's scripts");
+    assert_ne!(get(&r, "initramfs_cryptsetup", &c), "0");
+    let ct = get(&r, "crypttab", &c);
+    assert!(ct.starts_with(&format!("{NAME} UUID=")) && ct.ends_with(" none luks"), "final crypttab line: {ct}");
+    let log = c.lines().skip_while(|l| !l.contains("Please unlock disk")).collect::<Vec<_>>();
+    let done = log.iter().position(|l| l.contains("luksify: done:")).expect("no done line from the unit");
+    eprintln!("[{scenario}] boot log from the prompt to the unit's done line:\n{}", log[..=done].join("\n"));
+}
+
 /// Issue 20 (a): a power cut at a random moment after the cut-over; the machine boots
 /// through its own initramfs (the passphrase prompt on the console), the system comes up,
 /// luksify-resume.service finishes the conversion, and the next boot is the ordinary
@@ -549,45 +585,23 @@ fn power_cut_after_the_cut_over_boots_through_the_prompt_and_the_unit_finishes()
     assert!(!c.contains("\"event\":\"done\""), "the conversion finished before the cut; nothing was tested");
 
     // Boot 2: the installed system's own kernel and initramfs (made before the cut-over).
-    let (kernel, initrd) = boot_files(&disk, &kver, &dir);
-    let ctl = ctl_disk(&dir, "resumeboot", &[]);
-    let mut vm = Vm::start(
-        "resumeboot",
-        Boot {
-            kernel: &kernel,
-            initrd: &initrd,
-            append: SYSTEM_ROOT,
-            disks: vec![&disk, &ctl],
-            acks: &dir.join("acks-resumeboot.log"),
-            log: dir.join("resumeboot.console.log"),
-        },
-    );
-    vm.wait_for(&format!("Please unlock disk {NAME}"), BOOT_LIMIT);
-    vm.unlock();
-    let (c, r) = vm.finish(BOOT_LIMIT);
-    assert_eq!(get(&r, "root_source", &c), "/dev/mapper/vg0-root");
-    assert!(get(&r, "root_stack", &c).contains(&format!("{NAME} crypt")), "{}", tail(&c, 80));
-    assert_eq!(get(&r, "unit_enabled", &c), "enabled");
-    assert_eq!(get(&r, "unit_result", &c), "success", "luksify-resume.service failed:\n{}", tail(&c, 120));
-    assert_eq!(get(&r, "unit_exit", &c), "0");
-    assert_eq!(get(&r, "unit_left", &c), "", "the boot chain was not removed at the finish");
-    assert_eq!(get(&r, "initramfs_luksify", &c), "0", "the final initramfs still has luksify's scripts");
-    assert_ne!(get(&r, "initramfs_cryptsetup", &c), "0");
-    let ct = get(&r, "crypttab", &c);
-    assert!(ct.starts_with(&format!("{NAME} UUID=")) && ct.ends_with(" none luks"), "final crypttab line: {ct}");
-    let log = c.lines().skip_while(|l| !l.contains("Please unlock disk")).collect::<Vec<_>>();
-    let done = log.iter().position(|l| l.contains("luksify: done:")).expect("no done line from the unit");
-    eprintln!("[bootcut] boot log from the prompt to the unit's done line:\n{}", log[..=done].join("\n"));
+    boot_through_the_prompt_and_the_unit_finishes(&dir, &disk, &kver, "resumeboot", "bootcut");
     boot_encrypted_and_verify(&dir, &disk, &kver, &acks, &usr, "after-unit");
     eprintln!("[bootcut] scenario took {:.0} s", t0.elapsed().as_secs_f64());
 }
 
-/// Issue 20 (d): a power cut after luksify set up the boot chain but before its cut-over.
-/// The regenerated initramfs boots the plain PV without waiting for the LUKS device that
-/// does not exist, and a later `luksify` run converts it; then the encrypted boot.
+/// Issue 20 (d) and (b): a power cut after luksify set up the boot chain but before its
+/// cut-over. The regenerated initramfs boots the plain PV without waiting for the LUKS
+/// device that does not exist, and a later `luksify` run converts it; (b) that run is
+/// interrupted by `systemctl reboot` at a seeded moment after its cut-over: logind tells
+/// luksify, which holds a delay inhibitor (shown by `systemd-inhibit --list`), stops at
+/// its next commit point and exits "paused". The reboot then goes through the passphrase
+/// prompt, luksify-resume.service finishes, and the encrypted boot verifies everything.
 #[test]
-fn power_cut_before_the_cut_over_boots_the_plain_system_at_once_and_luksify_runs_again() {
+fn power_cut_before_the_cut_over_boots_plain_then_a_reboot_mid_conversion_pauses_and_the_unit_finishes() {
     let t0 = Instant::now();
+    let mut rng = seed();
+    let reboot_at = 50 + (750.0 * uniform(&mut rng)) as u64; // per mille of the PV moved
     let (Converting { kver, dir, disk, acks, .. }, mut vm) = start_converting("qemu_plaincut", "plaincut");
     vm.wait_for("boot chain ready", BOOT_LIMIT);
     let c = vm.power_cut();
@@ -596,8 +610,9 @@ fn power_cut_before_the_cut_over_boots_the_plain_system_at_once_and_luksify_runs
 
     let (kernel, initrd) = boot_files(&disk, &kver, &dir);
     let convert = std::fs::read_to_string(support::repo().join("qemu/debian/stages/convert.sh")).unwrap();
-    let ctl = ctl_disk(&dir, "plainboot", &[("convert.sh", convert)]);
+    let ctl = ctl_disk(&dir, "plainboot", &[("convert.sh", convert), ("reboot_at", reboot_at.to_string())]);
     let acks2 = dir.join("acks-plainboot.log");
+    eprintln!("[plaincut] the second run is to be rebooted at {:.1}% moved", reboot_at as f64 / 10.0);
     let vm = Vm::start(
         "plainboot",
         Boot {
@@ -609,6 +624,7 @@ fn power_cut_before_the_cut_over_boots_the_plain_system_at_once_and_luksify_runs
             log: dir.join("plainboot.console.log"),
         },
     );
+    // (QEMU runs with -no-reboot: the guest's reboot ends it, and the test boots it again)
     let (c, r) = vm.finish(BOOT_LIMIT);
     assert_eq!(get(&r, "plain_blkid", &c), "LVM2_member", "the cut came after the cut-over: nothing tested");
     assert!(!c.contains("Please unlock disk"), "the plain boot asked for a passphrase");
@@ -618,7 +634,33 @@ fn power_cut_before_the_cut_over_boots_the_plain_system_at_once_and_luksify_runs
     assert_eq!(get(&r, "unit_ran", &c), "0", "luksify-resume.service ran on the plain boot");
     let up: f64 = get(&r, "uptime_at_stage", &c).parse().unwrap();
     eprintln!("[plaincut] the plain system was up (stage start) {up:.0} s after the kernel started");
-    assert_eq!(get(&r, "luksify_rc", &c), "0", "the later luksify run failed:\n{}", tail(&c, 80));
+    // (b): the reboot came mid-conversion, with luksify's inhibitor held; luksify stopped at
+    // a commit point because logind said the system was going down, and exited "paused" (4)
+    let list = c
+        .lines()
+        .skip_while(|l| !l.contains("----- systemd-inhibit --list -----"))
+        .take_while(|l| !l.contains("----- end of list -----"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    eprintln!("[plaincut] inhibitors when `systemctl reboot` was run:\n{list}");
+    assert_ne!(get(&r, "inhibitor_luksify", &c), "0", "luksify held no logind inhibitor:\n{list}");
+    assert!(
+        list.contains("delay") && list.contains("shutdown:sleep"),
+        "not a delay inhibitor for shutdown and sleep:\n{list}"
+    );
+    assert!(c.contains("holding a logind delay inhibitor"), "{}", tail(&c, 80));
+    eprintln!("[plaincut] reboot issued at {} sectors moved", get(&r, "reboot_at_moved", &c));
+    assert!(!c.contains("\"event\":\"done\""), "the conversion finished before the reboot; nothing was tested");
+    let pause: Vec<&str> = c
+        .lines()
+        .filter(|l| l.contains("the system is shutting down") || l.contains("stopped at a safe point"))
+        .collect();
+    eprintln!("[plaincut] luksify at the reboot:\n{}", pause.join("\n"));
+    assert!(c.contains("the system is shutting down: stopping at this commit point"), "{}", tail(&c, 80));
+    assert!(c.contains("stopped at a safe point"), "no pause line:\n{}", tail(&c, 80));
+    assert_eq!(get(&r, "luksify_rc", &c), "11", "luksify did not exit \"paused\":\n{}", tail(&c, 80));
+
+    boot_through_the_prompt_and_the_unit_finishes(&dir, &disk, &kver, "rebootresume", "plaincut");
     let both = dir.join("acks-both");
     let mut a = std::fs::read(&acks).unwrap();
     a.extend(std::fs::read(&acks2).unwrap());

@@ -6,6 +6,7 @@ pub(crate) mod bootprobe;
 pub(crate) mod dm;
 pub(crate) mod integrate;
 pub(crate) mod kernel;
+pub(crate) mod logind;
 pub mod luks;
 pub mod lvm;
 pub(crate) mod lvmlock;

@@ -342,7 +342,7 @@ fn convert_formatted(
         None => None,
     };
 
-    guard::arm()?;
+    let _power = guard::arm(device)?;
     phase(&o.run, "memory_locked");
     let disk = open_disk(device, true)?;
     let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;

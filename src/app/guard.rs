@@ -1,6 +1,7 @@
 //! The one guarded run that `luksify DEVICE` and `luksify resume` share: from the moment
 //! luksify may suspend the device its own binary lives on to the last commit. In order:
-//! stop requests become commit points (SIGINT/SIGTERM), memory is locked and pre-touched
+//! stop requests become commit points (SIGINT/SIGTERM, logind's shutdown; a sleep waits at
+//! one), memory is locked and pre-touched
 //! (never page-fault on a suspended device), the OOM killer spares luksify, the engine runs
 //! with the progress hooks holding LVM's VG lock (given back right before luksify's own
 //! `pvresize`, and on every exit), and the finished mapping gets its /dev/mapper node.
@@ -16,8 +17,10 @@ use crate::cli::RunOpts;
 use crate::engine::{Engine, EngineError, Options};
 use crate::error::{Error, Result};
 
-/// Before the first suspend: stop requests, locked memory, the OOM guard.
-pub(super) fn arm() -> Result<()> {
+/// Before the first suspend: stop requests, logind's delay inhibitor for shutdown and sleep
+/// (held until the returned value is dropped, or the process exits: [`super::power`]),
+/// locked memory, the OOM guard.
+pub(super) fn arm(device: &std::path::Path) -> Result<super::power::Armed> {
     sys::install_stop_handlers().map_err(|e| Error::Failed(format!("installing signal handlers: {e}")))?;
     sys::lock_memory().map_err(|e| {
         Error::Failed(format!("mlockall failed ({e}); refusing to suspend devices without it; nothing was changed"))
@@ -26,7 +29,7 @@ pub(super) fn arm() -> Result<()> {
     if let Err(e) = sys::protect_from_oom_killer() {
         eprintln!("luksify: warning: cannot set oom_score_adj to -1000 ({e}): the OOM killer may pick luksify");
     }
-    Ok(())
+    Ok(super::power::arm(device))
 }
 
 /// What the progress shows of the conversion being driven.
@@ -101,7 +104,7 @@ pub(super) fn drive_standard(
     let end = if let Start::Finished = start {
         Ok(RunEnd::Finished)
     } else {
-        reencrypt::run(device, p.name, pass, sys::stop_requested, &mut |done, _total| {
+        reencrypt::run(device, p.name, pass, super::power::stop_here, &mut |done, _total| {
             let moved = Sectors::in_len(done as usize).0.min(l);
             hooks.event(&Event::ChunkDone { from: l - moved, to: l - last, stats: ChunkStats::default() });
             last = moved;

@@ -5,6 +5,7 @@
 
 mod convert;
 mod guard;
+mod power;
 mod progress;
 mod resume;
 mod status;

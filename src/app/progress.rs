@@ -2,7 +2,7 @@
 //! The JSON lines are serde types; their bytes are what tests and `qemu/bench` read.
 
 use crate::adapters::lvmlock::VgLock;
-use crate::adapters::{lvm, progressfile, sys};
+use crate::adapters::{lvm, progressfile};
 use crate::cli::RunOpts;
 use crate::core::journal::State;
 use crate::core::running::{self, ProgressFile, RateWindow};
@@ -298,7 +298,7 @@ impl Hooks for CliHooks {
     }
 
     fn stop_requested(&self) -> bool {
-        sys::stop_requested()
+        super::power::stop_here()
     }
 
     fn lvm_resize(&mut self, bridge: &str) -> std::result::Result<(), String> {

@@ -83,7 +83,7 @@ pub(super) fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     let pass = passphrase(k, &format!("Enter the passphrase for {}: ", device.display()), false)?;
     let key = luks::unlock(&header, &pass).map_err(|e| unlock_err(e, device))?;
     drop(pass);
-    guard::arm()?;
+    let _power = guard::arm(device)?;
     let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
     let name = rec.name.clone();
     // LVM's VG lock, as for a conversion. On a live system the bridge already shows the PV:
@@ -258,7 +258,7 @@ fn resume_standard(
         Some(vg) => Some(lock_vg(&vg)?),
         None => None,
     };
-    guard::arm()?;
+    let _power = guard::arm(device)?;
     let conversion = crate::engine::NewConversion {
         raw,
         geometry: g,

@@ -192,6 +192,18 @@ fn on_pv(src: &FsSource, dev: &DeviceFacts) -> bool {
     false
 }
 
+/// What cannot be guaranteed when luksify sets up no boot chain (generator `g`, None:
+/// unknown): a reboot between the cut-over and the finish.
+fn mid_way(g: Option<Generator>) -> String {
+    let with = match g {
+        Some(g) => format!("not with {}", g.as_str()),
+        None => "not with an unknown generator".into(),
+    };
+    format!(
+        "luksify can make a reboot in the middle of the conversion boot only with initramfs-tools ({with}): from the cut-over until the finish, a reboot, crash or power cut leaves a machine that does not boot without rescue media (with luksify, or cryptsetup 2.3.7/2.4.3 or later: README, \"Recovery\"), and nothing continues the conversion by itself"
+    )
+}
+
 /// Run the boot checks. Refusals are returned with their messages, for the plan.
 pub fn check(dev: &DeviceFacts, f: &BootFacts, c: &LuksChoice) -> (BootReport, Vec<Refusal>) {
     let mut refusals = Vec::new();
@@ -251,6 +263,11 @@ pub fn check(dev: &DeviceFacts, f: &BootFacts, c: &LuksChoice) -> (BootReport, V
                     f.root_dir,
                     dev.kname
                 );
+                // (LUKS2: also no boot chain through the conversion in progress)
+                let m = match c.luks {
+                    LuksVersion::Luks2 => format!("{m}; and {}", mid_way(None)),
+                    _ => m,
+                };
                 if c.force_unknown_boot {
                     warnings.push(BootWarning { code: "unknown_initramfs", message: m });
                 } else {
@@ -261,6 +278,20 @@ pub fn check(dev: &DeviceFacts, f: &BootFacts, c: &LuksChoice) -> (BootReport, V
                 }
             }
             _ => {}
+        }
+        // luksify's boot chain (a reboot mid-way opens the LUKS2 reencryption in progress
+        // and luksify-resume.service finishes it: core::bootchain) exists for
+        // initramfs-tools only.
+        if let (LuksVersion::Luks2, Some(g @ (Generator::Dracut | Generator::Mkinitcpio))) = (c.luks, gen) {
+            let m = format!("the root filesystem is on {} and {}", dev.path, mid_way(Some(g)));
+            if c.force_unknown_boot {
+                warnings.push(BootWarning { code: "no_boot_chain", message: m });
+            } else {
+                refusals.push(Refusal {
+                    code: "no_boot_chain",
+                    message: format!("{m}; to convert anyway (rescue media at hand), pass --force-unknown-boot"),
+                });
+            }
         }
     }
     let cryptodisk = f.grub_default.as_deref().map(|t| shell_var(t, "GRUB_ENABLE_CRYPTODISK").as_deref() == Some("y"));
@@ -412,10 +443,57 @@ mod tests {
         f.dracut_bin = true;
         let (b, r) = check(&laptop(), &f, &luks2());
         assert_eq!(b.initramfs, Some("dracut"));
-        assert_eq!(codes(&r), vec!["initramfs_cannot_unlock"]);
+        assert_eq!(codes(&r), vec!["initramfs_cannot_unlock", "no_boot_chain"]);
         assert!(r[0].message.contains("90crypt") && r[0].message.contains("dracut"), "{}", r[0].message);
         f.dracut_crypt_module = true;
-        assert!(check(&laptop(), &f, &luks2()).1.is_empty());
+        // a crypt module opens the finished device, but nothing opens LUKS2 mid-way
+        let (b, r) = check(&laptop(), &f, &luks2());
+        assert_eq!(codes(&r), vec!["no_boot_chain"]);
+        assert!(b.refusals == vec!["no_boot_chain"]);
+        let forced = LuksChoice { force_unknown_boot: true, ..luks2() };
+        let (b, r) = check(&laptop(), &f, &forced);
+        assert!(r.is_empty(), "{r:?}");
+        assert_eq!(b.warnings.iter().map(|w| w.code).collect::<Vec<_>>(), vec!["no_boot_chain"]);
+    }
+
+    #[test]
+    fn without_initramfs_tools_a_luks2_root_pv_is_refused_unless_forced_saying_what_a_reboot_mid_way_does() {
+        let mut dracut = debian();
+        dracut.update_initramfs = false;
+        dracut.initramfs_tools_conf = false;
+        dracut.dracut_bin = true;
+        dracut.dracut_crypt_module = true;
+        let mut arch = debian();
+        arch.update_initramfs = false;
+        arch.initramfs_tools_conf = false;
+        arch.mkinitcpio_conf = Some("HOOKS=(base udev block encrypt lvm2 filesystems)\n".into());
+        for (f, gen) in [(&dracut, "dracut"), (&arch, "mkinitcpio")] {
+            let (b, r) = check(&laptop(), f, &luks2());
+            assert_eq!(b.initramfs, Some(gen));
+            assert_eq!(codes(&r), vec!["no_boot_chain"], "{gen}");
+            let m = &r[0].message;
+            for want in [
+                "--force-unknown-boot",
+                &format!("not with {gen}"),
+                "does not boot without rescue media",
+                "from the cut-over until the finish",
+            ] {
+                assert!(m.contains(want), "{gen}: no {want:?} in: {m}");
+            }
+            let forced = LuksChoice { force_unknown_boot: true, ..luks2() };
+            let (b, r) = check(&laptop(), f, &forced);
+            assert!(r.is_empty(), "{gen}: {r:?}");
+            assert!(b.warnings.iter().any(|w| w.code == "no_boot_chain" && w.message.contains("rescue media")));
+            // LUKS1 has no standard mid-way format and no boot chain anyway: not this refusal
+            let luks1 = LuksChoice { luks: LuksVersion::Luks1, ..luks2() };
+            assert!(!codes(&check(&laptop(), f, &luks1).1).contains(&"no_boot_chain"), "{gen}");
+            // the root elsewhere: no boot at stake
+            let mut away = f.clone();
+            away.root_fs = Some(FsSource { spec: "/dev/sdb1".into(), dev: Some((8, 17)) });
+            assert!(check(&laptop(), &away, &luks2()).1.is_empty(), "{gen}");
+        }
+        // initramfs-tools (with its boot chain) is not refused
+        assert!(check(&laptop(), &debian(), &luks2()).1.is_empty());
     }
 
     #[test]
@@ -427,6 +505,7 @@ mod tests {
         assert_eq!(b.initramfs, None);
         assert_eq!(codes(&r), vec!["unknown_initramfs"]);
         assert!(r[0].message.contains("--force-unknown-boot"));
+        assert!(r[0].message.contains("does not boot without rescue media"), "{}", r[0].message);
         let forced = LuksChoice { force_unknown_boot: true, ..luks2() };
         let (b, r) = check(&laptop(), &f, &forced);
         assert!(r.is_empty());
@@ -495,7 +574,7 @@ mod tests {
         f.mkinitcpio_conf = Some("HOOKS=(base udev autodetect modconf block lvm2 filesystems fsck)\n".into());
         let (b, r) = check(&laptop(), &f, &luks2());
         assert_eq!(b.initramfs, Some("mkinitcpio"));
-        assert!(r.is_empty());
+        assert_eq!(codes(&r), vec!["no_boot_chain"]);
         assert_eq!(b.warnings[0].code, "mkinitcpio_hooks");
         f.mkinitcpio_conf = Some("HOOKS=(base udev block encrypt lvm2 filesystems)\n".into());
         let (b, _) = check(&laptop(), &f, &luks2());
