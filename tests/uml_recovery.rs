@@ -30,6 +30,19 @@ both_slots() { # WHEN
     if slot_opens 1 "$OUT/key" 2>/dev/null; then die "$1: the passphrase opened keyslot 1"; fi
     echo "$1: keyslot 1 opens with the recovery key, keyslot 0 with the passphrase"
 }
+convert_paused_with_key() { # EXTRA ARGS: convert with --recovery-key, SIGINT after the first
+    # step (exit 11, paused); the key from standard output into $OUT/recovery.key
+    "$LUKSIFY" --yes --no-integrate --recovery-key --key-file "$OUT/key" $FAST "$@" --progress-json /dev/ubda5 \
+        > "$OUT/convert.out" 2> "$OUT/convert.err" &
+    local p=$! rc k
+    while kill -0 $p 2>/dev/null && ! grep -q '"event":"chunk"' "$OUT/convert.err"; do sleep 0.01; done
+    kill -INT $p
+    set +e; wait $p; rc=$?; set -e
+    [ $rc = 11 ] || die "SIGINT: expected exit 11 (paused), got $rc: $(tail -3 "$OUT/convert.err")"
+    k=$(recovery_key "$OUT/convert.out")
+    [ -n "$k" ] || die "no recovery key on standard output"
+    printf '%s' "$k" > "$OUT/recovery.key"
+}
 "#;
 
 /// After the finish: both keyslots, then everything closed for the fresh boot.
@@ -130,17 +143,7 @@ if "$LUKSIFY" --yes --no-integrate --recovery-key --key-file "$OUT/key" $FAST /d
 fi
 [ "$(ends)" = "$before" ] || die "the device's first MiB or last 32 MiB changed although the key could not be shown"
 "$LUKSIFY" status /dev/ubda5 > "$OUT/status-full.txt"
-"$LUKSIFY" --yes --no-integrate --recovery-key --key-file "$OUT/key" $FAST --progress-json /dev/ubda5 \
-    > "$OUT/convert.out" 2> "$OUT/convert.err" &
-P=$!
-while kill -0 $P 2>/dev/null && ! grep -q '"event":"chunk"' "$OUT/convert.err"; do sleep 0.01; done
-kill -INT $P
-set +e; wait $P; rc=$?; set -e
-[ $rc = 11 ] || die "SIGINT: expected exit 11 (paused), got $rc: $(tail -3 "$OUT/convert.err")"
-K=$(recovery_key "$OUT/convert.out")
-[ -n "$K" ] || die "no recovery key on standard output"
-printf '%s' "$K" > "$OUT/recovery.key"
-unset K
+convert_paused_with_key
 cryptsetup luksDump /dev/ubda5 > "$OUT/dump-mid.txt"
 grep -q online-reencrypt-v2 "$OUT/dump-mid.txt" || die "not a reencryption in progress"
 both_slots "mid-way"
@@ -214,17 +217,7 @@ fn luks1_recovery_key_resumes_and_opens_after_the_finish() {
     let d = fresh_copy(&dir);
     let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(&format!(
         r#"{LIVE}
-"$LUKSIFY" --yes --no-integrate --recovery-key --key-file "$OUT/key" $FAST --type luks1 --chunk 4096 --progress-json /dev/ubda5 \
-    > "$OUT/convert.out" 2> "$OUT/convert.err" &
-P=$!
-while kill -0 $P 2>/dev/null && ! grep -q '"event":"chunk"' "$OUT/convert.err"; do sleep 0.01; done
-kill -INT $P
-set +e; wait $P; rc=$?; set -e
-[ $rc = 11 ] || die "SIGINT: expected exit 11 (paused), got $rc: $(tail -3 "$OUT/convert.err")"
-K=$(recovery_key "$OUT/convert.out")
-[ -n "$K" ] || die "no recovery key on standard output"
-printf '%s' "$K" > "$OUT/recovery.key"
-unset K
+convert_paused_with_key --type luks1 --chunk 4096
 "$LUKSIFY" status /dev/ubda5 | tee "$OUT/status-mid.txt"
 grep -q migrating "$OUT/status-mid.txt" || die "not mid-way"
 printf 'not the key' > "$OUT/wrong.key"
