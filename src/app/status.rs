@@ -43,18 +43,28 @@ struct StatusJson<'a> {
     /// Bytes to encrypt in all, and encrypted so far (as the journal or header says).
     total_bytes: Option<u64>,
     moved_bytes: Option<u64>,
-    /// Whether a luksify runs on the device now (holds its lock), which, how fast, how long.
+    #[serde(flatten)]
+    run: RunningJson,
+}
+
+/// The `running`, `pid`, `rate_bytes_per_s`, `eta_s` of `status --json`: whether a luksify
+/// runs on the device now (holds its lock), which, how fast, how long.
+#[derive(serde::Serialize)]
+struct RunningJson {
     running: bool,
     pid: Option<u32>,
     rate_bytes_per_s: Option<f64>,
     eta_s: Option<f64>,
 }
 
-/// The `running`, `pid`, `rate_bytes_per_s`, `eta_s` of `status --json`.
-fn running_fields(r: &Running) -> (bool, Option<u32>, Option<f64>, Option<f64>) {
-    match r {
-        Running::No => (false, None, None, None),
-        Running::Yes { pid, rate_bytes_per_s, eta_s, .. } => (true, Some(*pid), *rate_bytes_per_s, *eta_s),
+impl From<&Running> for RunningJson {
+    fn from(r: &Running) -> Self {
+        match r {
+            Running::No => RunningJson { running: false, pid: None, rate_bytes_per_s: None, eta_s: None },
+            Running::Yes { pid, rate_bytes_per_s, eta_s, .. } => {
+                RunningJson { running: true, pid: Some(*pid), rate_bytes_per_s: *rate_bytes_per_s, eta_s: *eta_s }
+            }
+        }
     }
 }
 
@@ -91,7 +101,6 @@ pub(super) fn status(device: &Path, json: bool) -> Result<i32> {
 /// luksify's cut-over record says, and what `luksify resume` will do.
 fn print_cut_over_window(device: &Path, r: &CutRecord, moved_ok: bool, run: &Running, json: bool) {
     if json {
-        let (running, pid, rate_bytes_per_s, eta_s) = running_fields(run);
         let s = StatusJson {
             device: device.display().to_string(),
             in_progress: true,
@@ -106,10 +115,7 @@ fn print_cut_over_window(device: &Path, r: &CutRecord, moved_ok: bool, run: &Run
             format: Some(FORMAT_CUT_OVER),
             total_bytes: Some(Sectors(r.l).bytes()),
             moved_bytes: Some(0),
-            running,
-            pid,
-            rate_bytes_per_s,
-            eta_s,
+            run: run.into(),
         };
         println!("{}", serde_json::to_string_pretty(&s).expect("serialises"));
         return;
@@ -162,7 +168,6 @@ fn print_luks2(device: &Path, m: &Meta, r: &Reencrypt, run: &Running, json: bool
     let state = if r.crashed { "crashed" } else { "reencrypting" };
     let name = m.token.as_ref().map(|t| t.name.as_str());
     if json {
-        let (running, pid, rate_bytes_per_s, eta_s) = running_fields(run);
         let s = StatusJson {
             device: device.display().to_string(),
             in_progress: true,
@@ -177,10 +182,7 @@ fn print_luks2(device: &Path, m: &Meta, r: &Reencrypt, run: &Running, json: bool
             format: Some(FORMAT_LUKS2),
             total_bytes: Some(r.total_bytes),
             moved_bytes: Some(r.encrypted_bytes),
-            running,
-            pid,
-            rate_bytes_per_s,
-            eta_s,
+            run: run.into(),
         };
         println!("{}", serde_json::to_string_pretty(&s).expect("serialises"));
         return;
@@ -224,7 +226,6 @@ fn print_journal(device: &Path, rec: Option<&Record>, run: &Running, json: bool)
     let moved =
         rec.map(|r| (fsm::progress(&r.geometry, r.state) * Sectors(r.geometry.l).bytes() as f64).round() as u64);
     if json {
-        let (running, pid, rate_bytes_per_s, eta_s) = running_fields(run);
         let s = StatusJson {
             device: device.display().to_string(),
             in_progress: rec.is_some(),
@@ -239,10 +240,7 @@ fn print_journal(device: &Path, rec: Option<&Record>, run: &Running, json: bool)
             format: rec.map(|_| FORMAT_JOURNAL),
             total_bytes: total,
             moved_bytes: moved,
-            running,
-            pid,
-            rate_bytes_per_s,
-            eta_s,
+            run: run.into(),
         };
         println!("{}", serde_json::to_string_pretty(&s).expect("serialises"));
     } else {
