@@ -101,18 +101,7 @@ impl Sim {
             w.udev_hidden.clear();
             (w.g, w.key.clone(), w.header.clone())
         };
-        let conversion = NewConversion {
-            raw: RAW,
-            geometry: g,
-            name: BRIDGE,
-            luks_version: 2,
-            luks_uuid: LUKS_UUID,
-            cipher: CIPHER,
-            allow_discards: false,
-            pv_uuid: PV_UUID,
-            key: &key,
-            header,
-        };
+        let conversion = new_conversion(g, &key, header);
         let mut e = Engine::prepare(self.disk(), self.kernel(), conversion)?;
         self.tune(&mut e);
         tweak(&mut e);
@@ -141,18 +130,7 @@ impl Sim {
             w.udev_hidden.clear();
             (w.g, w.key.clone())
         };
-        let conversion = NewConversion {
-            raw: RAW,
-            geometry: g,
-            name: BRIDGE,
-            luks_version: 2,
-            luks_uuid: LUKS_UUID,
-            cipher: CIPHER,
-            allow_discards: false,
-            pv_uuid: PV_UUID,
-            key: &key,
-            header: header.to_vec(),
-        };
+        let conversion = new_conversion(g, &key, header.to_vec());
         let mut e = Engine::prepare_standard(self.disk(), self.kernel(), conversion).map_err(|e| (e, false))?;
         e.set_cut_order(order);
         e.bridge_and_cut_over(hooks)?;
@@ -315,5 +293,21 @@ impl Sim {
     pub fn model_stats(&self) -> (u64, u64, u64) {
         let w = self.w.borrow();
         (w.model.writes, w.model.acks, w.model.reads_checked)
+    }
+}
+
+/// The conversion every simulated run starts: this scenario's device, names and LUKS2 header.
+fn new_conversion(geometry: crate::core::geometry::Geometry, key: &[u8], header: Vec<u8>) -> NewConversion<'_> {
+    NewConversion {
+        raw: RAW,
+        geometry,
+        name: BRIDGE,
+        luks_version: 2,
+        luks_uuid: LUKS_UUID,
+        cipher: CIPHER,
+        allow_discards: false,
+        pv_uuid: PV_UUID,
+        key,
+        header,
     }
 }
