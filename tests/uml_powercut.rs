@@ -314,3 +314,112 @@ echo RESCUE-DONE
         .run_script(&format!(r#"bash "$UML_LIB/verify.sh" --plain --min-acked {acked_n}"#));
     v.assert_ok().assert_log_contains("VERIFY OK (plain)");
 }
+
+/// A power cut inside the *last* step of the LUKS2 reencryption (CI, power-cut seed
+/// 1796327513: cut at 93.7% of 253 MiB). Opening the device recovers the interrupted
+/// step, and libcryptsetup's recovery, when that step was the last, also writes the final
+/// metadata: the reencryption is over before luksify's resume would run it. luksify must
+/// see that and only finish (it failed with "no LUKS2 reencryption in progress").
+/// The cut is aimed, not seeded: the PV sits on a pass-through (`fake`) whose data region
+/// delays every write and flush by half a second (dm-delay; the header region is
+/// immediate), so each step holds its "in progress" metadata on the disk for seconds
+/// before its commit (a step takes about 3.7 s so). libcryptsetup's progress callback
+/// reports the offset from *before* the step just committed (crypt_reencrypt_run calls it
+/// ahead of reencrypt_context_update; 2.6.1): a reported cursor in (S, 2S] means every step
+/// but the last one (the hotzone [0, S)) is committed. The guest signals that, and the
+/// cut comes 1.8 s later, inside the last step. The rescue boot checks that the cut landed
+/// there before anything else.
+#[test]
+fn a_power_cut_inside_the_last_step_is_recovered_by_the_open_and_luksify_resume_finishes() {
+    let dir = test_dir("powercut-last-step");
+    let d = fresh_copy(&dir);
+    let mut g = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).spawn_script(
+        r#"
+exec 2> "$OUT/boot1.err"
+N=$(blockdev --getsz /dev/ubda5)
+MAJMIN=$(printf '%d:%d' $(stat -c '0x%t 0x%T' /dev/ubda5))
+modprobe -d /run/modroot dm-delay
+dmsetup create fake --table "0 $N linear $MAJMIN 0"
+cat >> "$LVM_SYSTEM_DIR/lvm.conf" <<'CONF'
+devices { global_filter = [ "a|^/dev/mapper/|", "a|^/dev/dm-|", "a|^/dev/ubdb|", "r|.*|" ] }
+CONF
+vgchange -ay vg0 >/dev/null; mknodes
+mkdir -p /mnt/root; mount /dev/vg0/root /mnt/root
+printf 'last step passphrase' > "$OUT/key"
+start_writer /mnt/root/records.dat "$OUT/acked"; wait_acked 20
+DRY=$("$LUKSIFY" --dry-run --json /dev/mapper/fake)
+S=$(echo "$DRY" | sed -n 's/.*"shift_sectors": \([0-9]*\).*/\1/p')
+[ -n "$S" ] || die "no shift in the dry-run: $DRY"
+echo "$S" > "$OUT/shift"
+printf '0 %s linear %s 0\n%s %s delay %s %s 0 %s %s 500\n' $S $MAJMIN $S $((N - S)) $MAJMIN $S $MAJMIN $S | dmsetup load fake
+dmsetup suspend fake; dmsetup resume fake
+dmsetup table fake > "$OUT/fake-table.txt"
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --progress-json /dev/mapper/fake 2> /tmp/progress &
+P=$!
+while kill -0 $P 2>/dev/null; do
+    c=$(grep -o '"cursor":[0-9]*' /tmp/progress | tail -1 | cut -d: -f2 || true)
+    if [ -n "$c" ] && [ "$c" -gt "$S" ] && [ "$c" -le $((2 * S)) ]; then
+        cp /tmp/progress "$OUT/progress.log"; echo go > "$OUT/cut-now"; sync "$OUT/cut-now"; break
+    fi
+    sleep 0.02
+done
+set +e; wait $P; set -e
+cp /tmp/progress "$OUT/progress.log"
+echo "LUKSIFY ENDED BEFORE THE LAST STEP"; echo done > "$OUT/cut-now"; sync "$OUT/cut-now"
+sleep 600
+"#,
+    );
+    g.wait_for_file("cut-now", Duration::from_secs(240));
+    std::thread::sleep(Duration::from_millis(1800));
+    g.power_cut();
+    let cut = g.wait();
+    assert!(
+        !cut.log.contains("LUKSIFY ENDED BEFORE THE LAST STEP"),
+        "luksify ended before its last step:\n{}",
+        cut.file("progress.log")
+    );
+    let acked_n = acked_count(&d.state.join("acked"), 20);
+    eprintln!("cut inside the last step with {acked_n} records acked");
+
+    // Rescue media, on the partition itself (no pass-through now).
+    let rescue = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(
+        r#"
+"$LUKSIFY" status /dev/ubda5 > "$OUT/status-cut.txt" 2>&1 || die "status failed: $(cat "$OUT/status-cut.txt")"
+"$LUKSIFY" status --json /dev/ubda5 > "$OUT/status-cut.json" 2>&1 || die "status --json failed"
+set +e
+"$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" /dev/ubda5 > "$OUT/resume.txt" 2>&1
+echo $? > "$OUT/resume-rc"
+set -e
+cat "$OUT/resume.txt"
+cryptsetup luksDump /dev/ubda5 > "$OUT/dump-after.txt" 2>&1 || true
+"$LUKSIFY" status /dev/ubda5 > "$OUT/status-after.txt" 2>&1 || true
+vgchange -an vg0 >/dev/null 2>&1 || true
+dmsetup remove fake_crypt 2>/dev/null || true
+echo RESCUE-DONE
+"#,
+    );
+    rescue.assert_ok().assert_log_contains("RESCUE-DONE");
+    // The cut landed inside the last step: a step interrupted, one hotzone from the end.
+    let status = rescue.file("status-cut.txt");
+    let json = rescue.file("status-cut.json");
+    let num = |k: &str| -> u64 {
+        let at = json.find(&format!("\"{k}\": ")).unwrap_or_else(|| panic!("no {k} in {json}"));
+        json[at + k.len() + 4..].chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap()
+    };
+    let s: u64 = rescue.file("shift").trim().parse().unwrap();
+    let (l, enc) = (num("total_bytes") / 512, num("moved_bytes") / 512);
+    assert!(
+        json.contains("\"state\": \"crashed\"") && status.contains("step interrupted") && l - enc <= s && enc < l,
+        "the cut missed the last step (test-bed timing; {enc} of {l} sectors encrypted, hotzone {s}):\n{status}\n{json}"
+    );
+    let resume = rescue.file("resume.txt");
+    assert_eq!(rescue.file("resume-rc").trim(), "0", "luksify resume: {resume}");
+    assert!(resume.contains("the recovered step was the last one"), "luksify resume: {resume}");
+    let dump = rescue.file("dump-after.txt");
+    assert!(dump.contains("LUKS header information") && !dump.contains("online-reencrypt"), "{dump}");
+    assert!(rescue.file("status-after.txt").contains("no luksify conversion"), "{}", rescue.file("status-after.txt"));
+    let v = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).run_script(&format!(
+        r#"bash "$UML_LIB/verify.sh" --luks /dev/ubda5 --key-file "$OUT/key" --min-acked {acked_n}"#
+    ));
+    v.assert_ok().assert_log_contains("VERIFY OK (luks)");
+}
