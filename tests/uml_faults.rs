@@ -19,14 +19,8 @@ fn a_read_error_on_the_source_stops_safely_and_resume_completes() {
     let d = fresh_copy(&dir);
     let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(
         r#"
-N=$(blockdev --getsz /dev/ubda5)
-MAJMIN=$(printf '%d:%d' $(stat -c '0x%t 0x%T' /dev/ubda5))
 # The "disk" luksify converts: a pass-through of ubda5 (LVM sees only it, not ubda5).
-modprobe -d /run/modroot dm-dust
-dmsetup create fake --table "0 $N dust $MAJMIN 0 512"
-cat >> "$LVM_SYSTEM_DIR/lvm.conf" <<'CONF'
-devices { global_filter = [ "a|^/dev/mapper/|", "a|^/dev/dm-|", "a|^/dev/ubdb|", "r|.*|" ] }
-CONF
+pass_through dm-dust dust 512
 vgchange -ay vg0 >/dev/null; mknodes
 pvs | tee "$OUT/pvs-before.txt"
 mkdir -p /mnt/root; mount /dev/vg0/root /mnt/root

@@ -336,13 +336,7 @@ fn a_power_cut_inside_the_last_step_is_recovered_by_the_open_and_luksify_resume_
     let mut g = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).spawn_script(
         r#"
 exec 2> "$OUT/boot1.err"
-N=$(blockdev --getsz /dev/ubda5)
-MAJMIN=$(printf '%d:%d' $(stat -c '0x%t 0x%T' /dev/ubda5))
-modprobe -d /run/modroot dm-delay
-dmsetup create fake --table "0 $N linear $MAJMIN 0"
-cat >> "$LVM_SYSTEM_DIR/lvm.conf" <<'CONF'
-devices { global_filter = [ "a|^/dev/mapper/|", "a|^/dev/dm-|", "a|^/dev/ubdb|", "r|.*|" ] }
-CONF
+pass_through dm-delay linear
 vgchange -ay vg0 >/dev/null; mknodes
 mkdir -p /mnt/root; mount /dev/vg0/root /mnt/root
 printf 'last step passphrase' > "$OUT/key"

@@ -249,7 +249,8 @@ fn resume_standard(
             // then writes the final metadata (reencrypt_recovery's teardown), and only the
             // finish is left (power-cut seed 1796327513: 93.7% of 253 MiB, the last hotzone).
             if r.crashed {
-                let now = reencrypt::status(device).map_err(|e| standard_err(e, &dev, "reading its header after the recovery"))?;
+                let now = reencrypt::status(device)
+                    .map_err(|e| standard_err(e, &dev, "reading its header after the recovery"))?;
                 if now == reencrypt::Reencryption::None {
                     eprintln!("luksify: the recovered step was the last one: the reencryption has finished (libcryptsetup wrote the final LUKS2 metadata)");
                     start = guard::Start::Finished;

@@ -44,3 +44,20 @@ wait_acked() {
     done
     die "fewer than $n records acked after ${t}s"
 }
+
+# The PV on a device-mapper pass-through instead of the partition: `pass_through MODULE
+# TARGET [ARG...]` loads the dm module MODULE ("" for none), makes /dev/mapper/fake as
+# `0 <sectors of ubda5> TARGET <ubda5's major:minor> 0 ARG...`, and points LVM at
+# /dev/mapper only (LVM then sees the PV on fake, not on ubda5). Sets N (ubda5's sectors)
+# and MAJMIN for later tables.
+pass_through() {
+    local module=$1 target=$2
+    shift 2
+    N=$(blockdev --getsz /dev/ubda5)
+    MAJMIN=$(printf '%d:%d' $(stat -c '0x%t 0x%T' /dev/ubda5))
+    [ -z "$module" ] || modprobe -d /run/modroot "$module"
+    dmsetup create fake --table "0 $N $target $MAJMIN 0${*:+ $*}"
+    cat >> "$LVM_SYSTEM_DIR/lvm.conf" <<'CONF'
+devices { global_filter = [ "a|^/dev/mapper/|", "a|^/dev/dm-|", "a|^/dev/ubdb|", "r|.*|" ] }
+CONF
+}
