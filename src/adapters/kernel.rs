@@ -14,9 +14,10 @@ pub struct DmKernel {
     /// Test-only fault injection (LUKSIFY_TEST_FAIL_LOAD=<dm name>): loading a rerouted LV
     /// table into that device fails as if the kernel refused it.
     fail_load_of: Option<String>,
-    /// Devices opened by [`Kernel::read`], by name, with their device number: kept open
-    /// (the engine reads the staging device at every step), closed before a remove.
-    readers: std::collections::HashMap<String, (u64, crate::adapters::rawdisk::RawDisk)>,
+    /// Devices opened by [`Kernel::read`] and [`Kernel::write`], by name, with whether open
+    /// for writing: kept open (the engine reads the staging device
+    /// at every step), closed before a remove.
+    readers: std::collections::HashMap<String, (bool, crate::adapters::rawdisk::RawDisk)>,
     /// Keys put in the thread keyring for a table load, by description.
     keys: std::collections::HashMap<String, i32>,
 }
@@ -33,6 +34,48 @@ impl DmKernel {
             readers: Default::default(),
             keys: Default::default(),
         })
+    }
+
+    /// The O_DIRECT handle of dm device `n` for [`Kernel::read`] and [`Kernel::write`]
+    /// (`writable`): kept open while the device number stays and is open for as much.
+    ///
+    /// A cached handle is used without asking the kernel again (no ioctl, no allocation:
+    /// the engine writes and reads the staging device inside the suspended window): while
+    /// it is open the device cannot be removed (EBUSY), and [`Kernel::remove`] drops it.
+    fn handle(&mut self, n: &str, writable: bool) -> KResult<&mut crate::adapters::rawdisk::RawDisk> {
+        if matches!(self.readers.get(n), Some((w, _)) if *w || !writable) {
+            return Ok(&mut self.readers.get_mut(n).expect("just checked").1);
+        }
+        self.readers.remove(n);
+        let d = self.dm.info(n).map_err(k)?.ok_or_else(|| KernelError::new(format!("{n} does not exist")))?;
+        let dev = nix::sys::stat::makedev(d.major as u64, d.minor as u64);
+        // The kernel's own node (devtmpfs) if it is there; else a node of our own in /dev,
+        // removed once open (private devices get no /dev/mapper node from udev).
+        let kernel_node = std::path::PathBuf::from(format!("/dev/dm-{}", d.minor));
+        let ours = std::path::PathBuf::from(format!("/dev/.luksify-{}-{n}", std::process::id()));
+        let node_ok = |p: &std::path::Path| {
+            use std::os::unix::fs::{FileTypeExt, MetadataExt};
+            std::fs::metadata(p).map(|m| m.file_type().is_block_device() && m.rdev() == dev).unwrap_or(false)
+        };
+        let path = if node_ok(&kernel_node) {
+            kernel_node
+        } else {
+            let _ = std::fs::remove_file(&ours);
+            nix::sys::stat::mknod(
+                &ours,
+                nix::sys::stat::SFlag::S_IFBLK,
+                nix::sys::stat::Mode::from_bits_truncate(0o600),
+                dev,
+            )
+            .map_err(|e| KernelError::new(format!("creating a node for {n}: {e}")))?;
+            ours.clone()
+        };
+        let disk = crate::adapters::rawdisk::RawDisk::open_with_bounce(&path, writable, 64 << 10);
+        if path == ours {
+            let _ = std::fs::remove_file(&ours);
+        }
+        let disk = disk.map_err(|e| KernelError::new(format!("opening {n}: {e}")))?;
+        Ok(&mut self.readers.entry(n.to_string()).or_insert((writable, disk)).1)
     }
 
     /// Whether a dm device of this name exists, has a live table and is not suspended
@@ -200,43 +243,15 @@ impl Kernel for DmKernel {
 
     fn read(&mut self, n: &str, sector: u64, buf: &mut [u8]) -> KResult<()> {
         use crate::engine::Disk;
-        let d = self.dm.info(n).map_err(k)?.ok_or_else(|| KernelError::new(format!("{n} does not exist")))?;
-        let dev = nix::sys::stat::makedev(d.major as u64, d.minor as u64);
-        if let Some((rdev, disk)) = self.readers.get_mut(n) {
-            if *rdev == dev {
-                return disk
-                    .read(sector, buf)
-                    .map_err(|e| KernelError::new(format!("reading {n} at sector {sector}: {e}")));
-            }
-        }
-        self.readers.remove(n);
-        // The kernel's own node (devtmpfs) if it is there; else a node of our own in /dev,
-        // removed once open (private devices get no /dev/mapper node from udev).
-        let kernel_node = std::path::PathBuf::from(format!("/dev/dm-{}", d.minor));
-        let ours = std::path::PathBuf::from(format!("/dev/.luksify-{}-{n}", std::process::id()));
-        let node_ok = |p: &std::path::Path| {
-            use std::os::unix::fs::{FileTypeExt, MetadataExt};
-            std::fs::metadata(p).map(|m| m.file_type().is_block_device() && m.rdev() == dev).unwrap_or(false)
-        };
-        let path = if node_ok(&kernel_node) {
-            kernel_node
-        } else {
-            let _ = std::fs::remove_file(&ours);
-            nix::sys::stat::mknod(
-                &ours,
-                nix::sys::stat::SFlag::S_IFBLK,
-                nix::sys::stat::Mode::from_bits_truncate(0o600),
-                dev,
-            )
-            .map_err(|e| KernelError::new(format!("creating a node for {n}: {e}")))?;
-            ours.clone()
-        };
-        let disk = crate::adapters::rawdisk::RawDisk::open_with_bounce(&path, false, 64 << 10);
-        if path == ours {
-            let _ = std::fs::remove_file(&ours);
-        }
-        let disk = disk.map_err(|e| KernelError::new(format!("opening {n}: {e}")))?;
-        let (_, disk) = self.readers.entry(n.to_string()).or_insert((dev, disk));
-        disk.read(sector, buf).map_err(|e| KernelError::new(format!("reading {n} at sector {sector}: {e}")))
+        self.handle(n, false)?
+            .read(sector, buf)
+            .map_err(|e| KernelError::new(format!("reading {n} at sector {sector}: {e}")))
+    }
+
+    fn write(&mut self, n: &str, sector: u64, buf: &[u8]) -> KResult<()> {
+        use crate::engine::Disk;
+        self.handle(n, true)?
+            .write(sector, buf)
+            .map_err(|e| KernelError::new(format!("writing {n} at sector {sector}: {e}")))
     }
 }

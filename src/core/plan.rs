@@ -329,11 +329,6 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
             "--cipher {} --key-size {}: a cipher is given as cipher-chainmode-ivmode (e.g. aes-xts-plain64, serpent-xts-plain64, aes-cbc-essiv:sha256) and a key size as a multiple of 8 from 128 to 1024 bits",
             o.cipher, o.key_bits
         ));
-    } else if o.luks == LuksVersion::Luks1 && (o.cipher != "aes-xts-plain64" || o.key_bits != 512) {
-        refuse(&mut refusals, "unsupported_cipher", format!(
-            "--type luks1 converts with aes-xts-plain64 and a 512-bit key only (luksify's own LUKS1 copy encrypts in userspace and checks every chunk against its source with that cipher); got {} with {} bits: for another cipher use LUKS2 (the default), where the kernel's dm-crypt encrypts",
-            o.cipher, o.key_bits
-        ));
     } else if let Some(e) = &o.kernel_cipher_error {
         refuse(&mut refusals, "cipher_unavailable", format!("{dev}: {e}; nothing was changed"));
     }
@@ -1142,7 +1137,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn luks2_takes_any_cipher_the_kernel_maps_luks1_only_aes_xts_512() {
+    fn both_formats_take_any_cipher_the_kernel_maps() {
         let roomy = roomy_laptop();
         for (c, bits) in [
             ("serpent-xts-plain64", 512),
@@ -1157,9 +1152,8 @@ pub(crate) mod tests {
                 &roomy,
                 &Options { cipher: c.into(), key_bits: bits, luks: LuksVersion::Luks1, ..Options::default() },
             );
-            if (c, bits) != ("aes-xts-plain64", 512) {
-                assert!(codes(&p1).contains(&"unsupported_cipher"), "LUKS1 {c} {bits}: {:?}", codes(&p1));
-            }
+            assert!(p1.ok(), "LUKS1 {c} {bits}: {:?}", codes(&p1));
+            assert!(render(&p1).contains(&format!("LUKS1 {c} {bits}-bit")), "{}", render(&p1));
         }
         for (c, bits) in [
             ("aes", 512),
@@ -1225,12 +1219,17 @@ pub(crate) mod tests {
 
     #[test]
     fn a_refused_plan_renders_the_refusals_without_steps_or_estimate() {
-        let o = Options { cipher: "serpent-cbc-essiv:sha256".into(), luks: LuksVersion::Luks1, ..Options::default() };
+        let o = Options {
+            cipher: "serpent-cbc-essiv:sha256".into(),
+            key_bits: 100,
+            luks: LuksVersion::Luks1,
+            ..Options::default()
+        };
         let p = plan(&laptop(), &o);
-        assert!(codes(&p).contains(&"unsupported_cipher"), "{:?}", codes(&p));
+        assert!(codes(&p).contains(&"bad_cipher"), "{:?}", codes(&p));
         let text = render(&p);
         assert!(text.starts_with("luksify plan for /dev/sda5"), "{text}");
-        assert!(text.contains("  verdict: REFUSED (nothing was changed):\n    - [unsupported_cipher] "), "{text}");
+        assert!(text.contains("  verdict: REFUSED (nothing was changed):\n    - [bad_cipher] "), "{text}");
         for absent in ["steps:", "estimated time", "to move:", "step(s)", "header:"] {
             assert!(!text.contains(absent), "a refused plan shows '{absent}':\n{text}");
         }

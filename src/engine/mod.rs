@@ -185,11 +185,14 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// Buffers allocated before any suspend, so that a suspended window allocates nothing.
     fence_buf: IoBuf,
     slot_buf: IoBuf,
-    /// The new cipher: luksify encrypts each step itself.
+    /// The new cipher in userspace, where luksify has it (aes-xts-plain64, 512-bit key):
+    /// it then encrypts each step itself; else (or with [`Options::kernel_crypt`]) each
+    /// step goes through the staging crypt device.
     xts: Option<crate::core::xts::Xts>,
     /// The step in flight (up to [`geometry::MAX_STEP`] sectors): its plaintext as last
     /// read from the source, and its ciphertext as written to the destination (kept, so
-    /// the read-back compares without a second pass of AES).
+    /// the read-back compares without a second pass of AES; unused when the kernel
+    /// encrypts: the read-back through dm-crypt compares with `plain`).
     plain: IoBuf,
     cipher: IoBuf,
     /// Scratch pieces: the source read again, the copy read back.
@@ -234,11 +237,17 @@ pub struct Options {
     /// Sectors the last comparison reads at once ([`VERIFY_PIECE`]; the deadline is checked
     /// between pieces). Tests make it smaller to cut windows in the middle of a step.
     pub piece: u64,
+    /// LUKS1: encrypt every step through the staging crypt device (the kernel's dm-crypt,
+    /// written O_DIRECT, read back through it) even where luksify's own AES-XTS could: the
+    /// same bytes reach the disk. Always so for a cipher luksify has no userspace
+    /// implementation of (it has one for aes-xts-plain64 with a 512-bit key only); the
+    /// simulator sets it to sweep that path with the cipher it has.
+    pub kernel_crypt: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { rate: None, max_stall: None, piece: Sectors::in_len(VERIFY_PIECE).0 }
+        Options { rate: None, max_stall: None, piece: Sectors::in_len(VERIFY_PIECE).0, kernel_crypt: false }
     }
 }
 
@@ -560,12 +569,6 @@ fn undone<T, E: std::fmt::Display>(failed: &mut Vec<String>, what: impl FnOnce()
 /// The bytes of a hex string (the engine keeps the volume key as the hex a crypt table takes).
 fn hex_bytes(h: &str) -> Vec<u8> {
     (0..h.len() / 2).map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap_or(0)).collect()
-}
-
-/// The error of a step that cannot be copied because luksify has no implementation of the
-/// journaled cipher (the planner accepts only aes-xts-plain64 with a 512-bit key).
-fn no_cipher(cipher: &str) -> EngineError {
-    EngineError::Refused(format!("luksify cannot encrypt with {cipher}"))
 }
 
 /// The end of the piece of [x, b) that one read takes: at most `piece` sectors, never

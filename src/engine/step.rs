@@ -20,12 +20,11 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         }
     }
 
-    /// Copy step [a, b): read its source into `plain`, encrypt it into `cipher`, write that
-    /// at the destination (S + a), flush. Only luksify writes there: the bridge maps
-    /// nothing onto [S + a, S + b) until the step is committed.
+    /// Copy step [a, b): read its source into `plain`, write it encrypted at the
+    /// destination (S + a), flush. Only luksify writes there: the bridge maps nothing onto
+    /// [S + a, S + b) until the step is committed.
     pub(super) fn copy_step(&mut self, a: u64, b: u64) -> EResult<()> {
         let g = *self.g();
-        let Some(xts) = &self.xts else { return Err(no_cipher(&self.rec.cipher)) };
         let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
         // In as few I/Os as the source allows: one below F (the shadow), one above.
         let mut x = a;
@@ -35,32 +34,62 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             self.disk
                 .read(g.source_of(x), &mut self.plain[o..o + n])
                 .map_err(|er| fail(x, format!("reading the source: {er}")))?;
-            self.cipher[o..o + n].copy_from_slice(&self.plain[o..o + n]);
-            xts.encrypt_sectors(&mut self.cipher[o..o + n], x);
-            self.disk
-                .write(g.s + x, &self.cipher[o..o + n])
-                .map_err(|er| fail(x, format!("writing the copy: {er}")))?;
+            self.write_copy(x, o, o + n).map_err(|er| fail(x, format!("writing the copy: {er}")))?;
             x = e;
         }
         self.disk.flush().map_err(|er| fail(a, format!("flushing the copy: {er}")))
     }
 
+    /// Whether the steps go through the staging crypt device (the kernel encrypts) rather
+    /// than luksify's own AES-XTS.
+    fn kernel_crypt(&self) -> bool {
+        self.xts.is_none() || self.opts.kernel_crypt
+    }
+
+    /// Write `plain[o0..o1]`, the step's sectors from `x` on, encrypted to their
+    /// destination S + x: encrypted here into `cipher` and written to the raw disk, or
+    /// written through the staging crypt device (O_DIRECT; dm-crypt encrypts with the new
+    /// key and the same IVs). Not flushed: the caller flushes the raw disk, which makes
+    /// either durable.
+    fn write_copy(&mut self, x: u64, o0: usize, o1: usize) -> Result<(), String> {
+        if self.kernel_crypt() {
+            return self.kernel.write(&self.names.staging, x, &self.plain[o0..o1]).map_err(|e| e.to_string());
+        }
+        let s = self.g().s;
+        let xts = self.xts.as_ref().expect("kernel_crypt() is false only with a userspace cipher");
+        self.cipher[o0..o1].copy_from_slice(&self.plain[o0..o1]);
+        xts.encrypt_sectors(&mut self.cipher[o0..o1], x);
+        self.disk.write(s + x, &self.cipher[o0..o1]).map_err(|e| e.to_string())
+    }
+
     /// Read the sectors `runs` of step [a, b) back from the destination and compare them with
-    /// what was written (`cipher`): the copy is on the disk, not only in a cache that lied.
+    /// what was written: the copy is on the disk, not only in a cache that lied. Encrypted
+    /// here: the raw sectors against `cipher`. Encrypted by the kernel: read through the
+    /// staging crypt device (O_DIRECT, so from the disk) against `plain`, which, the cipher
+    /// being a permutation of each sector, says the same of the raw sectors.
     pub(super) fn check_written(&mut self, a: u64, b: u64, runs: &[(u64, u64)]) -> EResult<()> {
         let s = self.g().s;
+        let kernel = self.kernel_crypt();
+        let staging = self.names.staging.clone();
         for &(ra, rb) in runs {
             let mut x = ra;
             while x < rb {
                 let e = (x + self.piece()).min(rb);
                 let (o, n) = (Sectors(x - a).byte_len(), Sectors(e - x).byte_len());
                 let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
-                self.disk
-                    .read(s + x, &mut self.verify_dst[..n])
-                    .map_err(|er| fail(x, format!("reading the copy back: {er}")))?;
-                if let Some(i) = (0..n / SECTOR_BYTES).find(|i| {
-                    self.verify_dst[sector(*i)] != self.cipher[o + i * SECTOR_BYTES..o + (i + 1) * SECTOR_BYTES]
-                }) {
+                let (read, want) = match kernel {
+                    false => {
+                        (self.disk.read(s + x, &mut self.verify_dst[..n]).map_err(|er| er.to_string()), &self.cipher)
+                    }
+                    true => (
+                        self.kernel.read(&staging, x, &mut self.verify_dst[..n]).map_err(|er| er.to_string()),
+                        &self.plain,
+                    ),
+                };
+                read.map_err(|er| fail(x, format!("reading the copy back: {er}")))?;
+                if let Some(i) = (0..n / SECTOR_BYTES)
+                    .find(|i| self.verify_dst[sector(*i)] != want[o + i * SECTOR_BYTES..o + (i + 1) * SECTOR_BYTES])
+                {
                     return Err(fail(x + i as u64, "the disk returned other data than was written".into()));
                 }
                 x = e;
@@ -110,7 +139,6 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     ) -> EResult<bool> {
         let g = *self.g();
         let piece = self.piece();
-        let Some(xts) = &self.xts else { return Err(no_cipher(&self.rec.cipher)) };
         let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
         let mut x = a;
         while x < b {
@@ -139,11 +167,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 let (ra, rb) = (x + j as u64, x + i as u64);
                 let (o0, o1) = (base + j * SECTOR_BYTES, base + i * SECTOR_BYTES);
                 self.plain[o0..o1].copy_from_slice(&self.verify_src[sectors(j, i)]);
-                self.cipher[o0..o1].copy_from_slice(&self.plain[o0..o1]);
-                xts.encrypt_sectors(&mut self.cipher[o0..o1], ra);
-                self.disk
-                    .write(g.s + ra, &self.cipher[o0..o1])
-                    .map_err(|er| fail(ra, format!("writing the copy: {er}")))?;
+                self.write_copy(ra, o0, o1).map_err(|er| fail(ra, format!("writing the copy: {er}")))?;
                 *changed += rb - ra;
                 let room = runs.len() < runs.capacity();
                 match runs.last_mut() {

@@ -127,6 +127,11 @@ pub trait Kernel {
     /// a whole number of sectors. The engine reads each step back through the staging
     /// crypt device this way.
     fn read(&mut self, name: &str, sector: u64, buf: &mut [u8]) -> KResult<()>;
+    /// Write to a dm device (O_DIRECT: on to the device below before it returns, nothing
+    /// left in a page cache; made durable by a flush of the raw disk), `buf` a whole
+    /// number of sectors. A LUKS1 step whose cipher luksify has no userspace
+    /// implementation of is written through the staging crypt device this way.
+    fn write(&mut self, name: &str, sector: u64, buf: &[u8]) -> KResult<()>;
     /// For each `mirror` line of `name`'s live table, in order, one health letter per leg
     /// (dm-raid1's: `A` alive; `D` a write failed, `F` a flush failed, `R` a read failed,
     /// `S` a sync failed, `U` unknown). Empty if the live table has no mirror line.

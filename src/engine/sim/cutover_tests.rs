@@ -28,19 +28,7 @@ use std::sync::OnceLock;
 fn standard(seed: u64) -> Scenario {
     let (l, s) = (2048u64, 1024u64);
     let n = (l..).find(|&n| n - l >= Geometry::tail_needed(n, s).max(standard_tail_needed(n, s))).unwrap() + 3;
-    let sc = Scenario {
-        n,
-        l,
-        s,
-        k: 1024,
-        region: 16,
-        pe_start: 64,
-        extent: 32,
-        seed,
-        writer: WriterConfig::busy(),
-        late_commit_mutant: false,
-        cut_every_window: false,
-    };
+    let sc = Scenario { n, l, s, k: 1024, pe_start: 64, extent: 32, ..Scenario::small(seed) };
     assert!(cutover::record_sector(n).unwrap() >= l + 2 * s);
     sc
 }

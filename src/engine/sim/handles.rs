@@ -278,4 +278,29 @@ impl Kernel for SimKernel {
         }
         Ok(())
     }
+
+    /// Sector by sector through the device's tables down to the disk (whose cache keeps
+    /// what is not flushed yet, as for the engine's own writes).
+    fn write(&mut self, name: &str, sector: u64, buf: &[u8]) -> KResult<()> {
+        let mut w = self.0.borrow_mut();
+        let dev =
+            w.dm.devs.get(name).map(|d| d.dev).ok_or_else(|| KernelError::new(format!("{name}: no such device")))?;
+        let mut n = buf.len() / SECTOR;
+        let failed = w.op(|| format!("write {name} {sector}+{n}")).err();
+        if failed.is_some() {
+            // EIO on a write: some prefix of it (maybe none, maybe all) may have landed.
+            n = if w.dead { 0 } else { w.rng.gen_range(0..=n) };
+        }
+        for (i, b) in buf.chunks(SECTOR).take(n).enumerate() {
+            let mut b = b.to_vec();
+            match w.dev_io(dev, sector + i as u64, &mut b, true) {
+                Ok(()) => {}
+                Err(IoFail::Blocked) => {
+                    return Err(KernelError::new(format!("writing suspended {name}: this would hang forever")))
+                }
+                Err(IoFail::Error(e)) => return Err(KernelError::new(e)),
+            }
+        }
+        failed.map_or(Ok(()), |e| Err(kerr(e)))
+    }
 }

@@ -159,9 +159,12 @@ impl Sim {
 
     /// What the scenario asks of every engine this machine runs.
     fn tune(&self, e: &mut Engine<SimDisk, SimKernel>) {
-        if self.w.borrow().sc.cut_every_window {
-            e.set_options(Options { max_stall: Some(std::time::Duration::ZERO), piece: 8, ..Options::default() });
+        let sc = &self.w.borrow().sc;
+        let mut o = Options { kernel_crypt: sc.kernel_crypt, ..Options::default() };
+        if sc.cut_every_window {
+            o = Options { max_stall: Some(std::time::Duration::ZERO), piece: 8, ..o };
         }
+        e.set_options(o);
     }
 
     /// `luksify resume DEVICE`, on whatever machine this is (live or rescue).

@@ -35,6 +35,11 @@ pub struct Scenario {
     /// read in pieces of 8 sectors): each step is tried [`crate::engine::MAX_CUTS`] + 1 times, its windows
     /// cut after their first piece, live I/O running in between.
     pub cut_every_window: bool,
+    /// Every engine encrypts through the staging crypt device ([`Options::kernel_crypt`]),
+    /// as it does for a cipher luksify has no userspace implementation of.
+    ///
+    /// [`Options::kernel_crypt`]: crate::engine::Options::kernel_crypt
+    pub kernel_crypt: bool,
 }
 
 impl Scenario {
@@ -56,6 +61,7 @@ impl Scenario {
             writer: WriterConfig::busy(),
             late_commit_mutant: false,
             cut_every_window: false,
+            kernel_crypt: false,
         }
     }
 
@@ -75,6 +81,7 @@ impl Scenario {
             writer: WriterConfig::busy(),
             late_commit_mutant: false,
             cut_every_window: false,
+            kernel_crypt: false,
         }
     }
 
