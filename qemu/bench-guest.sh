@@ -13,7 +13,7 @@ set -uo pipefail
 PS4='+ ${EPOCHREALTIME} '
 
 SIZE_MIB=$1 BASE_SECS=$2 WRITER_INTERVAL=$3 LUKS_TYPE=${4:-luks2}
-CIPHER=${5:-aes-xts-plain64} KEY_BITS=${6:-512}
+CIPHER=${5:-aes-xts-plain64} KEY_BITS=${6:-512} OFFSET=${7:-}
 # cryptsetup benchmark's name of it: cipher-chainmode (its IV mode costs nothing to speak of)
 CS_BENCH=$(echo "$CIPHER" | cut -d- -f1-2)
 DISK=/dev/ubda DEV=/dev/ubda1 NAME=ubda1_crypt VG=bench
@@ -27,7 +27,7 @@ KEY=/tmp/bench.key
 # own protocol, which LUKS1 conversions use; a LUKS2 conversion's data phase is
 # libcryptsetup's online reencryption (LUKS_TYPE luks2 measures its times, the cut-over's
 # stall and the writer's latencies; its steps report no per-step stall).
-FAST=(--pbkdf pbkdf2 --pbkdf-force-iterations 1000 --type "$LUKS_TYPE")
+FAST=(--pbkdf pbkdf2 --pbkdf-force-iterations 1000 --type "$LUKS_TYPE" ${OFFSET:+--offset "$OFFSET"})
 RES=$OUT/results.env
 : > "$RES"
 printf 'bench passphrase' > "$KEY"
@@ -109,7 +109,7 @@ make_layout() {
 
 # --- the plan: how many bytes luksify moves (L), the same for every copy below --------
 make_layout || die "building the plain layout failed"
-"$LUKSIFY" --dry-run --json --type "$LUKS_TYPE" --cipher "$CIPHER" --key-size "$KEY_BITS" "$DEV" > "$OUT/plan.json" 2> "$OUT/plan.err" || {
+"$LUKSIFY" --dry-run --json "${FAST[@]}" --cipher "$CIPHER" --key-size "$KEY_BITS" "$DEV" > "$OUT/plan.json" 2> "$OUT/plan.err" || {
     cat "$OUT/plan.err" "$OUT/plan.json" >&2; die "luksify --dry-run refused $DEV"; }
 plan() { sed -n "s/.*\"$1\": *\([0-9][0-9]*\).*/\1/p" "$OUT/plan.json" | head -1; }
 L=$(plan move_bytes) SHIFT=$(plan shift_sectors)
