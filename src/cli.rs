@@ -66,8 +66,8 @@ pub struct ConvertOpts {
     /// LUKS header format.
     #[arg(long = "type", value_enum, default_value = "luks2")]
     pub luks_type: TypeArg,
-    /// Cipher, as cryptsetup names it: LUKS2 takes any the kernel's dm-crypt maps (tried before
-    /// anything changes); LUKS1 only aes-xts-plain64 with 512 bits.
+    /// Cipher, as cryptsetup names it: any the kernel's dm-crypt maps (tried before anything
+    /// changes), with a 512-byte encryption sector.
     #[arg(long, default_value = "aes-xts-plain64")]
     pub cipher: String,
     /// Volume key size in bits.
