@@ -27,7 +27,9 @@ KEY=/tmp/bench.key
 # own protocol, which LUKS1 conversions use; a LUKS2 conversion's data phase is
 # libcryptsetup's online reencryption (LUKS_TYPE luks2 measures its times, the cut-over's
 # stall and the writer's latencies; its steps report no per-step stall).
-FAST=(--pbkdf pbkdf2 --pbkdf-force-iterations 1000 --type "$LUKS_TYPE" ${OFFSET:+--offset "$OFFSET"})
+FAST=(--pbkdf pbkdf2 --pbkdf-force-iterations 1000 --type "$LUKS_TYPE")
+# luksify's own: the same, and --offset if the bench was given one (cryptsetup has none)
+LUKSIFY_ARGS=("${FAST[@]}" ${OFFSET:+--offset "$OFFSET"})
 RES=$OUT/results.env
 : > "$RES"
 printf 'bench passphrase' > "$KEY"
@@ -109,7 +111,7 @@ make_layout() {
 
 # --- the plan: how many bytes luksify moves (L), the same for every copy below --------
 make_layout || die "building the plain layout failed"
-"$LUKSIFY" --dry-run --json "${FAST[@]}" --cipher "$CIPHER" --key-size "$KEY_BITS" "$DEV" > "$OUT/plan.json" 2> "$OUT/plan.err" || {
+"$LUKSIFY" --dry-run --json "${LUKSIFY_ARGS[@]}" --cipher "$CIPHER" --key-size "$KEY_BITS" "$DEV" > "$OUT/plan.json" 2> "$OUT/plan.err" || {
     cat "$OUT/plan.err" "$OUT/plan.json" >&2; die "luksify --dry-run refused $DEV"; }
 plan() { sed -n "s/.*\"$1\": *\([0-9][0-9]*\).*/\1/p" "$OUT/plan.json" | head -1; }
 L=$(plan move_bytes) SHIFT=$(plan shift_sectors)
@@ -188,7 +190,7 @@ else failed reencrypt "building the plain layout failed"; fi
 luksify_run() {
     local mode=$1 t0 s rc done_line
     t0=$EPOCHREALTIME
-    "$LUKSIFY" --yes --no-integrate --key-file "$KEY" "${FAST[@]}" --cipher "$CIPHER" --key-size "$KEY_BITS" \
+    "$LUKSIFY" --yes --no-integrate --key-file "$KEY" "${LUKSIFY_ARGS[@]}" --cipher "$CIPHER" --key-size "$KEY_BITS" \
         --progress-json "$DEV" \
         2> "$OUT/progress.$mode.jsonl" > "$OUT/luksify.$mode.out"
     rc=$?
