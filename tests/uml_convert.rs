@@ -79,20 +79,45 @@ fn luks2_online_with_live_writer_and_reader_then_fresh_boot_verifies() {
     let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(&format!(
         r#"{LIVE}
 # While converting (after the cut-over), LVM and blkid must see the PV once, on the bridge.
-( while ! "$LUKSIFY" status --json /dev/ubda5 2>/dev/null | grep '"state": "reencrypting"' >/dev/null; do sleep 0.05; done
-  cryptsetup luksDump /dev/ubda5 > "$OUT/dump-during.txt" 2>&1 || true
-  blkid -p /dev/ubda5 > "$OUT/blkid-raw.txt" 2>&1 || true
-  # luksify holds LVM's VG lock until the finish: look without locking, or LVM would wait.
-  lvm pvscan --nolocking > "$OUT/pvscan.txt" 2>&1 || true
-  pvs --nolocking --noheadings -o pv_name > "$OUT/pvs-during.txt" 2>&1 || true
-  # The OOM killer must spare luksify (killed in a suspended window, it would freeze root).
-  for p in $(pgrep -x luksify); do cat /proc/$p/oom_score_adj; done > "$OUT/oom-during.txt" 2>&1 || true
-  touch "$OUT/checked-during" ) &
-CHECKER=$!
+# The look is taken with luksify held still (SIGSTOP) after its first step, at an instant
+# when no device-mapper device is suspended (else it is let go and stopped again), and
+# luksify goes on after it (SIGCONT): mid-way for certain, however slow the machine. The
+# writer and the reader run on meanwhile.
+: > "$OUT/convert.err"
 t0=$EPOCHREALTIME
-"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --chunk 8192 /dev/ubda5
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --chunk 8192 --progress-json /dev/ubda5 2> "$OUT/convert.err" &
+P=$!
+all_stopped() {{ local s; for s in /proc/$P/task/*/stat; do [ "$(cut -d' ' -f3 "$s" 2>/dev/null)" = T ] || return 1; done; }}
+hold() {{   # 0: $P is stopped and nothing is suspended; 1: $P ended first
+    local i j
+    for i in $(seq 400); do
+        kill -STOP $P 2>/dev/null || return 1
+        for j in $(seq 200); do all_stopped && break; sleep 0.005; done
+        all_stopped || {{ kill -CONT $P 2>/dev/null; return 1; }}
+        dmsetup info -c --noheadings -o suspended | grep -q Suspended || return 0
+        kill -CONT $P; sleep 0.0$((RANDOM % 5 + 1))
+    done
+    return 1
+}}
+while kill -0 $P 2>/dev/null && ! grep -q '"event":"chunk"' "$OUT/convert.err"; do sleep 0.01; done
+if hold; then
+    # The OOM killer must spare luksify (killed in a suspended window, it would freeze root).
+    for p in $(pgrep -x luksify); do cat /proc/$p/oom_score_adj; done > "$OUT/oom-during.txt" 2>&1 || true
+    # (no locks: luksify may be held inside its own header update)
+    cryptsetup --disable-locks luksDump /dev/ubda5 > "$OUT/dump-during.txt" 2>&1 || true
+    blkid -p /dev/ubda5 > "$OUT/blkid-raw.txt" 2>&1 || true
+    # luksify holds LVM's VG lock until the finish: look without locking, or LVM would wait.
+    lvm pvscan --nolocking > "$OUT/pvscan.txt" 2>&1 || true
+    pvs --nolocking --noheadings -o pv_name > "$OUT/pvs-during.txt" 2>&1 || true
+    kill -0 $P && touch "$OUT/checked-during"
+    kill -CONT $P
+else
+    echo "the checker could not hold luksify mid-way (it ended, or a device stayed suspended)"
+fi
+set +e; wait $P; rc=$?; set -e
 echo "$EPOCHREALTIME - $t0" | bc > "$OUT/convert.secs" 2>/dev/null || echo "?" > "$OUT/convert.secs"
-wait $CHECKER
+grep -v '"event":"chunk"' "$OUT/convert.err" || true
+[ $rc = 0 ] || die "luksify failed ($rc): $(tail -5 "$OUT/convert.err")"
 {STOP_LIVE}
 cryptsetup status ubda5_crypt | tee "$OUT/cs-status.txt"
 vgchange -ay vg0 >/dev/null; pvs 2>&1 | tee "$OUT/pvs-after.txt"
@@ -102,7 +127,7 @@ echo CONVERTED
 "#
     ));
     run.assert_ok().assert_log_contains("CONVERTED");
-    assert!(d.state.join("checked-during").exists());
+    assert!(d.state.join("checked-during").exists(), "no look mid-way: luksify was not held after its first step");
     // mid-way, stock cryptsetup reads a standard LUKS2 reencryption in progress
     let dump = run.file("dump-during.txt");
     assert!(dump.contains("online-reencrypt-v2") && dump.contains("backup-moved-segment"), "luksDump mid-way: {dump}");
