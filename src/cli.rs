@@ -122,7 +122,7 @@ pub struct ConvertOpts {
     pub recovery_key: bool,
     /// Convert even when the root filesystem is on DEVICE and luksify knows no initramfs
     /// generator that could unlock it at boot (you make sure yours will), or (LUKS2) the
-    /// generator is dracut or mkinitcpio, where a reboot mid-way needs rescue media.
+    /// generator is mkinitcpio or dracut without systemd, where a reboot mid-way needs rescue media.
     #[arg(long)]
     pub force_unknown_boot: bool,
     #[command(flatten)]

@@ -43,7 +43,9 @@ fn check_installed() {
 /// Runs a build script of the repository (its messages go to stderr) and returns the path
 /// its last line of output names: the cached Debian image, the .deb.
 fn built_path(script: &str) -> Result<PathBuf, String> {
-    let out = Command::new(support::repo().join(script))
+    let mut words = script.split_whitespace();
+    let out = Command::new(support::repo().join(words.next().unwrap()))
+        .args(words)
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("run {script}: {e}"))?;
@@ -60,18 +62,32 @@ fn built_path(script: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// The cached image directory (built on first use: once per test process, and a lock in
-/// build-image serialises processes). The other test waits here without a guest slot.
-fn image() -> PathBuf {
-    static IMAGE: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            check_installed();
-            let _slot = support::slot(); // the build boots a UML guest
-            built_path("qemu/debian/build-image")
-        })
-        .clone()
-        .unwrap_or_else(|e| panic!("{e}"))
+/// Which initramfs generator the test system boots with.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Flavor {
+    /// Debian's default: initramfs-tools with cryptsetup-initramfs.
+    InitramfsTools,
+    /// dracut with systemd in the initramfs, hostonly (`build-image dracut`).
+    Dracut,
+}
+
+/// The cached image directory of `flavor` (built on first use: once per test process, and
+/// a lock in build-image serialises processes). The other tests wait here without a guest
+/// slot.
+fn image_of(flavor: Flavor) -> PathBuf {
+    static IMAGES: [std::sync::OnceLock<Result<PathBuf, String>>; 2] =
+        [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    let (cell, script) = match flavor {
+        Flavor::InitramfsTools => (&IMAGES[0], "qemu/debian/build-image"),
+        Flavor::Dracut => (&IMAGES[1], "qemu/debian/build-image dracut"),
+    };
+    cell.get_or_init(|| {
+        check_installed();
+        let _slot = support::slot(); // the build boots a UML guest
+        built_path(script)
+    })
+    .clone()
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The Debian package of this tree (`packaging/build-deb`: the release build, stripped, with
@@ -207,15 +223,21 @@ impl Vm {
 
     /// Waits until the console shows `pat` (panics on timeout or when QEMU ends first).
     fn wait_for(&mut self, pat: &str, timeout: Duration) {
+        self.wait_for_any(&[pat], timeout)
+    }
+
+    /// Waits until the console shows one of `pats`.
+    fn wait_for_any(&mut self, pats: &[&str], timeout: Duration) {
         let t0 = Instant::now();
+        let pat = pats.join("\" or \"");
         loop {
-            if self.console().contains(pat) {
-                eprintln!("[{}] {:.0} s: saw {pat:?}", self.name, self.started.elapsed().as_secs_f64());
+            if let Some(p) = pats.iter().find(|p| self.console().contains(**p)) {
+                eprintln!("[{}] {:.0} s: saw {p:?}", self.name, self.started.elapsed().as_secs_f64());
                 return;
             }
             if self.exited() {
                 std::thread::sleep(Duration::from_millis(300)); // let the readers drain
-                if self.console().contains(pat) {
+                if pats.iter().any(|p| self.console().contains(p)) {
                     return;
                 }
                 panic!(
@@ -275,17 +297,22 @@ impl Vm {
         }
     }
 
-    /// Types the passphrase at the initramfs prompt until cryptsetup reports the device
-    /// set up. A line typed before askpass has set up the terminal can be flushed away, so
-    /// after a minute without an answer it is typed again (at most three times).
+    /// Types the passphrase at the initramfs prompt until the initramfs reports the device
+    /// set up: cryptroot's (initramfs-tools) or luksify-unlock's (dracut, mid-way) line
+    /// "<name>: set up successfully", or systemd's "Finished" line of the unit that unlocks
+    /// it (dracut, after the finish). A line typed before askpass has set up the terminal
+    /// can be flushed away, so after a minute without an answer it is typed again (at most
+    /// three times).
     fn unlock(&mut self) {
-        let ok = format!("cryptsetup: {NAME}: set up successfully");
+        let ok = format!("{NAME}: set up successfully");
+        let for_name = format!("for {NAME}");
+        let unlocked = |c: &str| c.contains(&ok) || c.lines().any(|l| l.contains("Finished") && l.contains(&for_name));
         for attempt in 1..=3 {
             std::thread::sleep(Duration::from_millis(500));
             self.type_line(PASSPHRASE);
             let t0 = Instant::now();
             while t0.elapsed() < Duration::from_secs(60) {
-                if self.console().contains(&ok) {
+                if unlocked(&self.console()) {
                     eprintln!(
                         "[{}] {:.0} s: unlocked (passphrase typed {attempt} time(s))",
                         self.name,
@@ -373,7 +400,14 @@ fn get<'a>(r: &'a BTreeMap<String, String>, k: &str, console: &str) -> &'a str {
 }
 
 const SYSTEM_ROOT: &str = "root=/dev/mapper/vg0-root ro";
-const BOOT_LIMIT: Duration = Duration::from_secs(900);
+/// How long one boot may take before the test calls it hung: a dracut boot that finishes a
+/// conversion regenerates the initramfs, which under emulation beside other guests can take
+/// ten minutes on its own.
+const BOOT_LIMIT: Duration = Duration::from_secs(1500);
+/// The passphrase prompts on the console: initramfs-tools' cryptroot and luksify's dracut
+/// unit (mid-way) ask "Please unlock disk <name>:", systemd-cryptsetup (dracut, after the
+/// finish) "Please enter passphrase for disk <what>:".
+const PROMPTS: [&str; 2] = ["Please unlock disk vda5_crypt", "Please enter passphrase for disk"];
 
 /// Boots the converted system: the initramfs must ask for the passphrase on the console,
 /// the root must come up on the LVs over the LUKS mapping, and every acked record and
@@ -395,7 +429,7 @@ fn boot_encrypted_and_verify(dir: &Path, disk: &Path, kver: &str, acks: &Path, u
             log: dir.join(format!("{tag}.console.log")),
         },
     );
-    vm.wait_for(&format!("Please unlock disk {NAME}"), BOOT_LIMIT);
+    vm.wait_for_any(&PROMPTS, BOOT_LIMIT);
     vm.unlock();
     let (c, r) = vm.finish(BOOT_LIMIT);
     assert_eq!(get(&r, "stage_rc", &c), "0", "verify stage failed:\n{}", tail(&c, 80));
@@ -420,7 +454,11 @@ struct Converting {
 }
 
 fn start_converting(test: &str, vm_name: &str) -> (Converting, Vm) {
-    let img = image();
+    start_converting_on(Flavor::InitramfsTools, test, vm_name)
+}
+
+fn start_converting_on(flavor: Flavor, test: &str, vm_name: &str) -> (Converting, Vm) {
+    let img = image_of(flavor);
     let kver = std::fs::read_to_string(img.join("kver")).unwrap().trim().to_string();
     let dir = support::test_dir(test);
     let disk = dir.join("system.img");
@@ -570,24 +608,45 @@ fn boot_through_the_prompt_and_the_unit_finishes(dir: &Path, disk: &Path, kver: 
 /// encrypted one with every file and acknowledged record intact.
 #[test]
 fn power_cut_after_the_cut_over_boots_through_the_prompt_and_the_unit_finishes() {
+    power_cut_after_the_cut_over(Flavor::InitramfsTools, "bootcut");
+}
+
+/// Issue 20 (c): the same on a Debian that makes its initramfs with dracut (systemd in the
+/// initramfs, hostonly): luksify's dracut module asks at the prompt and opens the
+/// conversion in progress, luksify-resume.service finishes it, and the final boot goes
+/// through dracut's own crypt module (systemd-cryptsetup and the crypttab entry).
+///
+/// Not in the default run: under emulation dracut regenerates for minutes twice per
+/// conversion, so this one scenario takes 25 to 35 minutes, past the suite's budget beside
+/// the others. Run it with `cargo test --test qemu_debian -- --ignored dracut`.
+#[test]
+#[ignore = "issue 20 (c), 25-35 min under emulation: cargo test --test qemu_debian -- --ignored dracut"]
+fn dracut_power_cut_after_the_cut_over_boots_through_the_prompt_and_the_unit_finishes() {
+    power_cut_after_the_cut_over(Flavor::Dracut, "dracutcut");
+}
+
+fn power_cut_after_the_cut_over(flavor: Flavor, tag: &str) {
     let t0 = Instant::now();
     let mut rng = seed();
     let frac = 0.05 + 0.85 * uniform(&mut rng);
     let extra = Duration::from_millis((uniform(&mut rng) * 400.0) as u64);
-    let (Converting { kver, dir, disk, acks, .. }, mut vm) = start_converting("qemu_bootcut", "bootcut");
+    let (Converting { kver, dir, disk, acks, .. }, mut vm) = start_converting_on(flavor, &format!("qemu_{tag}"), tag);
     vm.wait_for("boot chain ready", BOOT_LIMIT);
     vm.wait_for_progress(frac, BOOT_LIMIT);
     std::thread::sleep(extra);
-    eprintln!("[bootcut] cut at {:.0}% moved + {extra:?}", frac * 100.0);
+    eprintln!("[{tag}] cut at {:.0}% moved + {extra:?}", frac * 100.0);
     let c = vm.power_cut();
     let r = results(&c);
     let usr = get(&r, "usr_digest", &c).to_string();
     assert!(!c.contains("\"event\":\"done\""), "the conversion finished before the cut; nothing was tested");
+    if flavor == Flavor::Dracut {
+        assert!(c.contains("dracut --regenerate-all --force"), "the boot chain did not use dracut:\n{}", tail(&c, 80));
+    }
 
     // Boot 2: the installed system's own kernel and initramfs (made before the cut-over).
-    boot_through_the_prompt_and_the_unit_finishes(&dir, &disk, &kver, "resumeboot", "bootcut");
-    boot_encrypted_and_verify(&dir, &disk, &kver, &acks, &usr, "after-unit");
-    eprintln!("[bootcut] scenario took {:.0} s", t0.elapsed().as_secs_f64());
+    boot_through_the_prompt_and_the_unit_finishes(&dir, &disk, &kver, &format!("resumeboot-{tag}"), tag);
+    boot_encrypted_and_verify(&dir, &disk, &kver, &acks, &usr, &format!("after-unit-{tag}"));
+    eprintln!("[{tag}] scenario took {:.0} s", t0.elapsed().as_secs_f64());
 }
 
 /// Issue 20 (d) and (b): a power cut after luksify set up the boot chain but before its

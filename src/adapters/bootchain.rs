@@ -1,12 +1,14 @@
 //! Puts the boot chain of `core::bootchain` in place in a root directory before the
-//! cut-over (crypttab line, luksify's initramfs-tools hook and local-top script, keyscript,
-//! a copy of luksify, the resume unit, then `update-initramfs`), takes it out again when
-//! the conversion stops before the cut-over, and removes it at the finish.
+//! cut-over (initramfs-tools: crypttab line, luksify's hook and local-top script, keyscript,
+//! then `update-initramfs`; dracut: luksify's dracut module and configuration, then
+//! `dracut --regenerate-all --force`; both: a copy of luksify and the resume unit), takes
+//! it out again when the conversion stops before the cut-over, and removes it at the finish.
 
 use crate::adapters::bootprobe::in_root;
 use crate::adapters::integrate::{replace_file, Runner};
+use crate::core::boot::Generator;
 use crate::core::bootchain::{self as bc, Chain};
-use crate::core::integrate::{edit_crypttab_line, Cmd, PATH};
+use crate::core::integrate::{edit_crypttab_line, regenerate_initramfs, Cmd, PATH};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -18,19 +20,10 @@ pub struct Installed {
     root: PathBuf,
     /// etc/crypttab before (None: there was none).
     crypttab_before: Option<String>,
-}
-
-fn update_initramfs(root: &Path) -> Cmd {
-    let chrooted = root != Path::new("/");
-    let argv = ["update-initramfs", "-u", "-k", "all"];
-    let mut v: Vec<String> = Vec::new();
-    if chrooted {
-        v.push("chroot".into());
-        v.push(root.display().to_string());
-    }
-    v.extend(argv.iter().map(|s| s.to_string()));
-    let by_hand = if chrooted { format!("chroot {} {}", root.display(), argv.join(" ")) } else { argv.join(" ") };
-    Cmd { argv: v, env: vec![("PATH".into(), PATH.into())], by_hand }
+    /// Whether [`install`] wrote etc/crypttab (not for dracut).
+    crypttab_written: bool,
+    /// The command that regenerates the initramfs.
+    regen: Cmd,
 }
 
 /// The partition's PARTUUID from its partition table (`blkid -p`, no udev needed), as udev
@@ -73,15 +66,22 @@ fn write_file(root: &Path, p: &str, content: &[u8], mode: u32) -> io::Result<()>
     std::fs::rename(&tmp, &path)
 }
 
-fn files(root: &Path, c: &Chain, cipher: &str) -> io::Result<()> {
+fn files(root: &Path, c: &Chain, cipher: &str, g: Generator, omit_crypt: bool) -> io::Result<()> {
     let state = in_root(root, bc::STATE_DIR);
     std::fs::create_dir_all(&state)?;
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))?;
     let exe = std::fs::read("/proc/self/exe")?;
     write_file(root, bc::BINARY, &exe, 0o755)?;
-    write_file(root, bc::KEYSCRIPT, bc::keyscript(c).as_bytes(), 0o755)?;
-    write_file(root, bc::HOOK, bc::hook_script(cipher).as_bytes(), 0o755)?;
-    write_file(root, bc::LOCAL_TOP, bc::local_top_script(c).as_bytes(), 0o755)?;
+    if g == Generator::Dracut {
+        write_file(root, bc::DRACUT_MODULE_SETUP, bc::dracut_module_setup(cipher).as_bytes(), 0o755)?;
+        write_file(root, bc::DRACUT_UNLOCK, bc::dracut_unlock_script(c).as_bytes(), 0o755)?;
+        write_file(root, bc::DRACUT_UNLOCK_UNIT, bc::dracut_unlock_unit(c).as_bytes(), 0o644)?;
+        write_file(root, bc::DRACUT_CONF, bc::dracut_conf(omit_crypt).as_bytes(), 0o644)?;
+    } else {
+        write_file(root, bc::KEYSCRIPT, bc::keyscript(c).as_bytes(), 0o755)?;
+        write_file(root, bc::HOOK, bc::hook_script(cipher).as_bytes(), 0o755)?;
+        write_file(root, bc::LOCAL_TOP, bc::local_top_script(c).as_bytes(), 0o755)?;
+    }
     write_file(root, bc::UNIT, bc::unit_text(c).as_bytes(), 0o644)?;
     let wants = in_root(root, bc::UNIT_WANTS);
     if let Some(d) = wants.parent() {
@@ -103,18 +103,21 @@ fn remove_files(root: &Path) -> bool {
         }
     }
     let _ = std::fs::remove_dir(in_root(root, bc::STATE_DIR));
+    let _ = std::fs::remove_dir(in_root(root, bc::DRACUT_MODULE_DIR));
     if root == Path::new("/") {
         let _ = std::fs::remove_dir_all(bc::RUN_DIR);
     }
     any
 }
 
-/// Set up the boot chain for `c` in `root`: crypttab (backup of the old one), the files,
-/// `update-initramfs`. On failure everything is put back and the reason returned.
+/// Set up the boot chain for `c` in `root` for the generator `g` (initramfs-tools or
+/// dracut): crypttab (initramfs-tools; a backup of the old one), the files, the initramfs.
+/// On failure everything is put back and the reason returned.
 pub fn install(
     root: &Path,
     c: &Chain,
     cipher: &str,
+    g: Generator,
     runner: &mut dyn Runner,
     stamp: &str,
 ) -> Result<Installed, String> {
@@ -124,22 +127,43 @@ pub fn install(
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(format!("cannot read {}: {e}", ct.display())),
     };
-    let inst = Installed { root: root.to_path_buf(), crypttab_before: before.clone() };
-    let line = bc::crypttab_line_during(c);
-    let new = edit_crypttab_line(before.as_deref().unwrap_or(""), &c.name, &line);
-    if let Err(e) = replace_file(&ct, &new, stamp) {
-        return Err(format!("writing {}: {e}", ct.display()));
+    let Some(regen) = regenerate_initramfs(&root.display().to_string(), g) else {
+        return Err(format!("luksify has no boot chain for {}; nothing was changed", g.as_str()));
+    };
+    let dracut = g == Generator::Dracut;
+    let others = before.as_deref().map(|t| bc::other_crypttab_entries(t, &c.name)).unwrap_or_default();
+    let inst =
+        Installed { root: root.to_path_buf(), crypttab_before: before.clone(), crypttab_written: !dracut, regen };
+    if dracut {
+        // crypttab stays: dracut's hostonly mode leaves out an entry for a device that does
+        // not exist yet, and the unlock unit does the entry's work until the finish
+        if !others.is_empty() {
+            eprintln!(
+                "luksify: warning: {} has other entries ({}): dracut's crypt module stays in the initramfs for them, and where it unlocks every LUKS device it sees (dracut without hostonly), a boot mid-way may ask for {}'s passphrase twice",
+                ct.display(),
+                others.join(", "),
+                c.name
+            );
+        }
+    } else {
+        let line = bc::crypttab_line_during(c);
+        let new = edit_crypttab_line(before.as_deref().unwrap_or(""), &c.name, &line);
+        if let Err(e) = replace_file(&ct, &new, stamp) {
+            return Err(format!("writing {}: {e}", ct.display()));
+        }
+        eprintln!("luksify: boot chain: {}: `{line}`", ct.display());
     }
-    eprintln!("luksify: boot chain: {}: `{line}`", ct.display());
-    if let Err(e) = files(root, c, cipher) {
+    if let Err(e) = files(root, c, cipher, g, others.is_empty()) {
         let _ = undo(&inst, runner, false);
         return Err(format!("installing luksify's initramfs hook and resume unit in {}: {e}", root.display()));
     }
-    let cmd = update_initramfs(root);
-    eprintln!("luksify: boot chain: running `{}` (the initramfs opens the device from the cut-over on)", cmd.by_hand);
-    if let Err(e) = runner.run(&cmd) {
+    eprintln!(
+        "luksify: boot chain: running `{}` (the initramfs opens the device from the cut-over on)",
+        inst.regen.by_hand
+    );
+    if let Err(e) = runner.run(&inst.regen) {
         let _ = undo(&inst, runner, true);
-        return Err(format!("`{}` {e}", cmd.by_hand));
+        return Err(format!("`{}` {e}", inst.regen.by_hand));
     }
     eprintln!(
         "luksify: boot chain ready: a reboot from now on boots (the plain PV until the cut-over, then the passphrase prompt) and {} continues the conversion",
@@ -149,12 +173,13 @@ pub fn install(
 }
 
 /// Put `root` back as it was before [`install`] (crypttab, files, initramfs when
-/// `regenerate`). Err: what could not be put back (for the user to do by hand).
-pub fn undo(inst: &Installed, runner: &mut dyn Runner, regenerate: bool) -> Result<(), String> {
+/// `regen`). Err: what could not be put back (for the user to do by hand).
+pub fn undo(inst: &Installed, runner: &mut dyn Runner, regen: bool) -> Result<(), String> {
     let root = &inst.root;
     let ct = in_root(root, "/etc/crypttab");
     let mut left = Vec::new();
     let r = match &inst.crypttab_before {
+        _ if !inst.crypttab_written => Ok(()),
         Some(t) => write_file(root, "/etc/crypttab", t.as_bytes(), {
             std::fs::metadata(&ct).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644)
         }),
@@ -166,10 +191,9 @@ pub fn undo(inst: &Installed, runner: &mut dyn Runner, regenerate: bool) -> Resu
         left.push(format!("put {} back as it was ({e}; the backup next to it has it)", ct.display()));
     }
     remove_files(root);
-    if regenerate {
-        let cmd = update_initramfs(root);
-        if let Err(e) = runner.run(&cmd) {
-            left.push(format!("run `{}` ({e})", cmd.by_hand));
+    if regen {
+        if let Err(e) = runner.run(&inst.regen) {
+            left.push(format!("run `{}` ({e})", inst.regen.by_hand));
         }
     }
     if left.is_empty() {
@@ -191,10 +215,8 @@ pub fn remove_at_finish(root: &Path) -> Option<String> {
         let _ = Command::new("systemctl").arg("daemon-reload").env("PATH", PATH).status();
     }
     Some(format!(
-        "removed luksify's boot chain ({}, {}, {}) from {}",
+        "removed luksify's boot chain ({}, its initramfs hook or dracut module) from {}",
         bc::UNIT_NAME,
-        bc::HOOK,
-        bc::LOCAL_TOP,
         root.display()
     ))
 }
@@ -220,12 +242,13 @@ mod tests {
         std::fs::create_dir_all(r.join("etc")).unwrap();
         std::fs::write(r.join("etc/crypttab"), "# mine\n").unwrap();
         let mut rec = Recorder::default();
-        let inst = install(&r, &chain(), "aes-xts-plain64", &mut rec, "7").unwrap();
+        let inst = install(&r, &chain(), "aes-xts-plain64", Generator::InitramfsTools, &mut rec, "7").unwrap();
         let ct = std::fs::read_to_string(r.join("etc/crypttab")).unwrap();
         assert!(ct.starts_with("# mine\nsda5_crypt UUID=u-1 none luks,initramfs,nofail,keyscript="), "{ct}");
-        for f in bc::FILES.iter().chain([&bc::BINARY]) {
+        for f in [bc::HOOK, bc::LOCAL_TOP, bc::UNIT, bc::UNIT_WANTS, bc::KEYSCRIPT, bc::BINARY] {
             assert!(std::fs::symlink_metadata(in_root(&r, f)).is_ok(), "{f} missing");
         }
+        assert!(!in_root(&r, bc::DRACUT_MODULE_DIR).exists(), "dracut's module on an initramfs-tools system");
         assert_eq!(std::fs::read_link(in_root(&r, bc::UNIT_WANTS)).unwrap(), Path::new(bc::UNIT));
         assert_eq!(rec.calls.len(), 1);
         assert_eq!(rec.calls[0].argv[..2], [String::from("chroot"), r.display().to_string()]);
@@ -244,15 +267,57 @@ mod tests {
         let r = crate::adapters::scratch_dir("bootchain", "fail");
         std::fs::create_dir_all(r.join("etc")).unwrap();
         let mut rec = Recorder { fail_on: Some("update-initramfs".into()), ..Default::default() };
-        let e = install(&r, &chain(), "aes-xts-plain64", &mut rec, "7").unwrap_err();
+        let e = install(&r, &chain(), "aes-xts-plain64", Generator::InitramfsTools, &mut rec, "7").unwrap_err();
         assert!(e.contains("update-initramfs"), "{e}");
         assert!(!r.join("etc/crypttab").exists(), "there was none before");
         assert!(!in_root(&r, bc::HOOK).exists());
         let mut rec = Recorder::default();
-        install(&r, &chain(), "aes-xts-plain64", &mut rec, "7").unwrap();
+        install(&r, &chain(), "aes-xts-plain64", Generator::InitramfsTools, &mut rec, "7").unwrap();
         assert!(remove_at_finish(&r).is_some());
         assert!(remove_at_finish(&r).is_none(), "nothing left the second time");
         assert!(!in_root(&r, bc::UNIT).exists() && !in_root(&r, bc::BINARY).exists());
+        std::fs::remove_dir_all(&r).unwrap();
+    }
+
+    #[test]
+    fn dracut_gets_its_module_and_conf_crypttab_stays_and_undo_takes_them_out() {
+        let r = crate::adapters::scratch_dir("bootchain", "dracut");
+        std::fs::create_dir_all(r.join("etc")).unwrap();
+        std::fs::write(r.join("etc/crypttab"), "# mine\n").unwrap();
+        let mut rec = Recorder::default();
+        let inst = install(&r, &chain(), "aes-xts-plain64", Generator::Dracut, &mut rec, "7").unwrap();
+        assert_eq!(std::fs::read_to_string(r.join("etc/crypttab")).unwrap(), "# mine\n");
+        for f in [
+            bc::DRACUT_MODULE_SETUP,
+            bc::DRACUT_UNLOCK,
+            bc::DRACUT_UNLOCK_UNIT,
+            bc::DRACUT_CONF,
+            bc::UNIT,
+            bc::UNIT_WANTS,
+            bc::BINARY,
+        ] {
+            assert!(std::fs::symlink_metadata(in_root(&r, f)).is_ok(), "{f} missing");
+        }
+        for f in [bc::HOOK, bc::LOCAL_TOP, bc::KEYSCRIPT] {
+            assert!(!in_root(&r, f).exists(), "{f}: initramfs-tools' file on a dracut system");
+        }
+        assert!(std::fs::read_to_string(in_root(&r, bc::DRACUT_CONF))
+            .unwrap()
+            .contains("omit_dracutmodules+=\" crypt \""));
+        assert_eq!(rec.calls.len(), 1);
+        assert_eq!(rec.calls[0].argv[2..], ["dracut", "--regenerate-all", "--force"].map(String::from));
+        undo(&inst, &mut rec, true).unwrap();
+        assert_eq!(rec.calls.len(), 2);
+        assert_eq!(rec.calls[1].argv[2..], ["dracut", "--regenerate-all", "--force"].map(String::from));
+        for f in bc::FILES.iter().chain([&bc::BINARY, &bc::DRACUT_MODULE_DIR, &bc::STATE_DIR]) {
+            assert!(std::fs::symlink_metadata(in_root(&r, f)).is_err(), "{f} left");
+        }
+        // another crypttab entry keeps dracut's crypt module in
+        std::fs::write(r.join("etc/crypttab"), "swap_crypt /dev/sdb2 /dev/urandom swap\n").unwrap();
+        install(&r, &chain(), "aes-xts-plain64", Generator::Dracut, &mut rec, "7").unwrap();
+        assert!(!std::fs::read_to_string(in_root(&r, bc::DRACUT_CONF)).unwrap().contains("omit"));
+        assert!(remove_at_finish(&r).is_some());
+        assert!(!in_root(&r, bc::DRACUT_MODULE_DIR).exists() && !in_root(&r, bc::DRACUT_CONF).exists());
         std::fs::remove_dir_all(&r).unwrap();
     }
 }

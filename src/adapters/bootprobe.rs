@@ -47,6 +47,8 @@ pub fn probe_boot_at(root: &Path, mountinfo: &Path) -> BootFacts {
     f.dracut_bin = exists("/usr/bin/dracut") || exists("/usr/sbin/dracut");
     f.dracut_conf = exists("/etc/dracut.conf") || exists("/etc/dracut.conf.d");
     f.dracut_crypt_module = exists("/usr/lib/dracut/modules.d/90crypt");
+    f.dracut_systemd =
+        exists("/usr/lib/dracut/modules.d/00systemd") && exists("/usr/lib/dracut/modules.d/01systemd-ask-password");
     f.mkinitcpio_conf = read("/etc/mkinitcpio.conf");
     let mut grub = read("/etc/default/grub");
     if let Ok(rd) = std::fs::read_dir(in_root(root, "/etc/default/grub.d")) {

@@ -11,7 +11,7 @@ use crate::adapters::integrate::SystemRunner;
 use crate::adapters::kernel::DmKernel;
 use crate::adapters::{bootchain, bootprobe, luks, lvm, sys};
 use crate::cli::ConvertOpts;
-use crate::core::boot::{generator, Generator};
+use crate::core::boot::generator;
 use crate::core::integrate::luks_uuid;
 use crate::core::plan;
 use crate::engine::{Engine, NewConversion};
@@ -282,18 +282,24 @@ fn device_is_plain_pv(device: &Path) -> bool {
     (0..4).any(|s| &head[s * 512..s * 512 + 8] == b"LABELONE") && luks_uuid(&head).is_none()
 }
 
-/// When the root is on the PV and the system uses initramfs-tools, set up the boot chain
-/// (`core::bootchain`) for the LUKS UUID `uuid`; refuse when the initramfs's cryptsetup
-/// cannot open a reencryption in progress. Other generators: a warning (for now).
+/// When the root is on the PV and the system uses initramfs-tools or dracut (with systemd),
+/// set up the boot chain (`core::bootchain`) for the LUKS UUID `uuid`; refuse when the
+/// initramfs's cryptsetup cannot open a reencryption in progress. Other generators: a
+/// warning.
 fn boot_chain(device: &Path, p: &plan::Plan, o: &ConvertOpts, uuid: &str) -> Result<Option<bootchain::Installed>> {
     let root_on_pv = p.boot.as_ref().is_some_and(|b| b.root_on_pv);
     if o.run.no_integrate || !root_on_pv {
         return Ok(None);
     }
-    if generator(&bootprobe::probe_boot(&o.run.root)) != Some(Generator::InitramfsTools) {
-        eprintln!("luksify: warning: the root is on {} and luksify sets up the boot through a conversion in progress only for initramfs-tools: until the finish, a reboot needs rescue media (README, \"Recovery\")", device.display());
-        return Ok(None);
-    }
+    let facts = bootprobe::probe_boot(&o.run.root);
+    let g = match generator(&facts) {
+        Some(g) if crate::core::boot::has_boot_chain(g, &facts) => g,
+        _ => {
+            // (the plan refused this unless --force-unknown-boot, and said why)
+            eprintln!("luksify: warning: the root is on {} and luksify cannot set up the boot through a conversion in progress with this initramfs generator: until the finish, a reboot needs rescue media (README, \"Recovery\")", device.display());
+            return Ok(None);
+        }
+    };
     let v = bootchain::cryptsetup_version(&o.run.root).map_err(|e| {
         Error::Refused(format!(
             "{e}: cannot tell whether the initramfs could open the conversion in progress; nothing was changed"
@@ -313,7 +319,7 @@ fn boot_chain(device: &Path, p: &plan::Plan, o: &ConvertOpts, uuid: &str) -> Res
         device: raw.display().to_string(),
         partuuid: bootchain::partuuid(&raw),
     };
-    bootchain::install(&o.run.root, &c, &o.cipher, &mut SystemRunner, &integ_stamp())
+    bootchain::install(&o.run.root, &c, &o.cipher, g, &mut SystemRunner, &integ_stamp())
         .map(Some)
         .map_err(|e| Error::Failed(format!("setting up the boot chain: {e}; nothing was changed")))
 }

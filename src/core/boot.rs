@@ -41,6 +41,10 @@ pub struct BootFacts {
     pub dracut_conf: bool,
     /// usr/lib/dracut/modules.d/90crypt exists.
     pub dracut_crypt_module: bool,
+    /// usr/lib/dracut/modules.d/00systemd and 01systemd-ask-password exist: dracut puts
+    /// systemd and its password agent into the initramfs (what luksify's dracut module for
+    /// a boot mid-way builds on).
+    pub dracut_systemd: bool,
     /// Content of etc/mkinitcpio.conf, if it exists.
     pub mkinitcpio_conf: Option<String>,
     /// Content of etc/default/grub then etc/default/grub.d/*.cfg (in name order),
@@ -196,12 +200,23 @@ fn on_pv(src: &FsSource, dev: &DeviceFacts) -> bool {
 /// unknown): a reboot between the cut-over and the finish.
 fn mid_way(g: Option<Generator>) -> String {
     let with = match g {
+        Some(Generator::Dracut) => "not with dracut without systemd in the initramfs".into(),
         Some(g) => format!("not with {}", g.as_str()),
         None => "not with an unknown generator".into(),
     };
     format!(
-        "luksify can make a reboot in the middle of the conversion boot only with initramfs-tools ({with}): from the cut-over until the finish, a reboot, crash or power cut leaves a machine that does not boot without rescue media (with luksify, or cryptsetup 2.3.7/2.4.3 or later: README, \"Recovery\"), and nothing continues the conversion by itself"
+        "luksify can make a reboot in the middle of the conversion boot only with initramfs-tools or with dracut and systemd ({with}): from the cut-over until the finish, a reboot, crash or power cut leaves a machine that does not boot without rescue media (with luksify, or cryptsetup 2.3.7/2.4.3 or later: README, \"Recovery\"), and nothing continues the conversion by itself"
     )
+}
+
+/// Whether luksify's boot chain (`core::bootchain`: a reboot mid-way opens the LUKS2
+/// reencryption in progress and luksify-resume.service finishes it) works with `g`.
+pub fn has_boot_chain(g: Generator, f: &BootFacts) -> bool {
+    match g {
+        Generator::InitramfsTools => true,
+        Generator::Dracut => f.dracut_systemd,
+        Generator::Mkinitcpio => false,
+    }
 }
 
 /// Run the boot checks. Refusals are returned with their messages, for the plan.
@@ -281,8 +296,8 @@ pub fn check(dev: &DeviceFacts, f: &BootFacts, c: &LuksChoice) -> (BootReport, V
         }
         // luksify's boot chain (a reboot mid-way opens the LUKS2 reencryption in progress
         // and luksify-resume.service finishes it: core::bootchain) exists for
-        // initramfs-tools only.
-        if let (LuksVersion::Luks2, Some(g @ (Generator::Dracut | Generator::Mkinitcpio))) = (c.luks, gen) {
+        // initramfs-tools and for dracut with systemd.
+        if let (LuksVersion::Luks2, Some(g)) = (c.luks, gen.filter(|g| !has_boot_chain(*g, f))) {
             let m = format!("the root filesystem is on {} and {}", dev.path, mid_way(Some(g)));
             if c.force_unknown_boot {
                 warnings.push(BootWarning { code: "no_boot_chain", message: m });
@@ -446,7 +461,8 @@ mod tests {
         assert_eq!(codes(&r), vec!["initramfs_cannot_unlock", "no_boot_chain"]);
         assert!(r[0].message.contains("90crypt") && r[0].message.contains("dracut"), "{}", r[0].message);
         f.dracut_crypt_module = true;
-        // a crypt module opens the finished device, but nothing opens LUKS2 mid-way
+        // a crypt module opens the finished device, but without systemd in the initramfs
+        // nothing opens LUKS2 mid-way
         let (b, r) = check(&laptop(), &f, &luks2());
         assert_eq!(codes(&r), vec!["no_boot_chain"]);
         assert!(b.refusals == vec!["no_boot_chain"]);
@@ -454,10 +470,16 @@ mod tests {
         let (b, r) = check(&laptop(), &f, &forced);
         assert!(r.is_empty(), "{r:?}");
         assert_eq!(b.warnings.iter().map(|w| w.code).collect::<Vec<_>>(), vec!["no_boot_chain"]);
+        // with systemd in dracut's initramfs, luksify's dracut module opens it
+        f.dracut_systemd = true;
+        let (b, r) = check(&laptop(), &f, &luks2());
+        assert!(r.is_empty() && b.warnings.iter().all(|w| w.code != "no_boot_chain"), "{r:?} {:?}", b.warnings);
+        f.dracut_crypt_module = false;
+        assert_eq!(codes(&check(&laptop(), &f, &luks2()).1), vec!["initramfs_cannot_unlock"]);
     }
 
     #[test]
-    fn without_initramfs_tools_a_luks2_root_pv_is_refused_unless_forced_saying_what_a_reboot_mid_way_does() {
+    fn without_a_boot_chain_a_luks2_root_pv_is_refused_unless_forced_saying_what_a_reboot_mid_way_does() {
         let mut dracut = debian();
         dracut.update_initramfs = false;
         dracut.initramfs_tools_conf = false;
@@ -467,14 +489,16 @@ mod tests {
         arch.update_initramfs = false;
         arch.initramfs_tools_conf = false;
         arch.mkinitcpio_conf = Some("HOOKS=(base udev block encrypt lvm2 filesystems)\n".into());
-        for (f, gen) in [(&dracut, "dracut"), (&arch, "mkinitcpio")] {
+        for (f, gen, not_with) in
+            [(&dracut, "dracut", "not with dracut without systemd"), (&arch, "mkinitcpio", "not with mkinitcpio")]
+        {
             let (b, r) = check(&laptop(), f, &luks2());
             assert_eq!(b.initramfs, Some(gen));
             assert_eq!(codes(&r), vec!["no_boot_chain"], "{gen}");
             let m = &r[0].message;
             for want in [
                 "--force-unknown-boot",
-                &format!("not with {gen}"),
+                not_with,
                 "does not boot without rescue media",
                 "from the cut-over until the finish",
             ] {

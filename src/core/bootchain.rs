@@ -1,8 +1,9 @@
-//! The boot chain of a LUKS2 conversion in progress (initramfs-tools only, for now): what
-//! luksify puts in place *before the cut-over* so that a reboot at any instant boots, and
-//! what it removes at the finish. Pure: the texts and the decisions; `adapters::bootchain`
-//! writes them.
+//! The boot chain of a LUKS2 conversion in progress (initramfs-tools, and dracut with
+//! systemd in the initramfs): what luksify puts in place *before the cut-over* so that a
+//! reboot at any instant boots, and what it removes at the finish. Pure: the texts and the
+//! decisions; `adapters::bootchain` writes them.
 //!
+//! initramfs-tools:
 //! - etc/crypttab gets the line for the new LUKS UUID with `initramfs` (cryptsetup's
 //!   initramfs hook includes it although the root is not on a crypt device yet), `nofail`
 //!   (systemd does not wait for a UUID that does not exist yet after a crash before the
@@ -13,7 +14,19 @@
 //! - A local-top script, which runs before cryptroot (cryptroot runs last in local-top):
 //!   when the partition is still the plain LVM PV (a crash before the cut-over), it drops
 //!   the entry from the initramfs's crypttab, so the plain system boots at once.
-//! - luksify-resume.service runs `luksify resume DEVICE` once the system is up.
+//!
+//! dracut (systemd in the initramfs; etc/crypttab stays as it is until the finish):
+//! - a dracut module of luksify's own (`91luksify`) with a unit, `luksify-unlock.service`,
+//!   ordered before cryptsetup.target as systemd-cryptsetup's units are: when the partition
+//!   is LUKS (the cut-over happened) it asks the usual question through
+//!   systemd-ask-password, keeps the answer in /run for the resume unit and opens the
+//!   device under the conversion's mapping name; when it is still the plain LVM PV it does
+//!   nothing, so the plain system boots at once.
+//! - etc/dracut.conf.d/90-luksify.conf adds that module and, where crypttab has no other
+//!   entry, leaves out dracut's crypt module, whose generic mode would unlock the same
+//!   device a second time under another name.
+//!
+//! Both: luksify-resume.service runs `luksify resume DEVICE` once the system is up.
 
 /// Where luksify keeps its copy of itself and the keyscript while a conversion may need the
 /// boot chain (removed at the finish).
@@ -29,8 +42,17 @@ pub const UNIT_WANTS: &str = "/etc/systemd/system/multi-user.target.wants/luksif
 /// into the booted system).
 pub const RUN_DIR: &str = "/run/luksify";
 
-/// Every file the boot chain installs (the state dir itself aside).
-pub const FILES: [&str; 5] = [HOOK, LOCAL_TOP, UNIT, UNIT_WANTS, KEYSCRIPT];
+/// luksify's dracut module (dracut reads modules from this directory only).
+pub const DRACUT_MODULE_DIR: &str = "/usr/lib/dracut/modules.d/91luksify";
+pub const DRACUT_MODULE_SETUP: &str = "/usr/lib/dracut/modules.d/91luksify/module-setup.sh";
+pub const DRACUT_UNLOCK: &str = "/usr/lib/dracut/modules.d/91luksify/luksify-unlock.sh";
+pub const DRACUT_UNLOCK_UNIT: &str = "/usr/lib/dracut/modules.d/91luksify/luksify-unlock.service";
+pub const DRACUT_CONF: &str = "/etc/dracut.conf.d/90-luksify.conf";
+
+/// Every file the boot chain installs, for either generator (the state dir and the dracut
+/// module's directory aside).
+pub const FILES: [&str; 9] =
+    [HOOK, LOCAL_TOP, UNIT, UNIT_WANTS, KEYSCRIPT, DRACUT_MODULE_SETUP, DRACUT_UNLOCK, DRACUT_UNLOCK_UNIT, DRACUT_CONF];
 
 /// What the boot chain is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,9 +120,9 @@ mkdir -p {run}
     )
 }
 
-/// The initramfs-tools hook: blkid (util-linux's: the local-top script needs `-p`) and the
-/// kernel modules for a LUKS2 reencryption in progress with `cipher`.
-pub fn hook_script(cipher: &str) -> String {
+/// The kernel modules an initramfs needs to open a LUKS2 reencryption in progress with
+/// `cipher` (crypto_null maps the plaintext segments).
+pub fn crypt_modules(cipher: &str) -> Vec<&str> {
     let mut mods: Vec<&str> = vec!["dm_mod", "dm_crypt", "crypto_null", "algif_skcipher", "sha256_generic"];
     let parts: Vec<&str> = cipher.split('-').collect();
     if let Some(c) = parts.first() {
@@ -122,6 +144,12 @@ pub fn hook_script(cipher: &str) -> String {
         }
     }
     mods.dedup();
+    mods
+}
+
+/// The initramfs-tools hook: blkid (util-linux's: the local-top script needs `-p`) and the
+/// kernel modules for a LUKS2 reencryption in progress with `cipher`.
+pub fn hook_script(cipher: &str) -> String {
     format!(
         r#"#!/bin/sh
 # luksify: while a conversion to LUKS2 may be in progress, the initramfs opens it.
@@ -132,7 +160,116 @@ case "$1" in prereqs) prereqs; exit 0;; esac
 copy_exec /sbin/blkid /sbin
 manual_add_modules {mods}
 "#,
-        mods = mods.join(" ")
+        mods = crypt_modules(cipher).join(" ")
+    )
+}
+
+/// dracut's configuration while the conversion may be in progress: luksify's module in,
+/// and dracut's crypt module out when `omit_crypt` (crypttab has no other entry).
+pub fn dracut_conf(omit_crypt: bool) -> String {
+    format!(
+        "# luksify: while a conversion to LUKS2 may be in progress (removed at its finish)\nadd_dracutmodules+=\" luksify \"\n{}",
+        if omit_crypt { "omit_dracutmodules+=\" crypt \"\n" } else { "" }
+    )
+}
+
+/// Every command the dracut unlock script runs (the module installs these; the rest is
+/// the shell's own).
+pub const DRACUT_UNLOCK_TOOLS: [&str; 6] = ["blkid", "cryptsetup", "systemd-ask-password", "mkdir", "rm", "sleep"];
+
+/// luksify's dracut module: the unlock unit and script, the tools they run and the kernel
+/// modules for `cipher`.
+pub fn dracut_module_setup(cipher: &str) -> String {
+    format!(
+        r#"#!/bin/bash
+# luksify: while a conversion to LUKS2 may be in progress, the initramfs opens it
+# (luksify-unlock.service); removed at the conversion's finish.
+check() {{
+    require_binaries cryptsetup blkid systemd-ask-password || return 1
+    return 0
+}}
+depends() {{
+    echo dm systemd systemd-ask-password
+}}
+installkernel() {{
+    hostonly='' instmods {mods}
+}}
+install() {{
+    inst_multiple {tools}
+    inst_script "$moddir/luksify-unlock.sh" /usr/sbin/luksify-unlock
+    inst_simple "$moddir/luksify-unlock.service" "$systemdsystemunitdir/luksify-unlock.service"
+    # sysinit.target pulls it in (cryptsetup.target is pulled in only by dracut's crypt module)
+    mkdir -p "$initdir$systemdsystemunitdir/sysinit.target.wants"
+    ln -sf ../luksify-unlock.service "$initdir$systemdsystemunitdir/sysinit.target.wants/luksify-unlock.service"
+}}
+"#,
+        mods = crypt_modules(cipher).join(" "),
+        tools = DRACUT_UNLOCK_TOOLS.join(" ")
+    )
+}
+
+/// The unit of luksify's dracut module (see the module's notes).
+pub fn dracut_unlock_unit(c: &Chain) -> String {
+    format!(
+        r#"# luksify: unlock {dev} when its conversion to LUKS2 is in progress
+[Unit]
+Description=luksify: unlock {name} (conversion to LUKS2 in progress)
+DefaultDependencies=no
+After=systemd-udev-trigger.service systemd-udevd.service cryptsetup-pre.target
+Before=cryptsetup.target
+Conflicts=shutdown.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/sbin/luksify-unlock
+StandardOutput=journal+console
+"#,
+        dev = c.device,
+        name = c.name
+    )
+}
+
+/// The script the unit runs: nothing while the partition is the plain LVM PV; else the
+/// question, the answer kept for the resume unit, `cryptsetup open`.
+pub fn dracut_unlock_script(c: &Chain) -> String {
+    format!(
+        r#"#!/bin/sh
+# luksify: a conversion of {dev} to LUKS2 (UUID {uuid}) was set up. Before its cut-over
+# the partition is still the plain LVM PV: then boot it as before. After it, ask for the
+# passphrase, keep it in {pass} (tmpfs, root only) for luksify-resume.service, and open
+# the conversion in progress as {name}.
+DEV=${{LUKSIFY_DEV:-{boot_dev}}}
+NAME={name}
+PASS=${{LUKSIFY_PASS:-{pass}}}
+n=${{LUKSIFY_WAIT:-300}}
+while [ ! -b "$DEV" ] && [ "$n" -gt 0 ]; do sleep 0.1; n=$((n - 1)); done
+type=$(blkid -p -s TYPE -o value "$DEV" 2>/dev/null)
+if [ "$type" != crypto_LUKS ]; then
+    echo "luksify: $DEV: ${{type:-nothing known}} (the conversion did not start): not unlocking $NAME"
+    exit 0
+fi
+[ -b "/dev/mapper/$NAME" ] && exit 0
+umask 077
+mkdir -p "${{PASS%/*}}"
+while :; do
+    pw=$(systemd-ask-password --timeout=0 --id="luksify:$NAME" "Please unlock disk $NAME:") || exit 1
+    printf '%s' "$pw" > "$PASS"
+    pw=
+    if cryptsetup open --type luks2 {discard}--key-file "$PASS" "$DEV" "$NAME"; then
+        echo "luksify: $NAME: set up successfully"
+        exit 0
+    fi
+    rm -f "$PASS"
+    echo "luksify: cannot unlock $NAME with that passphrase: try again"
+done
+"#,
+        dev = c.device,
+        uuid = c.uuid,
+        boot_dev = c.boot_device(),
+        name = c.name,
+        pass = pass_file(&c.name),
+        discard = if c.discard { "--allow-discards " } else { "" }
     )
 }
 
@@ -199,6 +336,17 @@ WantedBy=multi-user.target
         pass = pass_file(&c.name),
         paused = crate::error::exit::PAUSED
     )
+}
+
+/// The names of the entries of crypttab text `t` other than `name`.
+pub fn other_crypttab_entries(t: &str, name: &str) -> Vec<String> {
+    t.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| *n != name)
+        .map(str::to_string)
+        .collect()
 }
 
 /// The version in `cryptsetup --version` output ("cryptsetup 2.6.1 flags: ...").
@@ -379,5 +527,123 @@ mod tests {
         assert!(k.contains("/lib/cryptsetup/askpass \"Please unlock disk ${CRYPTTAB_NAME:-vda5_crypt}: \""));
         assert!(k.contains("| tee /run/luksify/vda5_crypt.pass"));
         assert!(k.contains("umask 077"));
+    }
+
+    /// Runs the dracut unlock script with fakes: blkid answers `blkid_type`,
+    /// systemd-ask-password answers "wrong" then "right" (with the newline it prints), then
+    /// fails as when the boot is given up,
+    /// cryptsetup succeeds for the key file "right" only and logs its arguments. Returns
+    /// the script's output, the fakes' log and the pass file left behind (if any).
+    fn run_dracut_unlock(blkid_type: &str) -> (String, String, Option<String>) {
+        use std::os::unix::fs::PermissionsExt;
+        use std::path::Path;
+        let d = crate::adapters::scratch_dir("bootchain", &format!("du-{blkid_type}"));
+        let bin = d.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let log = d.join("log");
+        let fakes = [
+            ("blkid", format!("#!/bin/sh\necho {blkid_type}\n")),
+            (
+                "systemd-ask-password",
+                format!(
+                    "#!/bin/sh\necho \"ask $*\" >> {log}\n[ -f {d}/asked2 ] && exit 1\nif [ -f {d}/asked ]; then /usr/bin/touch {d}/asked2; echo right; else /usr/bin/touch {d}/asked; echo wrong; fi\n",
+                    log = log.display(),
+                    d = d.display()
+                ),
+            ),
+            (
+                "cryptsetup",
+                format!(
+                    "#!/bin/sh\necho \"cryptsetup $*\" >> {log}\nfor a; do k=$prev; prev=$a; [ \"$k\" = --key-file ] && kf=$a; done\n[ \"$(/usr/bin/cat \"$kf\")\" = right ] && [ $(/usr/bin/wc -c < \"$kf\") = 5 ]\n",
+                    log = log.display()
+                ),
+            ),
+        ];
+        for (n, t) in fakes {
+            std::fs::write(bin.join(n), t).unwrap();
+            std::fs::set_permissions(bin.join(n), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        // PATH holds the fakes and the host's copies of the other tools the module installs,
+        // nothing else: a command the initramfs lacks fails here as it did there (dirname)
+        for t in DRACUT_UNLOCK_TOOLS {
+            if !bin.join(t).exists() {
+                let host = ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+                    .iter()
+                    .map(|p| Path::new(p).join(t))
+                    .find(|p| p.exists());
+                std::os::unix::fs::symlink(host.unwrap_or_else(|| panic!("{t} not on this host")), bin.join(t))
+                    .unwrap();
+            }
+        }
+        let script = d.join("unlock");
+        std::fs::write(&script, dracut_unlock_script(&chain())).unwrap();
+        let pass = d.join("run/vda5_crypt.pass");
+        let out = Command::new("/bin/sh")
+            .arg(&script)
+            .env("PATH", &bin)
+            .env("LUKSIFY_DEV", "/dev/null")
+            .env("LUKSIFY_PASS", &pass)
+            .env("LUKSIFY_WAIT", "0")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let r = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            std::fs::read_to_string(&pass).ok(),
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+        r
+    }
+
+    #[test]
+    fn dracut_unlock_does_nothing_on_the_plain_pv_and_asks_until_the_passphrase_opens_it() {
+        // (/dev/null stands for the partition: the script only needs it to exist)
+        let (out, log, pass) = run_dracut_unlock("LVM2_member");
+        assert!(out.contains("LVM2_member (the conversion did not start): not unlocking vda5_crypt"), "{out}");
+        assert_eq!(log, "", "asked or opened on the plain PV");
+        assert_eq!(pass, None);
+        let (out, log, pass) = run_dracut_unlock("crypto_LUKS");
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 4, "{log}");
+        assert!(lines[0].starts_with("ask ") && lines[0].ends_with("Please unlock disk vda5_crypt:"), "{log}");
+        assert!(lines[1].starts_with("cryptsetup open --type luks2 --key-file "), "{log}");
+        assert!(lines[3].ends_with(" /dev/null vda5_crypt"), "{log}");
+        assert!(out.contains("cannot unlock vda5_crypt with that passphrase: try again"), "{out}");
+        assert!(out.contains("luksify: vda5_crypt: set up successfully"), "{out}");
+        // kept for luksify-resume.service, without the newline systemd-ask-password prints
+        assert_eq!(pass.as_deref(), Some("right"));
+    }
+
+    #[test]
+    fn dracut_module_and_conf() {
+        let m = dracut_module_setup("serpent-xts-plain64");
+        let mods = m.lines().find(|l| l.trim_start().starts_with("hostonly='' instmods ")).unwrap();
+        for want in ["dm_crypt", "crypto_null", "serpent", "xts"] {
+            assert!(mods.split_whitespace().any(|w| w == want), "{want} missing: {mods}");
+        }
+        // pulled in by sysinit.target: with dracut's crypt module left out nothing else
+        // wants cryptsetup.target (the first dracut boot never asked)
+        assert!(m.contains("sysinit.target.wants/luksify-unlock.service"), "{m}");
+        assert!(m.contains("echo dm systemd systemd-ask-password"));
+        let out = Command::new("bash").arg("-n").arg("-c").arg(&m).output().unwrap();
+        assert!(out.status.success(), "module-setup.sh: {out:?}");
+        let out = Command::new("sh").arg("-n").arg("-c").arg(dracut_unlock_script(&chain())).output().unwrap();
+        assert!(out.status.success(), "unlock script: {out:?}");
+        let u = dracut_unlock_unit(&chain());
+        for want in ["DefaultDependencies=no\n", "Before=cryptsetup.target\n", "ExecStart=/usr/sbin/luksify-unlock\n"] {
+            assert!(u.contains(want), "{want:?} missing: {u}");
+        }
+        assert_eq!(dracut_conf(true), "# luksify: while a conversion to LUKS2 may be in progress (removed at its finish)\nadd_dracutmodules+=\" luksify \"\nomit_dracutmodules+=\" crypt \"\n");
+        assert!(!dracut_conf(false).contains("omit"));
+        assert_eq!(
+            other_crypttab_entries(
+                "# c\n\nvda5_crypt UUID=x none luks\nswap_crypt /dev/sdb2 /dev/urandom swap\n",
+                "vda5_crypt"
+            ),
+            vec!["swap_crypt"]
+        );
+        let c = Chain { discard: true, ..chain() };
+        assert!(dracut_unlock_script(&c).contains("cryptsetup open --type luks2 --allow-discards --key-file "));
     }
 }

@@ -147,6 +147,30 @@ fn lvmdevices(args: &[&str]) -> Vec<String> {
 
 /// The steps for `i`, in order: crypttab, LVM devices file, initramfs, then what is left
 /// to the user.
+/// `argv` run in the system at `root_dir`: as is for "/", else through `chroot root_dir`.
+fn run_in_root(root_dir: &str, argv: &[&str]) -> Cmd {
+    let root = root_dir.trim_end_matches('/');
+    let mut v: Vec<String> = Vec::new();
+    if root_dir != "/" {
+        v.push("chroot".into());
+        v.push(root.into());
+    }
+    v.extend(argv.iter().map(|s| s.to_string()));
+    let by_hand = if root_dir != "/" { format!("chroot {root} {}", argv.join(" ")) } else { argv.join(" ") };
+    Cmd { argv: v, env: vec![("PATH".into(), PATH.into())], by_hand }
+}
+
+/// The command that regenerates every initramfs of the system at `root_dir` with `g`, for
+/// the integration at the finish and for the boot chain before the cut-over. None for
+/// mkinitcpio, whose steps luksify prints instead.
+pub fn regenerate_initramfs(root_dir: &str, g: Generator) -> Option<Cmd> {
+    match g {
+        Generator::InitramfsTools => Some(run_in_root(root_dir, &["update-initramfs", "-u", "-k", "all"])),
+        Generator::Dracut => Some(run_in_root(root_dir, &["dracut", "--regenerate-all", "--force"])),
+        Generator::Mkinitcpio => None,
+    }
+}
+
 pub fn steps(i: &Input) -> Vec<Step> {
     let chrooted = i.root_dir != "/";
     let root = i.root_dir.trim_end_matches('/').to_string();
@@ -175,19 +199,10 @@ pub fn steps(i: &Input) -> Vec<Step> {
             }));
         }
     }
-    let in_root = |argv: &[&str]| -> Cmd {
-        let mut v: Vec<String> = Vec::new();
-        if chrooted {
-            v.push("chroot".into());
-            v.push(root.clone());
-        }
-        v.extend(argv.iter().map(|s| s.to_string()));
-        let by_hand = if chrooted { format!("chroot {root} {}", argv.join(" ")) } else { argv.join(" ") };
-        Cmd { argv: v, env: vec![path_env.clone()], by_hand }
-    };
     match i.generator {
-        Some(Generator::InitramfsTools) => out.push(Step::Run(in_root(&["update-initramfs", "-u", "-k", "all"]))),
-        Some(Generator::Dracut) => out.push(Step::Run(in_root(&["dracut", "--regenerate-all", "--force"]))),
+        Some(g @ (Generator::InitramfsTools | Generator::Dracut)) => {
+            out.extend(regenerate_initramfs(&i.root_dir, g).map(Step::Run))
+        }
         Some(Generator::Mkinitcpio) => {
             let mut m = String::from("mkinitcpio: ");
             if !i.mkinitcpio_has_encrypt {

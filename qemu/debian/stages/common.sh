@@ -27,3 +27,8 @@ timed() {
         printf '[+%d.%d] %s\n' $((d / 10)) $((d % 10)) "$l"
     done
 }
+# The files of an initramfs, whichever generator made it (initramfs-tools or dracut).
+initramfs_ls() { if command -v lsinitramfs >/dev/null; then lsinitramfs "$1"; else lsinitrd "$1"; fi; }
+# How many programs in the initramfs of this kernel can unlock LUKS (cryptsetup, or
+# systemd-cryptsetup where dracut puts systemd in it).
+initramfs_unlockers() { initramfs_ls "/boot/initrd.img-$(uname -r)" | grep -cE 'sbin/cryptsetup$|/systemd-cryptsetup$' || true; }

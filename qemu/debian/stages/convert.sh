@@ -23,6 +23,6 @@ kill $writer; wait $writer || true
 result records "$(( $(stat -c %s "$RECORDS") / 4096 ))"
 cat /etc/crypttab
 dmsetup table
-result initramfs_cryptsetup "$(lsinitramfs "/boot/initrd.img-$(uname -r)" | grep -c 'sbin/cryptsetup$' || true)"
+result initramfs_cryptsetup "$(initramfs_unlockers)"
 sync
 exit $rc

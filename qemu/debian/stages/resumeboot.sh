@@ -26,9 +26,9 @@ result unit_exit "$(systemctl show -p ExecMainStatus --value luksify-resume.serv
 echo "----- journalctl -u luksify-resume.service -----"
 journalctl -b -u luksify-resume.service --no-pager -o short-monotonic | grep -v '"event":"chunk"' || true
 echo "----- end of journal -----"
-result unit_left "$(ls /etc/systemd/system/luksify-resume.service /etc/systemd/system/multi-user.target.wants/luksify-resume.service /var/lib/luksify /etc/initramfs-tools/hooks/luksify /etc/initramfs-tools/scripts/local-top/luksify /run/luksify 2>/dev/null | tr '\n' ' ')"
+result unit_left "$(ls /etc/systemd/system/luksify-resume.service /etc/systemd/system/multi-user.target.wants/luksify-resume.service /var/lib/luksify /etc/initramfs-tools/hooks/luksify /etc/initramfs-tools/scripts/local-top/luksify /usr/lib/dracut/modules.d/91luksify /etc/dracut.conf.d/90-luksify.conf /run/luksify 2>/dev/null | tr '\n' ' ')"
 result crypttab "$(grep vda5_crypt /etc/crypttab)"
-result initramfs_luksify "$(lsinitramfs "/boot/initrd.img-$(uname -r)" | grep -c luksify || true)"
-result initramfs_cryptsetup "$(lsinitramfs "/boot/initrd.img-$(uname -r)" | grep -c 'sbin/cryptsetup$' || true)"
+result initramfs_luksify "$(initramfs_ls "/boot/initrd.img-$(uname -r)" | grep -c luksify || true)"
+result initramfs_cryptsetup "$(initramfs_unlockers)"
 cryptsetup status vda5_crypt || true
 sync
