@@ -479,7 +479,15 @@ fn start_converting_on(flavor: Flavor, test: &str, vm_name: &str) -> (Converting
     (Converting { img, kver, dir, disk, acks }, vm)
 }
 
+/// Scenario 1, the uninterrupted conversion. Not in the default run: its boot 1 is the
+/// first boot of scenario 3 (the same `stages/convert.sh`) run to the end, and its finish
+/// (luksify's integration, the initramfs regenerated without the boot chain) and boot 2
+/// (the encrypted boot and check) are what scenario 3's `luksify-resume.service` and last
+/// boot do; under emulation the suite cannot carry both within its budget on a slow CI
+/// machine (CI 2026-12-04: the QEMU lane alone 77 min). `cargo test --test qemu_debian --
+/// --ignored booted_debian`.
 #[test]
+#[ignore = "overlaps scenario 3 (see its doc), ~30 min under emulation: cargo test --test qemu_debian -- --ignored booted_debian"]
 fn booted_debian_converts_its_root_pv_online_and_boots_through_the_passphrase_prompt() {
     let (Converting { kver, dir, disk, acks, .. }, vm) = start_converting("qemu_convert", "convert");
     let (c, r) = vm.finish(BOOT_LIMIT);
