@@ -213,6 +213,34 @@ impl Vm {
         Vm { child, stdin, out, started: Instant::now(), name: name.into(), _slot: slot }
     }
 
+    /// Holds the whole guest still (SIGSTOP to QEMU, every thread of it stopped before this
+    /// returns): its disk file then holds exactly what a power cut at this instant would
+    /// leave (QEMU has written what the guest sent it; nothing else is there).
+    fn freeze(&self) {
+        let pid = self.child.id() as i32;
+        // SAFETY: a signal to our own child
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP to QEMU");
+        let all_stopped = || {
+            std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|rd| {
+                rd.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat"))
+                        .is_ok_and(|st| st.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')))
+                })
+            })
+        };
+        let t0 = Instant::now();
+        while !all_stopped() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "[{}] QEMU did not stop", self.name);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Lets a frozen guest go on (SIGCONT).
+    fn thaw(&self) {
+        // SAFETY: a signal to our own child
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) }, 0, "SIGCONT to QEMU");
+    }
+
     fn console(&self) -> String {
         String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
     }
@@ -623,11 +651,34 @@ fn boot_through_the_prompt_and_the_unit_finishes(dir: &Path, disk: &Path, kver: 
 /// The same first boot also serves the rescue-media scenario (2): once the power is cut,
 /// the disk is copied, and the copy is finished from rescue media (`luksify resume`, as
 /// README "Recovery" describes) and booted encrypted, beside the machine that boots
-/// itself. One first boot instead of two: the suite's QEMU lane is its longest.
+/// itself.
+///
+/// And it serves scenario 4 (issue 20 (d), (b); see
+/// [`plain_boot_then_a_reboot_mid_conversion`]): when the console says "boot chain ready"
+/// the guest is frozen, its disk and acks are copied (what a power cut at that instant
+/// leaves: before the cut-over), and it goes on; the copy boots in a branch of its own.
+/// One first boot instead of three: the suite's QEMU lane is its longest.
 #[test]
-fn power_cut_after_the_cut_over_boots_through_the_prompt_and_the_unit_finishes_or_rescue_media_finish() {
+fn one_first_boot_cut_before_and_after_the_cut_over_boots_itself_or_from_rescue_media() {
     let t0 = Instant::now();
-    let cut = cut_after_the_cut_over(Flavor::InitramfsTools, "bootcut");
+    let pdir = support::test_dir("qemu_plaincut");
+    let (pdisk, packs) = (pdir.join("system.img"), pdir.join("acks"));
+    let mut plain: Option<std::thread::JoinHandle<()>> = None;
+    let cut = cut_after_the_cut_over_with(Flavor::InitramfsTools, "bootcut", |vm, conv| {
+        vm.freeze();
+        support::copy_sparse(&conv.disk, &pdisk);
+        std::fs::copy(&conv.acks, &packs).unwrap();
+        let c = vm.console();
+        vm.thaw();
+        eprintln!("[plaincut] a copy of the disk at \"boot chain ready\" (before the cut-over)");
+        let usr = get(&results(&c), "usr_digest", &c).to_string();
+        let kver = conv.kver.clone();
+        plain = Some(std::thread::spawn(move || {
+            let t = Instant::now();
+            plain_boot_then_a_reboot_mid_conversion(&pdir, &pdisk, &kver, &packs, &usr);
+            eprintln!("[plaincut] branch took {:.0} s", t.elapsed().as_secs_f64());
+        }));
+    });
     let rdir = support::test_dir("qemu_rescue");
     let rdisk = rdir.join("system.img");
     support::copy_sparse(&cut.disk, &rdisk);
@@ -639,14 +690,18 @@ fn power_cut_after_the_cut_over_boots_through_the_prompt_and_the_unit_finishes_o
         rescue_media_resume_then_the_system_boots_encrypted(&img, &rdir, &rdisk, &kver, &racks, &usr);
         eprintln!("[rescue] branch took {:.0} s", t.elapsed().as_secs_f64());
     });
-    let own = std::thread::spawn(move || the_machine_boots_itself(cut, "bootcut"));
-    let (a, b) = (own.join(), rescue.join());
-    for r in [a, b] {
+    let own = std::thread::spawn(move || {
+        let t = Instant::now();
+        the_machine_boots_itself(cut, "bootcut");
+        eprintln!("[bootcut] branch took {:.0} s", t.elapsed().as_secs_f64());
+    });
+    let ends = [own.join(), rescue.join(), plain.expect("no boot chain ready").join()];
+    for r in ends {
         if let Err(e) = r {
             std::panic::resume_unwind(e);
         }
     }
-    eprintln!("[bootcut] scenario took {:.0} s", t0.elapsed().as_secs_f64());
+    eprintln!("[first boot and its three branches] took {:.0} s", t0.elapsed().as_secs_f64());
 }
 
 /// Issue 20 (c): the same on a Debian that makes its initramfs with dracut (systemd in the
@@ -685,11 +740,19 @@ struct Cut {
 /// the power cut once the conversion is a seeded fraction of the way (5-90%, plus up to
 /// 400 ms) past its cut-over.
 fn cut_after_the_cut_over(flavor: Flavor, tag: &str) -> Cut {
+    cut_after_the_cut_over_with(flavor, tag, |_, _| {})
+}
+
+/// The same, calling `at_ready(vm, converting)` once the console says "boot chain ready"
+/// (luksify set up the boot chain, its cut-over has not begun).
+fn cut_after_the_cut_over_with(flavor: Flavor, tag: &str, at_ready: impl FnOnce(&Vm, &Converting)) -> Cut {
     let mut rng = seed();
     let frac = 0.05 + 0.85 * uniform(&mut rng);
     let extra = Duration::from_millis((uniform(&mut rng) * 400.0) as u64);
-    let (Converting { img, kver, dir, disk, acks }, mut vm) = start_converting_on(flavor, &format!("qemu_{tag}"), tag);
+    let (converting, mut vm) = start_converting_on(flavor, &format!("qemu_{tag}"), tag);
     vm.wait_for("boot chain ready", BOOT_LIMIT);
+    at_ready(&vm, &converting);
+    let Converting { img, kver, dir, disk, acks } = converting;
     vm.wait_for_progress(frac, BOOT_LIMIT);
     std::thread::sleep(extra);
     eprintln!("[{tag}] cut at {:.0}% moved + {extra:?}", frac * 100.0);
@@ -718,20 +781,16 @@ fn the_machine_boots_itself(cut: Cut, tag: &str) {
 /// luksify, which holds a delay inhibitor (shown by `systemd-inhibit --list`), stops at
 /// its next commit point and exits "paused". The reboot then goes through the passphrase
 /// prompt, luksify-resume.service finishes, and the encrypted boot verifies everything.
-#[test]
-fn power_cut_before_the_cut_over_boots_plain_then_a_reboot_mid_conversion_pauses_and_the_unit_finishes() {
-    let t0 = Instant::now();
+///
+/// `disk` is the system as a power cut at "boot chain ready" left it (`acks` the writer's
+/// acks until then, `usr` its /usr digest); the first boot is shared with scenarios 2 and
+/// 3 (the test above).
+fn plain_boot_then_a_reboot_mid_conversion(dir: &Path, disk: &Path, kver: &str, acks: &Path, usr: &str) {
     let mut rng = seed();
     let reboot_at = 50 + (750.0 * uniform(&mut rng)) as u64; // per mille of the PV moved
-    let (Converting { kver, dir, disk, acks, .. }, mut vm) = start_converting("qemu_plaincut", "plaincut");
-    vm.wait_for("boot chain ready", BOOT_LIMIT);
-    let c = vm.power_cut();
-    let r = results(&c);
-    let usr = get(&r, "usr_digest", &c).to_string();
-
-    let (kernel, initrd) = boot_files(&disk, &kver, &dir);
+    let (kernel, initrd) = boot_files(disk, kver, dir);
     let convert = std::fs::read_to_string(support::repo().join("qemu/debian/stages/convert.sh")).unwrap();
-    let ctl = ctl_disk(&dir, "plainboot", &[("convert.sh", convert), ("reboot_at", reboot_at.to_string())]);
+    let ctl = ctl_disk(dir, "plainboot", &[("convert.sh", convert), ("reboot_at", reboot_at.to_string())]);
     let acks2 = dir.join("acks-plainboot.log");
     eprintln!("[plaincut] the second run is to be rebooted at {:.1}% moved", reboot_at as f64 / 10.0);
     let vm = Vm::start(
@@ -781,11 +840,10 @@ fn power_cut_before_the_cut_over_boots_plain_then_a_reboot_mid_conversion_pauses
     assert!(c.contains("stopped at a safe point"), "no pause line:\n{}", tail(&c, 80));
     assert_eq!(get(&r, "luksify_rc", &c), "11", "luksify did not exit \"paused\":\n{}", tail(&c, 80));
 
-    boot_through_the_prompt_and_the_unit_finishes(&dir, &disk, &kver, "rebootresume", "plaincut");
+    boot_through_the_prompt_and_the_unit_finishes(dir, disk, kver, "rebootresume", "plaincut");
     let both = dir.join("acks-both");
-    let mut a = std::fs::read(&acks).unwrap();
+    let mut a = std::fs::read(acks).unwrap();
     a.extend(std::fs::read(&acks2).unwrap());
     std::fs::write(&both, a).unwrap();
-    boot_encrypted_and_verify(&dir, &disk, &kver, &both, &usr, "after-plaincut");
-    eprintln!("[plaincut] scenario took {:.0} s", t0.elapsed().as_secs_f64());
+    boot_encrypted_and_verify(dir, disk, kver, &both, usr, "after-plaincut");
 }
