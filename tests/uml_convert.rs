@@ -109,6 +109,7 @@ if hold; then
     # luksify holds LVM's VG lock until the finish: look without locking, or LVM would wait.
     lvm pvscan --nolocking > "$OUT/pvscan.txt" 2>&1 || true
     pvs --nolocking --noheadings -o pv_name > "$OUT/pvs-during.txt" 2>&1 || true
+    "$LUKSIFY" status /dev/ubda5 > "$OUT/status-during.txt" 2>&1 || true
     kill -0 $P && touch "$OUT/checked-during"
     kill -CONT $P
 else
@@ -141,6 +142,10 @@ echo CONVERTED
         1,
         "PV seen more than once: {pvs}"
     );
+    // status while luksify runs: running, and no hint to start a second one
+    let st = run.file("status-during.txt");
+    assert!(st.contains("state:    reencrypting") && st.contains("running:  yes, luksify process"), "{st}");
+    assert!(!st.contains("continue:"), "a resume hint while luksify runs: {st}");
     let oom = run.file("oom-during.txt");
     assert_eq!(oom.trim(), "-1000", "luksify's oom_score_adj while converting: {oom:?}");
     let scan = run.file("pvscan.txt");

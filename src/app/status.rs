@@ -211,10 +211,13 @@ fn print_luks2(device: &Path, m: &Meta, r: &Reencrypt, run: &Running, json: bool
         (false, true) => println!("  header:   the primary copy does not verify (the next header write repairs it)"),
         _ => {}
     }
-    let n = name.unwrap_or("NAME");
-    println!(
-        "  continue: luksify resume {d} (or stock: cryptsetup open {d} {n}, then cryptsetup reencrypt --resume-only --active-name {n})"
-    );
+    // (no hint while a luksify or a reencryption runs: a second one would be refused as busy)
+    if *run == Running::No && crate::adapters::luks::reencrypt::lock_held(&m.uuid).is_none() {
+        let n = name.unwrap_or("NAME");
+        println!(
+            "  continue: luksify resume {d} (or stock: cryptsetup open {d} {n}, then cryptsetup reencrypt --resume-only --active-name {n})"
+        );
+    }
 }
 
 fn print_journal(device: &Path, rec: Option<&Record>, run: &Running, json: bool) {
