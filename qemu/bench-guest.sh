@@ -185,6 +185,9 @@ if make_layout; then
     else failed reencrypt "$(tail -3 "$OUT/reencrypt.log")"; fi
 else failed reencrypt "building the plain layout failed"; fi
 
+# median_of FILE: the middle line of a sorted file of numbers
+median_of() { awk '{v[NR]=$1} END {if (NR) print v[int((NR+1)/2)]}' "$1"; }
+
 # --- luksify --------------------------------------------------------------------------
 # luksify_run MODE: time one conversion, its --progress-json lines in $OUT/progress.MODE.jsonl
 luksify_run() {
@@ -212,7 +215,29 @@ luksify_run() {
     result "luksify_${mode}_chunk_lines" "$(grep -c '"event":"chunk"' "$OUT/progress.$mode.jsonl")"
     # the stall of every step, for a look at its distribution
     sed -n 's/.*"stall_ms":\([0-9.]*\).*/\1/p' "$OUT/progress.$mode.jsonl" | sort -n > "$OUT/stalls.$mode.txt"
-    result "luksify_${mode}_median_stall_ms" "$(awk '{v[NR]=$1} END {if (NR) print v[int((NR+1)/2)]}' "$OUT/stalls.$mode.txt")"
+    result "luksify_${mode}_median_stall_ms" "$(median_of "$OUT/stalls.$mode.txt")"
+    # a step's time: from the end of the one before (or the last line before the first step:
+    # the cut-over, a commit, a phase) to its own chunk line; for LUKS2 libcryptsetup's whole
+    # step, through which its hotzone device stays suspended
+    awk '{ t = $0; if (!sub(/.*"t_ms":/, "", t)) next; t += 0
+           if ($0 ~ /"event":"chunk"/ && have) print t - prev
+           prev = t; have = 1 }' "$OUT/progress.$mode.jsonl" | sort -n > "$OUT/steps.$mode.txt"
+    result "luksify_${mode}_step_median_ms" "$(median_of "$OUT/steps.$mode.txt")"
+    result "luksify_${mode}_step_max_ms" "$(tail -1 "$OUT/steps.$mode.txt")"
+    if [ "$LUKS_TYPE" != luks2 ]; then
+        # luksify's own steps: where a step's time goes, as medians (stall_split_ms is
+        # [suspend, compare, commit, resume] of the suspended window)
+        local part field
+        for part in copy:copy_ms readback:verify_ms suspend:1 compare:2 commit:3 resume:4; do
+            field=${part#*:}
+            case "$field" in
+                [1-4]) sed -n 's/.*"stall_split_ms":\[\([^]]*\)\].*/\1/p' "$OUT/progress.$mode.jsonl" | cut -d, -f"$field" ;;
+                *) sed -n "s/.*\"$field\":\([0-9.]*\).*/\1/p" "$OUT/progress.$mode.jsonl" ;;
+            esac | sort -n > "$OUT/split.$mode.txt"
+            result "luksify_${mode}_split_${part%%:*}_median_ms" "$(median_of "$OUT/split.$mode.txt")"
+        done
+        rm -f "$OUT/split.$mode.txt"
+    fi
     cryptsetup isLuks "$DEV" || { failed "luksify_$mode" "$DEV is not LUKS afterwards"; return 1; }
 }
 
