@@ -157,7 +157,8 @@ echo DRYRUN-DONE
 /// (never the host's /etc) whose fstab puts / on vg0-root, an LV of the PV being converted:
 /// no cryptsetup-initramfs (dry-run and convert: exit 10, disks and dm devices unchanged), no
 /// known initramfs generator (and `--force-unknown-boot`), /boot on the PV without a GRUB
-/// that can open it.
+/// that can open it; a passphrase file ending in a line end for such a root (exit 2, crypttab
+/// and initramfs untouched).
 #[test]
 fn boot_checks_refuse_before_any_change() {
     let dir = test_dir("bootchecks");
@@ -178,6 +179,21 @@ cat /tmp/err
 [ "$(wc -l < /tmp/err)" = 1 ] && grep -q "cryptsetup-initramfs" /tmp/err || die "convert refusal: not one clear line"
 same "convert initramfs_cannot_unlock"
 echo "REFUSED-OK convert initramfs_cannot_unlock"
+# A passphrase file that ends in a line end, for a root the boot prompt must unlock: nobody
+# could type it there. Usage error (exit 2), one line naming the fix, nothing changed.
+fake_root /tmp/okroot
+"$LUKSIFY" --dry-run --root /tmp/okroot /dev/ubda5 > /tmp/out || die "a root ready to boot is refused: $(cat /tmp/out)"
+printf 'good passphrase\n' > "$OUT/key-nl"
+cp /tmp/okroot/etc/crypttab /tmp/crypttab.before
+snap
+set +e; "$LUKSIFY" --yes --key-file "$OUT/key-nl" --root /tmp/okroot /dev/ubda5 < /dev/null > /tmp/out 2> /tmp/err; rc=$?; set -e
+cat /tmp/err
+[ $rc = 2 ] || die "a key file ending in a line end for the root: exit $rc, expected 2"
+[ "$(wc -l < /tmp/err)" = 1 ] && grep -q "ends in a line end" /tmp/err && grep -q "printf '%s'" /tmp/err || die "newline refusal: not one clear line"
+[ -e /tmp/okroot/update-initramfs.log ] && die "the initramfs was regenerated for a refused conversion"
+cmp -s /tmp/okroot/etc/crypttab /tmp/crypttab.before || die "crypttab changed: $(cat /tmp/okroot/etc/crypttab)"
+same "convert newline_passphrase"
+echo "REFUSED-OK convert newline_passphrase"
 fake_root /tmp/unknown --no-generator
 refused unknown_initramfs --root /tmp/unknown /dev/ubda5
 grep -q -- "--force-unknown-boot" /tmp/out || die "no --force-unknown-boot hint"
@@ -199,6 +215,7 @@ echo BOOTCHECKS-DONE
     for code in [
         "initramfs_cannot_unlock",
         "convert initramfs_cannot_unlock",
+        "convert newline_passphrase",
         "unknown_initramfs",
         "grub_cannot_open",
         "grub_cryptodisk_disabled",
@@ -215,7 +232,8 @@ echo BOOTCHECKS-DONE
 /// Bad input changes nothing: an empty, missing or unreadable key file; no --yes without a
 /// terminal; an injected failure while rerouting the LV tables (every table back, no bridge
 /// left, the tail restored); a wrong passphrase on resume. A second luksify while one runs
-/// is refused by the lock.
+/// is refused by the lock. A passphrase piped without --key-file is its first line, without
+/// the line end (the resume takes it; stock cryptsetup opens the result with it).
 #[test]
 fn bad_input_leaves_the_device_unchanged() {
     let dir = test_dir("badinput");
@@ -280,12 +298,17 @@ printf 'wrong' > /tmp/wrong
 fails "wrong passphrase on resume" "passphrase" resume --yes --no-integrate --key-file /tmp/wrong /dev/ubda5
 set +e; "$LUKSIFY" resume --yes --no-integrate --key-file /tmp/wrong /dev/ubda5 2> /dev/null; rc=$?; set -e
 [ $rc = 2 ] || die "wrong passphrase on resume: exit $rc, expected 2"
-"$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" /dev/ubda5
+# Piped standard input without --key-file: one line, its line end not part of the
+# passphrase (as cryptsetup reads it). "good passphrase\n" as a whole would be refused above.
+printf 'good passphrase\n' | "$LUKSIFY" resume --yes --no-integrate /dev/ubda5 || die "resume with the passphrase piped as one line"
 umount /mnt/r; vgchange -an vg0 >/dev/null; dmsetup remove ubda5_crypt
+# stock cryptsetup opens the result with the passphrase without a line end
+cryptsetup open --test-passphrase --key-file "$OUT/key" /dev/ubda5 || die "cryptsetup does not take the passphrase"
+echo "PIPED-OK"
 echo BADINPUT-DONE
 "#
     ));
-    run.assert_ok().assert_log_contains("BADINPUT-DONE");
+    run.assert_ok().assert_log_contains("BADINPUT-DONE").assert_log_contains("PIPED-OK");
     for what in [
         "empty key file",
         "missing key file",
