@@ -330,21 +330,145 @@ pub fn finalized_header(head: &[u8]) -> Result<Option<Finalize>, MetaError> {
             config.remove("requirements");
         }
     }
-    let text = serde_json::to_vec(&j).map_err(|e| MetaError::Json(e.to_string()))?;
+    Ok(Some(Finalize { wipe, metadata: both_copies(head, hs, p.seqid + 1, &j)? }))
+}
+
+/// Both metadata copies of `[0, 2 * hs)` with the JSON `j` and `seqid`, each checksummed, the
+/// rest of the binary headers as in `head` (cryptsetup writes the primary first).
+fn both_copies(head: &[u8], hs: usize, seqid: u64, j: &serde_json::Value) -> Result<Vec<u8>, MetaError> {
+    let text = serde_json::to_vec(j).map_err(|e| MetaError::Json(e.to_string()))?;
     if text.len() >= hs - BIN_BYTES {
-        return Err(bad("the final metadata does not fit the JSON area"));
+        return Err(MetaError::Layout("the new metadata does not fit the JSON area".into()));
     }
     let mut out = vec![0u8; 2 * hs];
     for at in [0usize, hs] {
         let area = &mut out[at..at + hs];
         area[..BIN_BYTES].copy_from_slice(&head[at..at + BIN_BYTES]);
-        area[OFF_SEQID..OFF_SEQID + 8].copy_from_slice(&(p.seqid + 1).to_be_bytes());
+        area[OFF_SEQID..OFF_SEQID + 8].copy_from_slice(&seqid.to_be_bytes());
         area[OFF_CSUM..OFF_CSUM + CSUM_LEN].fill(0);
         area[BIN_BYTES..BIN_BYTES + text.len()].copy_from_slice(&text);
         let c = checksum(area);
         area[OFF_CSUM..OFF_CSUM + 32].copy_from_slice(&c);
     }
-    Ok(Some(Finalize { wipe, metadata: out }))
+    Ok(out)
+}
+
+/// One step of an encryption in progress (`encrypt`, `backward`, `datashift` S with a moved
+/// first segment: what luksify's cut-over leaves), as metadata: the next hotzone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advance {
+    /// Plaintext bytes `[from, from + len)` of the device as mapped (logical offsets) are
+    /// encrypted by this step to `from + S` on the device (the moved segment's bytes, read at
+    /// its offset, when `from` is 0).
+    pub from: u64,
+    pub len: u64,
+    /// The step's last: the metadata is the all-committed state (one crypt segment) that
+    /// [`finalized_header`] then finishes.
+    pub last: bool,
+    /// Both metadata copies after the step, seqid + 1, checksummed: write at 0, primary first.
+    pub metadata: Vec<u8>,
+}
+
+/// The clean state one hotzone later, as libcryptsetup's datashift encryption writes it after
+/// its step (`reencrypt_step`'s second commit; `tests/uml_luks2_steps` checks every step of
+/// libcryptsetup's own runs against it): hotzones of S taken from the end of the plaintext
+/// segment, the lowest one shorter, then the moved first S; the regular segments in logical
+/// order — moved (linear at M), plaintext (linear, in place at S), crypt (at its logical offset
+/// plus S, `iv_tweak` its logical sector) — then the backups: previous, final, moved; the volume
+/// key's digest bound to [final, crypt]. `None`: no such encryption in progress between steps
+/// (none at all, a crashed step, another mode, or every step committed).
+pub fn advanced_header(head: &[u8]) -> Result<Option<Advance>, MetaError> {
+    use serde_json::{json, Value};
+    let Some(meta) = parse(head)? else { return Ok(None) };
+    let Some(r) = &meta.reencrypt else { return Ok(None) };
+    let Some(m) = r.moved_offset else { return Ok(None) };
+    if r.crashed {
+        return Ok(None);
+    }
+    let hs = meta.hdr_size as usize;
+    let (l, s) = (r.total_bytes, r.data_offset);
+    let bad = |m: &str| MetaError::Layout(m.to_string());
+    let regular: Vec<&Segment> = meta.segments.iter().filter(|x| !x.is_backup()).collect();
+    let moved_left = regular.iter().any(|x| !x.is_crypt() && x.offset == m);
+    let plain = regular.iter().find(|x| !x.is_crypt() && x.offset == s && x.offset != m);
+    let plain_bytes = match plain.map(|x| x.size) {
+        None => 0,
+        Some(Size::Bytes(b)) => b,
+        Some(Size::Dynamic) => return Err(bad("a dynamic plaintext segment")),
+    };
+    // logical start of the ciphertext: everything above the moved and plaintext segments
+    let x = if moved_left { s + plain_bytes } else { 0 };
+    if !moved_left || x > l || regular.len() != 1 + usize::from(plain_bytes > 0) + usize::from(x < l) {
+        return Ok(None);
+    }
+    let crypt_ok = |c: &Segment| {
+        matches!(c.kind, SegmentKind::Crypt { iv_tweak, .. } if iv_tweak == x / 512)
+            && c.offset == x + s
+            && c.size == Size::Bytes(l - x)
+    };
+    if x < l && !regular.iter().any(|c| crypt_ok(c)) {
+        return Err(bad("the crypt segment is not where the plaintext ends"));
+    }
+    let (from, len) = if plain_bytes > 0 {
+        let hz = plain_bytes.min(s);
+        (x - hz, hz)
+    } else {
+        (0, s)
+    };
+    let p = read_copy(head, 0, MAGIC_1ST);
+    let s2 = read_copy(head, hs, MAGIC_2ND);
+    let (Ok(p), Ok(s2)) = (p, s2) else {
+        return Err(bad("a step needs both metadata copies intact (`cryptsetup repair` first)"));
+    };
+    if p.seqid != s2.seqid {
+        return Err(bad("the metadata copies differ (`cryptsetup repair` first)"));
+    }
+    let mut j: Value = serde_json::from_slice(&p.json).map_err(|e| MetaError::Json(e.to_string()))?;
+    let segs = j["segments"].as_object().ok_or_else(|| bad("no segments"))?.clone();
+    let flagged = |f: &str| {
+        segs.iter()
+            .find(|(_, v)| v["flags"].as_array().is_some_and(|a| a.iter().any(|x| x == f)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .ok_or_else(|| bad(&format!("no {f} segment")))
+    };
+    let (_, prev) = flagged("backup-previous")?;
+    let (old_final, fin) = flagged("backup-final")?;
+    let (_, moved) = flagged("backup-moved-segment")?;
+    let crypt = |at: u64, size: Value| {
+        let mut c = fin.clone();
+        let o = c.as_object_mut().expect("a segment is an object");
+        o.remove("flags");
+        o.insert("offset".into(), json!((at + s).to_string()));
+        o.insert("iv_tweak".into(), json!((at / 512).to_string()));
+        o.insert("size".into(), size);
+        c
+    };
+    let mut order: Vec<Value> = Vec::new();
+    let last = from == 0;
+    if last {
+        order.push(crypt(0, json!("dynamic")));
+    } else {
+        let mut mv = moved.clone();
+        mv.as_object_mut().expect("a segment is an object").remove("flags");
+        order.push(mv);
+        if from > s {
+            order.push(json!({ "type": "linear", "offset": s.to_string(), "size": (from - s).to_string() }));
+        }
+        order.push(crypt(from, json!((l - from).to_string())));
+    }
+    let crypt_id = order.len() - 1;
+    let final_new = order.len() + 1;
+    order.extend([prev, fin, moved]);
+    let new_segs: serde_json::Map<String, Value> =
+        order.into_iter().enumerate().map(|(i, v)| (i.to_string(), v)).collect();
+    j["segments"] = Value::Object(new_segs);
+    let digests = j["digests"].as_object_mut().ok_or_else(|| bad("no digests"))?;
+    for d in digests.values_mut() {
+        if d["segments"].as_array().is_some_and(|a| a.iter().any(|x| *x == json!(old_final))) {
+            d["segments"] = json!([final_new.to_string(), crypt_id.to_string()]);
+        }
+    }
+    Ok(Some(Advance { from, len, last, metadata: both_copies(head, hs, p.seqid + 1, &j)? }))
 }
 
 /// Parse the LUKS2 metadata from the device's first bytes (see the module's doc for how many).

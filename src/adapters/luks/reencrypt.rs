@@ -373,7 +373,7 @@ unsafe extern "C" fn progress_cb(size: u64, offset: u64, usr: *mut c_void) -> c_
     0
 }
 
-fn run_job(device: &Path, name: &str, pass: &[u8], ctx: &mut RunCtx) -> Result<RunEnd> {
+fn run_job(device: &Path, name: Option<&str>, pass: &[u8], ctx: &mut RunCtx) -> Result<RunEnd> {
     let mut l = load_device(device)?;
     let _lock = match LOCKING_OFF.load(Ordering::SeqCst) {
         true => {
@@ -412,12 +412,15 @@ fn run_job(device: &Path, name: &str, pass: &[u8], ctx: &mut RunCtx) -> Result<R
     params.max_hotzone_size = 0;
     params.device_size = 0;
     params.luks2 = std::ptr::null();
-    let cname = CString::new(name).map_err(|_| LuksError::InvalidParams("a name with a NUL byte".into()))?;
+    let cname = match name {
+        Some(n) => Some(CString::new(n).map_err(|_| LuksError::InvalidParams("a name with a NUL byte".into()))?),
+        None => None,
+    };
     // SAFETY: valid context, name and passphrase buffers live across the call.
     let r = unsafe {
         sys::crypt_reencrypt_init_by_passphrase(
             l.ptr,
-            cname.as_ptr(),
+            cname.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
             pass.as_ptr() as *const c_char,
             pass.len(),
             sys::CRYPT_ANY_SLOT,
@@ -456,12 +459,33 @@ pub fn run(
     stop: fn() -> bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<RunEnd> {
-    let (device, name) = (device.to_path_buf(), name.to_string());
+    run_on(device, Some(name.to_string()), passphrase, stop, progress)
+}
+
+/// `cryptsetup reencrypt --resume-only DEVICE`: as [`run`], offline (no mapping of `device`
+/// may be active): libcryptsetup reads and writes the device itself.
+pub fn run_offline(
+    device: &Path,
+    passphrase: &[u8],
+    stop: fn() -> bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<RunEnd> {
+    run_on(device, None, passphrase, stop, progress)
+}
+
+fn run_on(
+    device: &Path,
+    name: Option<String>,
+    passphrase: &[u8],
+    stop: fn() -> bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<RunEnd> {
+    let device = device.to_path_buf();
     let pass = Zeroizing::new(passphrase.to_vec());
     let (tx, rx) = mpsc::channel::<Msg>();
     submit(Box::new(move || {
         let mut ctx = RunCtx { tx: tx.clone(), stop, stopped: false };
-        let r = run_job(&device, &name, &pass, &mut ctx);
+        let r = run_job(&device, name.as_deref(), &pass, &mut ctx);
         let _ = tx.send(Msg::Done(r));
     }))?;
     loop {

@@ -1,0 +1,164 @@
+//! luksify's model of a LUKS2 encryption in progress, step by step, against libcryptsetup's
+//! own steps on a real kernel (User-Mode Linux). In the guest (this test binary, run there
+//! again with LUKSIFY_LUKS2_STEPS_GUEST set), for S and L of several shapes: the header
+//! luksify writes at the cut-over on an image laid out as the cut-over leaves it; then
+//! libcryptsetup's offline reencryption (as `cryptsetup reencrypt --resume-only`) takes one
+//! hotzone at a time, and `luks2meta::advanced_header`, from the metadata before the step,
+//! must predict the JSON libcryptsetup wrote after it (the last step through
+//! `finalized_header`); luksify's copies then replace libcryptsetup's, so every next step
+//! starts from metadata luksify wrote. At the end stock `cryptsetup open` maps the image and
+//! every sector reads back as its plaintext. The ground for luksify's own LUKS2 steps
+//! (issue 22): commits that stock cryptsetup reads as its own.
+//! These never skip: without UML they fail with the install command.
+mod support;
+
+use luksify::adapters::luks::reencrypt::{self, format_reencrypt_header, LuksifyToken, Reencryption};
+use luksify::adapters::luks::{HeaderParams, LuksType, VolumeKey};
+use luksify::core::luks2meta;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use support::*;
+
+const GUEST: &str = "LUKSIFY_LUKS2_STEPS_GUEST";
+const PASS: &[u8] = b"correct horse battery staple";
+/// (S, L) in sectors: L a multiple of S, one sector past it, and S plus a bit.
+const GEOMETRIES: &[(u64, u64)] =
+    &[(4096, 4 * 4096), (4096, 3 * 4096 + 1), (8192, 8192 + 1000), (4096, 5 * 4096 + 4095)];
+const HEAD: usize = 32 * 1024;
+
+static CALLS: AtomicUsize = AtomicUsize::new(0);
+/// libcryptsetup calls back once before its first step and once after every step.
+fn after_one_step() -> bool {
+    CALLS.fetch_add(1, Ordering::SeqCst) >= 1
+}
+
+fn head_of(img: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut b = vec![0u8; HEAD];
+    std::fs::File::open(img).unwrap().read_exact(&mut b).unwrap();
+    b
+}
+
+/// The JSON area of the primary copy, as cryptsetup reads it.
+fn json(head: &[u8]) -> serde_json::Value {
+    let end = head[4096..16384].iter().position(|&c| c == 0).unwrap();
+    serde_json::from_slice(&head[4096..4096 + end]).unwrap()
+}
+
+/// Logical sector `i`'s plaintext (a pattern no two sectors share).
+fn sector(i: u64) -> [u8; 512] {
+    let mut b = [0u8; 512];
+    for (k, c) in b.chunks_mut(8).enumerate() {
+        c.copy_from_slice(&((i * 64 + k as u64) ^ 0x5a5a_1234_9e37_79b9).to_le_bytes());
+    }
+    b
+}
+
+fn write_at(img: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// In the guest, for every geometry: the image as luksify's cut-over leaves it (header,
+/// plaintext [S, L) in place, the first S at L + S); then, step by step, libcryptsetup's
+/// offline reencryption takes one hotzone and luksify's prediction of the metadata it writes
+/// (made from the metadata before the step) must be the same JSON; luksify's copies then
+/// replace libcryptsetup's, so that the next step starts from what luksify wrote. At the end
+/// stock `cryptsetup open` maps the device and every sector reads back as the plaintext.
+fn guest(out: &Path) {
+    for (i, &(s, l)) in GEOMETRIES.iter().enumerate() {
+        let key = VolumeKey::from_slice(&[7u8; 64]);
+        let mut p = HeaderParams::defaults(LuksType::Luks2);
+        p.pbkdf = Some("pbkdf2".into());
+        p.pbkdf_force_iterations = Some(1000);
+        p.data_offset_sectors = s;
+        let token = LuksifyToken { name: "t_crypt".into(), allow_discards: false, pv_uuid: "pv".into() };
+        let h = format_reencrypt_header(&p, &key, PASS, l, &token, None).unwrap();
+        let img = Path::new("/tmp").join(format!("g{i}.img"));
+        let mut bytes = vec![0u8; ((l + 2 * s) * 512) as usize];
+        bytes[..h.bytes.len()].copy_from_slice(&h.bytes);
+        for lsec in 0..l {
+            let at = if lsec < s { l + s + lsec } else { lsec };
+            bytes[(at * 512) as usize..(at * 512 + 512) as usize].copy_from_slice(&sector(lsec));
+        }
+        std::fs::write(&img, &bytes).unwrap();
+        drop(bytes);
+        let mut steps = 0;
+        loop {
+            let before = head_of(&img);
+            let adv = luks2meta::advanced_header(&before).unwrap().expect("a step to take");
+            CALLS.store(0, Ordering::SeqCst);
+            reencrypt::run_offline(&img, PASS, after_one_step, &mut |_, _| {}).unwrap();
+            steps += 1;
+            let after = head_of(&img);
+            let ours = if adv.last {
+                luks2meta::finalized_header(&adv.metadata).unwrap().expect("the all-committed state").metadata
+            } else {
+                adv.metadata.clone()
+            };
+            let m = luks2meta::parse(&ours).unwrap().unwrap();
+            assert_eq!(m.copies_valid, (true, true), "g{i} step {steps}");
+            assert!(m.seqid > luks2meta::parse(&before).unwrap().unwrap().seqid);
+            assert_eq!(
+                json(&ours),
+                json(&after),
+                "g{i} (S {s}, L {l}) step {steps}: luksify's metadata is not libcryptsetup's\nluksify:      {}\nlibcryptsetup: {}",
+                json(&ours),
+                json(&after)
+            );
+            eprintln!(
+                "g{i} step {steps}: from {} len {} last {}: same JSON as libcryptsetup",
+                adv.from, adv.len, adv.last
+            );
+            write_at(&img, 0, &ours);
+            if adv.last {
+                assert_eq!(reencrypt::status(&img).unwrap(), Reencryption::None);
+                break;
+            }
+            assert!(steps < 100);
+        }
+        let want = (l - s).div_ceil(s) + 1;
+        assert_eq!(steps, want, "g{i}: steps");
+        // stock cryptsetup maps what luksify's metadata says; every sector is the plaintext
+        let kf = Path::new("/tmp/steps.key");
+        std::fs::write(kf, PASS).unwrap();
+        let name = format!("lk-steps-{i}");
+        let st = std::process::Command::new("cryptsetup")
+            .args(["open", "--key-file", "/tmp/steps.key", img.to_str().unwrap(), &name])
+            .status()
+            .unwrap();
+        assert!(st.success(), "cryptsetup open g{i}");
+        let plain = std::fs::read(format!("/dev/mapper/{name}")).unwrap();
+        let _ = std::process::Command::new("cryptsetup").args(["close", &name]).status();
+        // (the final segment is dynamic: the mapping runs to the image's end, S past L)
+        assert_eq!(plain.len() as u64, (l + s) * 512, "g{i}: mapped size");
+        for lsec in 0..l {
+            assert!(plain[(lsec * 512) as usize..(lsec * 512 + 512) as usize] == sector(lsec), "g{i}: sector {lsec}");
+        }
+        std::fs::remove_file(&img).unwrap();
+        std::fs::write(out.join(format!("g{i}.ok")), format!("{steps}")).unwrap();
+        eprintln!("STEPS-OK g{i} S={s} L={l}: {steps} steps");
+    }
+}
+
+#[test]
+fn luksify_predicts_every_step_of_libcryptsetups_reencryption() {
+    if let Ok(out) = std::env::var(GUEST) {
+        guest(Path::new(&out));
+        return;
+    }
+    let dir = test_dir("luks2steps");
+    let exe = std::env::current_exe().unwrap();
+    let run = uml().out_dir(&dir).timeout(300).run_script(&format!(
+        "{GUEST}=$OUT {} --exact luksify_predicts_every_step_of_libcryptsetups_reencryption --nocapture --test-threads=1 || die 'the guest side failed'\necho STEPS-DONE\n",
+        exe.display()
+    ));
+    run.assert_ok().assert_log_contains("STEPS-DONE");
+    for (i, &(s, l)) in GEOMETRIES.iter().enumerate() {
+        let steps: u64 = run.file(&format!("g{i}.ok")).trim().parse().unwrap();
+        assert_eq!(steps, (l - s).div_ceil(s) + 1, "g{i}");
+        run.assert_log_contains(&format!("STEPS-OK g{i} "));
+    }
+}
