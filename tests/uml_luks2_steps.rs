@@ -6,8 +6,11 @@
 //! hotzone at a time, and `luks2meta::advanced_header`, from the metadata before the step,
 //! must predict the JSON libcryptsetup wrote after it (the last step through
 //! `finalized_header`); luksify's copies then replace libcryptsetup's, so every next step
-//! starts from metadata luksify wrote. At the end stock `cryptsetup open` maps the image and
-//! every sector reads back as its plaintext. The ground for luksify's own LUKS2 steps
+//! starts from metadata luksify wrote. Before that, at every step but the last, luksify's
+//! commit is cut short as a power cut would (old metadata; the primary copy written and the
+//! secondary not; the primary torn either way): stock `cryptsetup open` maps each, in the state
+//! the valid copy with the higher seqid says, every sector its plaintext. At the end stock
+//! `cryptsetup open` maps the image and every sector reads back as its plaintext. The ground for luksify's own LUKS2 steps
 //! (issue 22): commits that stock cryptsetup reads as its own.
 //! These never skip: without UML they fail with the install command.
 mod support;
@@ -61,6 +64,31 @@ fn write_at(img: &Path, at: u64, bytes: &[u8]) {
     f.sync_all().unwrap();
 }
 
+/// Stock `cryptsetup open` maps `img` (a state between steps or the finished one) and every
+/// one of its L logical sectors reads as the plaintext.
+fn opens_as_plaintext(img: &Path, s: u64, l: u64, what: &str) {
+    std::fs::write("/tmp/steps.key", PASS).unwrap();
+    let name = "lk-steps";
+    let st = std::process::Command::new("cryptsetup")
+        .args(["open", "--key-file", "/tmp/steps.key", img.to_str().unwrap(), name])
+        .status()
+        .unwrap();
+    assert!(st.success(), "{what}: cryptsetup open");
+    let plain = std::fs::read(format!("/dev/mapper/{name}"));
+    let closed = std::process::Command::new("cryptsetup").args(["close", name]).status().unwrap();
+    let plain = plain.unwrap();
+    assert!(closed.success(), "{what}: cryptsetup close");
+    // (a finished device's segment is dynamic: its mapping runs to the image's end, S past L)
+    assert!(
+        plain.len() as u64 >= l * 512 && plain.len() as u64 <= (l + s) * 512,
+        "{what}: mapped {} bytes",
+        plain.len()
+    );
+    for lsec in 0..l {
+        assert!(plain[(lsec * 512) as usize..(lsec * 512 + 512) as usize] == sector(lsec), "{what}: sector {lsec}");
+    }
+}
+
 /// In the guest, for every geometry: the image as luksify's cut-over leaves it (header,
 /// plaintext [S, L) in place, the first S at L + S); then, step by step, libcryptsetup's
 /// offline reencryption takes one hotzone and luksify's prediction of the metadata it writes
@@ -112,6 +140,39 @@ fn guest(out: &Path) {
                 "g{i} step {steps}: from {} len {} last {}: same JSON as libcryptsetup",
                 adv.from, adv.len, adv.last
             );
+            if !adv.last {
+                // luksify's commit cut short, as a power cut leaves it (the step's data is
+                // on the disk, its source intact): the old metadata; the primary copy
+                // written, the secondary not yet; the primary torn (its first 4 KiB or all
+                // but them). Stock cryptsetup opens each, takes the state the valid copy with
+                // the higher seqid says, and every sector is the plaintext.
+                let hs = 16 * 1024;
+                let mut primary_only = before.clone();
+                primary_only[..hs].copy_from_slice(&ours[..hs]);
+                let mut torn_head = before.clone();
+                torn_head[..4096].copy_from_slice(&ours[..4096]);
+                let mut torn_tail = before.clone();
+                torn_tail[4096..hs].copy_from_slice(&ours[4096..hs]);
+                for (what, meta, state) in [
+                    ("old metadata", &before, &before),
+                    ("primary written, secondary not", &primary_only, &ours),
+                    ("primary torn (binary header new)", &torn_head, &before),
+                    ("primary torn (JSON new)", &torn_tail, &before),
+                ] {
+                    write_at(&img, 0, meta);
+                    let what = format!("g{i} step {steps}, {what}");
+                    opens_as_plaintext(&img, s, l, &what);
+                    // (what both copies say afterwards: cryptsetup repairs a bad copy)
+                    let (now, want) =
+                        (luks2meta::parse(&head_of(&img)).unwrap().unwrap(), luks2meta::parse(state).unwrap().unwrap());
+                    assert_eq!(
+                        (now.seqid, &now.segments),
+                        (want.seqid, &want.segments),
+                        "{what}: the state cryptsetup took"
+                    );
+                    eprintln!("{what}: cryptsetup opens it, every sector the plaintext");
+                }
+            }
             write_at(&img, 0, &ours);
             if adv.last {
                 assert_eq!(reencrypt::status(&img).unwrap(), Reencryption::None);
@@ -122,21 +183,7 @@ fn guest(out: &Path) {
         let want = (l - s).div_ceil(s) + 1;
         assert_eq!(steps, want, "g{i}: steps");
         // stock cryptsetup maps what luksify's metadata says; every sector is the plaintext
-        let kf = Path::new("/tmp/steps.key");
-        std::fs::write(kf, PASS).unwrap();
-        let name = format!("lk-steps-{i}");
-        let st = std::process::Command::new("cryptsetup")
-            .args(["open", "--key-file", "/tmp/steps.key", img.to_str().unwrap(), &name])
-            .status()
-            .unwrap();
-        assert!(st.success(), "cryptsetup open g{i}");
-        let plain = std::fs::read(format!("/dev/mapper/{name}")).unwrap();
-        let _ = std::process::Command::new("cryptsetup").args(["close", &name]).status();
-        // (the final segment is dynamic: the mapping runs to the image's end, S past L)
-        assert_eq!(plain.len() as u64, (l + s) * 512, "g{i}: mapped size");
-        for lsec in 0..l {
-            assert!(plain[(lsec * 512) as usize..(lsec * 512 + 512) as usize] == sector(lsec), "g{i}: sector {lsec}");
-        }
+        opens_as_plaintext(&img, s, l, &format!("g{i} finished"));
         std::fs::remove_file(&img).unwrap();
         std::fs::write(out.join(format!("g{i}.ok")), format!("{steps}")).unwrap();
         eprintln!("STEPS-OK g{i} S={s} L={l}: {steps} steps");
