@@ -224,9 +224,10 @@ luksify_run() {
            prev = t; have = 1 }' "$OUT/progress.$mode.jsonl" | sort -n > "$OUT/steps.$mode.txt"
     result "luksify_${mode}_step_median_ms" "$(median_of "$OUT/steps.$mode.txt")"
     result "luksify_${mode}_step_max_ms" "$(tail -1 "$OUT/steps.$mode.txt")"
-    if [ "$LUKS_TYPE" != luks2 ]; then
-        # luksify's own steps: where a step's time goes, as medians (stall_split_ms is
-        # [suspend, compare, commit, resume] of the suspended window)
+    if [ "$LUKS_TYPE" != luks2 ] || { [ "$CIPHER" = aes-xts-plain64 ] && [ "$KEY_BITS" = 512 ]; }; then
+        # luksify's own steps (LUKS1; LUKS2 with the cipher luksify has in userspace): where
+        # a step's time goes, as medians (stall_split_ms is [suspend, compare, commit,
+        # resume] of the suspended window)
         local part field
         for part in copy:copy_ms readback:verify_ms suspend:1 compare:2 commit:3 resume:4; do
             field=${part#*:}

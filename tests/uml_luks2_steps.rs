@@ -10,8 +10,9 @@
 //! commit is cut short as a power cut would (old metadata; the primary copy written and the
 //! secondary not; the primary torn either way): stock `cryptsetup open` maps each, in the state
 //! the valid copy with the higher seqid says, every sector its plaintext. At the end stock
-//! `cryptsetup open` maps the image and every sector reads back as its plaintext. The ground for luksify's own LUKS2 steps
-//! (issue 22): commits that stock cryptsetup reads as its own.
+//! `cryptsetup open` maps the image and every sector reads back as its plaintext. luksify's own LUKS2 steps
+//! (`src/engine/standard_steps.rs`) commit exactly these states: stock cryptsetup reads them
+//! as its own.
 //! These never skip: without UML they fail with the install command.
 mod support;
 

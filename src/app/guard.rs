@@ -72,9 +72,10 @@ pub(super) enum Start {
     Finished,
 }
 
-/// LUKS2: (bridge and cut-over, then) libcryptsetup's own online reencryption on the
-/// mapping until it finishes or a stop request ends it after a step, then the finish
-/// (the mapping as `cryptsetup open` maps it, `pvresize`). `pass` opens the header.
+/// LUKS2: (bridge and cut-over, then luksify's own steps over the plaintext segment, then)
+/// libcryptsetup's own online reencryption on the mapping until it finishes or a stop
+/// request ends it after a step, then the finish (the mapping as `cryptsetup open` maps it,
+/// `pvresize`). `pass` opens the header.
 pub(super) fn drive_standard(
     engine: &mut Engine<RawDisk, DmKernel>,
     run: &RunOpts,
@@ -86,7 +87,7 @@ pub(super) fn drive_standard(
 ) -> Result<()> {
     use crate::adapters::luks::reencrypt::{self, RunEnd};
     use crate::core::units::Sectors;
-    use crate::engine::{ChunkStats, Event, Hooks};
+    use crate::engine::{ChunkStats, Event, Hooks, StepsEnd};
     let dev = device.display().to_string();
     let mut hooks = CliHooks::new(run, p.device, p.l, p.moved, p.name);
     hooks.vg_lock = vg_lock;
@@ -101,8 +102,30 @@ pub(super) fn drive_standard(
     }
     let l = p.l;
     let mut last = p.moved;
-    let end = if let Start::Finished = start {
+    let again = format!("`luksify resume {dev}` continues (or, with stock cryptsetup: `cryptsetup reencrypt --resume-only --active-name {} {dev}`)", p.name);
+    // A new conversion: luksify's own steps (one short suspended window each) to the end;
+    // libcryptsetup takes over where luksify does not step itself (another cipher).
+    let (mut stopped, mut finished) = (false, false);
+    if let Start::CutOver = start {
+        let lock = reencrypt::hold_lock(&engine.rec.luks_uuid).map_err(|e| {
+            Error::Failed(format!("{e}\nluksify: {dev} is a LUKS2 reencryption in progress, nothing is lost; {again}"))
+        })?;
+        match engine.standard_steps(&mut hooks) {
+            Ok(StepsEnd::Handover(done)) => last = done,
+            Ok(StepsEnd::Stopped(done)) => (last, stopped) = (done, true),
+            Ok(StepsEnd::Finished) => finished = true,
+            Err(e) => {
+                return Err(Error::Failed(format!(
+                    "the reencryption stopped: {e}\nluksify: {dev} is a LUKS2 reencryption in progress, every committed step is safe; {again}"
+                )))
+            }
+        }
+        drop(lock);
+    }
+    let end = if matches!(start, Start::Finished) || finished {
         Ok(RunEnd::Finished)
+    } else if stopped {
+        Ok(RunEnd::Stopped)
     } else {
         reencrypt::run(device, p.name, pass, super::power::stop_here, &mut |done, _total| {
             let moved = Sectors::in_len(done as usize).0.min(l);
@@ -110,7 +133,6 @@ pub(super) fn drive_standard(
             last = moved;
         })
     };
-    let again = format!("`luksify resume {dev}` continues (or, with stock cryptsetup: `cryptsetup reencrypt --resume-only --active-name {} {dev}`)", p.name);
     match end {
         Ok(RunEnd::Finished) => {}
         Ok(RunEnd::Stopped) => {

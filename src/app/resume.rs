@@ -232,7 +232,7 @@ fn resume_standard(
     if let Some(f) = fin {
         // cryptsetup's own resume cannot leave this state; write what its teardown writes
         eprintln!("luksify: every step is committed; writing the final LUKS2 metadata (the reencryption's teardown)");
-        write_final(&mut disk, &f).map_err(|e| {
+        crate::engine::write_final(&mut disk, &f).map_err(|e| {
             Error::Failed(format!("{dev}: writing the final LUKS2 metadata: {e}; every step is committed, `luksify resume {dev}` tries again"))
         })?;
         start = guard::Start::Finished;
@@ -362,23 +362,6 @@ fn keyring_desc_in_table(table: &str) -> Option<String> {
         let (_, rest) = rest.split_once(':')?;
         rest.strip_prefix("logon:").map(str::to_string)
     })
-}
-
-/// Wipe the areas, flush, then both metadata copies (primary first), flush.
-fn write_final(
-    disk: &mut crate::adapters::rawdisk::RawDisk,
-    f: &crate::core::luks2meta::Finalize,
-) -> std::io::Result<()> {
-    use crate::engine::Disk;
-    let mut zeros = crate::engine::IoBuf::new(1 << 20)?;
-    for &(off, len) in &f.wipe {
-        disk.write_zeros(off, len, &mut zeros)?;
-    }
-    disk.flush()?;
-    let mut md = crate::engine::IoBuf::new(f.metadata.len())?;
-    md.copy_from_slice(&f.metadata);
-    disk.write(0, &md)?;
-    disk.flush()
 }
 
 #[cfg(test)]

@@ -521,8 +521,14 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
                 l + s,
                 l + 2 * s
             ));
+            // luksify steps itself where it has the cipher in userspace (engine/standard_steps.rs)
+            let how = if o.cipher == "aes-xts-plain64" && o.key_bits == 512 {
+                "luksify's own steps in cryptsetup's format (each step: the hotzone copied encrypted and read back live, then one short suspended window: compare, both metadata copies committed as libcryptsetup writes them, flip)"
+            } else {
+                "libcryptsetup's own online reencryption (each step: header flags the hotzone, data written and flushed, header commits)"
+            };
             actions.push(format!(
-                "encrypt {} ({l} sectors) backward in {steps} step(s) of up to {s} sectors with libcryptsetup's own online reencryption (each step: header flags the hotzone, data written and flushed, header commits)",
+                "encrypt {} ({l} sectors) backward in {steps} step(s) of up to {s} sectors with {how}",
                 mib(l)
             ));
             actions.push(format!(
@@ -779,7 +785,7 @@ pub fn render(p: &Plan) -> String {
     s.push_str(&format!("  to move:           {} sectors ({})\n", p.move_sectors, mib(p.move_sectors)));
     match p.luks {
         LuksVersion::Luks2 => s.push_str(&format!(
-            "  steps:             {} of up to {} sectors (cryptsetup's hotzones)\n",
+            "  steps:             {} of up to {} sectors (the hotzones of cryptsetup's format)\n",
             p.steps, p.shift_sectors
         )),
         LuksVersion::Luks1 => s.push_str(&format!(
@@ -1246,7 +1252,9 @@ pub(crate) mod tests {
             "cut-over (bridge suspended): copy the first 32768 sectors to sectors [526336, 559104) (the moved segment), write the LUKS2 header with the reencryption in progress (online-reencrypt-v2) over [0, 32768), map the bridge as cryptsetup would"
         );
         assert!(
-            a[3].contains("backward in 16 step(s) of up to 32768 sectors with libcryptsetup's own online reencryption"),
+            a[3].contains(
+                "backward in 16 step(s) of up to 32768 sectors with luksify's own steps in cryptsetup's format"
+            ),
             "{a:#?}"
         );
         assert_eq!(

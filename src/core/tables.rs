@@ -215,6 +215,29 @@ pub fn bridge_table(g: &Geometry, spec: &CryptSpec, d: Devices, phase: BridgePha
     t
 }
 
+/// LUKS2, between two steps: the table `cryptsetup open` builds for the reencryption in
+/// progress whose ciphertext starts at logical sector `x` (S <= x <= L, or 0): the moved
+/// first S sectors (linear at L + S) while x > 0, the plaintext [S, x) in place, the
+/// ciphertext [x, L) (crypt, IV the logical sector, stored S further on). `x = L`: right
+/// after the cut-over; `x = 0`: every step done (one crypt line).
+pub fn standard_table(l: u64, s: u64, spec: &CryptSpec, raw: DevRef, x: u64) -> Table {
+    let mut t = Vec::with_capacity(3);
+    if x > 0 {
+        t.push(Line { start: 0, length: s, target: Target::Linear { dev: raw, offset: l + s } });
+    }
+    if x > s {
+        t.push(Line { start: s, length: x - s, target: Target::Linear { dev: raw, offset: s } });
+    }
+    if x < l {
+        t.push(Line {
+            start: x,
+            length: l - x,
+            target: Target::Crypt { spec: spec.clone(), iv_offset: x, dev: raw, offset: x + s },
+        });
+    }
+    t
+}
+
 /// The staging crypt device: [0, L) → raw at S, new key, IV = sector.
 pub fn staging_table(g: &Geometry, spec: &CryptSpec, raw: DevRef) -> Table {
     vec![crypt_line(g, spec, raw, 0, g.l)]
@@ -263,6 +286,37 @@ mod tests {
             }
         }
         panic!("sector {x} not mapped");
+    }
+
+    #[test]
+    fn standard_tables_map_each_sector_where_its_luks2_segment_keeps_it() {
+        for (l, s) in [(16_384u64, 4096u64), (12_289, 4096), (9192, 8192), (4096, 4096)] {
+            // every cursor a LUKS2 step leaves: L, then S down from it, never below S
+            let mut xs = vec![l];
+            let mut x = l;
+            while x > s {
+                x = x.saturating_sub(s).max(s);
+                xs.push(x);
+            }
+            xs.push(0);
+            for &x in &xs {
+                let t = standard_table(l, s, &spec(), RAW, x);
+                assert!(covers(&t, l), "L {l} S {s} x {x}: {}", show(&t));
+                for y in [0, s - 1, s, x.saturating_sub(1).max(s), x, l - 1] {
+                    if y >= l {
+                        continue;
+                    }
+                    let want = if y < s && x > 0 {
+                        (RAW, l + s + y, None) // the moved segment
+                    } else if y < x {
+                        (RAW, y, None) // plaintext, in place
+                    } else {
+                        (RAW, y + s, Some(y)) // ciphertext, S further on, IV its logical sector
+                    };
+                    assert_eq!(resolve(&t, y), vec![want], "L {l} S {s} x {x} sector {y}");
+                }
+            }
+        }
     }
 
     #[test]

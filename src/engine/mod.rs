@@ -9,6 +9,7 @@ mod finish;
 #[cfg(test)]
 pub mod sim;
 mod standard;
+pub(crate) mod standard_steps;
 mod step;
 pub mod traits;
 
@@ -22,7 +23,8 @@ use crate::core::state::{self, Step};
 use crate::core::tables::{self, BridgePhase, CryptSpec, DevRef, Devices, Line};
 use crate::core::units::{sector, sectors, Sectors, SECTOR_BYTES};
 pub use crate::iobuf::IoBuf;
-pub use standard::{examine_cut_over, recover_cut_over, CutOverFinding, CutStep, CUT_OVER_ORDER};
+pub use standard::{examine_cut_over, recover_cut_over, write_final, CutOverFinding, CutStep, CUT_OVER_ORDER};
+pub use standard_steps::StepsEnd;
 use std::time::{Duration, Instant};
 pub use traits::{Disk, HolderTable, KResult, Kernel, KernelError};
 use zeroize::Zeroizing;
@@ -220,6 +222,10 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// that its sweep catches a wrong order.
     #[cfg(test)]
     pub(crate) wrong_order_for_tests: bool,
+    /// TESTS ONLY: a wrong order in luksify's own LUKS2 steps, which the crash sweep of
+    /// `sim/steps_tests.rs` must catch.
+    #[cfg(test)]
+    pub(crate) standard_mutant: Option<standard_steps::Mutant>,
 }
 
 /// How a run behaves; none of it changes what is written, only when and how fast.
@@ -370,6 +376,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             cut_order: CUT_OVER_ORDER,
             #[cfg(test)]
             wrong_order_for_tests: false,
+            #[cfg(test)]
+            standard_mutant: None,
             rec,
         })
     }

@@ -13,15 +13,14 @@
 //! A crash anywhere leaves either the plain PV, or the record and an intact copy (which
 //! [`recover_cut_over`] puts back: `luksify resume`), or a complete LUKS2 reencryption: from
 //! then on the device is what `cryptsetup reencrypt --encrypt --reduce-device-size 2S` would
-//! have made of it, and libcryptsetup's own online reencryption runs the data phase (the
-//! caller's job). At the end the mapping becomes what `cryptsetup open` maps for the final
-//! header ([`Engine::finish_standard`]). The simulator sweeps every crash point of this
+//! have made of it, and the data phase follows (the caller's job: luksify's own steps,
+//! `standard_steps.rs`, or libcryptsetup's online reencryption). At the end the mapping
+//! becomes what `cryptsetup open` maps for the final header ([`Engine::finish_standard`]). The simulator sweeps every crash point of this
 //! order under every cache policy (`sim/cutover_tests.rs`), and fails on wrong orders.
 
 use super::*;
 use crate::core::cutover::{self, CutRecord, Decision, Finding};
 use crate::core::luks2meta;
-use crate::core::tables::Target;
 
 /// What the cut-over did, for the progress output and the benchmark.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -120,11 +119,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// builds for the header's segments (linear moved segment, linear rest in place).
     pub fn cut_over_table(&self) -> Vec<Line> {
         let g = self.g();
-        let mut t = vec![Line { start: 0, length: g.s, target: Target::Linear { dev: self.raw, offset: g.l + g.s } }];
-        if g.l > g.s {
-            t.push(Line { start: g.s, length: g.l - g.s, target: Target::Linear { dev: self.raw, offset: g.s } });
-        }
-        t
+        tables::standard_table(g.l, g.s, &self.spec, self.raw, g.l)
     }
 
     /// Bridged → a LUKS2 reencryption in progress, in the order [`Engine::cut_order`] gives
@@ -317,6 +312,25 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         hooks.event(&Event::Done);
         Ok(())
     }
+}
+
+/// What ends a LUKS2 reencryption whose every step is committed ([`luks2meta::Finalize`],
+/// cryptsetup's teardown): the wipes (the reencrypt keyslot's area, the moved segment),
+/// flushed; then the final metadata, the primary copy first, each copy flushed on its own, so
+/// that a torn write leaves the other copy whole (one write of both could tear both).
+pub fn write_final<D: Disk>(disk: &mut D, f: &luks2meta::Finalize) -> std::io::Result<()> {
+    let mut zeros = IoBuf::new(1 << 20)?;
+    for &(off, len) in &f.wipe {
+        disk.write_zeros(off, len, &mut zeros)?;
+    }
+    disk.flush()?;
+    let mut md = IoBuf::new(f.metadata.len())?;
+    md.copy_from_slice(&f.metadata);
+    let half = md.len() / 2;
+    disk.write(0, &md[..half])?;
+    disk.flush()?;
+    disk.write(Sectors::in_len(half).0, &md[half..])?;
+    disk.flush()
 }
 
 /// One action of the LUKS2 cut-over (all with the bridge suspended but the last three).

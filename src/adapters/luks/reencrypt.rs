@@ -247,6 +247,13 @@ fn take_lock(uuid: &str) -> Result<std::fs::File> {
     Ok(f)
 }
 
+/// cryptsetup's reencryption lock for the LUKS2 header `uuid`, held (exclusive, not waiting)
+/// while luksify runs steps of its own: `cryptsetup reencrypt` and another luksify stay
+/// out, and `luksify status` names the holder. Release it before [`run`], which takes it.
+pub fn hold_lock(uuid: &str) -> Result<std::fs::File> {
+    take_lock(uuid)
+}
+
 /// libcryptsetup's log line when its reencryption digest does not verify.
 const DIGEST_INVALID: &str = "Reencryption metadata is invalid";
 

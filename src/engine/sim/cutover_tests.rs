@@ -25,8 +25,13 @@ use std::sync::OnceLock;
 /// 512-bit keyslot, ~292 KiB), the device a few odd sectors larger than the minimum both
 /// formats need (so the record's 4 KiB alignment matters), LVM metadata [0, 64) written by
 /// the live system, which runs busy.
-fn standard(seed: u64) -> Scenario {
-    let (l, s) = (2048u64, 1024u64);
+pub(super) fn standard(seed: u64) -> Scenario {
+    standard_l(2048, seed)
+}
+
+/// [`standard`] with another L (a multiple of the 32-sector extent past 64).
+pub(super) fn standard_l(l: u64, seed: u64) -> Scenario {
+    let s = 1024u64;
     let n = (l..).find(|&n| n - l >= Geometry::tail_needed(n, s).max(standard_tail_needed(n, s))).unwrap() + 3;
     let sc = Scenario { n, l, s, k: 1024, pe_start: 64, extent: 32, ..Scenario::small(seed) };
     assert!(cutover::record_sector(n).unwrap() >= l + 2 * s);
@@ -35,23 +40,25 @@ fn standard(seed: u64) -> Scenario {
 
 /// The header luksify writes for that scenario: libcryptsetup's own (cheap PBKDF2), made
 /// once per test process.
-fn header() -> &'static [u8] {
+pub(super) fn header() -> &'static [u8] {
     static H: OnceLock<Vec<u8>> = OnceLock::new();
-    H.get_or_init(|| {
-        let sc = standard(0);
-        let mut p = HeaderParams::defaults(LuksType::Luks2);
-        p.pbkdf = Some("pbkdf2".into());
-        p.pbkdf_force_iterations = Some(1000);
-        p.uuid = Some(LUKS_UUID.into());
-        p.data_offset_sectors = sc.s;
-        let (key, _) = key_and_header(KEY_SEED);
-        let token = LuksifyToken { name: BRIDGE.into(), allow_discards: false, pv_uuid: PV_UUID.into() };
-        let h = format_reencrypt_header(&p, &VolumeKey::from_slice(&key), b"sim passphrase", sc.l, &token, None)
-            .expect("libcryptsetup makes the reencryption header")
-            .bytes;
-        assert!(h.len() > luks2meta::HEAD_BYTES && h.len() <= sc.s as usize * SECTOR, "header of {} bytes", h.len());
-        h
-    })
+    H.get_or_init(|| header_for(&standard(0)))
+}
+
+/// libcryptsetup's reencryption header for the scenario `sc` (its L and S).
+pub(super) fn header_for(sc: &Scenario) -> Vec<u8> {
+    let mut p = HeaderParams::defaults(LuksType::Luks2);
+    p.pbkdf = Some("pbkdf2".into());
+    p.pbkdf_force_iterations = Some(1000);
+    p.uuid = Some(LUKS_UUID.into());
+    p.data_offset_sectors = sc.s;
+    let (key, _) = key_and_header(KEY_SEED);
+    let token = LuksifyToken { name: BRIDGE.into(), allow_discards: false, pv_uuid: PV_UUID.into() };
+    let h = format_reencrypt_header(&p, &VolumeKey::from_slice(&key), b"sim passphrase", sc.l, &token, None)
+        .expect("libcryptsetup makes the reencryption header")
+        .bytes;
+    assert!(h.len() > luks2meta::HEAD_BYTES && h.len() <= sc.s as usize * SECTOR, "header of {} bytes", h.len());
+    h
 }
 
 /// The fence: a device that shows the LVM label is the intact PV.
@@ -164,7 +171,7 @@ struct CutSweep {
     failures: Vec<String>,
 }
 
-const POLICIES: [CachePolicy; 6] = [
+pub(super) const POLICIES: [CachePolicy; 6] = [
     CachePolicy::LoseAll,
     CachePolicy::KeepAll,
     CachePolicy::TearAll,

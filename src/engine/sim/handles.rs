@@ -198,7 +198,12 @@ impl Kernel for SimKernel {
             } else {
                 let d = &w.dm.devs[name];
                 let pure = matches!(d.live.as_deref(), Some([l]) if matches!(l.target, STarget::Crypt { .. }) && (l.length == w.g.l || l.length == w.g.n - w.g.s));
-                let header = w.disk.current().get(..w.header.len()) == Some(&w.header[..]);
+                // the header luksify wrote (LUKS1), or a LUKS2 header whose reencryption is over
+                let cur = w.disk.current();
+                let header = cur.get(..w.header.len()) == Some(&w.header[..])
+                    || cur.get(..crate::core::luks2meta::HEAD_BYTES).is_some_and(
+                        |h| matches!(crate::core::luks2meta::parse(h), Ok(Some(m)) if m.reencrypt.is_none()),
+                    );
                 if pure && header {
                     w.bridge_shown_to_udev = true;
                 } else {

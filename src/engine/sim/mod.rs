@@ -35,6 +35,8 @@ mod cutover_tests;
 #[cfg(test)]
 mod replay;
 #[cfg(test)]
+mod steps_tests;
+#[cfg(test)]
 mod tests;
 
 pub use content::{content, key_and_header, label_sector, XtsSim};

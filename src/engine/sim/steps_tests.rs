@@ -1,0 +1,249 @@
+//! luksify's own LUKS2 steps ([`Engine::standard_steps`]) under every fault: after the
+//! cut-over, a crash at every operation of the steps (the copy, the read-back, the table
+//! load, the suspend, the comparison, the two metadata copies, the resume, the last step's
+//! wipes and final metadata), the crash image built under each cache policy. Then the device
+//! is read as stock cryptsetup maps it: the metadata copy that verifies with the higher seqid
+//! ([`luks2meta::parse`]), its regular segments in order (linear in place or at the moved
+//! segment, crypt decrypted with the volume key, IV its `iv_tweak`); every logical sector
+//! must be one the live system may find there. An error at every operation instead: the
+//! engine's error paths keep the live system's reads right, then the power goes.
+
+use super::content::xts_from_key;
+use super::cutover_tests::{header_for, standard_l, POLICIES};
+use super::*;
+use crate::core::luks2meta::{self, SegmentKind, Size};
+use crate::engine::standard_steps::Mutant;
+use crate::engine::{NoHooks, StepsEnd, CUT_OVER_ORDER};
+use std::sync::OnceLock;
+
+/// L = 3392, S = 1024: the plaintext segment [S, L) takes two full hotzones and one of 320
+/// sectors, then the moved first S: four steps.
+const L: u64 = 3392;
+
+fn scenario(seed: u64) -> Scenario {
+    standard_l(L, seed)
+}
+
+fn header() -> &'static [u8] {
+    static H: OnceLock<Vec<u8>> = OnceLock::new();
+    H.get_or_init(|| header_for(&scenario(0)))
+}
+
+/// The device `img` as cryptsetup maps it: which state ("midway", "committed", "finished"),
+/// or what is wrong.
+fn check_mapped(sim: &Sim, img: &[u8], exact: bool) -> Result<&'static str, String> {
+    let w = sim.w.borrow();
+    let (l, s) = (w.g.l, w.g.s);
+    let m = match luks2meta::parse(&img[..luks2meta::HEAD_BYTES]) {
+        Ok(Some(m)) => m,
+        other => return Err(format!("no LUKS2 metadata cryptsetup would take: {other:?}")),
+    };
+    let xts = xts_from_key(&w.key);
+    let regular: Vec<_> = m.segments.iter().filter(|x| !x.is_backup()).collect();
+    let what = match &m.reencrypt {
+        Some(r) if r.crashed => return Err("a segment flagged in-reencryption (luksify never writes one)".into()),
+        Some(_) if regular.len() == 1 => "committed",
+        Some(_) => "midway",
+        None => "finished",
+    };
+    let mut errs = Vec::new();
+    let mut start = 0u64;
+    for seg in &regular {
+        let len = match seg.size {
+            Size::Bytes(b) => b / 512,
+            Size::Dynamic => l - start,
+        };
+        for x in start..(start + len).min(l) {
+            let raw = seg.offset / 512 + (x - start);
+            let mut b = img[raw as usize * SECTOR..][..SECTOR].to_vec();
+            if let SegmentKind::Crypt { iv_tweak, .. } = seg.kind {
+                xts.decrypt(iv_tweak + (x - start), &mut b);
+            }
+            if let Err(e) = w.plain_ok(x, &b, exact) {
+                errs.push(format!("{e} (segment {}, raw sector {raw})", seg.index));
+            }
+        }
+        start += len;
+    }
+    if start < l {
+        errs.push(format!("the segments map {start} sectors of {l}"));
+    }
+    if what == "finished" && (regular.len() != 1 || !regular[0].is_crypt() || regular[0].offset != s * 512) {
+        errs.push(format!("the final metadata is not one crypt segment at S: {:?}", m.segments));
+    }
+    if errs.is_empty() {
+        return Ok(what);
+    }
+    let n = errs.len();
+    errs.truncate(8);
+    Err(format!("the {what} device is wrong in {n} places:\n  {}", errs.join("\n  ")))
+}
+
+/// A run that ended without a fault: finished, the live system saw every write it made,
+/// the device (as written, and as durable) maps every sector, the bridge is what `cryptsetup
+/// open` maps (N − S sectors of crypt).
+fn finished_ok(sim: &Sim, end: StepsEnd) -> Result<(), String> {
+    if end != StepsEnd::Finished {
+        return Err(format!("the steps ended {end:?} without a fault"));
+    }
+    let cur = sim.w.borrow().disk.current().to_vec();
+    let dur = sim.w.borrow().disk.durable().to_vec();
+    let mut w = sim.w.borrow_mut();
+    if !w.violations.is_empty() {
+        return Err(format!("the live system saw:\n  {}", w.violations.join("\n  ")));
+    }
+    w.check_all_reads()?;
+    let (n, s) = (w.g.n, w.g.s);
+    let d = w.dm.devs.get(BRIDGE).ok_or("the bridge is gone")?;
+    let t: Vec<String> = d
+        .live
+        .iter()
+        .flatten()
+        .map(|l| l.facts())
+        .map(|l| format!("{} {} {} {}", l.start, l.length, l.target_type, l.params))
+        .collect();
+    let want = format!("0 {} crypt {CIPHER} - 0 {RAW} {s}", n - s);
+    if t != [want.clone()] {
+        return Err(format!("the final bridge table is {t:?}, expected [{want:?}]"));
+    }
+    drop(w);
+    match (check_mapped(sim, &cur, true)?, check_mapped(sim, &dur, false)?) {
+        ("finished", "finished") => Ok(()),
+        other => Err(format!("a finished run left {other:?}")),
+    }
+}
+
+/// The cut-over, then luksify's own steps to the end, then the finish.
+fn convert(sim: &Sim) -> Result<StepsEnd, String> {
+    convert_as(sim, None)
+}
+
+fn convert_as(sim: &Sim, mutant: Option<Mutant>) -> Result<StepsEnd, String> {
+    let mut e =
+        sim.cut_over_standard(&mut NoHooks, header(), CUT_OVER_ORDER).map_err(|(e, _)| format!("cut-over: {e}"))?;
+    e.standard_mutant = mutant;
+    let end = e.standard_steps(&mut NoHooks).map_err(|e| format!("steps: {e}"))?;
+    if end == StepsEnd::Finished {
+        e.finish_standard(&mut NoHooks).map_err(|e| format!("finish: {e}"))?;
+    }
+    Ok(end)
+}
+
+#[derive(Default)]
+struct StepSweep {
+    points: u64,
+    images: u64,
+    states: std::collections::BTreeMap<&'static str, u64>,
+    failures: Vec<String>,
+}
+
+/// `fault` at every operation after the cut-over, each followed by a power cut under every
+/// cache policy.
+fn steps_sweep(sc: &Scenario, fault: Fault, max_failures: usize) -> StepSweep {
+    steps_sweep_as(sc, fault, max_failures, None)
+}
+
+fn steps_sweep_as(sc: &Scenario, fault: Fault, max_failures: usize, mutant: Option<Mutant>) -> StepSweep {
+    let mut s = StepSweep::default();
+    // where the steps begin: a run without a fault, counted
+    let probe = Sim::new(sc);
+    probe.cut_over_standard(&mut NoHooks, header(), CUT_OVER_ORDER).map_err(|(e, _)| e).unwrap();
+    let first = probe.ops();
+    let mut misses = 0;
+    for i in first.. {
+        let mut sc = sc.clone();
+        sc.seed = sc.seed.wrapping_add(i * 7919);
+        let sim = Sim::new(&sc);
+        sim.set_fault(i, fault);
+        let r = convert_as(&sim, mutant);
+        let ctx = |sim: &Sim, what: &str, msg: String| {
+            format!("{fault:?} at op {i} (seed {}), {what}: {msg}\n--- trace ---\n{}", sc.seed, sim.trace_tail(30))
+        };
+        if sim.fired().is_none() {
+            // The run got past its last operation (runs differ in length: the live system's
+            // writes make some steps copy again); a few more seeds, then done.
+            if let Err(e) = r.and_then(|end| finished_ok(&sim, end)) {
+                s.failures.push(ctx(&sim, "no fault", e));
+            }
+            misses += 1;
+            if misses == 3 || !s.failures.is_empty() {
+                break;
+            }
+            continue;
+        }
+        s.points += 1;
+        if fault != Fault::PowerCut {
+            sim.revive();
+            sim.idle(6);
+        }
+        let seen = sim.w.borrow().violations.clone();
+        if !seen.is_empty() {
+            s.failures.push(ctx(&sim, "the live system", format!("it saw:\n  {}", seen.join("\n  "))));
+        }
+        for (j, &policy) in POLICIES.iter().enumerate() {
+            let cur = sim.power_cut(sc.seed.wrapping_add(j as u64), policy);
+            s.images += 1;
+            let img = cur.w.borrow().disk.durable().to_vec();
+            match check_mapped(&cur, &img, false) {
+                Ok(what) => *s.states.entry(what).or_default() += 1,
+                Err(e) => s.failures.push(ctx(&sim, &format!("crash image {policy:?}"), e)),
+            }
+            if s.failures.len() >= max_failures {
+                return s;
+            }
+        }
+    }
+    s
+}
+
+fn assert_clean(name: &str, s: &StepSweep) {
+    eprintln!(
+        "{name}: {} fault points, {} crash images: {:?}, {} failures",
+        s.points,
+        s.images,
+        s.states,
+        s.failures.len()
+    );
+    for f in &s.failures {
+        eprintln!("FAILURE {}", f.lines().next().unwrap_or(""));
+    }
+    assert!(s.failures.is_empty(), "{name}: {} failures; first:\n{}", s.failures.len(), s.failures[0]);
+    assert!(s.points > 30, "{name}: only {} fault points", s.points);
+    assert!(s.states.contains_key("midway") && s.states.contains_key("finished"), "{name}: {:?}", s.states);
+}
+
+#[test]
+fn a_power_cut_at_every_operation_of_luksifys_own_luks2_steps_loses_nothing() {
+    let s = steps_sweep(&scenario(3100), Fault::PowerCut, 20);
+    assert_clean("LUKS2 own steps, power cut", &s);
+}
+
+#[test]
+fn an_error_at_every_operation_of_luksifys_own_luks2_steps_then_a_power_cut_loses_nothing() {
+    let s = steps_sweep(&scenario(3200), Fault::Error, 20);
+    assert_clean("LUKS2 own steps, error then power cut", &s);
+}
+
+/// The uninterrupted run with the live system busy: finished, every sector mapped as written.
+#[test]
+fn luksifys_own_luks2_steps_finish_with_the_live_system_running() {
+    let sim = Sim::new(&scenario(3300));
+    let end = convert(&sim).unwrap();
+    finished_ok(&sim, end).unwrap();
+    let (writes, acks, reads) = sim.model_stats();
+    assert!(writes > 0 && acks > 0 && reads > 0, "the live system did nothing: {writes} {acks} {reads}");
+}
+
+/// The tests of the test: each wrong order is caught by the power-cut sweep (with the live
+/// system quiet, then busy under a few seeds).
+#[test]
+fn a_wrong_order_in_luksifys_own_luks2_steps_is_caught_by_the_sweep() {
+    for m in [Mutant::FlipBeforeCommit, Mutant::UnflushedCopy, Mutant::OneFlushForBothCopies] {
+        let mut quiet = scenario(3400);
+        quiet.writer = WriterConfig::off();
+        let tries = std::iter::once(quiet).chain((0..4).map(|k| scenario(3401 + k)));
+        let caught = tries.map(|sc| steps_sweep_as(&sc, Fault::PowerCut, 1, Some(m))).find(|s| !s.failures.is_empty());
+        let s = caught.unwrap_or_else(|| panic!("the sweep did not catch the wrong order {m:?}"));
+        eprintln!("{m:?} caught: {}", s.failures[0].lines().next().unwrap_or(""));
+    }
+}

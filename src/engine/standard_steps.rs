@@ -1,0 +1,342 @@
+//! LUKS2 after the cut-over: luksify's own steps over the plaintext segment (issue 22), each
+//! committed as the metadata libcryptsetup itself writes after its step
+//! ([`luks2meta::advanced_header`]; `tests/uml_luks2_steps` checks it against every step of
+//! libcryptsetup's own runs), so that at every instant the device is a standard LUKS2
+//! reencryption in progress that stock cryptsetup opens, recovers and finishes.
+//!
+//! A step moves the hotzone [a, b) (b − a ≤ S, from the end of the plaintext segment down)
+//! to S + a, encrypted, as libcryptsetup's datashift step would — but only the last moment
+//! holds live I/O: luksify reads the source, encrypts it in userspace and writes it to the
+//! destination (which no table maps: the previous step's source), flushes and reads it back,
+//! all with the bridge live; then loads the step's table inactive, suspends the bridge
+//! (in-flight writes complete), compares the source once more and copies again the sectors
+//! a live write changed, commits the metadata (primary copy, flush, secondary copy, flush: a
+//! torn or missing copy leaves the other, which cryptsetup takes), and resumes on the new
+//! table. libcryptsetup holds its hotzone suspended through three suspends and two commits.
+//!
+//! Crash at any point: before the primary copy is durable the metadata says the old state,
+//! whose table maps the source, untouched since the suspend; from then on the new state,
+//! whose destination holds exactly the source as it was at the suspend. Nothing changes
+//! either until the resume. A commit whose outcome is unknown (a write failed and the
+//! metadata cannot be read back) leaves the bridge suspended: the machine stops doing I/O
+//! on the device rather than writing where a reboot would not look.
+//!
+//! The last step takes the moved first S (read from the moved segment at L + S) to [S, 2S);
+//! its commit is the all-committed state (one crypt segment), and then, as cryptsetup's
+//! teardown does, the reencrypt keyslot's area and the moved segment are zeroed and flushed
+//! and the final metadata written ([`write_final`]). A crash between the two leaves the one
+//! state stock cryptsetup opens but cannot finish; `luksify resume` writes the rest.
+
+use super::*;
+use crate::core::luks2meta;
+
+/// How [`Engine::standard_steps`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepsEnd {
+    /// Only the last step (the moved segment) and the teardown are left, or the header is in
+    /// a state luksify does not step itself (another cipher, a crashed step): libcryptsetup
+    /// continues from here. The sectors encrypted so far.
+    Handover(u64),
+    /// A stop was requested; every step so far is committed. The sectors encrypted so far.
+    Stopped(u64),
+    /// Every step is done and the final metadata written (the reencryption is over): only
+    /// the finish is left.
+    Finished,
+}
+
+/// TESTS ONLY: the wrong orders the crash sweep must catch.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mutant {
+    /// The bridge resumes on the new table before the metadata commit.
+    FlipBeforeCommit,
+    /// The copy is not flushed before the commit.
+    UnflushedCopy,
+    /// Both metadata copies written, then one flush.
+    OneFlushForBothCopies,
+}
+
+/// The step's buffers, allocated (and so, under `mlockall`, faulted in) before any suspend.
+struct Bufs {
+    plain: IoBuf,
+    cipher: IoBuf,
+    src: IoBuf,
+    back: IoBuf,
+    head: IoBuf,
+    meta: IoBuf,
+    /// Runs of sectors copied again in the suspended window (capacity fixed up front).
+    runs: Vec<(u64, u64)>,
+}
+
+impl<D: Disk, K: Kernel> Engine<D, K> {
+    /// luksify's own LUKS2 steps until only the last one is left (see the module's doc).
+    /// Needs luksify's userspace cipher (aes-xts-plain64, 512-bit key): otherwise hands over
+    /// at once.
+    pub fn standard_steps(&mut self, hooks: &mut dyn Hooks) -> EResult<StepsEnd> {
+        let Some(xts) = self.xts.take() else { return Ok(StepsEnd::Handover(0)) };
+        let r = self.standard_steps_with(&xts, hooks);
+        self.xts = Some(xts);
+        self.report_undo_failures(hooks);
+        r
+    }
+
+    fn standard_steps_with(&mut self, xts: &crate::core::xts::Xts, hooks: &mut dyn Hooks) -> EResult<StepsEnd> {
+        let s = self.g().s;
+        let buf = |n: usize| io(IoBuf::new(n), || "allocating the step buffers".into());
+        let n = Sectors(s).byte_len();
+        let mut b = Bufs {
+            plain: buf(n)?,
+            cipher: buf(n)?,
+            src: buf(n)?,
+            back: buf(n)?,
+            head: buf(luks2meta::HEAD_BYTES)?,
+            meta: buf(luks2meta::HEAD_BYTES)?,
+            runs: Vec::with_capacity(RECHECK_RUNS),
+        };
+        let l = self.g().l;
+        let mut done = 0;
+        loop {
+            if hooks.stop_requested() {
+                return Ok(StepsEnd::Stopped(done));
+            }
+            io(self.disk.read(0, &mut b.head), || "reading the LUKS2 metadata".into())?;
+            let adv = luks2meta::advanced_header(&b.head).map_err(|e| EngineError::Journal(e.to_string()))?;
+            let Some(adv) = adv.filter(|a| a.metadata.len() == b.meta.len()) else {
+                return Ok(StepsEnd::Handover(done));
+            };
+            // the last step ends the reencryption: what cryptsetup's teardown then writes
+            let fin = match adv.last {
+                true => match luks2meta::finalized_header(&adv.metadata) {
+                    Ok(Some(f)) => Some(f),
+                    _ => return Ok(StepsEnd::Handover(done)),
+                },
+                false => None,
+            };
+            let (from, to) = (Sectors::in_len(adv.from as usize).0, Sectors::in_len((adv.from + adv.len) as usize).0);
+            hooks.event(&Event::ChunkStart { from, to });
+            let t = Instant::now();
+            b.meta.copy_from_slice(&adv.metadata);
+            let stats = self.standard_step(xts, &mut b, from, to)?;
+            done = l - from;
+            if let Some(f) = fin {
+                // The all-committed state is durable (a crash here: `luksify resume`
+                // writes this, cryptsetup opens it), and nothing maps the areas wiped.
+                io(write_final(&mut self.disk, &f), || "writing the final LUKS2 metadata".into())?;
+                hooks.event(&Event::ChunkDone { from, to, stats });
+                return Ok(StepsEnd::Finished);
+            }
+            hooks.event(&Event::ChunkDone { from, to, stats });
+            self.pace(t, Sectors(to - from).bytes(), hooks);
+        }
+    }
+
+    /// Where the plaintext of logical sector `a` (the start of a hotzone) is: in place, or
+    /// for the first S sectors in the moved segment at L + S.
+    fn standard_source(&self, a: u64) -> u64 {
+        let g = self.g();
+        if a < g.s {
+            g.l + g.s + a
+        } else {
+            a
+        }
+    }
+
+    /// One step: the hotzone [a, b) (logical sectors: a >= S, or the moved first S) to S + a,
+    /// committed with the metadata in `b.meta` (both copies).
+    fn standard_step(&mut self, xts: &crate::core::xts::Xts, bf: &mut Bufs, a: u64, b: u64) -> EResult<ChunkStats> {
+        let g = *self.g();
+        let (l, s) = (g.l, g.s);
+        let src = self.standard_source(a);
+        let len = Sectors(b - a).byte_len();
+        let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
+        let mut stats = ChunkStats::default();
+        // 1. Copy, live: the source, the destination S further on (no table maps it).
+        let t0 = Instant::now();
+        self.disk.read(src, &mut bf.plain[..len]).map_err(|e| fail(a, format!("reading the source: {e}")))?;
+        bf.cipher[..len].copy_from_slice(&bf.plain[..len]);
+        xts.encrypt_sectors(&mut bf.cipher[..len], a);
+        self.disk.write(a + s, &bf.cipher[..len]).map_err(|e| fail(a, format!("writing the copy: {e}")))?;
+        #[cfg(test)]
+        let flush = self.standard_mutant != Some(Mutant::UnflushedCopy);
+        #[cfg(not(test))]
+        let flush = true;
+        if flush {
+            self.disk.flush().map_err(|e| fail(a, format!("flushing the copy: {e}")))?;
+        }
+        stats.copy = t0.elapsed();
+        let t1 = Instant::now();
+        self.read_back(bf, a, b, a, b)?;
+        stats.verify = t1.elapsed();
+        // 2. The new table, loaded inactive (with the key through the keyring, as cryptsetup
+        // open maps it), then the suspended window.
+        let bridge = self.names.bridge.clone();
+        let table = tables::standard_table(l, s, &self.spec, self.raw, a);
+        self.load_keyed(&bridge, &table)?;
+        let w = Instant::now();
+        if let Err(e) = self.kernel.suspend(&bridge) {
+            let r = self.kernel.clear_inactive(&bridge);
+            undone(&mut self.undo_failed, || format!("clearing the inactive table of {bridge}"), r);
+            return Err(EngineError::Kernel(e.context("suspending the bridge")));
+        }
+        let t_suspended = Instant::now();
+        let refreshed = self.refresh_standard(xts, bf, a, b);
+        let changed = match refreshed {
+            Ok(c) => c,
+            Err(e) => {
+                // nothing committed: back to the table that maps the source
+                let r = self.kernel.clear_inactive(&bridge).and_then(|()| self.kernel.resume(&bridge));
+                undone(&mut self.undo_failed, || format!("resuming {bridge} on its old table"), r);
+                return Err(e);
+            }
+        };
+        stats.rechecked = changed;
+        let t_refreshed = Instant::now();
+        #[cfg(test)]
+        if self.standard_mutant == Some(Mutant::FlipBeforeCommit) {
+            kern(self.kernel.resume(&bridge))?;
+            self.commit_metadata(bf).map_err(|e| EngineError::Io { what: "committing".into(), source: e })?;
+            return Ok(stats);
+        }
+        if let Err(e) = self.commit_metadata(bf) {
+            return Err(self.after_failed_commit(bf, &bridge, e));
+        }
+        let t_committed = Instant::now();
+        kern(self.kernel.resume(&bridge).map_err(|e| e.context("resuming the bridge after the commit")))?;
+        let t_end = Instant::now();
+        stats.note_window(
+            t_end - w,
+            [t_suspended - w, t_refreshed - t_suspended, t_committed - t_refreshed, t_end - t_committed],
+        );
+        Ok(stats)
+    }
+
+    /// `kernel.load` of a table whose crypt line names the volume key in the kernel keyring
+    /// as `cryptsetup open` does (`cryptsetup:<UUID>-d0`), hex where the kernel has no keyring.
+    fn load_keyed(&mut self, name: &str, table: &[Line]) -> EResult<()> {
+        let desc = format!("cryptsetup:{}-d0", self.rec.luks_uuid);
+        let key = Zeroizing::new(hex_bytes(&self.key_hex));
+        let keyring = kern(self.kernel.keyring_add(&desc, &key))?;
+        let r = kern(self.kernel.load(name, table, keyring.as_deref().unwrap_or(&self.key_hex)));
+        if keyring.is_some() {
+            // dm-crypt took its own copy at the load
+            self.kernel.keyring_drop(&desc);
+        }
+        r
+    }
+
+    /// Read [ra, rb) of step [a, b) back from the destination: what `cipher` says was written.
+    fn read_back(&mut self, bf: &mut Bufs, a: u64, b: u64, ra: u64, rb: u64) -> EResult<()> {
+        let s = self.g().s;
+        let (o0, o1) = (Sectors(ra - a).byte_len(), Sectors(rb - a).byte_len());
+        self.disk.read(ra + s, &mut bf.back[o0..o1]).map_err(|e| EngineError::CopyFailed {
+            from: a,
+            to: b,
+            sector: ra,
+            why: format!("reading the copy back: {e}"),
+        })?;
+        if let Some(i) = (0..(o1 - o0) / SECTOR_BYTES).find(|i| {
+            let r = o0 + i * SECTOR_BYTES..o0 + (i + 1) * SECTOR_BYTES;
+            bf.back[r.clone()] != bf.cipher[r]
+        }) {
+            return Err(EngineError::CopyFailed {
+                from: a,
+                to: b,
+                sector: ra + i as u64,
+                why: "the disk returned other data than was written".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// With the bridge suspended: the source once more against what was copied; every run of
+    /// sectors a live write changed is encrypted and written again, then flushed and read
+    /// back. Returns how many sectors changed.
+    fn refresh_standard(&mut self, xts: &crate::core::xts::Xts, bf: &mut Bufs, a: u64, b: u64) -> EResult<u64> {
+        let s = self.g().s;
+        let src = self.standard_source(a);
+        let len = Sectors(b - a).byte_len();
+        let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
+        self.disk.read(src, &mut bf.src[..len]).map_err(|e| fail(a, format!("reading the source: {e}")))?;
+        let sectors = len / SECTOR_BYTES;
+        let same = |bf: &Bufs, i: usize| bf.src[sector(i)] == bf.plain[sector(i)];
+        let (mut i, mut changed) = (0usize, 0u64);
+        let mut runs = std::mem::take(&mut bf.runs);
+        runs.clear();
+        while i < sectors {
+            if same(bf, i) {
+                i += 1;
+                continue;
+            }
+            let j = i;
+            while i < sectors && !same(bf, i) {
+                i += 1;
+            }
+            let (o0, o1) = (j * SECTOR_BYTES, i * SECTOR_BYTES);
+            bf.plain[o0..o1].copy_from_slice(&bf.src[o0..o1]);
+            bf.cipher[o0..o1].copy_from_slice(&bf.src[o0..o1]);
+            xts.encrypt_sectors(&mut bf.cipher[o0..o1], a + j as u64);
+            let ra = a + j as u64;
+            self.disk.write(ra + s, &bf.cipher[o0..o1]).map_err(|e| fail(ra, format!("writing the copy: {e}")))?;
+            changed += (i - j) as u64;
+            let rb = a + i as u64;
+            let full = runs.len() == runs.capacity();
+            match runs.last_mut() {
+                // out of room (nothing is allocated while suspended): widen the last run
+                Some(last) if full => *last = (last.0.min(ra), last.1.max(rb)),
+                _ => runs.push((ra, rb)),
+            }
+        }
+        let r = (|| {
+            if changed > 0 {
+                self.disk.flush().map_err(|e| fail(a, format!("flushing the copy: {e}")))?;
+                for &(ra, rb) in &runs {
+                    self.read_back(bf, a, b, ra, rb)?;
+                }
+            }
+            Ok(changed)
+        })();
+        bf.runs = runs;
+        r
+    }
+
+    /// Both metadata copies of `bf.meta`, each flushed: the primary first.
+    fn commit_metadata(&mut self, bf: &Bufs) -> std::io::Result<()> {
+        let half = bf.meta.len() / 2;
+        self.disk.write(0, &bf.meta[..half])?;
+        #[cfg(test)]
+        if self.standard_mutant == Some(Mutant::OneFlushForBothCopies) {
+            self.disk.write(Sectors::in_len(half).0, &bf.meta[half..])?;
+            return self.disk.flush();
+        }
+        self.disk.flush()?;
+        self.disk.write(Sectors::in_len(half).0, &bf.meta[half..])?;
+        self.disk.flush()
+    }
+
+    /// The commit failed: which state does the metadata on the disk say? The new one: resume
+    /// on the new table (loaded). The old one: drop it and resume on the old. Unknown (the
+    /// metadata cannot be read): stay suspended (see the module's doc).
+    fn after_failed_commit(&mut self, bf: &mut Bufs, bridge: &str, e: std::io::Error) -> EngineError {
+        let new_seqid = luks2meta::parse(&bf.meta).ok().flatten().map(|m| m.seqid);
+        let on_disk = self.disk.read(0, &mut bf.head).ok().and_then(|()| luks2meta::parse(&bf.head).ok().flatten());
+        let what = format!("committing the LUKS2 metadata: {e}");
+        match (on_disk.map(|m| m.seqid), new_seqid) {
+            (Some(d), Some(n)) if d == n => {
+                let r = self.kernel.resume(bridge);
+                undone(&mut self.undo_failed, || format!("resuming {bridge} on the committed table"), r);
+                EngineError::Io { what: format!("{what} (the step is committed all the same)"), source: e }
+            }
+            (Some(_), Some(_)) => {
+                let r = self.kernel.clear_inactive(bridge).and_then(|()| self.kernel.resume(bridge));
+                undone(&mut self.undo_failed, || format!("resuming {bridge} on its old table"), r);
+                EngineError::Io { what: format!("{what} (the step is not committed; nothing is lost)"), source: e }
+            }
+            _ => EngineError::Io {
+                what: format!(
+                    "{what}; the metadata on the disk cannot be read back, so {bridge} stays suspended (no write may go where a reboot would not look): reboot; the boot or `luksify resume` continues from whichever state the disk holds"
+                ),
+                source: e,
+            },
+        }
+    }
+}
