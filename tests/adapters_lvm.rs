@@ -300,6 +300,7 @@ echo "FD=$LVM_SUPPRESS_FD_WARNINGS LC=$LC_ALL X=$EXTRA :: $*" >> "$D/log"
 if [ "{fail}" = 1 ]; then echo "  WARNING: noise" >&2; echo "  Cannot use /dev/sda5: device is rejected by filter config" >&2; exit 5; fi
 case "$*" in
   "pvs --segments"*) cat "$D/seg.json" ;;
+  *seg_pe_ranges) [ -e "$D/every-vg-fails" ] && {{ echo "  Volume group vgX has a missing PV" >&2; exit 5; }}; cat "$D/lvs.json" ;;
   lvs*) cat "$D/lvs.json" ;;
   pvresize*|"pvscan --cache"*) echo "  Physical volume changed" ;;
   *) echo "unexpected command: $*" >&2; exit 3 ;;
@@ -337,23 +338,53 @@ fn fake_lvm_command_lines_and_environment() {
     l.pvscan_cache(None).unwrap();
     l.pvscan_cache(Some(Path::new("/dev/loop0"))).unwrap();
     let log = std::fs::read_to_string(t.0.join("log")).unwrap();
-    let lines: Vec<&str> = log.lines().collect();
+    let mut lines: Vec<&str> = log.lines().collect();
+    // the two reports run at the same time: either may start first
+    lines[..2].sort();
     let env = "FD=1 LC=C X=yes :: ";
     assert_eq!(
         lines,
         vec![
+            format!("{env}lvs -a --reportformat json --units s --nosuffix -o {}", lvm::LV_FIELDS),
             format!(
                 "{env}pvs --segments --reportformat json --units s --nosuffix -o {},{} /dev/loop0",
                 lvm::PV_FIELDS,
                 lvm::PVSEG_FIELDS
             ),
-            format!("{env}lvs -a --reportformat json --units s --nosuffix -o {} vg0", lvm::LV_FIELDS),
             format!("{env}pvresize /dev/mapper/sda5_crypt"),
             format!("{env}pvresize --yes --setphysicalvolumesize 395264s /dev/loop0"),
             format!("{env}pvscan --cache"),
             format!("{env}pvscan --cache /dev/loop0"),
         ]
     );
+}
+
+/// The LVs come from one report of every VG, run beside the PV's; the PV's VG is picked from
+/// it (another VG's LVs are left out). When that report fails (another VG broken), the PV's
+/// VG is asked for alone.
+#[test]
+fn the_lvs_of_the_pvs_vg_from_every_vg_or_from_its_vg_alone() {
+    let t = tmpdir("fakelvm-every");
+    let l = Lvm::with_program(fake_lvm(&t.0, false));
+    let mut every: serde_json::Value = serde_json::from_str(LVS0).unwrap();
+    let rows = every["report"][0]["lv"].as_array_mut().unwrap();
+    // another VG with an LV of the same name, of another kind
+    let mut other = rows[0].clone();
+    other["vg_name"] = "vgother".into();
+    other["segtype"] = "thin".into();
+    rows.push(other);
+    std::fs::write(t.0.join("lvs.json"), every.to_string()).unwrap();
+    let f = l.facts(Path::new("/dev/loop0")).unwrap();
+    let alone = Lvm::with_program(fake_lvm(&tmpdir("fakelvm-alone").0, false)).facts(Path::new("/dev/loop0")).unwrap();
+    assert_eq!(format!("{:?}", f.lvs), format!("{:?}", alone.lvs));
+    std::fs::write(t.0.join("every-vg-fails"), "").unwrap();
+    std::fs::write(t.0.join("lvs.json"), LVS0).unwrap();
+    std::fs::remove_file(t.0.join("log")).unwrap();
+    let f = l.facts(Path::new("/dev/loop0")).unwrap();
+    assert_eq!(f.lvs.len(), 4);
+    let log = std::fs::read_to_string(t.0.join("log")).unwrap();
+    assert_eq!(log.lines().count(), 3, "{log}");
+    assert!(log.lines().last().unwrap().ends_with(&format!("-o {} vg0", lvm::LV_FIELDS)), "{log}");
 }
 
 #[test]

@@ -130,7 +130,22 @@ impl Lvm {
         let mut a = vec!["pvs", "--segments"];
         a.extend(common);
         a.extend(["-o", fields.as_str(), dev]);
-        let segs = self.report(&a, "pvseg")?;
+        // The LVs of every VG, asked for at the same time (the PV's VG is not known yet; the
+        // two processes and scans overlap: ~0.1 s less in the test bed); the PV's VG is
+        // picked from them below. Should that report fail (another VG is broken), the PV's
+        // VG is asked for alone, as before.
+        let mut every = vec!["lvs", "-a"];
+        every.extend(common);
+        every.extend(["-o", LV_FIELDS]);
+        let (segs, every_lv) = std::thread::scope(|sc| {
+            let h = sc.spawn(|| self.report(&every, "lv"));
+            let segs = self.report(&a, "pvseg");
+            let lvs = h.join().unwrap_or_else(|_| {
+                Err(LvmError::Parse { cmd: self.command_line(&every), why: "the report's thread panicked".into() })
+            });
+            (segs, lvs)
+        });
+        let segs = segs?;
         let mut pv: Vec<Row> = Vec::new();
         for r in &segs {
             let name = r.str("pv_name").map_err(|why| LvmError::Parse { cmd: self.command_line(&a), why })?;
@@ -143,8 +158,11 @@ impl Lvm {
             .map(|r| r.str("vg_name"))
             .transpose()
             .map_err(|why| LvmError::Parse { cmd: "pvs".into(), why })?;
-        let lvs = match vg {
-            Some(vg) if !vg.is_empty() => {
+        let lvs = match (vg, every_lv) {
+            (Some(vg), Ok(rows)) if !vg.is_empty() => {
+                rows.into_iter().filter(|r| r.str("vg_name").as_deref() == Ok(vg.as_str())).collect()
+            }
+            (Some(vg), Err(_)) if !vg.is_empty() => {
                 let mut a = vec!["lvs", "-a"];
                 a.extend(common);
                 a.extend(["-o", LV_FIELDS, vg.as_str()]);
