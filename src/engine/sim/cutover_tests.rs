@@ -10,6 +10,7 @@
 //! make the sweep fail.
 
 use super::content::is_zero;
+use super::sweep::{sweep, Sweep};
 use super::*;
 use crate::adapters::luks::reencrypt::{format_reencrypt_header, LuksifyToken};
 use crate::adapters::luks::{HeaderParams, LuksType, VolumeKey};
@@ -158,119 +159,56 @@ fn recover(sim: Sim, rng: &mut ChaCha8Rng, nested: bool) -> Result<(Sim, Decisio
     Ok((sim, d))
 }
 
-#[derive(Default)]
-struct CutSweep {
-    /// Fault points (operations) reached.
-    points: u64,
-    /// Crash images checked.
-    images: u64,
-    converted: u64,
-    intact: u64,
-    /// Of the intact ones: rolled back by the recovery.
-    rolled_back: u64,
-    failures: Vec<String>,
-}
-
-pub(super) const POLICIES: [CachePolicy; 6] = [
-    CachePolicy::LoseAll,
-    CachePolicy::KeepAll,
-    CachePolicy::TearAll,
-    CachePolicy::Random,
-    CachePolicy::Random,
-    CachePolicy::Random,
-];
+/// The outcomes of a cut-over crash image.
+const CONVERTED: &str = "converted";
+const INTACT: &str = "intact";
+const ROLLED_BACK: &str = "rolled back to the PV";
 
 /// `fault` at every operation of the LUKS2 conversion up to the end of the cut-over (in the
 /// order `order`), each followed by a power cut (an error: the machine runs on a little
-/// first) under every cache policy and the recovery. Stops after `max_failures`.
-fn cut_over_sweep(sc: &Scenario, order: &'static [CutStep], fault: Fault, max_failures: usize) -> CutSweep {
+/// first) under every cache policy and the recovery ([`sweep`]). Stops after `max_failures`.
+fn cut_over_sweep(sc: &Scenario, order: &'static [CutStep], fault: Fault, max_failures: usize) -> Sweep {
     let header = header();
-    let mut s = CutSweep::default();
-    for i in 0.. {
-        let mut sc = sc.clone();
-        sc.seed = sc.seed.wrapping_add(i * 7919);
-        let sim = Sim::new(&sc);
-        sim.set_fault(i, fault);
+    let run = |sim: &Sim| {
         let r = sim.cut_over_standard(&mut NoHooks, header, order);
-        let ctx = |sim: &Sim, what: &str, msg: String| {
-            format!("{fault:?} at op {i} (seed {}), {what}: {msg}\n--- trace ---\n{}", sc.seed, sim.trace_tail(30))
-        };
-        if sim.fired().is_none() {
-            // The run got past its last operation: the live machine is a LUKS2 reencryption.
-            let done = r.map_err(|(e, _)| format!("the cut-over failed without a fault: {e}")).and_then(|_| {
-                sim.w.borrow_mut().check_all_reads()?;
-                let cur = sim.w.borrow().disk.current().to_vec();
-                let dur = sim.w.borrow().disk.durable().to_vec();
-                match (check_image(&sim, &cur, true)?, check_image(&sim, &dur, false)?) {
-                    ("converted", "converted") => Ok(()),
-                    other => Err(format!("a completed cut-over left {other:?}")),
-                }
-            });
-            if let Err(e) = done {
-                s.failures.push(ctx(&sim, "no fault", e));
+        if sim.fired().is_some() {
+            return Ok(());
+        }
+        // The run got past its last operation: the live machine is a LUKS2 reencryption.
+        r.map_err(|(e, _)| format!("the cut-over failed without a fault: {e}")).and_then(|_| {
+            sim.w.borrow_mut().check_all_reads()?;
+            let cur = sim.w.borrow().disk.current().to_vec();
+            let dur = sim.w.borrow().disk.durable().to_vec();
+            match (check_image(sim, &cur, true)?, check_image(sim, &dur, false)?) {
+                ("converted", "converted") => Ok(()),
+                other => Err(format!("a completed cut-over left {other:?}")),
             }
-            break;
-        }
-        s.points += 1;
-        if fault != Fault::PowerCut {
-            sim.revive();
-            sim.idle(6);
-        }
-        // What the live system read until then was right (reads blocked behind a device the
-        // fault left suspended are no loss: the power cut ends them).
-        let seen = sim.w.borrow().violations.clone();
-        if !seen.is_empty() {
-            s.failures.push(ctx(&sim, "the live system", format!("it saw:\n  {}", seen.join("\n  "))));
-        }
-        let mut rng = ChaCha8Rng::seed_from_u64(sc.seed ^ 0x5eed);
-        for (j, &policy) in POLICIES.iter().enumerate() {
-            let cur = sim.power_cut(sc.seed.wrapping_add(j as u64), policy);
-            s.images += 1;
-            let nested = policy == CachePolicy::Random && rng.gen_bool(0.5);
-            let r = check_fence(&cur).and_then(|()| recover(cur, &mut rng, nested)).and_then(|(cur, d)| {
-                let img = cur.w.borrow().disk.durable().to_vec();
-                check_image(&cur, &img, false)
-                    .map(|what| (what, d))
-                    .map_err(|e| format!("after recovery ({d:?}): {e}\n--- trace ---\n{}", cur.trace_tail(16)))
-            });
-            match r {
-                Ok(("converted", _)) => s.converted += 1,
-                Ok((_, d)) => {
-                    s.intact += 1;
-                    s.rolled_back += (d == Decision::RolledBack) as u64;
-                }
-                Err(e) => {
-                    s.failures.push(format!("{fault:?} at op {i} (seed {}), crash image {policy:?}: {e}", sc.seed))
-                }
+        })
+    };
+    let mut image = |cur: Sim, policy: CachePolicy, rng: &mut ChaCha8Rng| {
+        let nested = policy == CachePolicy::Random && rng.gen_bool(0.5);
+        check_fence(&cur).and_then(|()| recover(cur, rng, nested)).and_then(|(cur, d)| {
+            let img = cur.w.borrow().disk.durable().to_vec();
+            match check_image(&cur, &img, false) {
+                Ok("converted") => Ok(CONVERTED),
+                Ok(_) if d == Decision::RolledBack => Ok(ROLLED_BACK),
+                Ok(_) => Ok(INTACT),
+                Err(e) => Err(format!("after recovery ({d:?}): {e}\n--- trace ---\n{}", cur.trace_tail(16))),
             }
-            if s.failures.len() >= max_failures {
-                return s;
-            }
-        }
-    }
-    s
+        })
+    };
+    sweep(sc, fault, 0, 1, max_failures, &run, &mut image)
 }
 
-fn report(name: &str, s: &CutSweep) {
-    eprintln!(
-        "{name}: {} fault points, {} crash images: {} converted, {} left intact ({} of them rolled back), {} failures",
-        s.points,
-        s.images,
-        s.converted,
-        s.intact,
-        s.rolled_back,
-        s.failures.len()
-    );
+/// Intact: left the PV, by the recovery's rollback or untouched.
+fn intact(s: &Sweep) -> u64 {
+    s.count(INTACT) + s.count(ROLLED_BACK)
 }
 
-fn assert_clean(name: &str, s: &CutSweep) {
-    report(name, s);
-    for f in &s.failures {
-        eprintln!("FAILURE {}", f.lines().next().unwrap_or(""));
-    }
-    assert!(s.failures.is_empty(), "{name}: {} failures; first:\n{}", s.failures.len(), s.failures[0]);
+fn assert_clean(name: &str, s: &Sweep) {
+    s.assert_no_failures(name);
     assert!(s.points > 30, "{name}: only {} fault points", s.points);
-    assert!(s.converted > 0 && s.rolled_back > 0, "{name}: the sweep never reached both outcomes");
+    assert!(s.count(CONVERTED) > 0 && s.count(ROLLED_BACK) > 0, "{name}: the sweep never reached both outcomes");
 }
 
 #[test]
@@ -284,12 +222,8 @@ fn a_power_cut_at_every_cut_over_operation_converts_or_leaves_the_pv() {
 #[test]
 fn an_error_at_every_cut_over_operation_converts_or_leaves_the_pv() {
     let s = cut_over_sweep(&standard(1950), CUT_OVER_ORDER, Fault::Error, 20);
-    report("LUKS2 cut-over, error then power cut", &s);
-    for f in &s.failures {
-        eprintln!("FAILURE {}", f.lines().next().unwrap_or(""));
-    }
-    assert!(s.failures.is_empty(), "{} failures; first:\n{}", s.failures.len(), s.failures[0]);
-    assert!(s.points > 30 && s.converted > 0 && s.intact > 0);
+    s.assert_no_failures("LUKS2 cut-over, error then power cut");
+    assert!(s.points > 30 && s.count(CONVERTED) > 0 && intact(&s) > 0);
 }
 
 /// Writes to the first 4 KiB fail (the fence, then the rollback's own first write): the
@@ -451,7 +385,7 @@ fn a_wrong_order_of_the_cut_over_writes_is_caught_by_the_sweep() {
         quiet.writer = WriterConfig::off();
         let tries = std::iter::once(quiet).chain((0..4).map(|k| standard(2001 + k)));
         let caught = tries.map(|sc| cut_over_sweep(&sc, order, Fault::PowerCut, 1)).find(|s| {
-            report(&format!("wrong order ({name})"), s);
+            s.report(&format!("wrong order ({name})"));
             !s.failures.is_empty()
         });
         let s = caught.unwrap_or_else(|| panic!("the sweep did not catch a wrong cut-over order: {name}"));

@@ -37,6 +37,8 @@ mod replay;
 #[cfg(test)]
 mod steps_tests;
 #[cfg(test)]
+mod sweep;
+#[cfg(test)]
 mod tests;
 
 pub use content::{content, key_and_header, label_sector, XtsSim};

@@ -9,7 +9,8 @@
 //! engine's error paths keep the live system's reads right, then the power goes.
 
 use super::content::xts_from_key;
-use super::cutover_tests::{header_for, standard_l, POLICIES};
+use super::cutover_tests::{header_for, standard_l};
+use super::sweep::{sweep, Sweep};
 use super::*;
 use crate::core::luks2meta::{self, SegmentKind, Size};
 use crate::engine::standard_steps::Mutant;
@@ -129,87 +130,36 @@ fn convert_as(sim: &Sim, mutant: Option<Mutant>) -> Result<StepsEnd, String> {
     Ok(end)
 }
 
-#[derive(Default)]
-struct StepSweep {
-    points: u64,
-    images: u64,
-    states: std::collections::BTreeMap<&'static str, u64>,
-    failures: Vec<String>,
-}
-
 /// `fault` at every operation after the cut-over, each followed by a power cut under every
-/// cache policy.
-fn steps_sweep(sc: &Scenario, fault: Fault, max_failures: usize) -> StepSweep {
+/// cache policy ([`sweep`]); the image read as cryptsetup maps it.
+fn steps_sweep(sc: &Scenario, fault: Fault, max_failures: usize) -> Sweep {
     steps_sweep_as(sc, fault, max_failures, None)
 }
 
-fn steps_sweep_as(sc: &Scenario, fault: Fault, max_failures: usize, mutant: Option<Mutant>) -> StepSweep {
-    let mut s = StepSweep::default();
+fn steps_sweep_as(sc: &Scenario, fault: Fault, max_failures: usize, mutant: Option<Mutant>) -> Sweep {
     // where the steps begin: a run without a fault, counted
     let probe = Sim::new(sc);
     probe.cut_over_standard(&mut NoHooks, header(), CUT_OVER_ORDER).map_err(|(e, _)| e).unwrap();
-    let first = probe.ops();
-    let mut misses = 0;
-    for i in first.. {
-        let mut sc = sc.clone();
-        sc.seed = sc.seed.wrapping_add(i * 7919);
-        let sim = Sim::new(&sc);
-        sim.set_fault(i, fault);
-        let r = convert_as(&sim, mutant);
-        let ctx = |sim: &Sim, what: &str, msg: String| {
-            format!("{fault:?} at op {i} (seed {}), {what}: {msg}\n--- trace ---\n{}", sc.seed, sim.trace_tail(30))
-        };
-        if sim.fired().is_none() {
-            // The run got past its last operation (runs differ in length: the live system's
-            // writes make some steps copy again); a few more seeds, then done.
-            if let Err(e) = r.and_then(|end| finished_ok(&sim, end)) {
-                s.failures.push(ctx(&sim, "no fault", e));
-            }
-            misses += 1;
-            if misses == 3 || !s.failures.is_empty() {
-                break;
-            }
-            continue;
+    let run = |sim: &Sim| {
+        let r = convert_as(sim, mutant);
+        match sim.fired() {
+            Some(_) => Ok(()),
+            None => r.and_then(|end| finished_ok(sim, end)),
         }
-        s.points += 1;
-        if fault != Fault::PowerCut {
-            sim.revive();
-            sim.idle(6);
-        }
-        let seen = sim.w.borrow().violations.clone();
-        if !seen.is_empty() {
-            s.failures.push(ctx(&sim, "the live system", format!("it saw:\n  {}", seen.join("\n  "))));
-        }
-        for (j, &policy) in POLICIES.iter().enumerate() {
-            let cur = sim.power_cut(sc.seed.wrapping_add(j as u64), policy);
-            s.images += 1;
-            let img = cur.w.borrow().disk.durable().to_vec();
-            match check_mapped(&cur, &img, false) {
-                Ok(what) => *s.states.entry(what).or_default() += 1,
-                Err(e) => s.failures.push(ctx(&sim, &format!("crash image {policy:?}"), e)),
-            }
-            if s.failures.len() >= max_failures {
-                return s;
-            }
-        }
-    }
-    s
+    };
+    let mut image = |cur: Sim, _: CachePolicy, _: &mut _| {
+        let img = cur.w.borrow().disk.durable().to_vec();
+        check_mapped(&cur, &img, false)
+    };
+    // (runs differ in length: the live system's writes make some steps copy again; a few
+    // seeds past the first run the fault does not reach)
+    sweep(sc, fault, probe.ops(), 3, max_failures, &run, &mut image)
 }
 
-fn assert_clean(name: &str, s: &StepSweep) {
-    eprintln!(
-        "{name}: {} fault points, {} crash images: {:?}, {} failures",
-        s.points,
-        s.images,
-        s.states,
-        s.failures.len()
-    );
-    for f in &s.failures {
-        eprintln!("FAILURE {}", f.lines().next().unwrap_or(""));
-    }
-    assert!(s.failures.is_empty(), "{name}: {} failures; first:\n{}", s.failures.len(), s.failures[0]);
+fn assert_clean(name: &str, s: &Sweep) {
+    s.assert_no_failures(name);
     assert!(s.points > 30, "{name}: only {} fault points", s.points);
-    assert!(s.states.contains_key("midway") && s.states.contains_key("finished"), "{name}: {:?}", s.states);
+    assert!(s.count("midway") > 0 && s.count("finished") > 0, "{name}: {:?}", s.outcomes);
 }
 
 #[test]
