@@ -162,6 +162,28 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         self.swap_table_keyed(name, table, None, what)
     }
 
+    /// The volume key where `cryptsetup open` puts it for this header: LUKS2 in the kernel
+    /// keyring as `cryptsetup:<UUID>-d0` (the header's UUID, its volume key's digest 0).
+    /// Returns the description and the crypt lines' key parameter (`:64:logon:…`); None for
+    /// LUKS1, or where the kernel has no keyring (the tables then carry the key in hex).
+    /// Give it back with [`Engine::drop_cryptsetup_key`] once the table is loaded: dm-crypt
+    /// keeps its own copy.
+    pub(super) fn cryptsetup_key(&mut self) -> EResult<Option<(String, String)>> {
+        if self.rec.luks_version != 2 {
+            return Ok(None);
+        }
+        let desc = format!("cryptsetup:{}-d0", self.rec.luks_uuid);
+        let key = Zeroizing::new(hex_bytes(&self.key_hex));
+        Ok(kern(self.kernel.keyring_add(&desc, &key))?.map(|param| (desc, param)))
+    }
+
+    /// Remove a key of [`Engine::cryptsetup_key`] from the keyring.
+    pub(super) fn drop_cryptsetup_key(&mut self, key: Option<(String, String)>) {
+        if let Some((desc, _)) = key {
+            self.kernel.keyring_drop(&desc);
+        }
+    }
+
     /// [`Engine::swap_table`], crypt lines given `key` (a keyring reference) instead of the
     /// volume key in hex.
     pub(super) fn swap_table_keyed(

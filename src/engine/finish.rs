@@ -93,21 +93,11 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             length: g.n - g.s,
             target: tables::Target::Crypt { spec: self.spec.clone(), iv_offset: 0, dev: self.raw, offset: g.s },
         }];
-        // cryptsetup names the key after the LUKS2 header's UUID and its (only) digest, 0
-        let desc = format!("cryptsetup:{}-d0", self.rec.luks_uuid);
-        let keyring = if self.rec.luks_version == 2 {
-            let key = Zeroizing::new(hex_bytes(&self.key_hex));
-            kern(self.kernel.keyring_add(&desc, &key))?
-        } else {
-            None
-        };
+        let key = self.cryptsetup_key()?;
         // this table's resume is the first one udev may see
         self.kernel.set_udev_hidden(&bridge, false);
-        let r = self.swap_table_keyed(&bridge, &table, keyring.as_deref(), "bridge");
-        if keyring.is_some() {
-            // dm-crypt took its own copy at the load
-            self.kernel.keyring_drop(&desc);
-        }
+        let r = self.swap_table_keyed(&bridge, &table, key.as_ref().map(|k| k.1.as_str()), "bridge");
+        self.drop_cryptsetup_key(key);
         r
     }
 

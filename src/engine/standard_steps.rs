@@ -60,8 +60,9 @@ pub(crate) enum Mutant {
 struct Bufs {
     plain: IoBuf,
     cipher: IoBuf,
-    src: IoBuf,
-    back: IoBuf,
+    /// The source read again under the suspend, and the copy read back (never both at once:
+    /// the read-back of re-copied runs comes after the comparison is done).
+    scratch: IoBuf,
     head: IoBuf,
     meta: IoBuf,
     /// Runs of sectors copied again in the suspended window (capacity fixed up front).
@@ -69,9 +70,9 @@ struct Bufs {
 }
 
 impl<D: Disk, K: Kernel> Engine<D, K> {
-    /// luksify's own LUKS2 steps until only the last one is left (see the module's doc).
-    /// Needs luksify's userspace cipher (aes-xts-plain64, 512-bit key): otherwise hands over
-    /// at once.
+    /// luksify's own LUKS2 steps to the end of the reencryption (see the module's doc), or to
+    /// a stop request. Needs luksify's userspace cipher (aes-xts-plain64, 512-bit key):
+    /// otherwise hands over to libcryptsetup at once.
     pub fn standard_steps(&mut self, hooks: &mut dyn Hooks) -> EResult<StepsEnd> {
         let Some(xts) = self.xts.take() else { return Ok(StepsEnd::Handover(0)) };
         let r = self.standard_steps_with(&xts, hooks);
@@ -87,8 +88,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let mut b = Bufs {
             plain: buf(n)?,
             cipher: buf(n)?,
-            src: buf(n)?,
-            back: buf(n)?,
+            scratch: buf(n)?,
             head: buf(luks2meta::HEAD_BYTES)?,
             meta: buf(luks2meta::HEAD_BYTES)?,
             runs: Vec::with_capacity(RECHECK_RUNS),
@@ -171,7 +171,11 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         // open maps it), then the suspended window.
         let bridge = self.names.bridge.clone();
         let table = tables::standard_table(l, s, &self.spec, self.raw, a);
-        self.load_keyed(&bridge, &table)?;
+        // (the key through the keyring, as cryptsetup open maps it)
+        let key = self.cryptsetup_key()?;
+        let loaded = kern(self.kernel.load(&bridge, &table, key.as_ref().map_or(self.key_hex.as_str(), |k| &k.1)));
+        self.drop_cryptsetup_key(key);
+        loaded?;
         let w = Instant::now();
         if let Err(e) = self.kernel.suspend(&bridge) {
             let r = self.kernel.clear_inactive(&bridge);
@@ -210,25 +214,11 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         Ok(stats)
     }
 
-    /// `kernel.load` of a table whose crypt line names the volume key in the kernel keyring
-    /// as `cryptsetup open` does (`cryptsetup:<UUID>-d0`), hex where the kernel has no keyring.
-    fn load_keyed(&mut self, name: &str, table: &[Line]) -> EResult<()> {
-        let desc = format!("cryptsetup:{}-d0", self.rec.luks_uuid);
-        let key = Zeroizing::new(hex_bytes(&self.key_hex));
-        let keyring = kern(self.kernel.keyring_add(&desc, &key))?;
-        let r = kern(self.kernel.load(name, table, keyring.as_deref().unwrap_or(&self.key_hex)));
-        if keyring.is_some() {
-            // dm-crypt took its own copy at the load
-            self.kernel.keyring_drop(&desc);
-        }
-        r
-    }
-
     /// Read [ra, rb) of step [a, b) back from the destination: what `cipher` says was written.
     fn read_back(&mut self, bf: &mut Bufs, a: u64, b: u64, ra: u64, rb: u64) -> EResult<()> {
         let s = self.g().s;
         let (o0, o1) = (Sectors(ra - a).byte_len(), Sectors(rb - a).byte_len());
-        self.disk.read(ra + s, &mut bf.back[o0..o1]).map_err(|e| EngineError::CopyFailed {
+        self.disk.read(ra + s, &mut bf.scratch[o0..o1]).map_err(|e| EngineError::CopyFailed {
             from: a,
             to: b,
             sector: ra,
@@ -236,7 +226,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         })?;
         if let Some(i) = (0..(o1 - o0) / SECTOR_BYTES).find(|i| {
             let r = o0 + i * SECTOR_BYTES..o0 + (i + 1) * SECTOR_BYTES;
-            bf.back[r.clone()] != bf.cipher[r]
+            bf.scratch[r.clone()] != bf.cipher[r]
         }) {
             return Err(EngineError::CopyFailed {
                 from: a,
@@ -256,9 +246,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let src = self.standard_source(a);
         let len = Sectors(b - a).byte_len();
         let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
-        self.disk.read(src, &mut bf.src[..len]).map_err(|e| fail(a, format!("reading the source: {e}")))?;
+        self.disk.read(src, &mut bf.scratch[..len]).map_err(|e| fail(a, format!("reading the source: {e}")))?;
         let sectors = len / SECTOR_BYTES;
-        let same = |bf: &Bufs, i: usize| bf.src[sector(i)] == bf.plain[sector(i)];
+        let same = |bf: &Bufs, i: usize| bf.scratch[sector(i)] == bf.plain[sector(i)];
         let (mut i, mut changed) = (0usize, 0u64);
         let mut runs = std::mem::take(&mut bf.runs);
         runs.clear();
@@ -272,8 +262,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 i += 1;
             }
             let (o0, o1) = (j * SECTOR_BYTES, i * SECTOR_BYTES);
-            bf.plain[o0..o1].copy_from_slice(&bf.src[o0..o1]);
-            bf.cipher[o0..o1].copy_from_slice(&bf.src[o0..o1]);
+            bf.plain[o0..o1].copy_from_slice(&bf.scratch[o0..o1]);
+            bf.cipher[o0..o1].copy_from_slice(&bf.scratch[o0..o1]);
             xts.encrypt_sectors(&mut bf.cipher[o0..o1], a + j as u64);
             let ra = a + j as u64;
             self.disk.write(ra + s, &bf.cipher[o0..o1]).map_err(|e| fail(ra, format!("writing the copy: {e}")))?;
