@@ -113,6 +113,9 @@ pub struct ChunkStats {
     pub rechecked: u64,
     /// Suspended windows cut because they ran past `max_stall` (the step was tried again).
     pub cut_windows: u32,
+    /// Time waited, the bridge live, for the moment a suspend holds I/O the shortest
+    /// ([`crate::core::tick`]); zero on a kernel whose suspends do not end on its tick.
+    pub tick_wait: Duration,
 }
 
 impl ChunkStats {
@@ -204,6 +207,11 @@ pub struct Engine<D: Disk, K: Kernel> {
     recheck: Vec<(u64, u64)>,
     /// How the run behaves ([`Options`]; [`Engine::set_options`]).
     opts: Options,
+    /// When the kernel's grace periods end (learnt from the bridge's suspends), so that a
+    /// suspend starts just before a tick ([`crate::core::tick`]).
+    ticks: crate::core::tick::TickGrid,
+    /// The origin of the times in `ticks`.
+    epoch: Instant,
     /// Undo steps (after a failure, putting tables or devices back) that failed themselves:
     /// the first failure is the error; these are reported beside it ([`Event::UndoFailed`]).
     undo_failed: Vec<String>,
@@ -370,6 +378,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             verify_dst: buf(VERIFY_PIECE)?,
             recheck,
             opts: Options::default(),
+            ticks: crate::core::tick::TickGrid::new(),
+            epoch: Instant::now(),
             undo_failed: Vec::new(),
             original_tail: None,
             persist: true,
@@ -490,6 +500,23 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             debug_assert_eq!(Some(self.rec.state), state::after_in(self.g(), st, step));
             hooks.event(&Event::Committed(self.rec.state));
         }
+    }
+
+    /// With the bridge live, wait for the moment a suspend holds I/O the shortest
+    /// ([`crate::core::tick`]: just before the kernel's tick, where its suspends end on one);
+    /// returns how long that was. Call right before the suspend, after the table is loaded.
+    fn wait_for_tick(&self) -> Duration {
+        let now = (Instant::now() - self.epoch).as_nanos() as u64;
+        let w = Duration::from_nanos(self.ticks.wait_before_suspend(now));
+        if !w.is_zero() {
+            std::thread::sleep(w);
+        }
+        w
+    }
+
+    /// A suspend of the bridge returned at `at`.
+    fn suspend_returned(&mut self, at: Instant) {
+        self.ticks.observe((at - self.epoch).as_nanos() as u64);
     }
 
     /// Undo steps that failed (after the failure they were undoing), as events: never dropped.
