@@ -111,7 +111,13 @@ mod tests {
     #[test]
     fn returns_on_a_10ms_grid_are_found_and_the_suspend_waits_for_lead_before_the_next_tick() {
         // ticks at ..3 ms; returns 0.2 to 1.1 ms after them, 20, 30, 50, 70 ms apart
-        let g = grid_of(&[1_003 * MS + 500_000, 1_023 * MS + 200_000, 1_053 * MS + 1_100_000, 1_103 * MS + 400_000, 1_173 * MS + 900_000]);
+        let g = grid_of(&[
+            1_003 * MS + 500_000,
+            1_023 * MS + 200_000,
+            1_053 * MS + 1_100_000,
+            1_103 * MS + 400_000,
+            1_173 * MS + 900_000,
+        ]);
         // the tick: the earliest return modulo the period
         assert_eq!(g.grid(), Some((10 * MS, 3 * MS + 200_000)));
         let g = grid_of(&[1_003 * MS, 1_023 * MS, 1_053 * MS, 1_103 * MS, 1_173 * MS]);
