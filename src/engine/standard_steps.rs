@@ -171,10 +171,12 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let mut stats = ChunkStats::default();
         // 1. Copy, live: the source, the destination S further on (no table maps it).
         let t0 = Instant::now();
-        read_pieces(&mut self.disk, src, &mut bf.plain[..len]).map_err(|e| fail(a, format!("reading the source: {e}")))?;
+        read_pieces(&mut self.disk, src, &mut bf.plain[..len])
+            .map_err(|e| fail(a, format!("reading the source: {e}")))?;
         bf.cipher[..len].copy_from_slice(&bf.plain[..len]);
         xts.encrypt_sectors(&mut bf.cipher[..len], a);
-        write_pieces(&mut self.disk, a + s, &bf.cipher[..len]).map_err(|e| fail(a, format!("writing the copy: {e}")))?;
+        write_pieces(&mut self.disk, a + s, &bf.cipher[..len])
+            .map_err(|e| fail(a, format!("writing the copy: {e}")))?;
         #[cfg(test)]
         let flush = self.standard_mutant != Some(Mutant::UnflushedCopy);
         #[cfg(not(test))]
