@@ -502,21 +502,26 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         }
     }
 
-    /// With the bridge live, wait for the moment a suspend holds I/O the shortest
-    /// ([`crate::core::tick`]: just before the kernel's tick, where its suspends end on one);
-    /// returns how long that was. Call right before the suspend, after the table is loaded.
-    fn wait_for_tick(&self) -> Duration {
+    /// Suspend the bridge for a step's window, its table loaded inactive: at the moment a
+    /// suspend holds I/O the shortest ([`crate::core::tick`]: just before the kernel's tick,
+    /// where its suspends end on one; the wait is live), learning the tick from when it
+    /// returns. Returns (time waited, when the suspend was called, when it returned). If the
+    /// suspend fails, the loaded table is cleared: the bridge runs on as it was.
+    fn suspend_on_tick(&mut self, bridge: &str) -> EResult<(Duration, Instant, Instant)> {
         let now = (Instant::now() - self.epoch).as_nanos() as u64;
-        let w = Duration::from_nanos(self.ticks.wait_before_suspend(now));
-        if !w.is_zero() {
-            std::thread::sleep(w);
+        let waited = Duration::from_nanos(self.ticks.wait_before_suspend(now));
+        if !waited.is_zero() {
+            std::thread::sleep(waited);
         }
-        w
-    }
-
-    /// A suspend of the bridge returned at `at`.
-    fn suspend_returned(&mut self, at: Instant) {
-        self.ticks.observe((at - self.epoch).as_nanos() as u64);
+        let called = Instant::now();
+        if let Err(e) = self.kernel.suspend(bridge) {
+            let r = self.kernel.clear_inactive(bridge);
+            undone(&mut self.undo_failed, || format!("clearing the inactive table of {bridge}"), r);
+            return Err(EngineError::Kernel(e.context("suspending the bridge")));
+        }
+        let returned = Instant::now();
+        self.ticks.observe((returned - self.epoch).as_nanos() as u64);
+        Ok((waited, called, returned))
     }
 
     /// Undo steps that failed (after the failure they were undoing), as events: never dropped.

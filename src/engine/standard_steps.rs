@@ -198,15 +198,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let loaded = kern(self.kernel.load(&bridge, &table, key.as_ref().map_or(self.key_hex.as_str(), |k| &k.1)));
         self.drop_cryptsetup_key(key);
         loaded?;
-        stats.tick_wait = self.wait_for_tick();
-        let w = Instant::now();
-        if let Err(e) = self.kernel.suspend(&bridge) {
-            let r = self.kernel.clear_inactive(&bridge);
-            undone(&mut self.undo_failed, || format!("clearing the inactive table of {bridge}"), r);
-            return Err(EngineError::Kernel(e.context("suspending the bridge")));
-        }
-        let t_suspended = Instant::now();
-        self.suspend_returned(t_suspended);
+        let (waited, w, t_suspended) = self.suspend_on_tick(&bridge)?;
+        stats.tick_wait = waited;
         let refreshed = self.refresh_standard(xts, bf, a, b);
         let changed = match refreshed {
             Ok(c) => c,

@@ -279,15 +279,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let (mut changed, mut cuts) = (0u64, 0u32);
         loop {
             kern(self.kernel.load(&bridge, steady, &self.key_hex))?;
-            stats.tick_wait += self.wait_for_tick();
-            let w = Instant::now();
-            if let Err(e) = self.kernel.suspend(&bridge) {
-                let r = self.kernel.clear_inactive(&bridge);
-                undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", bridge), r);
-                return Err(EngineError::Kernel(e.context("suspending the bridge")));
-            }
-            let t_suspended = Instant::now();
-            self.suspend_returned(t_suspended);
+            let (waited, w, t_suspended) = self.suspend_on_tick(&bridge)?;
+            stats.tick_wait += waited;
             // One window; more than one pass of the comparison only if a cut could not
             // back out (then the window runs to its end instead).
             loop {
