@@ -229,7 +229,7 @@ luksify_run() {
         # a step's time goes, as medians (stall_split_ms is [suspend, compare, commit,
         # resume] of the suspended window)
         local part field
-        for part in copy:copy_ms readback:verify_ms tickwait:tick_wait_ms suspend:1 compare:2 commit:3 resume:4; do
+        for part in copy:copy_ms readback:verify_ms readahead:read_ahead_ms tickwait:tick_wait_ms suspend:1 compare:2 commit:3 resume:4; do
             field=${part#*:}
             case "$field" in
                 [1-4]) sed -n 's/.*"stall_split_ms":\[\([^]]*\)\].*/\1/p' "$OUT/progress.$mode.jsonl" | cut -d, -f"$field" ;;

@@ -62,6 +62,7 @@ enum Line<'a> {
         stall_split_ms: [f64; 4],
         rechecked_sectors: u64,
         cut_windows: u32,
+        read_ahead_ms: f64,
         t_ms: u64,
         epoch_ms: u128,
     },
@@ -220,6 +221,7 @@ impl Hooks for CliHooks {
                         stall_split_ms: stats.stall_split.map(ms1),
                         rechecked_sectors: stats.rechecked,
                         cut_windows: stats.cut_windows,
+                        read_ahead_ms: ms1(stats.read_ahead),
                         t_ms: t_ms_whole(),
                         epoch_ms: epoch_ms(),
                     });

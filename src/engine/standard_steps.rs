@@ -13,6 +13,9 @@
 //! a live write changed, commits the metadata (primary copy, flush, secondary copy, flush: a
 //! torn or missing copy leaves the other, which cryptsetup takes), and resumes on the new
 //! table. libcryptsetup holds its hotzone suspended through three suspends and two commits.
+//! While the bridge waits, live, for the moment to suspend ([`crate::core::tick`]), the
+//! next step's source is read ahead; it only saves that step a read: its own last
+//! comparison under its own suspend treats it like any other copy of the source.
 //!
 //! Crash at any point: before the primary copy is durable the metadata says the old state,
 //! whose table maps the source, untouched since the suspend; from then on the new state,
@@ -54,11 +57,17 @@ pub(crate) enum Mutant {
     UnflushedCopy,
     /// Both metadata copies written, then one flush.
     OneFlushForBothCopies,
+    /// A source read ahead (before the step before it was committed) is committed without the
+    /// last comparison under the suspend.
+    TrustReadAhead,
 }
 
 /// The step's buffers, allocated (and so, under `mlockall`, faulted in) before any suspend.
 struct Bufs {
     plain: IoBuf,
+    /// The next step's source, as far as it was read ahead (it becomes `plain` once this
+    /// step is committed).
+    next: IoBuf,
     cipher: IoBuf,
     /// The source read again under the suspend, and the copy read back (never both at once:
     /// the read-back of re-copied runs comes after the comparison is done).
@@ -75,6 +84,22 @@ struct Bufs {
 /// own speed: 1 MiB ones made a 16 MiB copy 28-31 ms instead of 17-20 (`qemu/bench`).
 const LIVE_PIECE: usize = 4 << 20;
 
+/// The read ahead's piece: one is read while the moment to suspend is at least
+/// [`super::FILL_MIN`] away (1 MiB reads in the test bed: ~0.5 ms each).
+#[cfg(not(test))]
+const AHEAD_PIECE: usize = 1 << 20;
+/// (the simulator's steps are 512 KiB: a few pieces each)
+#[cfg(test)]
+const AHEAD_PIECE: usize = 64 << 10;
+
+/// The first `bytes` of hotzone [from, to)'s source, read ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadAhead {
+    from: u64,
+    to: u64,
+    bytes: usize,
+}
+
 fn read_pieces<D: Disk>(disk: &mut D, sector: u64, buf: &mut [u8]) -> std::io::Result<()> {
     for (i, p) in buf.chunks_mut(LIVE_PIECE).enumerate() {
         disk.read(sector + Sectors::in_len(i * LIVE_PIECE).0, p)?;
@@ -87,6 +112,31 @@ fn write_pieces<D: Disk>(disk: &mut D, sector: u64, buf: &[u8]) -> std::io::Resu
         disk.write(sector + Sectors::in_len(i * LIVE_PIECE).0, p)?;
     }
     Ok(())
+}
+
+/// The step the metadata in `head` says is next, if luksify takes it itself: its hotzone
+/// (logical sectors), the metadata its commit writes, and for the last step the final
+/// metadata.
+struct Planned {
+    from: u64,
+    to: u64,
+    adv: luks2meta::Advance,
+    fin: Option<luks2meta::Finalize>,
+}
+
+fn plan(head: &[u8]) -> EResult<Option<Planned>> {
+    let adv = luks2meta::advanced_header(head).map_err(|e| EngineError::Journal(e.to_string()))?;
+    let Some(adv) = adv.filter(|a| a.metadata.len() == head.len()) else { return Ok(None) };
+    // the last step ends the reencryption: what cryptsetup's teardown then writes
+    let fin = match adv.last {
+        true => match luks2meta::finalized_header(&adv.metadata) {
+            Ok(Some(f)) => Some(f),
+            _ => return Ok(None),
+        },
+        false => None,
+    };
+    let (from, to) = (Sectors::in_len(adv.from as usize).0, Sectors::in_len((adv.from + adv.len) as usize).0);
+    Ok(Some(Planned { from, to, adv, fin }))
 }
 
 impl<D: Disk, K: Kernel> Engine<D, K> {
@@ -107,6 +157,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let n = Sectors(s).byte_len();
         let mut b = Bufs {
             plain: buf(n)?,
+            next: buf(n)?,
             cipher: buf(n)?,
             scratch: buf(n)?,
             head: buf(luks2meta::HEAD_BYTES)?,
@@ -115,28 +166,26 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         };
         let l = self.g().l;
         let mut done = 0;
+        // the part of the next step's source read ahead in the step before (in `b.plain`)
+        let mut ahead: Option<ReadAhead> = None;
         loop {
             if hooks.stop_requested() {
                 return Ok(StepsEnd::Stopped(done));
             }
             io(self.disk.read(0, &mut b.head), || "reading the LUKS2 metadata".into())?;
-            let adv = luks2meta::advanced_header(&b.head).map_err(|e| EngineError::Journal(e.to_string()))?;
-            let Some(adv) = adv.filter(|a| a.metadata.len() == b.meta.len()) else {
-                return Ok(StepsEnd::Handover(done));
-            };
-            // the last step ends the reencryption: what cryptsetup's teardown then writes
-            let fin = match adv.last {
-                true => match luks2meta::finalized_header(&adv.metadata) {
-                    Ok(Some(f)) => Some(f),
-                    _ => return Ok(StepsEnd::Handover(done)),
-                },
-                false => None,
-            };
-            let (from, to) = (Sectors::in_len(adv.from as usize).0, Sectors::in_len((adv.from + adv.len) as usize).0);
+            let Some(Planned { from, to, adv, fin }) = plan(&b.head)? else { return Ok(StepsEnd::Handover(done)) };
             hooks.event(&Event::ChunkStart { from, to });
             let t = Instant::now();
             b.meta.copy_from_slice(&adv.metadata);
-            let stats = self.standard_step(xts, &mut b, from, to)?;
+            // The step after this one, if luksify takes it and no stop is asked for yet:
+            // its source is read ahead while the bridge waits for the moment to suspend.
+            let next = match fin.is_none() && !hooks.stop_requested() {
+                true => plan(&b.meta).ok().flatten().map(|p| (p.from, p.to)),
+                false => None,
+            };
+            let have = ahead.filter(|r| (r.from, r.to) == (from, to)).map_or(0, |r| r.bytes);
+            let (stats, read) = self.standard_step(xts, &mut b, from, to, have, next)?;
+            ahead = read;
             done = l - from;
             if let Some(f) = fin {
                 // The all-committed state is durable (a crash here: `luksify resume`
@@ -162,17 +211,30 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     }
 
     /// One step: the hotzone [a, b) (logical sectors: a >= S, or the moved first S) to S + a,
-    /// committed with the metadata in `b.meta` (both copies).
-    fn standard_step(&mut self, xts: &crate::core::xts::Xts, bf: &mut Bufs, a: u64, b: u64) -> EResult<ChunkStats> {
+    /// committed with the metadata in `b.meta` (both copies). The first `have` bytes of its
+    /// source are in `bf.plain` already (read ahead). With `next` (the step after it, its
+    /// source and length), as much of the next step's source is read ahead as the wait for
+    /// the moment to suspend leaves time for: returned with the stats, that source then in
+    /// `bf.plain`.
+    fn standard_step(
+        &mut self,
+        xts: &crate::core::xts::Xts,
+        bf: &mut Bufs,
+        a: u64,
+        b: u64,
+        have: usize,
+        next: Option<(u64, u64)>,
+    ) -> EResult<(ChunkStats, Option<ReadAhead>)> {
         let g = *self.g();
         let (l, s) = (g.l, g.s);
         let src = self.standard_source(a);
         let len = Sectors(b - a).byte_len();
         let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
         let mut stats = ChunkStats::default();
-        // 1. Copy, live: the source, the destination S further on (no table maps it).
+        // 1. Copy, live: the source (the rest of it not read ahead), the destination S
+        // further on (no table maps it).
         let t0 = Instant::now();
-        read_pieces(&mut self.disk, src, &mut bf.plain[..len])
+        read_pieces(&mut self.disk, src + Sectors::in_len(have).0, &mut bf.plain[have..len])
             .map_err(|e| fail(a, format!("reading the source: {e}")))?;
         bf.cipher[..len].copy_from_slice(&bf.plain[..len]);
         xts.encrypt_sectors(&mut bf.cipher[..len], a);
@@ -198,9 +260,26 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let loaded = kern(self.kernel.load(&bridge, &table, key.as_ref().map_or(self.key_hex.as_str(), |k| &k.1)));
         self.drop_cryptsetup_key(key);
         loaded?;
-        let (waited, w, t_suspended) = self.suspend_on_tick(&bridge)?;
-        stats.tick_wait = waited;
-        let refreshed = self.refresh_standard(xts, bf, a, b);
+        // (a source read ahead is read again under the suspend like any other: a live write
+        // may have changed it since)
+        let next_src = next.map(|(na, nb)| (self.standard_source(na), Sectors(nb - na).byte_len()));
+        let mut got = 0;
+        let nbuf = &mut bf.next;
+        let sp = self.suspend_on_tick(&bridge, &mut |disk| {
+            let Some((nsrc, nlen)) = next_src.filter(|&(_, nlen)| got < nlen) else { return false };
+            let n = AHEAD_PIECE.min(nlen - got);
+            // (a failed read is not reported here: the step reads the rest itself)
+            let ok = disk.read(nsrc + Sectors::in_len(got).0, &mut nbuf[got..got + n]).is_ok();
+            got += if ok { n } else { 0 };
+            ok
+        })?;
+        let (w, t_suspended) = (sp.called, sp.returned);
+        (stats.tick_wait, stats.read_ahead) = (sp.slept, sp.filled);
+        #[cfg(test)]
+        let trust = have > 0 && self.standard_mutant == Some(Mutant::TrustReadAhead);
+        #[cfg(not(test))]
+        let trust = false;
+        let refreshed = if trust { Ok(0) } else { self.refresh_standard(xts, bf, a, b) };
         let changed = match refreshed {
             Ok(c) => c,
             Err(e) => {
@@ -216,7 +295,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         if self.standard_mutant == Some(Mutant::FlipBeforeCommit) {
             kern(self.kernel.resume(&bridge))?;
             self.commit_metadata(bf).map_err(|e| EngineError::Io { what: "committing".into(), source: e })?;
-            return Ok(stats);
+            return Ok((stats, None));
         }
         if let Err(e) = self.commit_metadata(bf) {
             return Err(self.after_failed_commit(bf, &bridge, e));
@@ -228,7 +307,12 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             t_end - w,
             [t_suspended - w, t_refreshed - t_suspended, t_committed - t_refreshed, t_end - t_committed],
         );
-        Ok(stats)
+        // (this step's source is not needed any more)
+        let read = next.filter(|_| got > 0).map(|(from, to)| {
+            std::mem::swap(&mut bf.plain, &mut bf.next);
+            ReadAhead { from, to, bytes: got }
+        });
+        Ok((stats, read))
     }
 
     /// Read [ra, rb) of step [a, b) back from the destination: what `cipher` says was written.

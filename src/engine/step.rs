@@ -279,8 +279,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let (mut changed, mut cuts) = (0u64, 0u32);
         loop {
             kern(self.kernel.load(&bridge, steady, &self.key_hex))?;
-            let (waited, w, t_suspended) = self.suspend_on_tick(&bridge)?;
-            stats.tick_wait += waited;
+            let sp = self.suspend_on_tick(&bridge, &mut |_| false)?;
+            let (w, t_suspended) = (sp.called, sp.returned);
+            stats.tick_wait += sp.slept;
             // One window; more than one pass of the comparison only if a cut could not
             // back out (then the window runs to its end instead).
             loop {

@@ -188,10 +188,10 @@ fn luksifys_own_luks2_steps_finish_with_the_live_system_running() {
 /// system quiet, then busy under a few seeds).
 #[test]
 fn a_wrong_order_in_luksifys_own_luks2_steps_is_caught_by_the_sweep() {
-    for m in [Mutant::FlipBeforeCommit, Mutant::UnflushedCopy, Mutant::OneFlushForBothCopies] {
+    for m in [Mutant::FlipBeforeCommit, Mutant::UnflushedCopy, Mutant::OneFlushForBothCopies, Mutant::TrustReadAhead] {
         let mut quiet = scenario(3400);
         quiet.writer = WriterConfig::off();
-        let tries = std::iter::once(quiet).chain((0..4).map(|k| scenario(3401 + k)));
+        let tries = std::iter::once(quiet).chain((0..12).map(|k| scenario(3401 + k)));
         let caught = tries.map(|sc| steps_sweep_as(&sc, Fault::PowerCut, 1, Some(m))).find(|s| !s.failures.is_empty());
         let s = caught.unwrap_or_else(|| panic!("the sweep did not catch the wrong order {m:?}"));
         eprintln!("{m:?} caught: {}", s.failures[0].lines().next().unwrap_or(""));
