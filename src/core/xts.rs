@@ -37,12 +37,14 @@ impl Xts {
         Some(Xts { data: Aes256::new_from_slice(&key[..32]).ok()?, tweak: Aes256::new_from_slice(&key[32..]).ok()? })
     }
 
-    /// Encrypt whole sectors in place; the first has IV (plaintext sector number) `sector`.
-    pub fn encrypt_sectors(&self, buf: &mut [u8], sector: u64) {
-        assert!(buf.len().is_multiple_of(SECTOR), "whole sectors only");
+    /// Encrypt whole sectors `src` into `dst` (of the same length; no copy of `src` first);
+    /// the first has IV (plaintext sector number) `sector`.
+    pub fn encrypt_into(&self, src: &[u8], dst: &mut [u8], sector: u64) {
+        assert_eq!(src.len(), dst.len(), "encrypt_into: lengths differ");
+        assert!(dst.len().is_multiple_of(SECTOR), "whole sectors only");
         let mut tweaks = [Block::default(); BATCH];
         let mut blocks = [Block::default(); BLOCKS];
-        for (b, batch) in buf.chunks_mut(SECTOR * BATCH).enumerate() {
+        for (b, batch) in dst.chunks_mut(SECTOR * BATCH).enumerate() {
             let n = batch.len() / SECTOR;
             let first = sector + (b * BATCH) as u64;
             for (i, t) in tweaks[..n].iter_mut().enumerate() {
@@ -52,9 +54,10 @@ impl Xts {
             for (s, data) in batch.chunks_exact_mut(SECTOR).enumerate() {
                 let mut t = u128::from_le_bytes(tweaks[s].into());
                 let mut ts = [0u128; BLOCKS];
+                let input = &src[(b * BATCH + s) * SECTOR..][..SECTOR];
                 for (j, blk) in blocks.iter_mut().enumerate() {
                     ts[j] = t;
-                    let x = u128::from_le_bytes(data[j * 16..j * 16 + 16].try_into().unwrap()) ^ t;
+                    let x = u128::from_le_bytes(input[j * 16..j * 16 + 16].try_into().unwrap()) ^ t;
                     blk.copy_from_slice(&x.to_le_bytes());
                     t = mul_alpha(t);
                 }
@@ -90,8 +93,8 @@ mod tests {
             [(1usize, 0u64), (2, 1), (63, 5), (64, 1 << 33), (65, 77), (200, u64::MAX - 300), (2048, 123_456)]
         {
             let plain: Vec<u8> = (0..sectors * SECTOR).map(|_| rng.gen()).collect();
-            let mut a = plain.clone();
-            ours.encrypt_sectors(&mut a, start);
+            let mut a = vec![0u8; plain.len()];
+            ours.encrypt_into(&plain, &mut a, start);
             let mut b = plain.clone();
             theirs.encrypt_area(&mut b, SECTOR, start as u128, xts_mode::get_tweak_default);
             assert!(a == b, "{sectors} sectors from {start}");
@@ -110,8 +113,9 @@ mod tests {
         key.extend_from_slice(
             &hex::decode("3141592653589793238462643383279502884197169399375105820974944592").unwrap(),
         );
-        let mut data: Vec<u8> = (0..SECTOR).map(|i| i as u8).collect();
-        Xts::new(&key).unwrap().encrypt_sectors(&mut data, 0xff);
+        let plain: Vec<u8> = (0..SECTOR).map(|i| i as u8).collect();
+        let mut data = vec![0u8; SECTOR];
+        Xts::new(&key).unwrap().encrypt_into(&plain, &mut data, 0xff);
         assert_eq!(hex::encode(&data[..32]), "1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b");
         assert_eq!(hex::encode(&data[SECTOR - 16..]), "c4f36ffda9fcea70b9c6e693e148c151");
     }

@@ -236,8 +236,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let t0 = Instant::now();
         read_pieces(&mut self.disk, src + Sectors::in_len(have).0, &mut bf.plain[have..len])
             .map_err(|e| fail(a, format!("reading the source: {e}")))?;
-        bf.cipher[..len].copy_from_slice(&bf.plain[..len]);
-        xts.encrypt_sectors(&mut bf.cipher[..len], a);
+        xts.encrypt_into(&bf.plain[..len], &mut bf.cipher[..len], a);
         write_pieces(&mut self.disk, a + s, &bf.cipher[..len])
             .map_err(|e| fail(a, format!("writing the copy: {e}")))?;
         #[cfg(test)]
@@ -364,8 +363,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             }
             let (o0, o1) = (j * SECTOR_BYTES, i * SECTOR_BYTES);
             bf.plain[o0..o1].copy_from_slice(&bf.scratch[o0..o1]);
-            bf.cipher[o0..o1].copy_from_slice(&bf.scratch[o0..o1]);
-            xts.encrypt_sectors(&mut bf.cipher[o0..o1], a + j as u64);
+            xts.encrypt_into(&bf.scratch[o0..o1], &mut bf.cipher[o0..o1], a + j as u64);
             let ra = a + j as u64;
             self.disk.write(ra + s, &bf.cipher[o0..o1]).map_err(|e| fail(ra, format!("writing the copy: {e}")))?;
             changed += (i - j) as u64;

@@ -57,8 +57,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         }
         let s = self.g().s;
         let xts = self.xts.as_ref().expect("kernel_crypt() is false only with a userspace cipher");
-        self.cipher[o0..o1].copy_from_slice(&self.plain[o0..o1]);
-        xts.encrypt_sectors(&mut self.cipher[o0..o1], x);
+        xts.encrypt_into(&self.plain[o0..o1], &mut self.cipher[o0..o1], x);
         self.disk.write(s + x, &self.cipher[o0..o1]).map_err(|e| e.to_string())
     }
 
