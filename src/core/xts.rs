@@ -139,27 +139,22 @@ mod wide {
     /// AES-256 key expansion (Intel's AES-NI white paper, `AES_256_Key_Expansion`).
     #[target_feature(enable = "aes,sse2")]
     unsafe fn expand(key: &[u8; 32]) -> [[u8; 16]; 15] {
+        /// Each 32-bit word of `t` XORed with all the words below it (the running XOR of
+        /// the previous round key's words that both halves of a round start from).
+        #[inline(always)]
+        unsafe fn prefix_xor(t: __m128i) -> __m128i {
+            let t = _mm_xor_si128(t, _mm_slli_si128::<4>(t));
+            _mm_xor_si128(t, _mm_slli_si128::<8>(t))
+        }
+        /// The even round key: from the one two back (`t1`) and the assist of the odd one.
         #[inline(always)]
         unsafe fn assist1(t1: __m128i, t2: __m128i) -> __m128i {
-            let t2 = _mm_shuffle_epi32::<0xff>(t2);
-            let mut t4 = _mm_slli_si128::<4>(t1);
-            let mut t1 = _mm_xor_si128(t1, t4);
-            t4 = _mm_slli_si128::<4>(t4);
-            t1 = _mm_xor_si128(t1, t4);
-            t4 = _mm_slli_si128::<4>(t4);
-            t1 = _mm_xor_si128(t1, t4);
-            _mm_xor_si128(t1, t2)
+            _mm_xor_si128(prefix_xor(t1), _mm_shuffle_epi32::<0xff>(t2))
         }
+        /// The odd round key: from the one two back (`t3`) and SubWord of the even one (`t1`).
         #[inline(always)]
         unsafe fn assist2(t1: __m128i, t3: __m128i) -> __m128i {
-            let t2 = _mm_shuffle_epi32::<0xaa>(_mm_aeskeygenassist_si128::<0>(t1));
-            let mut t4 = _mm_slli_si128::<4>(t3);
-            let mut t3 = _mm_xor_si128(t3, t4);
-            t4 = _mm_slli_si128::<4>(t4);
-            t3 = _mm_xor_si128(t3, t4);
-            t4 = _mm_slli_si128::<4>(t4);
-            t3 = _mm_xor_si128(t3, t4);
-            _mm_xor_si128(t3, t2)
+            _mm_xor_si128(prefix_xor(t3), _mm_shuffle_epi32::<0xaa>(_mm_aeskeygenassist_si128::<0>(t1)))
         }
         let mut rk = [_mm_setzero_si128(); 15];
         let mut t1 = _mm_loadu_si128(key.as_ptr() as *const __m128i);
