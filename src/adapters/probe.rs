@@ -149,138 +149,152 @@ impl Prober {
         };
         let luksify_marker = sigs.contains(&blockdev::Signature::FenceMarker);
 
-        // A short timed read for the plan's time estimate (at most 64 MiB or half a second).
-        let read_sample = dev.measure_read((64 << 20).min(size_bytes), std::time::Duration::from_millis(500));
+        // LVM, only for an LVM label: its reports (processes that scan the devices, most of
+        // the probe's time) run on their own thread while the reads below run here. The
+        // canonical name: LVM knows devices by their names under /dev (a symlink elsewhere,
+        // e.g. one a user made, is "not found" to it).
+        std::thread::scope(|sc| {
+            let lvm_report = (content == Content::LvmPv).then(|| sc.spawn(|| self.lvm.facts(&canonical)));
+            let rest = || -> Result<DeviceFacts, ProbeError> {
+                // A short timed read for the plan's time estimate (at most 64 MiB or half a second).
+                let read_sample = dev.measure_read((64 << 20).min(size_bytes), std::time::Duration::from_millis(500));
 
-        // The journal slots in the tail.
-        let luksify_journal = match journal_slots(size_sectors) {
-            Some([a, _]) => {
-                let mut tail = vec![0u8; (2 * JOURNAL_SLOT_SECTORS * 512) as usize];
-                dev.read_at(a * 512, &mut tail).map_err(io("the journal area"))?;
-                has_journal_magic(&tail)
-            }
-            None => false,
-        };
-        drop(dev);
+                // The journal slots in the tail.
+                let luksify_journal = match journal_slots(size_sectors) {
+                    Some([a, _]) => {
+                        let mut tail = vec![0u8; (2 * JOURNAL_SLOT_SECTORS * 512) as usize];
+                        dev.read_at(a * 512, &mut tail).map_err(io("the journal area"))?;
+                        has_journal_magic(&tail)
+                    }
+                    None => false,
+                };
+                drop(dev);
 
-        // Mounts and swap.
-        let mounts = match std::fs::read_to_string(&self.mountinfo) {
-            Ok(t) => blockdev::parse_mountinfo(&t),
-            Err(e) => {
-                warnings.push(format!("cannot read {} ({e}): mounts were not checked", self.mountinfo.display()));
-                Vec::new()
-            }
-        };
-        let swaps = match std::fs::read_to_string(&self.swaps) {
-            Ok(t) => blockdev::swap_devices(&blockdev::parse_swaps(&t)),
-            Err(e) => {
-                warnings.push(format!("cannot read {} ({e}): swap was not checked", self.swaps.display()));
-                Vec::new()
-            }
-        };
-        let mut direct_mounts = blockdev::mounts_of(&mounts, major, minor);
-        // Filesystems that report an anonymous device number (btrfs) show up by source.
-        for m in &mounts {
-            if m.source.starts_with("/dev/")
-                && !direct_mounts.contains(&m.mount_point)
-                && std::fs::canonicalize(&m.source).map(|c| c == canonical).unwrap_or(false)
-            {
-                direct_mounts.push(m.mount_point.clone());
-            }
-        }
-        let direct_swap = swaps.contains(&(major, minor));
+                // Mounts and swap.
+                let mounts = match std::fs::read_to_string(&self.mountinfo) {
+                    Ok(t) => blockdev::parse_mountinfo(&t),
+                    Err(e) => {
+                        warnings
+                            .push(format!("cannot read {} ({e}): mounts were not checked", self.mountinfo.display()));
+                        Vec::new()
+                    }
+                };
+                let swaps = match std::fs::read_to_string(&self.swaps) {
+                    Ok(t) => blockdev::swap_devices(&blockdev::parse_swaps(&t)),
+                    Err(e) => {
+                        warnings.push(format!("cannot read {} ({e}): swap was not checked", self.swaps.display()));
+                        Vec::new()
+                    }
+                };
+                let mut direct_mounts = blockdev::mounts_of(&mounts, major, minor);
+                // Filesystems that report an anonymous device number (btrfs) show up by source.
+                for m in &mounts {
+                    if m.source.starts_with("/dev/")
+                        && !direct_mounts.contains(&m.mount_point)
+                        && std::fs::canonicalize(&m.source).map(|c| c == canonical).unwrap_or(false)
+                    {
+                        direct_mounts.push(m.mount_point.clone());
+                    }
+                }
+                let direct_swap = swaps.contains(&(major, minor));
 
-        // Holders: dm devices whose live table uses this device.
-        let mut holders = Vec::new();
-        let dmh = if self.use_dm {
-            match Dm::open() {
-                Ok(d) => Some(d),
-                Err(DmError::Unavailable(why)) => {
-                    warnings.push(format!(
+                // Holders: dm devices whose live table uses this device.
+                let mut holders = Vec::new();
+                let dmh = if self.use_dm {
+                    match Dm::open() {
+                        Ok(d) => Some(d),
+                        Err(DmError::Unavailable(why)) => {
+                            warnings.push(format!(
                         "device-mapper is not available (cannot open {}: {why}): holders of {p} were not checked",
                         dm::CONTROL_PATH
                     ));
+                            None
+                        }
+                        Err(e) => return Err(ProbeError::Dm { path: p.clone(), source: e }),
+                    }
+                } else {
                     None
-                }
-                Err(e) => return Err(ProbeError::Dm { path: p.clone(), source: e }),
-            }
-        } else {
-            None
-        };
-        let dm_ok = dmh.is_some();
-        if let Some(dmh) = &dmh {
-            let dm_err = |e: DmError| ProbeError::Dm { path: p.clone(), source: e };
-            for d in dmh.list().map_err(dm_err)? {
-                let deps = match dmh.deps(&d.name) {
-                    Ok(x) => x,
-                    Err(DmError::NotFound(_)) => continue, // removed meanwhile
-                    Err(e) => return Err(dm_err(e)),
                 };
-                if !deps.contains(&(major, minor)) {
-                    continue;
+                let dm_ok = dmh.is_some();
+                if let Some(dmh) = &dmh {
+                    let dm_err = |e: DmError| ProbeError::Dm { path: p.clone(), source: e };
+                    for d in dmh.list().map_err(dm_err)? {
+                        let deps = match dmh.deps(&d.name) {
+                            Ok(x) => x,
+                            Err(DmError::NotFound(_)) => continue, // removed meanwhile
+                            Err(e) => return Err(dm_err(e)),
+                        };
+                        if !deps.contains(&(major, minor)) {
+                            continue;
+                        }
+                        let table = match dmh.table(&d.name) {
+                            Ok(t) => t,
+                            Err(DmError::NotFound(_)) => continue,
+                            Err(e) => return Err(dm_err(e)),
+                        };
+                        holders.push(Holder {
+                            mounts: blockdev::mounts_of(&mounts, d.major, d.minor),
+                            swap: swaps.contains(&(d.major, d.minor)),
+                            open_count: d.open_count,
+                            name: d.name,
+                            uuid: d.uuid,
+                            major: d.major,
+                            minor: d.minor,
+                            table,
+                        });
+                    }
                 }
-                let table = match dmh.table(&d.name) {
-                    Ok(t) => t,
-                    Err(DmError::NotFound(_)) => continue,
-                    Err(e) => return Err(dm_err(e)),
-                };
-                holders.push(Holder {
-                    mounts: blockdev::mounts_of(&mounts, d.major, d.minor),
-                    swap: swaps.contains(&(d.major, d.minor)),
-                    open_count: d.open_count,
-                    name: d.name,
-                    uuid: d.uuid,
-                    major: d.major,
-                    minor: d.minor,
-                    table,
-                });
-            }
-        }
-        if let Some(s) = &sys {
-            for h in &s.holders {
-                let is_dm = h.starts_with("dm-");
-                if !is_dm {
-                    warnings.push(format!("{p} is held by {h}, which is not a device-mapper device"));
-                } else if !dm_ok {
-                    warnings.push(format!("{p} is held by {h} (device-mapper), whose table could not be read"));
+                if let Some(s) = &sys {
+                    for h in &s.holders {
+                        let is_dm = h.starts_with("dm-");
+                        if !is_dm {
+                            warnings.push(format!("{p} is held by {h}, which is not a device-mapper device"));
+                        } else if !dm_ok {
+                            warnings.push(format!("{p} is held by {h} (device-mapper), whose table could not be read"));
+                        }
+                    }
                 }
-            }
-        }
 
-        // LVM, only for an LVM label.
-        let mut lvm = None;
-        if content == Content::LvmPv {
-            // The canonical name: LVM knows devices by their names under /dev (a symlink
-            // elsewhere, e.g. one a user made, is "not found" to it).
-            match self.lvm.facts(&canonical) {
-                Ok(f) => lvm = Some(f),
-                // Mid-conversion LVM may see the PV twice (raw and bridge): the journal is
-                // what matters then, and the planner refuses on it.
-                Err(e) if luksify_journal => warnings.push(format!("LVM could not report the PV on {p}: {e}")),
-                Err(e) => return Err(ProbeError::Lvm { path: p, source: e }),
+                Ok(DeviceFacts {
+                    path: p.clone(),
+                    canonical: canonical.display().to_string(),
+                    kname,
+                    major,
+                    minor,
+                    size_sectors,
+                    logical_block_size,
+                    physical_block_size,
+                    partition_of: sys.as_ref().and_then(|s| s.partition_of.clone()),
+                    read_only: ro_ioctl || sys.as_ref().map(|s| s.read_only).unwrap_or(false),
+                    content,
+                    holders,
+                    direct_mounts,
+                    direct_swap,
+                    lvm: None,
+                    luksify_journal,
+                    luksify_marker,
+                    read_sample,
+                    warnings,
+                })
+            };
+            let facts = rest();
+            let lvm = lvm_report.map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(LvmError::Parse { cmd: "pvs/lvs".into(), why: "the report's thread panicked".into() })
+                })
+            });
+            let mut facts = facts?;
+            match lvm {
+                None => {}
+                Some(Ok(f)) => facts.lvm = Some(f),
+                // Mid-conversion LVM may see the PV twice (raw and bridge): the journal is what
+                // matters then, and the planner refuses on it.
+                Some(Err(e)) if facts.luksify_journal => {
+                    facts.warnings.push(format!("LVM could not report the PV on {p}: {e}"))
+                }
+                Some(Err(e)) => return Err(ProbeError::Lvm { path: p.clone(), source: e }),
             }
-        }
-
-        Ok(DeviceFacts {
-            path: p,
-            canonical: canonical.display().to_string(),
-            kname,
-            major,
-            minor,
-            size_sectors,
-            logical_block_size,
-            physical_block_size,
-            partition_of: sys.as_ref().and_then(|s| s.partition_of.clone()),
-            read_only: ro_ioctl || sys.as_ref().map(|s| s.read_only).unwrap_or(false),
-            content,
-            holders,
-            direct_mounts,
-            direct_swap,
-            lvm,
-            luksify_journal,
-            luksify_marker,
-            read_sample,
-            warnings,
+            Ok(facts)
         })
     }
 }

@@ -106,6 +106,9 @@ fn refused(p: &plan::Plan) -> Error {
 
 pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     let _lock = lock(device)?;
+    // Taking LVM's VG lock later needs LVM's locking directory (an `lvm config` process):
+    // asked now, it runs beside the probe.
+    crate::adapters::lvmlock::prefetch_locking_dir();
     refuse_interrupted_cut_over(device)?;
     let mut facts = probe_device(device)?;
     phase(&o.run, "probed");
