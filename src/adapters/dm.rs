@@ -415,6 +415,14 @@ impl Dm {
             .map_err(|e| map_crate("resuming", name, e))
     }
 
+    /// Send `msg` to the target at sector 0 of the live table (DM_TARGET_MSG).
+    pub fn message(&self, name: &str, msg: &str) -> Result<()> {
+        self.dm
+            .target_msg(&DevId::Name(lookup_name(name)?), Some(0), msg)
+            .map(|_| ())
+            .map_err(|e| map_crate("sending a message to", name, e))
+    }
+
     /// Drop the table loaded in the inactive slot (the live one stays).
     pub fn clear_inactive(&self, name: &str) -> Result<()> {
         self.dm

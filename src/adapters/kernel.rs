@@ -183,6 +183,10 @@ impl Kernel for DmKernel {
         self.dm.clear_inactive(n).map_err(k)
     }
 
+    fn message(&mut self, n: &str, msg: &str) -> KResult<()> {
+        self.dm.message(n, msg).map_err(k)
+    }
+
     fn suspend(&mut self, n: &str) -> KResult<()> {
         self.dm.suspend(n, SuspendFlags::default()).map_err(k)
     }

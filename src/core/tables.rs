@@ -48,6 +48,13 @@ pub enum Target {
         region: u64,
         legs: [(DevRef, u64); 2],
     },
+    /// dm-switch: sector `x` of the target goes to path `p` of region `x / region` at
+    /// `offset + x`, `p` as the device's messages set it (the kernel starts with the paths
+    /// round robin: a switch table means nothing until its regions are set).
+    Switch {
+        region: u64,
+        paths: [(DevRef, u64); 2],
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +70,7 @@ impl Line {
             Target::Linear { .. } => "linear",
             Target::Crypt { .. } => "crypt",
             Target::Mirror { .. } => "mirror",
+            Target::Switch { .. } => "switch",
         }
     }
 
@@ -83,6 +91,9 @@ impl Line {
             // would hold I/O.
             Target::Mirror { region, legs } => {
                 format!("core 2 {region} nosync 2 {} {} {} {}", legs[0].0, legs[0].1, legs[1].0, legs[1].1)
+            }
+            Target::Switch { region, paths } => {
+                format!("2 {region} 0 {} {} {} {}", paths[0].0, paths[0].1, paths[1].0, paths[1].1)
             }
         }
     }
@@ -243,6 +254,126 @@ pub fn staging_table(g: &Geometry, spec: &CryptSpec, raw: DevRef) -> Table {
     vec![crypt_line(g, spec, raw, 0, g.l)]
 }
 
+/// LUKS2's own steps through a switch (issue 22): the hotzones of a full S, from L down,
+/// are the regions of a private dm-switch device over [z, L) whose path 0 is the plaintext
+/// in place and path 1 the staging crypt device (the ciphertext S further on, IV the logical
+/// sector), so that a step flips its region by a message instead of a new bridge table (a
+/// resume without a table swap waits for no RCU grace period). `z` is where those regions
+/// start: the lowest sector >= S that is L less a multiple of S. None when not even one
+/// hotzone of S is above S.
+pub fn switch_start(l: u64, s: u64) -> Option<u64> {
+    if s == 0 || l < 2 * s {
+        return None;
+    }
+    Some(s + (l - s) % s)
+}
+
+/// The switch device's table: [0, L − z) of it is bridge sector z + x, regions of S.
+pub fn switch_table(l: u64, s: u64, z: u64, raw: DevRef, staging: DevRef) -> Table {
+    vec![Line { start: 0, length: l - z, target: Target::Switch { region: s, paths: [(raw, z), (staging, z)] } }]
+}
+
+/// The `set_region_mappings` message that makes the switch device over [z, L) map the
+/// ciphertext from `x` on (regions at or above x: path 1) and the plaintext below (path 0),
+/// every region set (hex, as dm-switch takes it; `R1,n` repeats the last region n times).
+pub fn switch_mappings(l: u64, s: u64, z: u64, x: u64) -> String {
+    let regions = (l - z) / s;
+    let first_crypt = (x.clamp(z, l) - z).div_ceil(s);
+    let mut m = String::from("set_region_mappings");
+    if first_crypt > 0 {
+        m.push_str(&format!(" 0:0 R1,{:x}", first_crypt - 1));
+    }
+    if first_crypt < regions {
+        m.push_str(&format!(" {first_crypt:x}:1 R1,{:x}", regions - first_crypt - 1));
+    }
+    m
+}
+
+/// The message that flips the region holding hotzone [a, a + S) to the ciphertext.
+pub fn switch_flip(s: u64, z: u64, a: u64) -> String {
+    format!("set_region_mappings {:x}:1", (a - z) / s)
+}
+
+/// What dm-switch does with a `set_region_mappings` message (its words after the first), on
+/// `regions` (one path number each): `<region>:<path>` (hex), `:<path>` for the next region,
+/// `R<cycle>,<count>` to repeat the last `cycle` entries `count` times; every check the
+/// kernel makes (drivers/md/dm-switch.c), so that the simulator refuses what it refuses.
+/// On an error the regions set before the bad word stay set, as in the kernel.
+#[cfg(test)]
+pub fn apply_region_mappings(regions: &mut [u8], paths: u8, words: &[&str]) -> Result<(), String> {
+    fn hex(s: &str) -> Option<(u64, &str)> {
+        let end = s.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(s.len());
+        let v = if end == 0 { 0 } else { u64::from_str_radix(&s[..end], 16).ok()? };
+        Some((v, &s[end..]))
+    }
+    let n = regions.len() as u64;
+    let bad = |w: &str| format!("invalid set_region_mappings argument: '{w}'");
+    let mut index = 0u64;
+    for w in words {
+        if let Some(rest) = w.strip_prefix(['R', 'r']) {
+            if rest.starts_with(',') {
+                return Err(bad(w));
+            }
+            let (cycle, rest) = hex(rest).ok_or_else(|| bad(w))?;
+            let rest = rest.strip_prefix(',').filter(|r| !r.is_empty()).ok_or_else(|| bad(w))?;
+            let (count, rest) = hex(rest).ok_or_else(|| bad(w))?;
+            if !rest.is_empty() {
+                return Err(bad(w));
+            }
+            if cycle == 0 || cycle - 1 > index {
+                return Err(format!("invalid set_region_mappings cycle length: {} > {index}", cycle.wrapping_sub(1)));
+            }
+            if index.checked_add(count).is_none_or(|e| e >= n) {
+                return Err(format!("invalid set_region_mappings region number: {index} + {count} >= {n}"));
+            }
+            for _ in 0..count {
+                index += 1;
+                regions[index as usize] = regions[(index - cycle) as usize];
+            }
+            continue;
+        }
+        let rest = match w.strip_prefix(':') {
+            Some(r) => {
+                index += 1;
+                r
+            }
+            None => {
+                let (i, r) = hex(w).ok_or_else(|| bad(w))?;
+                index = i;
+                r.strip_prefix(':').ok_or_else(|| bad(w))?
+            }
+        };
+        if rest.is_empty() {
+            return Err(bad(w));
+        }
+        let (path, rest) = hex(rest).ok_or_else(|| bad(w))?;
+        if !rest.is_empty() {
+            return Err(bad(w));
+        }
+        if index >= n {
+            return Err(format!("invalid set_region_mappings region number: {index} >= {n}"));
+        }
+        if path >= paths as u64 {
+            return Err(format!("invalid set_region_mappings device: {path} >= {paths}"));
+        }
+        regions[index as usize] = path as u8;
+    }
+    Ok(())
+}
+
+/// The bridge between two of luksify's own LUKS2 steps through the switch device `sw` (see
+/// [`switch_start`]): the moved first S, the plaintext [S, z) in place, then [z, L) through
+/// the switch. With the switch's regions set by [`switch_mappings`] for ciphertext from x,
+/// every sector maps where [`standard_table`]`(x)` maps it.
+pub fn standard_switch_table(l: u64, s: u64, z: u64, raw: DevRef, sw: DevRef) -> Table {
+    let mut t = vec![Line { start: 0, length: s, target: Target::Linear { dev: raw, offset: l + s } }];
+    if z > s {
+        t.push(Line { start: s, length: z - s, target: Target::Linear { dev: raw, offset: s } });
+    }
+    t.push(Line { start: z, length: l - z, target: Target::Linear { dev: sw, offset: 0 } });
+    t
+}
+
 #[cfg(test)]
 /// Check that a table covers [0, len) exactly, in order, with no gap or overlap.
 pub fn covers(table: &[Line], len: u64) -> bool {
@@ -282,6 +413,7 @@ mod tests {
                     Target::Linear { dev, offset } => vec![(*dev, offset + o, None)],
                     Target::Crypt { iv_offset, dev, offset, .. } => vec![(*dev, offset + o, Some(iv_offset + o))],
                     Target::Mirror { legs, .. } => legs.iter().map(|(d, off)| (*d, off + o, None)).collect(),
+                    Target::Switch { .. } => panic!("a switch line needs its region mappings: resolve_switched"),
                 };
             }
         }
@@ -317,6 +449,92 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The bridge through the switch device (its regions set by one message, then flipped one
+    /// step at a time) maps every sector where the standard table of the same cursor does.
+    #[test]
+    fn the_bridge_through_the_switch_maps_each_sector_as_the_standard_table() {
+        const SW: DevRef = DevRef { major: 253, minor: 7 };
+        const STAGING: DevRef = DevRef { major: 253, minor: 8 };
+        assert_eq!(switch_start(4096, 4096), None, "no hotzone of S above S");
+        for (l, s) in [(16_384u64, 4096u64), (12_289, 4096), (9192, 4096), (8192, 4096), (40_000, 1024)] {
+            let z = switch_start(l, s).unwrap();
+            assert!(z >= s && z < 2 * s && (l - z).is_multiple_of(s), "L {l} S {s} z {z}");
+            let sw = switch_table(l, s, z, RAW, STAGING);
+            assert!(covers(&sw, l - z));
+            let Target::Switch { region, paths } = sw[0].target else { panic!() };
+            let bridge = standard_switch_table(l, s, z, RAW, SW);
+            assert!(covers(&bridge, l), "{}", show(&bridge));
+            // through the bridge, the switch (its regions) and the staging device
+            let through = |regions: &[u8], y: u64| -> Vec<(DevRef, u64, Option<u64>)> {
+                resolve(&bridge, y)
+                    .into_iter()
+                    .flat_map(|(d, o, iv)| {
+                        if d != SW {
+                            return vec![(d, o, iv)];
+                        }
+                        let (pd, po) = paths[regions[(o / region) as usize] as usize];
+                        if pd == STAGING {
+                            // the staging device: logical sector t encrypted at S + t, IV t
+                            vec![(RAW, s + po + o, Some(po + o))]
+                        } else {
+                            vec![(pd, po + o, None)]
+                        }
+                    })
+                    .collect()
+            };
+            let mut regions = vec![0u8; ((l - z) / s) as usize];
+            // the message made for a cursor x sets every region whatever it was before
+            for (i, r) in regions.iter_mut().enumerate() {
+                *r = (i % 2) as u8; // the kernel's round robin
+            }
+            let mut x = l;
+            let words = |m: &str| m.split_whitespace().skip(1).map(str::to_string).collect::<Vec<_>>();
+            let set = |regions: &mut Vec<u8>, m: String| {
+                let w = words(&m);
+                apply_region_mappings(regions, 2, &w.iter().map(String::as_str).collect::<Vec<_>>()).unwrap()
+            };
+            set(&mut regions, switch_mappings(l, s, z, x));
+            loop {
+                let want = standard_table(l, s, &spec(), RAW, x);
+                for y in (0..l).step_by(97).chain([0, s - 1, s, z.saturating_sub(1), z, x.saturating_sub(1), l - 1]) {
+                    assert_eq!(through(&regions, y), resolve(&want, y), "L {l} S {s} z {z} x {x} sector {y}");
+                }
+                if x == z {
+                    break;
+                }
+                x -= s;
+                // a step: its region flipped by one message, or all set again for this cursor
+                if x % (2 * s) == 0 {
+                    set(&mut regions, switch_flip(s, z, x));
+                } else {
+                    set(&mut regions, switch_mappings(l, s, z, x));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn region_mappings_are_parsed_as_dm_switch_parses_them() {
+        let mut r = vec![9u8; 6];
+        apply_region_mappings(&mut r, 2, &["0:1", ":0", "R2,3"]).unwrap();
+        assert_eq!(r, [1, 0, 1, 0, 1, 9]);
+        apply_region_mappings(&mut r, 2, &["5:1"]).unwrap();
+        assert_eq!(r[5], 1);
+        apply_region_mappings(&mut r, 2, &["a:0"]).unwrap_err(); // region 10 of 6
+        apply_region_mappings(&mut r, 2, &["1:2"]).unwrap_err(); // no path 2
+        apply_region_mappings(&mut r, 2, &["0:0", "R1,6"]).unwrap_err(); // 0 + 6 >= 6
+        apply_region_mappings(&mut r, 2, &["0:0", "R1,5"]).unwrap();
+        assert_eq!(r, [0; 6]);
+        apply_region_mappings(&mut r, 2, &["R2,1"]).unwrap_err(); // cycle 2 at region 0
+        for w in ["1", "1:", ":", "R,1", "R1", "R1,", "1:1x", "x:1"] {
+            assert!(apply_region_mappings(&mut r, 2, &[w]).is_err(), "{w}");
+        }
+        assert_eq!(switch_mappings(16_384, 4096, 4096, 16_384), "set_region_mappings 0:0 R1,2");
+        assert_eq!(switch_mappings(16_384, 4096, 4096, 8192), "set_region_mappings 0:0 R1,0 1:1 R1,1");
+        assert_eq!(switch_mappings(16_384, 4096, 4096, 4096), "set_region_mappings 0:1 R1,2");
+        assert_eq!(switch_flip(4096, 4096, 12_288), "set_region_mappings 2:1");
     }
 
     #[test]

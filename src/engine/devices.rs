@@ -42,7 +42,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
 
     /// Remove the helpers (nothing references them once the bridge is pure crypt).
     pub(super) fn remove_helpers(&mut self) -> EResult<()> {
-        for n in [self.names.mirror.clone(), self.names.staging.clone()] {
+        for n in [self.names.switch.clone(), self.names.mirror.clone(), self.names.staging.clone()] {
             if kern(self.kernel.lookup(&n))?.is_some() {
                 kern(self.kernel.remove(&n))?;
             }
@@ -81,7 +81,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         }
         // LVs still on the raw device: fine before the fence (they get rerouted by the
         // bridge step); after it, something activated them over moved data.
-        let except = [self.names.bridge.as_str(), self.names.staging.as_str(), self.names.mirror.as_str()];
+        let except = self.names.own();
         let holders = kern(self.kernel.holders_of(self.raw, &except))?;
         if matches!(st, State::Migrating { .. } | State::HeaderWritten) && !holders.is_empty() {
             let names: Vec<_> = holders.iter().map(|h| h.name.clone()).collect();
@@ -218,7 +218,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 return Err(EngineError::Kernel(e.context("setting up the bridge")));
             }
         }
-        let except = [self.names.bridge.as_str(), self.names.staging.as_str(), self.names.mirror.as_str()];
+        let except = self.names.own();
         let holders = kern(self.kernel.holders_of(self.raw, &except))?;
         if let Err(e) = self.reroute(holders) {
             if created_bridge {

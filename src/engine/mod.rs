@@ -181,6 +181,10 @@ pub struct Names {
     /// The private helper that holds a step whose commit failed (see `tables::Devices::mirror`).
     pub mirror: String,
     pub mirror_uuid: String,
+    /// LUKS2's own steps: the private dm-switch device between the bridge and the plaintext
+    /// or the staging device ([`crate::core::tables::switch_start`]).
+    pub switch: String,
+    pub switch_uuid: String,
 }
 
 impl Names {
@@ -196,7 +200,14 @@ impl Names {
             staging_uuid: format!("CRYPT-SUBDEV-{u}-{name}-luksify"),
             mirror: format!("{name}-luksify-mirror"),
             mirror_uuid: format!("CRYPT-SUBDEV-{u}-{name}-luksify-mirror"),
+            switch: format!("{name}-luksify-switch"),
+            switch_uuid: format!("CRYPT-SUBDEV-{u}-{name}-luksify-switch"),
         }
+    }
+
+    /// luksify's own devices: the holders of the raw device that are expected there.
+    pub fn own(&self) -> [&str; 4] {
+        [self.bridge.as_str(), self.staging.as_str(), self.mirror.as_str(), self.switch.as_str()]
     }
 }
 

@@ -109,6 +109,9 @@ pub trait Kernel {
     /// Load a table given as kernel lines (LV tables, which hold no keys).
     fn load_lines(&mut self, name: &str, lines: &[TableLineFacts]) -> KResult<()>;
     fn clear_inactive(&mut self, name: &str) -> KResult<()>;
+    /// Send `msg` to the target at sector 0 of `name`'s live table (`dmsetup message`); a
+    /// dm-switch's `set_region_mappings` changes where its regions go without a new table.
+    fn message(&mut self, name: &str, msg: &str) -> KResult<()>;
     /// Suspend, flushing in-flight I/O.
     fn suspend(&mut self, name: &str) -> KResult<()>;
     /// Resume (making the inactive table live, if one is loaded).

@@ -11,10 +11,35 @@ use std::rc::Rc;
 
 #[derive(Clone)]
 pub(super) enum STarget {
-    Linear { dev: DevRef, offset: u64 },
-    Striped { chunk: u64, stripes: Vec<(DevRef, u64)> },
-    Crypt { cipher: String, xts: Rc<XtsSim>, iv_offset: u64, dev: DevRef, offset: u64, discards: bool },
-    Mirror { region: u64, legs: [(DevRef, u64); 2], sync: Vec<bool>, health: [u8; 2], nosync: bool },
+    Linear {
+        dev: DevRef,
+        offset: u64,
+    },
+    Striped {
+        chunk: u64,
+        stripes: Vec<(DevRef, u64)>,
+    },
+    Crypt {
+        cipher: String,
+        xts: Rc<XtsSim>,
+        iv_offset: u64,
+        dev: DevRef,
+        offset: u64,
+        discards: bool,
+    },
+    Mirror {
+        region: u64,
+        legs: [(DevRef, u64); 2],
+        sync: Vec<bool>,
+        health: [u8; 2],
+        nosync: bool,
+    },
+    /// dm-switch with two paths; `map`: each region's path, set by messages.
+    Switch {
+        region: u64,
+        paths: [(DevRef, u64); 2],
+        map: Vec<u8>,
+    },
 }
 
 #[derive(Clone)]
@@ -31,6 +56,7 @@ impl SLine {
             STarget::Striped { .. } => "striped",
             STarget::Crypt { .. } => "crypt",
             STarget::Mirror { .. } => "mirror",
+            STarget::Switch { .. } => "switch",
         }
     }
 
@@ -56,6 +82,9 @@ impl SLine {
                 let log = if *nosync { format!("core 2 {region} nosync") } else { format!("core 1 {region}") };
                 format!("{log} 2 {} {} {} {}", legs[0].0, legs[0].1, legs[1].0, legs[1].1)
             }
+            STarget::Switch { region, paths, .. } => {
+                format!("2 {region} 0 {} {} {} {}", paths[0].0, paths[0].1, paths[1].0, paths[1].1)
+            }
         };
         TableLineFacts { start: self.start, length: self.length, target_type: self.type_name().into(), params }
     }
@@ -65,6 +94,16 @@ impl SLine {
             STarget::Linear { dev, .. } | STarget::Crypt { dev, .. } => vec![*dev],
             STarget::Striped { stripes, .. } => stripes.iter().map(|s| s.0).collect(),
             STarget::Mirror { legs, .. } => legs.iter().map(|l| l.0).collect(),
+            STarget::Switch { paths, .. } => paths.iter().map(|p| p.0).collect(),
+        }
+    }
+
+    /// The devices a flush is passed on to: dm-switch sets no flush bios (a flush of a
+    /// device that maps only a switch reaches nothing below it).
+    pub(super) fn flush_devs(&self) -> Vec<DevRef> {
+        match &self.target {
+            STarget::Switch { .. } => Vec::new(),
+            _ => self.devs(),
         }
     }
 
@@ -77,6 +116,7 @@ impl SLine {
                 stripes.iter().map(|(d, o)| (*d, *o, per)).collect()
             }
             STarget::Mirror { legs, .. } => legs.iter().map(|(d, o)| (*d, *o, self.length)).collect(),
+            STarget::Switch { paths, .. } => paths.iter().map(|(d, o)| (*d, *o, self.length)).collect(),
         }
     }
 }
@@ -196,6 +236,23 @@ pub(super) fn parse_line(start: u64, length: u64, ty: &str, params: &str) -> Res
             ];
             let regions = length.div_ceil(region) as usize;
             STarget::Mirror { region, legs, sync: vec![nosync; regions], health: *b"AA", nosync }
+        }
+        "switch" => {
+            // <paths> <region size> <optional args: 0> (<dev> <offset>){paths}
+            if w.len() != 7 || w[0] != "2" || w[2] != "0" {
+                return Err(format!("switch: the simulator only has 2 paths and no options: {params:?}"));
+            }
+            let region = parse_u64(w.get(1), "region size")?;
+            if region == 0 || region > u32::MAX as u64 {
+                return Err("switch: invalid region size".into());
+            }
+            let paths = [
+                (parse_dev(w[3])?, parse_u64(w.get(4), "path offset")?),
+                (parse_dev(w[5])?, parse_u64(w.get(6), "path offset")?),
+            ];
+            // the kernel's initial table: the paths round robin
+            let map = (0..length.div_ceil(region)).map(|i| (i % 2) as u8).collect();
+            STarget::Switch { region, paths, map }
         }
         other => return Err(format!("unknown target type {other:?}")),
     };

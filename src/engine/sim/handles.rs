@@ -159,6 +159,28 @@ impl Kernel for SimKernel {
         Ok(())
     }
 
+    fn message(&mut self, name: &str, msg: &str) -> KResult<()> {
+        let mut w = self.0.borrow_mut();
+        let failed = w.op(|| format!("message {name}: {msg}")).err();
+        // A message that fails may have set some regions before it failed (the kernel sets
+        // them one word at a time): the caller cannot tell.
+        let apply = failed.is_none() || (!w.dead && w.rng.gen_bool(0.5));
+        let d = w.dev_mut(name)?;
+        let words: Vec<&str> = msg.split_whitespace().collect();
+        let r = match (d.live.as_mut().and_then(|t| t.first_mut()).map(|l| &mut l.target), words.first()) {
+            (Some(STarget::Switch { map, .. }), Some(&"set_region_mappings")) if apply => {
+                crate::core::tables::apply_region_mappings(map, 2, &words[1..])
+            }
+            (Some(STarget::Switch { .. }), Some(&"set_region_mappings")) => Ok(()),
+            (Some(_), _) => Err("the target takes no such message".to_string()),
+            (None, _) => Err("no live table".to_string()),
+        };
+        if let Some(e) = failed {
+            return Err(kerr(e));
+        }
+        r.map_err(|e| KernelError::new(format!("message to {name}: {e} (EINVAL)")))
+    }
+
     fn suspend(&mut self, name: &str) -> KResult<()> {
         let mut w = self.0.borrow_mut();
         w.op(|| format!("suspend {name}")).map_err(kerr)?;

@@ -552,6 +552,10 @@ impl World {
                 self.blocked(d2, s2)
             }
             STarget::Mirror { legs, .. } => legs.iter().any(|(d2, off)| self.blocked(*d2, off + o)),
+            STarget::Switch { region, paths, map } => {
+                let (d2, off) = paths[map[(o / region) as usize] as usize];
+                self.blocked(d2, off + o)
+            }
         }
     }
 
@@ -560,7 +564,7 @@ impl World {
             return false;
         }
         let Some((_, d)) = self.dm_by_dev(dev) else { return false };
-        d.suspended || d.live.iter().flatten().flat_map(|l| l.devs()).any(|d2| self.flush_blocked(d2))
+        d.suspended || d.live.iter().flatten().flat_map(|l| l.flush_devs()).any(|d2| self.flush_blocked(d2))
     }
 
     fn dev_flush(&mut self, dev: DevRef) -> Result<(), IoFail> {
@@ -572,7 +576,7 @@ impl World {
         if d.suspended {
             return Err(IoFail::Blocked);
         }
-        let below: Vec<DevRef> = d.live.iter().flatten().flat_map(|l| l.devs()).collect();
+        let below: Vec<DevRef> = d.live.iter().flatten().flat_map(|l| l.flush_devs()).collect();
         for b in below {
             self.dev_flush(b)?;
         }
@@ -610,6 +614,10 @@ impl World {
                     xts.decrypt(iv_offset + o, buf);
                     Ok(())
                 }
+            }
+            STarget::Switch { region, paths, map } => {
+                let (d2, off) = paths[map[(o / region) as usize] as usize];
+                self.dev_io(d2, off + o, buf, write)
             }
             STarget::Mirror { region, legs, sync, health, .. } => {
                 let r = (o / region) as usize;
