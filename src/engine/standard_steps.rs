@@ -60,6 +60,9 @@ pub(crate) enum Mutant {
     /// A source read ahead (before the step before it was committed) is committed without the
     /// last comparison under the suspend.
     TrustReadAhead,
+    /// A step through the switch device flips the region of the step after it (not yet
+    /// copied) instead of its own.
+    WrongRegion,
 }
 
 /// The step's buffers, allocated (and so, under `mlockall`, faulted in) before any suspend.
@@ -98,6 +101,35 @@ struct ReadAhead {
     from: u64,
     to: u64,
     bytes: usize,
+}
+
+/// How a step's new mapping goes live.
+enum Flip {
+    /// A new bridge table, loaded inactive before the suspend: the resume swaps it in (and
+    /// waits for an RCU grace period to drop the old one). `through_switch`: the table is
+    /// the one through the switch device ([`tables::standard_switch_table`]).
+    Table { table: tables::Table, through_switch: bool },
+    /// The bridge goes through the switch device already: after the commit one message
+    /// flips the step's region to the ciphertext; the resume swaps nothing.
+    Message,
+}
+
+/// The switch device's part in a run of luksify's own steps ([`tables::switch_start`]): the
+/// hotzones of a full S are its regions, and a step flips its region by a message instead
+/// of swapping the bridge's table (in the test bed a step of 4 ticks instead of 5).
+#[derive(Debug, Default)]
+struct Switched {
+    /// Where its regions start (None: no hotzone of S above S, no switch).
+    z: Option<u64>,
+    /// The bridge's live table goes through it.
+    active: bool,
+    /// Where the ciphertext starts, as the bridge maps it while `active`.
+    x: u64,
+    /// Setting it up failed: the rest of the run swaps tables.
+    failed: bool,
+    /// The bridge is suspended and was not resumed (a commit whose outcome is unknown, a
+    /// failed resume): nothing may touch it on the way out.
+    held: bool,
 }
 
 fn read_pieces<D: Disk>(disk: &mut D, sector: u64, buf: &mut [u8]) -> std::io::Result<()> {
@@ -165,6 +197,29 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             runs: Vec::with_capacity(RECHECK_RUNS),
         };
         let l = self.g().l;
+        let mut sw = Switched { z: tables::switch_start(l, s), ..Switched::default() };
+        let r = self.steps_loop(xts, hooks, &mut b, &mut sw);
+        // Whatever ended the run: the bridge gets the table `cryptsetup open` builds again
+        // (stock cryptsetup's resume compares the live table with it), unless it is left
+        // suspended on purpose.
+        match (r, self.leave_switch(&mut sw)) {
+            (r, Ok(())) => r,
+            (Ok(_), Err(e)) => Err(e),
+            (Err(e), Err(e2)) => {
+                undone(&mut self.undo_failed, || "giving the bridge its standard table again".into(), Err::<(), _>(e2));
+                Err(e)
+            }
+        }
+    }
+
+    fn steps_loop(
+        &mut self,
+        xts: &crate::core::xts::Xts,
+        hooks: &mut dyn Hooks,
+        b: &mut Bufs,
+        sw: &mut Switched,
+    ) -> EResult<StepsEnd> {
+        let l = self.g().l;
         let mut done = 0;
         // the part of the next step's source read ahead in the step before (in `b.plain`)
         let mut ahead: Option<ReadAhead> = None;
@@ -184,7 +239,11 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 false => None,
             };
             let have = ahead.filter(|r| (r.from, r.to) == (from, to)).map_or(0, |r| r.bytes);
-            let (stats, read) = self.standard_step(xts, &mut b, from, to, have, next)?;
+            let flip = self.flip_for(sw, from, to);
+            let (stats, read) = self.standard_step(xts, b, from, to, have, next, flip, sw)?;
+            if !sw.active {
+                self.remove_switch();
+            }
             ahead = read;
             done = l - from;
             if let Some(f) = fin {
@@ -196,6 +255,142 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             }
             hooks.event(&Event::ChunkDone { from, to, stats });
             self.pace(t, Sectors(to - from).bytes(), hooks);
+        }
+    }
+
+    /// How step [a, b) flips: by a message while the bridge goes through the switch device
+    /// and the step is one of its regions; by the table through the switch device (set up
+    /// here, its regions as they must be once the step is committed) for the first such
+    /// step with more after it; else by the standard table (which ends the switch's part).
+    fn flip_for(&mut self, sw: &mut Switched, a: u64, b: u64) -> Flip {
+        let (l, s) = (self.g().l, self.g().s);
+        let region = |z: u64| b - a == s && a >= z && (a - z).is_multiple_of(s);
+        match sw.z {
+            Some(z) if region(z) && sw.active => Flip::Message,
+            Some(z) if region(z) && !sw.failed && a > z => match self.enter_switch(z, a) {
+                Ok(dev) => {
+                    Flip::Table { table: tables::standard_switch_table(l, s, z, self.raw, dev), through_switch: true }
+                }
+                Err(_) => {
+                    // (not an error: the steps swap tables, as without a switch)
+                    sw.failed = true;
+                    self.remove_switch();
+                    Flip::Table { table: tables::standard_table(l, s, &self.spec, self.raw, a), through_switch: false }
+                }
+            },
+            _ => Flip::Table { table: tables::standard_table(l, s, &self.spec, self.raw, a), through_switch: false },
+        }
+    }
+
+    /// The staging crypt device and the switch device over [z, L) (private, unused by any
+    /// table yet), its regions set for the ciphertext from `x` on.
+    fn enter_switch(&mut self, z: u64, x: u64) -> EResult<DevRef> {
+        let (l, s) = (self.g().l, self.g().s);
+        let staging = self.ensure_staging()?;
+        let (n, u) = (self.names.switch.clone(), self.names.switch_uuid.clone());
+        if kern(self.kernel.lookup(&n))?.is_some() {
+            kern(self.kernel.remove(&n))?;
+        }
+        let dev = kern(self.kernel.create(&n, &u, true))?;
+        kern(self.kernel.load(&n, &tables::switch_table(l, s, z, self.raw, staging), &self.key_hex))?;
+        kern(self.kernel.resume(&n))?;
+        kern(self.kernel.message(&n, &tables::switch_mappings(l, s, z, x)))?;
+        Ok(dev)
+    }
+
+    /// Remove the switch device and the staging device under it, if they exist (no table
+    /// maps them: the bridge does not go through the switch). A failure is reported, not
+    /// an error: they are private devices, a reboot removes them.
+    fn remove_switch(&mut self) {
+        for n in [self.names.switch.clone(), self.names.staging.clone()] {
+            match self.kernel.lookup(&n) {
+                Ok(Some(_)) => {
+                    let r = self.kernel.remove(&n);
+                    undone(&mut self.undo_failed, || format!("removing the private device {n}"), r);
+                }
+                Ok(None) => {}
+                Err(e) => undone(&mut self.undo_failed, || format!("looking up {n}"), Err::<(), _>(e)),
+            }
+        }
+    }
+
+    /// At the end of a run: the bridge through the switch device gets the standard table of
+    /// where the ciphertext starts, and the switch goes (unless the bridge is held).
+    fn leave_switch(&mut self, sw: &mut Switched) -> EResult<()> {
+        if sw.held {
+            return Ok(());
+        }
+        if sw.active {
+            let (l, s) = (self.g().l, self.g().s);
+            let t = tables::standard_table(l, s, &self.spec, self.raw, sw.x);
+            let key = self.cryptsetup_key()?;
+            let bridge = self.names.bridge.clone();
+            let r = self.swap_table_keyed(&bridge, &t, key.as_ref().map(|k| k.1.as_str()), "bridge");
+            self.drop_cryptsetup_key(key);
+            r.map_err(|e| {
+                EngineError::Kernel(KernelError::new(format!(
+                    "{e}: the bridge still maps every sector right, through luksify's private switch device; `luksify resume` gives it the standard table (stock cryptsetup's resume needs that table: reboot, or run `luksify resume`)"
+                )))
+            })?;
+            sw.active = false;
+        }
+        self.remove_switch();
+        Ok(())
+    }
+
+    /// `luksify resume` on a live system whose luksify was killed (SIGKILL: no way out ran):
+    /// the bridge may still go through the switch device (which stock cryptsetup's online
+    /// resume refuses as a mismatching table), or be suspended in a step's window
+    /// (`suspended`). Give it the standard table of the state the metadata says (`x`: where
+    /// its ciphertext starts), resumed, and remove the switch. Right whatever instant the
+    /// kill came at: before a step's commit the bridge still maps its source, untouched since
+    /// the suspend; after it the bridge was suspended since before the last comparison, so
+    /// source and copy are the same. Whether anything was done.
+    pub fn leave_leftover_switch(&mut self, x: u64, suspended: bool) -> EResult<bool> {
+        let dev = kern(self.kernel.lookup(&self.names.switch))?;
+        let through = match dev {
+            Some(dev) => kern(self.kernel.table(&self.names.bridge.clone()))?
+                .iter()
+                .any(|l| l.params.split_whitespace().any(|w| w == dev.to_string())),
+            None => false,
+        };
+        let mut sw = Switched { active: through || suspended, x, ..Switched::default() };
+        self.leave_switch(&mut sw)?;
+        Ok(dev.is_some() || suspended)
+    }
+
+    /// After a commit, with the bridge suspended through the switch: flip the step's region.
+    /// If the message fails (it may have flipped the region or not), the standard table of
+    /// the committed state is loaded instead (the resume swaps it in); if that fails too,
+    /// the bridge must stay suspended: its switch may still map the old source, which the
+    /// metadata no longer names.
+    fn flip_committed(&mut self, sw: &mut Switched, a: u64) -> EResult<()> {
+        let (l, s) = (self.g().l, self.g().s);
+        let z = sw.z.expect("a message step has a switch");
+        #[cfg(test)]
+        let a = match self.standard_mutant == Some(Mutant::WrongRegion) && a >= z + s {
+            true => a - s,
+            false => a,
+        };
+        let Err(e) = self.kernel.message(&self.names.switch.clone(), &tables::switch_flip(s, z, a)) else {
+            return Ok(());
+        };
+        let t = tables::standard_table(l, s, &self.spec, self.raw, a);
+        let key = self.cryptsetup_key()?;
+        let bridge = self.names.bridge.clone();
+        let r = self.kernel.load(&bridge, &t, key.as_ref().map_or(self.key_hex.as_str(), |k| &k.1));
+        self.drop_cryptsetup_key(key);
+        match r {
+            Ok(()) => {
+                sw.active = false;
+                Ok(())
+            }
+            Err(e2) => {
+                sw.held = true;
+                Err(EngineError::Kernel(KernelError::new(format!(
+                    "the step is committed, but neither its switch region ({e}) nor the bridge's table ({e2}) could be flipped, so {bridge} stays suspended (no write may go where a reboot would not look): reboot; the boot or `luksify resume` continues"
+                ))))
+            }
         }
     }
 
@@ -211,11 +406,12 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     }
 
     /// One step: the hotzone [a, b) (logical sectors: a >= S, or the moved first S) to S + a,
-    /// committed with the metadata in `b.meta` (both copies). The first `have` bytes of its
-    /// source are in `bf.plain` already (read ahead). With `next` (the step after it, its
-    /// source and length), as much of the next step's source is read ahead as the wait for
-    /// the moment to suspend leaves time for: returned with the stats, that source then in
-    /// `bf.plain`.
+    /// committed with the metadata in `b.meta` (both copies), mapped by `flip`. The first
+    /// `have` bytes of its source are in `bf.plain` already (read ahead). With `next` (the
+    /// step after it, its source and length), as much of the next step's source is read
+    /// ahead as the wait for the moment to suspend leaves time for: returned with the stats,
+    /// that source then in `bf.plain`.
+    #[allow(clippy::too_many_arguments)]
     fn standard_step(
         &mut self,
         xts: &crate::core::xts::Xts,
@@ -224,9 +420,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         b: u64,
         have: usize,
         next: Option<(u64, u64)>,
+        flip: Flip,
+        sw: &mut Switched,
     ) -> EResult<(ChunkStats, Option<ReadAhead>)> {
-        let g = *self.g();
-        let (l, s) = (g.l, g.s);
+        let s = self.g().s;
         let src = self.standard_source(a);
         let len = Sectors(b - a).byte_len();
         let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
@@ -250,15 +447,22 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let t1 = Instant::now();
         self.read_back(bf, a, b, a, b)?;
         stats.verify = t1.elapsed();
-        // 2. The new table, loaded inactive (with the key through the keyring, as cryptsetup
-        // open maps it), then the suspended window.
+        // 2. A new table, loaded inactive (with the key through the keyring, as cryptsetup
+        // open maps it); a step through the switch device loads nothing. Then the suspended
+        // window.
         let bridge = self.names.bridge.clone();
-        let table = tables::standard_table(l, s, &self.spec, self.raw, a);
-        // (the key through the keyring, as cryptsetup open maps it)
-        let key = self.cryptsetup_key()?;
-        let loaded = kern(self.kernel.load(&bridge, &table, key.as_ref().map_or(self.key_hex.as_str(), |k| &k.1)));
-        self.drop_cryptsetup_key(key);
-        loaded?;
+        let through_switch = match &flip {
+            Flip::Table { table, through_switch } => {
+                let key = self.cryptsetup_key()?;
+                let loaded =
+                    kern(self.kernel.load(&bridge, table, key.as_ref().map_or(self.key_hex.as_str(), |k| &k.1)));
+                self.drop_cryptsetup_key(key);
+                loaded?;
+                *through_switch
+            }
+            Flip::Message => true,
+        };
+        let by_message = matches!(flip, Flip::Message);
         // (a source read ahead is read again under the suspend like any other: a live write
         // may have changed it since)
         let next_src = next.map(|(na, nb)| (self.standard_source(na), Sectors(nb - na).byte_len()));
@@ -271,7 +475,13 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             let ok = disk.read(nsrc + Sectors::in_len(got).0, &mut nbuf[got..got + n]).is_ok();
             got += if ok { n } else { 0 };
             ok
-        })?;
+        });
+        if sp.is_err() && !by_message {
+            let r = self.kernel.clear_inactive(&bridge);
+            undone(&mut self.undo_failed, || format!("clearing the inactive table of {bridge}"), r);
+        }
+        let sp = sp?;
+        sw.held = true;
         let (w, t_suspended) = (sp.called, sp.returned);
         (stats.tick_wait, stats.read_ahead) = (sp.slept, sp.filled);
         #[cfg(test)]
@@ -282,8 +492,12 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let changed = match refreshed {
             Ok(c) => c,
             Err(e) => {
-                // nothing committed: back to the table that maps the source
-                let r = self.kernel.clear_inactive(&bridge).and_then(|()| self.kernel.resume(&bridge));
+                // nothing committed: back to the table (or switch regions) that maps the source
+                let r = match by_message {
+                    true => self.kernel.resume(&bridge),
+                    false => self.kernel.clear_inactive(&bridge).and_then(|()| self.kernel.resume(&bridge)),
+                };
+                sw.held = r.is_err();
                 undone(&mut self.undo_failed, || format!("resuming {bridge} on its old table"), r);
                 return Err(e);
             }
@@ -292,15 +506,29 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let t_refreshed = Instant::now();
         #[cfg(test)]
         if self.standard_mutant == Some(Mutant::FlipBeforeCommit) {
+            if by_message {
+                self.flip_committed(sw, a)?;
+            }
             kern(self.kernel.resume(&bridge))?;
+            sw.held = false;
             self.commit_metadata(bf).map_err(|e| EngineError::Io { what: "committing".into(), source: e })?;
+            (sw.active, sw.x) = (sw.active && through_switch, a);
             return Ok((stats, None));
         }
         if let Err(e) = self.commit_metadata(bf) {
-            return Err(self.after_failed_commit(bf, &bridge, e));
+            return Err(self.after_failed_commit(bf, &bridge, e, by_message, through_switch, sw, a));
         }
         let t_committed = Instant::now();
+        // the committed state, mapped: the table loaded (swapped in by the resume), or the
+        // step's region flipped
+        if by_message {
+            self.flip_committed(sw, a)?;
+        } else {
+            sw.active = through_switch;
+        }
+        sw.x = a;
         kern(self.kernel.resume(&bridge).map_err(|e| e.context("resuming the bridge after the commit")))?;
+        sw.held = false;
         let t_end = Instant::now();
         stats.note_window(
             t_end - w,
@@ -402,21 +630,48 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         self.disk.flush()
     }
 
-    /// The commit failed: which state does the metadata on the disk say? The new one: resume
-    /// on the new table (loaded). The old one: drop it and resume on the old. Unknown (the
+    /// The commit failed: which state does the metadata on the disk say? The new one: map it
+    /// (the table loaded, or the step's switch region flipped) and resume. The old one: drop
+    /// the new table (a switch region is not flipped yet) and resume on the old. Unknown (the
     /// metadata cannot be read): stay suspended (see the module's doc).
-    fn after_failed_commit(&mut self, bf: &mut Bufs, bridge: &str, e: std::io::Error) -> EngineError {
+    #[allow(clippy::too_many_arguments)]
+    fn after_failed_commit(
+        &mut self,
+        bf: &mut Bufs,
+        bridge: &str,
+        e: std::io::Error,
+        by_message: bool,
+        through_switch: bool,
+        sw: &mut Switched,
+        a: u64,
+    ) -> EngineError {
         let new_seqid = luks2meta::parse(&bf.meta).ok().flatten().map(|m| m.seqid);
         let on_disk = self.disk.read(0, &mut bf.head).ok().and_then(|()| luks2meta::parse(&bf.head).ok().flatten());
         let what = format!("committing the LUKS2 metadata: {e}");
         match (on_disk.map(|m| m.seqid), new_seqid) {
             (Some(d), Some(n)) if d == n => {
+                let flipped = match by_message {
+                    true => self.flip_committed(sw, a),
+                    false => {
+                        sw.active = through_switch;
+                        Ok(())
+                    }
+                };
+                if let Err(f) = flipped {
+                    return f;
+                }
+                sw.x = a;
                 let r = self.kernel.resume(bridge);
+                sw.held = r.is_err();
                 undone(&mut self.undo_failed, || format!("resuming {bridge} on the committed table"), r);
                 EngineError::Io { what: format!("{what} (the step is committed all the same)"), source: e }
             }
             (Some(_), Some(_)) => {
-                let r = self.kernel.clear_inactive(bridge).and_then(|()| self.kernel.resume(bridge));
+                let r = match by_message {
+                    true => self.kernel.resume(bridge),
+                    false => self.kernel.clear_inactive(bridge).and_then(|()| self.kernel.resume(bridge)),
+                };
+                sw.held = r.is_err();
                 undone(&mut self.undo_failed, || format!("resuming {bridge} on its old table"), r);
                 EngineError::Io { what: format!("{what} (the step is not committed; nothing is lost)"), source: e }
             }

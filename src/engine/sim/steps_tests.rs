@@ -18,16 +18,27 @@ use crate::engine::{NoHooks, StepsEnd, CUT_OVER_ORDER};
 use std::sync::OnceLock;
 
 /// L = 3392, S = 1024: the plaintext segment [S, L) takes two full hotzones and one of 320
-/// sectors, then the moved first S: four steps.
+/// sectors, then the moved first S: four steps. The switch device's regions start at
+/// z = 1344: the first step sets it up (the bridge's table through it), the second flips its
+/// region by a message, the third (the remainder) swaps in the standard table again.
 const L: u64 = 3392;
+
+/// L = 5440: four full hotzones, so three steps by message between the set-up and the
+/// remainder.
+const L_LONG: u64 = 5440;
 
 fn scenario(seed: u64) -> Scenario {
     standard_l(L, seed)
 }
 
-fn header() -> &'static [u8] {
+fn header_of(l: u64) -> &'static [u8] {
     static H: OnceLock<Vec<u8>> = OnceLock::new();
-    H.get_or_init(|| header_for(&scenario(0)))
+    static H_LONG: OnceLock<Vec<u8>> = OnceLock::new();
+    match l {
+        L => H.get_or_init(|| header_for(&scenario(0))),
+        L_LONG => H_LONG.get_or_init(|| header_for(&standard_l(L_LONG, 0))),
+        _ => panic!("no header made for L = {l}"),
+    }
 }
 
 /// The device `img` as cryptsetup maps it: which state ("midway", "committed", "finished"),
@@ -120,8 +131,9 @@ fn convert(sim: &Sim) -> Result<StepsEnd, String> {
 }
 
 fn convert_as(sim: &Sim, mutant: Option<Mutant>) -> Result<StepsEnd, String> {
+    let l = sim.w.borrow().g.l;
     let mut e =
-        sim.cut_over_standard(&mut NoHooks, header(), CUT_OVER_ORDER).map_err(|(e, _)| format!("cut-over: {e}"))?;
+        sim.cut_over_standard(&mut NoHooks, header_of(l), CUT_OVER_ORDER).map_err(|(e, _)| format!("cut-over: {e}"))?;
     e.standard_mutant = mutant;
     let end = e.standard_steps(&mut NoHooks).map_err(|e| format!("steps: {e}"))?;
     if end == StepsEnd::Finished {
@@ -139,7 +151,7 @@ fn steps_sweep(sc: &Scenario, fault: Fault, max_failures: usize) -> Sweep {
 fn steps_sweep_as(sc: &Scenario, fault: Fault, max_failures: usize, mutant: Option<Mutant>) -> Sweep {
     // where the steps begin: a run without a fault, counted
     let probe = Sim::new(sc);
-    probe.cut_over_standard(&mut NoHooks, header(), CUT_OVER_ORDER).map_err(|(e, _)| e).unwrap();
+    probe.cut_over_standard(&mut NoHooks, header_of(sc.l), CUT_OVER_ORDER).map_err(|(e, _)| e).unwrap();
     let run = |sim: &Sim| {
         let r = convert_as(sim, mutant);
         match sim.fired() {
@@ -196,4 +208,106 @@ fn a_wrong_order_in_luksifys_own_luks2_steps_is_caught_by_the_sweep() {
         let s = caught.unwrap_or_else(|| panic!("the sweep did not catch the wrong order {m:?}"));
         eprintln!("{m:?} caught: {}", s.failures[0].lines().next().unwrap_or(""));
     }
+}
+
+/// The run's operations whose trace line contains `what`.
+fn ops_named(sim: &Sim, what: &str) -> usize {
+    sim.w.borrow().trace.iter().filter(|t| t.contains(what)).count()
+}
+
+/// The private devices of the switch, if any are left.
+fn switch_devices_left(sim: &Sim) -> Vec<String> {
+    let names = crate::engine::Names::new(BRIDGE, 2, super::LUKS_UUID);
+    let w = sim.w.borrow();
+    [names.switch, names.staging].into_iter().filter(|n| w.dm.devs.contains_key(n)).collect()
+}
+
+/// With four full hotzones: the first sets up the switch device, the next three flip their
+/// regions by a message each (no bridge table loaded for them), the remainder's table ends
+/// the switch's part and its devices go.
+#[test]
+fn luksifys_own_luks2_steps_flip_the_switch_regions_by_messages() {
+    let sim = Sim::new(&standard_l(L_LONG, 3500));
+    let end = convert(&sim).unwrap();
+    finished_ok(&sim, end).unwrap();
+    let names = crate::engine::Names::new(BRIDGE, 2, super::LUKS_UUID);
+    let messages = ops_named(&sim, &format!("message {}: set_region_mappings", names.switch));
+    assert_eq!(messages, 4, "one to set the regions up, one flip per step after it");
+    assert!(switch_devices_left(&sim).is_empty(), "{:?}", switch_devices_left(&sim));
+}
+
+#[test]
+fn a_power_cut_at_every_operation_of_the_steps_through_the_switch_loses_nothing() {
+    let s = steps_sweep(&standard_l(L_LONG, 3600), Fault::PowerCut, 20);
+    assert_clean("LUKS2 own steps through the switch, power cut", &s);
+}
+
+#[test]
+fn an_error_at_every_operation_of_the_steps_through_the_switch_then_a_power_cut_loses_nothing() {
+    let s = steps_sweep(&standard_l(L_LONG, 3700), Fault::Error, 20);
+    assert_clean("LUKS2 own steps through the switch, error then power cut", &s);
+}
+
+/// A stop asked for after `after` steps.
+struct StopAfter {
+    after: usize,
+    done: usize,
+}
+
+impl crate::engine::Hooks for StopAfter {
+    fn event(&mut self, e: &crate::engine::Event) {
+        if matches!(e, crate::engine::Event::ChunkDone { .. }) {
+            self.done += 1;
+        }
+    }
+    fn stop_requested(&self) -> bool {
+        self.done >= self.after
+    }
+}
+
+/// A stop between two steps through the switch: the bridge gets the table `cryptsetup open`
+/// builds for that state (stock cryptsetup's resume compares the live table with it), the
+/// switch and staging devices go; the steps then continue from the metadata to the end.
+#[test]
+fn a_stop_between_steps_through_the_switch_leaves_the_standard_table() {
+    let sim = Sim::new(&standard_l(L_LONG, 3800));
+    let mut e = sim.cut_over_standard(&mut NoHooks, header_of(L_LONG), CUT_OVER_ORDER).map_err(|(e, _)| e).unwrap();
+    let end = e.standard_steps(&mut StopAfter { after: 2, done: 0 }).unwrap();
+    let x = {
+        let w = sim.w.borrow();
+        let m = luks2meta::parse(&w.disk.current()[..luks2meta::HEAD_BYTES]).unwrap().unwrap();
+        L_LONG - m.reencrypt.as_ref().unwrap().encrypted_bytes / 512
+    };
+    assert_eq!(end, StepsEnd::Stopped(L_LONG - x));
+    assert_eq!(x, L_LONG - 2 * 1024, "two steps done");
+    {
+        let w = sim.w.borrow();
+        let live: Vec<String> = w.dm.devs[BRIDGE]
+            .live
+            .iter()
+            .flatten()
+            .map(|l| l.facts())
+            .map(|l| format!("{} {} {} {}", l.start, l.length, l.target_type, l.params))
+            .collect();
+        let (s, n) = (w.g.s, w.g.n);
+        let _ = n;
+        let want = vec![
+            format!("0 {s} linear {RAW} {}", L_LONG + s),
+            format!("{s} {} linear {RAW} {s}", x - s),
+            format!("{x} {} crypt {CIPHER} - {x} {RAW} {}", L_LONG - x, x + s),
+        ];
+        assert_eq!(live, want, "the standard table of the state the metadata says");
+    }
+    assert!(switch_devices_left(&sim).is_empty(), "{:?}", switch_devices_left(&sim));
+    sim.w.borrow_mut().check_all_reads().unwrap();
+    let end = e.standard_steps(&mut NoHooks).unwrap();
+    e.finish_standard(&mut NoHooks).unwrap();
+    finished_ok(&sim, end).unwrap();
+}
+
+/// The test of the test: a step that flips the wrong region is caught.
+#[test]
+fn a_wrong_switch_region_is_caught() {
+    let s = steps_sweep_as(&standard_l(L_LONG, 3900), Fault::PowerCut, 1, Some(Mutant::WrongRegion));
+    assert!(!s.failures.is_empty(), "the sweep did not catch a wrong region");
 }
