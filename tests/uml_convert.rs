@@ -287,6 +287,50 @@ echo HANDED-OVER
     verify_fresh_boot(&d, acked(&d), "ubda5_crypt");
 }
 
+/// LUKS2, luksify's own steps through its switch device (issue 22), killed with SIGKILL
+/// mid-way while the writer runs: no way out runs, so the bridge is left going through the
+/// private switch device (between steps: stock cryptsetup's online resume refuses that table
+/// as mismatching) or suspended (in a step's window). `luksify status` says so, and
+/// `luksify resume` gives the bridge the standard table of the metadata's state and finishes
+/// online; nothing the writer was told is written is lost, and the fresh boot verifies.
+#[test]
+fn luks2_killed_during_its_own_steps_then_luksify_resume_finishes_online() {
+    let dir = test_dir("convert-kill9-switch");
+    let d = fresh_copy(&dir);
+    let run = uml().disk(&d.disk1).disk(&d.disk2).out_dir(&d.state).timeout(300).run_script(&format!(
+        r#"{LIVE}
+: > "$OUT/run.err"
+"$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --progress-json /dev/ubda5 2> "$OUT/run.err" &
+P=$!
+while kill -0 $P 2>/dev/null && [ "$(grep -c '"event":"chunk"' "$OUT/run.err")" -lt 3 ]; do sleep 0.003; done
+kill -9 $P; set +e; wait $P; set -e
+dmsetup table > "$OUT/tables-killed.txt"
+dmsetup info -c --noheadings -o attr ubda5_crypt > "$OUT/attr-killed.txt"
+"$LUKSIFY" status /dev/ubda5 > "$OUT/status-killed.txt"
+"$LUKSIFY" resume --yes --no-integrate --key-file "$OUT/key" /dev/ubda5 2> "$OUT/resume.err" || die "resume: $(tail -5 "$OUT/resume.err")"
+cat "$OUT/resume.err"
+dmsetup ls > "$OUT/ls-after.txt"
+{STOP_LIVE}
+{SAME_AS_OPEN}
+echo KILLED-RESUMED
+"#
+    ));
+    run.assert_ok().assert_log_contains("KILLED-RESUMED");
+    let tables = run.file("tables-killed.txt");
+    assert!(
+        tables.contains("ubda5_crypt-luksify-switch: ") && tables.contains(" switch 2 "),
+        "no switch device: {tables}"
+    );
+    let suspended = run.file("attr-killed.txt").contains('s');
+    assert!(run.file("status-killed.txt").contains("luksify's switch device"), "{}", run.file("status-killed.txt"));
+    let want = if suspended { "was left suspended" } else { "was left going through luksify's switch device" };
+    assert!(run.file("resume.err").contains(want), "{want:?} not in: {}", run.file("resume.err"));
+    let ls = run.file("ls-after.txt");
+    assert!(!ls.contains("luksify"), "private devices left after the resume: {ls}");
+    assert_same_as_open(&run, true);
+    verify_fresh_boot(&d, acked(&d), "ubda5_crypt");
+}
+
 /// Issue 21, "any cipher the kernel has": with LUKS2 the kernel's dm-crypt encrypts (through
 /// libcryptsetup's reencryption), so `--cipher serpent-xts-plain64` converts the live disk and
 /// stock cryptsetup opens it. Before that, with the disk idle: a cipher the kernel does not

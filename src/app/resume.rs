@@ -265,9 +265,13 @@ fn resume_standard(
     let g = Geometry::new(n, l, s, s.min(MAX_STEP), 8192)
         .map_err(|e| Error::Failed(format!("{dev}: the LUKS2 metadata describes an impossible layout: {e}")))?;
     let kernel = DmKernel::new().map_err(|e| Error::Failed(e.to_string()))?;
-    let vg_lock = match vg_on_bridge(&kernel, &name) {
-        Some(vg) => Some(lock_vg(&vg)?),
-        None => None,
+    // A luksify killed in a step's suspended window leaves the bridge suspended: nothing may
+    // read it (LVM's label below) before it has its table again.
+    // (not after a crashed step: that one was libcryptsetup's, whose recovery comes first)
+    let suspended = active.is_some() && !r.crashed && kernel.is_suspended(&name);
+    let mut vg_lock = match suspended {
+        false => vg_on_bridge(&kernel, &name).map(|vg| lock_vg(&vg)).transpose()?,
+        true => None,
     };
     let _power = guard::arm(device)?;
     let conversion = crate::engine::NewConversion {
@@ -285,6 +289,20 @@ fn resume_standard(
     let mut engine = Engine::prepare_standard(disk, kernel, conversion).map_err(|e| engine_err(e, device))?;
     drop(key);
     let moved = Sectors::in_len(r.encrypted_bytes as usize).0.min(l);
+    if active.is_some() && !r.crashed {
+        // a luksify killed between its own steps leaves the bridge through its switch device,
+        // one killed in a step's window leaves it suspended
+        match engine.leave_leftover_switch(l - moved, suspended) {
+            Ok(true) => eprintln!("luksify: /dev/mapper/{name} was left {} by a luksify that was killed: it has the standard table of the metadata's state again", if suspended { "suspended" } else { "going through luksify's switch device" }),
+            Ok(false) => {}
+            Err(e) => return Err(Error::Failed(format!("{dev}: {e}; nothing is lost: `luksify resume {dev}` tries again, or reboot"))),
+        }
+    }
+    if suspended {
+        if let Some(vg) = vg_on_bridge(&engine.kernel, &name) {
+            vg_lock = Some(lock_vg(&vg)?);
+        }
+    }
     let progress = Progress { device, name: &name, l, moved };
     let driven = guard::drive_standard(&mut engine, run, progress, vg_lock, device, &pass, start);
     if let Some(id) = held {

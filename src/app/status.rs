@@ -214,6 +214,13 @@ fn print_luks2(device: &Path, m: &Meta, r: &Reencrypt, run: &Running, json: bool
     // (no hint while a luksify or a reencryption runs: a second one would be refused as busy)
     if *run == Running::No && crate::adapters::luks::reencrypt::lock_held(&m.uuid).is_none() {
         let n = name.unwrap_or("NAME");
+        let names = crate::engine::Names::new(n, 2, &m.uuid);
+        if crate::adapters::dm::Dm::open().is_ok_and(|dm| dm.info(&names.switch).is_ok_and(|i| i.is_some())) {
+            println!(
+                "  mapping:  /dev/mapper/{n} still goes through luksify's switch device {} (luksify was killed between steps): every sector is mapped right, but stock cryptsetup's online resume refuses this table; `luksify resume {d}` gives it the standard table (so does a reboot)",
+                names.switch
+            );
+        }
         println!(
             "  continue: luksify resume {d} (or stock: cryptsetup open {d} {n}, then cryptsetup reencrypt --resume-only --active-name {n})"
         );
