@@ -415,11 +415,12 @@ impl Dm {
             .map_err(|e| map_crate("resuming", name, e))
     }
 
-    /// Send `msg` to the target at sector 0 of the live table (DM_TARGET_MSG).
-    pub fn message(&self, name: &str, msg: &str) -> Result<()> {
+    /// DM_TARGET_MSG: a message to the target at sector 0 (or, `@...`, to device-mapper's core: dm-stats);
+    /// its reply, empty if none.
+    pub fn message(&self, name: &str, msg: &str) -> Result<String> {
         self.dm
             .target_msg(&DevId::Name(lookup_name(name)?), Some(0), msg)
-            .map(|_| ())
+            .map(|(_, reply)| reply.unwrap_or_default())
             .map_err(|e| map_crate("sending a message to", name, e))
     }
 

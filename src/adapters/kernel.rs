@@ -183,7 +183,7 @@ impl Kernel for DmKernel {
         self.dm.clear_inactive(n).map_err(k)
     }
 
-    fn message(&mut self, n: &str, msg: &str) -> KResult<()> {
+    fn message(&mut self, n: &str, msg: &str) -> KResult<String> {
         self.dm.message(n, msg).map_err(k)
     }
 

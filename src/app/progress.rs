@@ -63,6 +63,7 @@ enum Line<'a> {
         rechecked_sectors: u64,
         cut_windows: u32,
         read_ahead_ms: f64,
+        compare_skipped: bool,
         t_ms: u64,
         epoch_ms: u128,
     },
@@ -222,6 +223,7 @@ impl Hooks for CliHooks {
                         rechecked_sectors: stats.rechecked,
                         cut_windows: stats.cut_windows,
                         read_ahead_ms: ms1(stats.read_ahead),
+                        compare_skipped: stats.compare_skipped,
                         t_ms: t_ms_whole(),
                         epoch_ms: epoch_ms(),
                     });

@@ -6,6 +6,7 @@ pub mod boot;
 pub(crate) mod bootchain;
 pub mod cutover;
 pub(crate) mod dmline;
+pub mod dmstats;
 pub(crate) mod evidence;
 pub mod facts;
 pub mod geometry;

@@ -119,6 +119,9 @@ pub struct ChunkStats {
     /// Time spent, the bridge live, reading the next step's source ahead while waiting for
     /// that moment (instead of sleeping).
     pub read_ahead: Duration,
+    /// The last comparison under the suspend was skipped: the hotzone's dm-stats region
+    /// counted no write (LUKS2's own steps, [`crate::core::dmstats`]).
+    pub compare_skipped: bool,
 }
 
 impl ChunkStats {

@@ -17,6 +17,12 @@
 //! next step's source is read ahead; it only saves that step a read: its own last
 //! comparison under its own suspend treats it like any other copy of the source.
 //!
+//! That last comparison reads the whole source again inside the window; it is skipped when
+//! a dm-stats region on the bridge over the hotzone, created before the first read of its
+//! source, counted no write by the time the bridge is suspended ([`crate::core::dmstats`]
+//! says why that proves the source unchanged). Any doubt (no region, a message that fails,
+//! a reply that does not parse, a write counted) and the comparison runs.
+//!
 //! Crash at any point: before the primary copy is durable the metadata says the old state,
 //! whose table maps the source, untouched since the suspend; from then on the new state,
 //! whose destination holds exactly the source as it was at the suspend. Nothing changes
@@ -31,7 +37,7 @@
 //! state stock cryptsetup opens but cannot finish; `luksify resume` writes the rest.
 
 use super::*;
-use crate::core::luks2meta;
+use crate::core::{dmstats, luks2meta};
 
 /// How [`Engine::standard_steps`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +69,20 @@ pub(crate) enum Mutant {
     /// A step through the switch device flips the region of the step after it (not yet
     /// copied) instead of its own.
     WrongRegion,
+    /// The last comparison is skipped whenever the hotzone has a dm-stats region, whatever
+    /// it counted.
+    IgnoreWatchCount,
+    /// The step's dm-stats region is created after its source was read (and none ahead).
+    LateWatch,
+}
+
+/// A dm-stats region on the bridge over hotzone [from, to), created before the first read of
+/// the hotzone's source ([`crate::core::dmstats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Watch {
+    from: u64,
+    to: u64,
+    id: u64,
 }
 
 /// The step's buffers, allocated (and so, under `mlockall`, faulted in) before any suspend.
@@ -79,6 +99,8 @@ struct Bufs {
     meta: IoBuf,
     /// Runs of sectors copied again in the suspended window (capacity fixed up front).
     runs: Vec<(u64, u64)>,
+    /// The dm-stats regions on the bridge: this step's and the next one's.
+    watches: Vec<Watch>,
 }
 
 /// The live copy's I/O goes to the disk a piece at a time: one request of a whole step
@@ -195,10 +217,14 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             head: buf(luks2meta::HEAD_BYTES)?,
             meta: buf(luks2meta::HEAD_BYTES)?,
             runs: Vec::with_capacity(RECHECK_RUNS),
+            watches: Vec::with_capacity(4),
         };
+        // regions a luksify killed before left on the bridge
+        self.purge_watches();
         let l = self.g().l;
         let mut sw = Switched { z: tables::switch_start(l, s), ..Switched::default() };
         let r = self.steps_loop(xts, hooks, &mut b, &mut sw);
+        self.unwatch(&mut b, None);
         // Whatever ended the run: the bridge gets the table `cryptsetup open` builds again
         // (stock cryptsetup's resume compares the live table with it), unless it is left
         // suspended on purpose.
@@ -345,8 +371,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// its ciphertext starts), resumed, and remove the switch. Right whatever instant the
     /// kill came at: before a step's commit the bridge still maps its source, untouched since
     /// the suspend; after it the bridge was suspended since before the last comparison, so
-    /// source and copy are the same. Whether anything was done.
+    /// source and copy are the same. Whether anything was done. The dm-stats regions the
+    /// killed run left on the bridge are deleted too.
     pub fn leave_leftover_switch(&mut self, x: u64, suspended: bool) -> EResult<bool> {
+        self.purge_watches();
         let dev = kern(self.kernel.lookup(&self.names.switch))?;
         let through = match dev {
             Some(dev) => kern(self.kernel.table(&self.names.bridge.clone()))?
@@ -428,11 +456,23 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let len = Sectors(b - a).byte_len();
         let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
         let mut stats = ChunkStats::default();
+        #[cfg(test)]
+        let late = self.standard_mutant == Some(Mutant::LateWatch);
+        #[cfg(not(test))]
+        let late = false;
         // 1. Copy, live: the source (the rest of it not read ahead), the destination S
-        // further on (no table maps it).
+        // further on (no table maps it). Its dm-stats region first, unless one was created
+        // before the read ahead began (after a read ahead without one, none is of use).
         let t0 = Instant::now();
+        if have == 0 && !late {
+            self.watch(bf, a, b);
+        }
         read_pieces(&mut self.disk, src + Sectors::in_len(have).0, &mut bf.plain[have..len])
             .map_err(|e| fail(a, format!("reading the source: {e}")))?;
+        if late {
+            self.unwatch(bf, None);
+            self.watch(bf, a, b);
+        }
         xts.encrypt_into(&bf.plain[..len], &mut bf.cipher[..len], a);
         write_pieces(&mut self.disk, a + s, &bf.cipher[..len])
             .map_err(|e| fail(a, format!("writing the copy: {e}")))?;
@@ -466,6 +506,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         // (a source read ahead is read again under the suspend like any other: a live write
         // may have changed it since)
         let next_src = next.map(|(na, nb)| (self.standard_source(na), Sectors(nb - na).byte_len()));
+        if let Some((na, nb)) = next.filter(|_| !late) {
+            self.watch(bf, na, nb);
+        }
         let mut got = 0;
         let nbuf = &mut bf.next;
         let sp = self.suspend_on_tick(&bridge, &mut |disk| {
@@ -488,7 +531,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let trust = have > 0 && self.standard_mutant == Some(Mutant::TrustReadAhead);
         #[cfg(not(test))]
         let trust = false;
-        let refreshed = if trust { Ok(0) } else { self.refresh_standard(xts, bf, a, b) };
+        let quiet = !trust && self.watched_quiet(bf, a, b);
+        let refreshed = if trust || quiet { Ok(0) } else { self.refresh_standard(xts, bf, a, b) };
         let changed = match refreshed {
             Ok(c) => c,
             Err(e) => {
@@ -503,6 +547,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             }
         };
         stats.rechecked = changed;
+        stats.compare_skipped = quiet;
         let t_refreshed = Instant::now();
         #[cfg(test)]
         if self.standard_mutant == Some(Mutant::FlipBeforeCommit) {
@@ -534,12 +579,65 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             t_end - w,
             [t_suspended - w, t_refreshed - t_suspended, t_committed - t_refreshed, t_end - t_committed],
         );
-        // (this step's source is not needed any more)
+        // (this step's source and its region are not needed any more)
+        self.unwatch(bf, next);
         let read = next.filter(|_| got > 0).map(|(from, to)| {
             std::mem::swap(&mut bf.plain, &mut bf.next);
             ReadAhead { from, to, bytes: got }
         });
         Ok((stats, read))
+    }
+
+    /// A dm-stats region over hotzone [a, b) on the bridge, unless it has one. None if the
+    /// message fails: that step's comparison runs.
+    fn watch(&mut self, bf: &mut Bufs, a: u64, b: u64) {
+        if bf.watches.iter().any(|w| (w.from, w.to) == (a, b)) || bf.watches.len() == bf.watches.capacity() {
+            return;
+        }
+        let bridge = self.names.bridge.clone();
+        if let Some(id) =
+            self.kernel.message(&bridge, &dmstats::create_msg(a, b)).ok().and_then(|r| dmstats::parse_created(&r))
+        {
+            bf.watches.push(Watch { from: a, to: b, id });
+        }
+    }
+
+    /// Under the suspend: whether hotzone [a, b)'s region counted no write (so its source is
+    /// what was read, and the last comparison would find nothing).
+    fn watched_quiet(&mut self, bf: &Bufs, a: u64, b: u64) -> bool {
+        let Some(w) = bf.watches.iter().find(|w| (w.from, w.to) == (a, b)).copied() else { return false };
+        #[cfg(test)]
+        if self.standard_mutant == Some(Mutant::IgnoreWatchCount) {
+            return true;
+        }
+        let bridge = self.names.bridge.clone();
+        self.kernel.message(&bridge, &dmstats::print_msg(w.id)).is_ok_and(|r| dmstats::quiet(&r))
+    }
+
+    /// Delete the regions, but the one over `keep`. A failure is left: the next run's
+    /// [`Engine::purge_watches`] (or the bridge's removal) takes it.
+    fn unwatch(&mut self, bf: &mut Bufs, keep: Option<(u64, u64)>) {
+        let bridge = self.names.bridge.clone();
+        let mut i = 0;
+        while i < bf.watches.len() {
+            let w = bf.watches[i];
+            if Some((w.from, w.to)) == keep {
+                i += 1;
+                continue;
+            }
+            let _ = self.kernel.message(&bridge, &dmstats::delete_msg(w.id));
+            bf.watches.remove(i);
+        }
+    }
+
+    /// Delete luksify's regions on the bridge (left by a luksify that was killed).
+    fn purge_watches(&mut self) {
+        let bridge = self.names.bridge.clone();
+        if let Ok(r) = self.kernel.message(&bridge, &dmstats::list_msg()) {
+            for id in dmstats::parse_list(&r) {
+                let _ = self.kernel.message(&bridge, &dmstats::delete_msg(id));
+            }
+        }
     }
 
     /// Read [ra, rb) of step [a, b) back from the destination: what `cipher` says was written.

@@ -110,8 +110,10 @@ pub trait Kernel {
     fn load_lines(&mut self, name: &str, lines: &[TableLineFacts]) -> KResult<()>;
     fn clear_inactive(&mut self, name: &str) -> KResult<()>;
     /// Send `msg` to the target at sector 0 of `name`'s live table (`dmsetup message`); a
-    /// dm-switch's `set_region_mappings` changes where its regions go without a new table.
-    fn message(&mut self, name: &str, msg: &str) -> KResult<()>;
+    /// dm-switch's `set_region_mappings` changes where its regions go without a new table;
+    /// `@stats_*` messages go to device-mapper's core ([`crate::core::dmstats`]). The reply,
+    /// empty if none.
+    fn message(&mut self, name: &str, msg: &str) -> KResult<String>;
     /// Suspend, flushing in-flight I/O.
     fn suspend(&mut self, name: &str) -> KResult<()>;
     /// Resume (making the inactive table live, if one is loaded).

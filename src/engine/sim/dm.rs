@@ -128,6 +128,17 @@ pub(super) struct DmDev {
     pub(super) live: Option<Vec<SLine>>,
     pub(super) inactive: Option<Vec<SLine>>,
     pub(super) suspended: bool,
+    /// dm-stats regions (`@stats_create`): id, [start, end), writes counted since created.
+    pub(super) stats: Vec<SimStat>,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct SimStat {
+    pub(super) id: u64,
+    pub(super) start: u64,
+    pub(super) end: u64,
+    pub(super) writes: u64,
+    pub(super) program: String,
 }
 
 pub(super) fn size_of(t: &Option<Vec<SLine>>) -> u64 {

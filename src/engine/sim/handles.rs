@@ -114,7 +114,7 @@ impl Kernel for SimKernel {
         w.dm.next_minor += 1;
         w.dm.devs.insert(
             name.into(),
-            DmDev { dev, uuid: uuid.into(), private, live: None, inactive: None, suspended: false },
+            DmDev { dev, uuid: uuid.into(), private, live: None, inactive: None, suspended: false, stats: Vec::new() },
         );
         Ok(dev)
     }
@@ -159,9 +159,17 @@ impl Kernel for SimKernel {
         Ok(())
     }
 
-    fn message(&mut self, name: &str, msg: &str) -> KResult<()> {
+    fn message(&mut self, name: &str, msg: &str) -> KResult<String> {
         let mut w = self.0.borrow_mut();
         let failed = w.op(|| format!("message {name}: {msg}")).err();
+        if msg.starts_with('@') {
+            // dm-stats, device-mapper's core: a failed message changed nothing
+            if let Some(e) = failed {
+                return Err(kerr(e));
+            }
+            return stats_message(w.dev_mut(name)?, msg)
+                .map_err(|e| KernelError::new(format!("message to {name}: {e} (EINVAL)")));
+        }
         // A message that fails may have set some regions before it failed (the kernel sets
         // them one word at a time): the caller cannot tell.
         let apply = failed.is_none() || (!w.dead && w.rng.gen_bool(0.5));
@@ -178,7 +186,7 @@ impl Kernel for SimKernel {
         if let Some(e) = failed {
             return Err(kerr(e));
         }
-        r.map_err(|e| KernelError::new(format!("message to {name}: {e} (EINVAL)")))
+        r.map(|()| String::new()).map_err(|e| KernelError::new(format!("message to {name}: {e} (EINVAL)")))
     }
 
     fn suspend(&mut self, name: &str) -> KResult<()> {
@@ -329,5 +337,46 @@ impl Kernel for SimKernel {
             }
         }
         failed.map_or(Ok(()), |e| Err(kerr(e)))
+    }
+}
+
+/// The `@stats_*` messages luksify sends, as dm-stats answers them (one area per region; of
+/// the counters only the writes are modelled).
+fn stats_message(d: &mut super::dm::DmDev, msg: &str) -> Result<String, String> {
+    let w: Vec<&str> = msg.split_whitespace().collect();
+    let id = |i: usize| w.get(i).and_then(|v| v.parse::<u64>().ok()).ok_or("no region id");
+    match w.first().copied() {
+        Some("@stats_create") => {
+            let (a, n) = w.get(1).and_then(|r| r.split_once('+')).ok_or("no range")?;
+            let (a, n): (u64, u64) = (a.parse().map_err(|_| "range")?, n.parse().map_err(|_| "range")?);
+            let id = (0..).find(|i| d.stats.iter().all(|r| r.id != *i)).expect("a free id");
+            let program = w.get(3).copied().unwrap_or("-");
+            d.stats.push(super::dm::SimStat { id, start: a, end: a + n, writes: 0, program: program.into() });
+            Ok(format!("{id}"))
+        }
+        Some("@stats_print") => {
+            let id = id(1)?;
+            let r = d.stats.iter().find(|r| r.id == id).ok_or("no such region")?;
+            let wr = r.writes;
+            Ok(format!("{}+{} 0 0 0 0 {wr} 0 {} 0 0 0 0 0 0\n", r.start, r.end - r.start, wr * 8))
+        }
+        Some("@stats_delete") => {
+            let id = id(1)?;
+            let before = d.stats.len();
+            d.stats.retain(|r| r.id != id);
+            if d.stats.len() == before {
+                return Err("no such region".into());
+            }
+            Ok(String::new())
+        }
+        Some("@stats_list") => {
+            let want = w.get(1).copied();
+            Ok(d.stats
+                .iter()
+                .filter(|r| want.is_none_or(|p| p == r.program))
+                .map(|r| format!("{}: {}+{} {} {} -\n", r.id, r.start, r.end - r.start, r.end - r.start, r.program))
+                .collect())
+        }
+        _ => Err("no such message".into()),
     }
 }

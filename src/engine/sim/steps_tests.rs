@@ -200,7 +200,14 @@ fn luksifys_own_luks2_steps_finish_with_the_live_system_running() {
 /// system quiet, then busy under a few seeds).
 #[test]
 fn a_wrong_order_in_luksifys_own_luks2_steps_is_caught_by_the_sweep() {
-    for m in [Mutant::FlipBeforeCommit, Mutant::UnflushedCopy, Mutant::OneFlushForBothCopies, Mutant::TrustReadAhead] {
+    for m in [
+        Mutant::FlipBeforeCommit,
+        Mutant::UnflushedCopy,
+        Mutant::OneFlushForBothCopies,
+        Mutant::TrustReadAhead,
+        Mutant::IgnoreWatchCount,
+        Mutant::LateWatch,
+    ] {
         let mut quiet = scenario(3400);
         quiet.writer = WriterConfig::off();
         let tries = std::iter::once(quiet).chain((0..12).map(|k| scenario(3401 + k)));
@@ -310,4 +317,70 @@ fn a_stop_between_steps_through_the_switch_leaves_the_standard_table() {
 fn a_wrong_switch_region_is_caught() {
     let s = steps_sweep_as(&standard_l(L_LONG, 3900), Fault::PowerCut, 1, Some(Mutant::WrongRegion));
     assert!(!s.failures.is_empty(), "the sweep did not catch a wrong region");
+}
+
+/// luksify's dm-stats regions on the bridge (program id luksify).
+fn watches_left(sim: &Sim) -> usize {
+    sim.w.borrow().dm.devs.get(BRIDGE).map_or(0, |d| d.stats.iter().filter(|r| r.program == "luksify").count())
+}
+
+/// With the live system quiet, every step's region counts no write and every last
+/// comparison is skipped; with it busy, the steps whose hotzone was written compare (and a
+/// run without the regions would have compared every step). No region is left on the bridge.
+#[test]
+fn the_last_comparison_is_skipped_only_where_no_write_was_counted() {
+    struct Count {
+        skipped: usize,
+        steps: usize,
+    }
+    impl crate::engine::Hooks for Count {
+        fn event(&mut self, e: &crate::engine::Event) {
+            if let crate::engine::Event::ChunkDone { stats, .. } = e {
+                self.steps += 1;
+                self.skipped += usize::from(stats.compare_skipped);
+            }
+        }
+    }
+    let run = |sc: &Scenario| {
+        let sim = Sim::new(sc);
+        let mut e = sim.cut_over_standard(&mut NoHooks, header_of(sc.l), CUT_OVER_ORDER).map_err(|(e, _)| e).unwrap();
+        let mut c = Count { skipped: 0, steps: 0 };
+        let end = e.standard_steps(&mut c).unwrap();
+        e.finish_standard(&mut NoHooks).unwrap();
+        finished_ok(&sim, end).unwrap();
+        assert_eq!(watches_left(&sim), 0, "dm-stats regions left on the bridge");
+        (c.skipped, c.steps, ops_named(&sim, "@stats_print"))
+    };
+    let mut quiet = standard_l(L_LONG, 4000);
+    quiet.writer = WriterConfig::off();
+    let (skipped, steps, prints) = run(&quiet);
+    assert!(steps >= 5, "{steps} steps");
+    assert_eq!((skipped, prints), (steps, steps), "a quiet system: every comparison skipped");
+    let (mut busy_skipped, mut busy_compared) = (0, 0);
+    for k in 0..4 {
+        let (skipped, steps, _) = run(&standard_l(L_LONG, 4001 + k));
+        busy_skipped += skipped;
+        busy_compared += steps - skipped;
+    }
+    assert!(busy_compared > 0, "a busy system wrote no hotzone in flight: the test shows nothing");
+    eprintln!("busy: {busy_skipped} comparisons skipped, {busy_compared} run");
+}
+
+/// Regions a killed luksify left on the bridge are deleted by the next run.
+#[test]
+fn regions_left_by_a_killed_luksify_are_deleted() {
+    let sim = Sim::new(&standard_l(L, 4100));
+    let mut e = sim.cut_over_standard(&mut NoHooks, header_of(L), CUT_OVER_ORDER).map_err(|(e, _)| e).unwrap();
+    {
+        use crate::engine::Kernel;
+        e.kernel.message(BRIDGE, &crate::core::dmstats::create_msg(0, 8)).unwrap();
+        e.kernel.message(BRIDGE, "@stats_create 0+8 /1 dmstats").unwrap();
+    }
+    assert_eq!(watches_left(&sim), 1);
+    let end = e.standard_steps(&mut NoHooks).unwrap();
+    e.finish_standard(&mut NoHooks).unwrap();
+    finished_ok(&sim, end).unwrap();
+    assert_eq!(watches_left(&sim), 0);
+    let other = sim.w.borrow().dm.devs[BRIDGE].stats.len();
+    assert_eq!(other, 1, "another program's region stays");
 }

@@ -504,6 +504,7 @@ impl World {
                     live: None,
                     inactive: None,
                     suspended: false,
+                    stats: Vec::new(),
                 },
             );
             let lines =
@@ -594,6 +595,14 @@ impl World {
             return Err(IoFail::Blocked);
         }
         let name = name.clone();
+        if write {
+            // dm-stats: a write is counted in the regions it overlaps (the kernel counts it
+            // when it completes, failed or not; the simulator's I/O is synchronous)
+            if let Some(d) = self.dm.devs.get_mut(&name) {
+                d.stats.iter_mut().filter(|r| (r.start..r.end).contains(&s)).for_each(|r| r.writes += 1);
+            }
+        }
+        let d = &self.dm.devs[&name];
         let t = d.live.as_ref().ok_or_else(|| IoFail::Error(format!("{name} has no table")))?;
         let li = Self::line_at(t, s).ok_or_else(|| IoFail::Error(format!("sector {s} beyond the end of {name}")))?;
         let l = &t[li];
