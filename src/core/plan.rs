@@ -24,16 +24,31 @@ pub const ASSUMED_MIB_PER_S: u64 = 100;
 /// ([`MAX_STEP`], 8 MiB; a step moves at most S). A larger S than the header needs means
 /// fewer, larger steps (each has a fixed cost: a table load, a suspend, a journal commit)
 /// and costs nothing when the tail past the PV is unused anyway; beyond the largest step
-/// it would only waste space. Only LUKS1's 2 MiB default is ever raised.
+/// it would only waste space. LUKS1's 2 MiB default is raised up to this.
 pub const MAX_AUTO_SHIFT: u64 = MAX_STEP;
+
+/// LUKS2 with luksify's own steps (aes-xts-plain64, 512-bit key): the 16 MiB default is
+/// raised up to 32 MiB, a step being S. A step's suspended window does not grow with S
+/// while no write reaches its hotzone (the last comparison is skipped on dm-stats' word,
+/// `engine/standard_steps.rs`); in the test bed a step took five 10 ms ticks at 16 MiB,
+/// most of it the fixed suspend, so larger steps move more per tick. The cost: the step's
+/// buffers (four of S, locked in memory: 128 MiB), a comparison of 32 MiB (~14 ms in the
+/// bed) in a window whose hotzone a write did reach, and steps libcryptsetup runs (a resume
+/// after a crash) of S too, their hotzone suspended through each. Other ciphers keep 16 MiB.
+pub const MAX_AUTO_SHIFT_LUKS2: u64 = 65536;
 
 /// The data offset S to use when the user gave none: the LUKS version's default, doubled
 /// while the doubled value still fits in the tail past the PV (`tail_have` sectors of a
-/// device of `n`), stays at most [`MAX_AUTO_SHIFT`] and is below L (one step moves
-/// everything already).
-pub fn auto_shift(luks: LuksVersion, n: u64, l: u64, tail_have: u64) -> u64 {
+/// device of `n`), stays at most [`MAX_AUTO_SHIFT`] (LUKS2 with luksify's own steps,
+/// `own_steps`: [`MAX_AUTO_SHIFT_LUKS2`]) and is below L (one step moves everything
+/// already).
+pub fn auto_shift(luks: LuksVersion, own_steps: bool, n: u64, l: u64, tail_have: u64) -> u64 {
+    let cap = match luks {
+        LuksVersion::Luks2 if own_steps => MAX_AUTO_SHIFT_LUKS2,
+        _ => MAX_AUTO_SHIFT,
+    };
     let mut s = luks.default_shift();
-    while s * 2 <= MAX_AUTO_SHIFT && s < l && room_needed(luks, n, s * 2) <= tail_have {
+    while s * 2 <= cap && s < l && room_needed(luks, n, s * 2) <= tail_have {
         s *= 2;
     }
     s
@@ -406,7 +421,8 @@ pub fn plan_with_boot(f: &DeviceFacts, bf: Option<&BootFacts>, o: &Options) -> P
 
     let tail_have = f.size_sectors.saturating_sub(l);
     if o.shift.is_none() && l > 0 {
-        s = auto_shift(o.luks, f.size_sectors, l, tail_have);
+        let own_steps = o.cipher == "aes-xts-plain64" && o.key_bits == 512;
+        s = auto_shift(o.luks, own_steps, f.size_sectors, l, tail_have);
     }
     let k = o.chunk.unwrap_or(s.min(MAX_STEP));
     // The room needed is the room for the smallest header that works, not the raised one.
@@ -1351,14 +1367,20 @@ pub(crate) mod tests {
     fn auto_shift_is_bounded() {
         let big = 1u64 << 40;
         // A huge tail: capped at the largest step; LUKS2's default is already larger.
-        assert_eq!(auto_shift(LuksVersion::Luks1, big, big / 2, big / 2), MAX_AUTO_SHIFT);
-        assert_eq!(auto_shift(LuksVersion::Luks2, big, big / 2, big / 2), 32768);
+        assert_eq!(auto_shift(LuksVersion::Luks1, true, big, big / 2, big / 2), MAX_AUTO_SHIFT);
+        // LUKS2: 32 MiB with luksify's own steps, else cryptsetup's 16 MiB
+        assert_eq!(auto_shift(LuksVersion::Luks2, true, big, big / 2, big / 2), MAX_AUTO_SHIFT_LUKS2);
+        assert_eq!(auto_shift(LuksVersion::Luks2, false, big, big / 2, big / 2), 32768);
+        // LUKS2 raised only where the tail holds 2S and the cut-over record
+        let need = standard_tail_needed(big, 65536);
+        assert_eq!(auto_shift(LuksVersion::Luks2, true, big, big / 2, need), 65536);
+        assert_eq!(auto_shift(LuksVersion::Luks2, true, big, big / 2, need - 1), 32768);
         // Never beyond the first power-of-two multiple of the default that covers L.
-        assert_eq!(auto_shift(LuksVersion::Luks1, big, 6_000, big - 6_000), 8192);
+        assert_eq!(auto_shift(LuksVersion::Luks1, true, big, 6_000, big - 6_000), 8192);
         // No room: the default.
-        assert_eq!(auto_shift(LuksVersion::Luks1, big, big - 10, 10), 4096);
+        assert_eq!(auto_shift(LuksVersion::Luks1, true, big, big - 10, 10), 4096);
         for (l, tail) in [(1u64 << 20, 9_000u64), (1 << 22, 300_000), (1 << 30, 1 << 20)] {
-            let s = auto_shift(LuksVersion::Luks1, l + tail, l, tail);
+            let s = auto_shift(LuksVersion::Luks1, true, l + tail, l, tail);
             assert!(Geometry::tail_needed(l + tail, s) <= tail && s <= MAX_AUTO_SHIFT, "{l} {tail} {s}");
         }
     }

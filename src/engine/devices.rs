@@ -194,7 +194,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         what: &'static str,
     ) -> EResult<()> {
         kern(self.kernel.load(name, table, key.unwrap_or(&self.key_hex)))?;
-        if let Err(e) = self.kernel.suspend(name) {
+        if let Err(e) = self.suspend_observed(name) {
             let r = self.kernel.clear_inactive(name);
             undone(&mut self.undo_failed, || format!("clearing the inactive table of {}", name), r);
             return Err(EngineError::Kernel(e.context(format!("suspending the {what}"))));
@@ -280,7 +280,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         }
         // Phase 2: swap them in, one short suspend each. A failure puts back the old tables.
         for (i, (name, _, _)) in plans.iter().enumerate() {
-            let r = self.kernel.suspend(name).and_then(|_| self.kernel.resume(name));
+            let r = self.suspend_observed(name).and_then(|_| self.kernel.resume(name));
             if let Err(e) = r {
                 let r = self.kernel.resume(name);
                 undone(&mut self.undo_failed, || format!("resuming {}", name), r);

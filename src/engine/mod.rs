@@ -272,6 +272,10 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// `sim/steps_tests.rs` must catch.
     #[cfg(test)]
     pub(crate) standard_mutant: Option<standard_steps::Mutant>,
+    /// TESTS ONLY: the cut-over copies the first S under the suspend, never before it (the
+    /// order tests of `sim/cutover_tests.rs` check that path's order).
+    #[cfg(test)]
+    pub(crate) no_precopy: bool,
 }
 
 /// How a run behaves; none of it changes what is written, only when and how fast.
@@ -426,6 +430,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             wrong_order_for_tests: false,
             #[cfg(test)]
             standard_mutant: None,
+            #[cfg(test)]
+            no_precopy: false,
             rec,
         })
     }
@@ -570,6 +576,15 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let returned = Instant::now();
         self.ticks.observe((returned - self.epoch).as_nanos() as u64);
         Ok(Suspended { slept, filled: called - start - slept, called, returned })
+    }
+
+    /// Suspend `name` (flushing) and learn the tick from when it returned
+    /// ([`crate::core::tick`]): every suspend luksify makes of a device in use counts, so
+    /// that the steps' first windows already start just before a tick.
+    fn suspend_observed(&mut self, name: &str) -> KResult<()> {
+        self.kernel.suspend(name)?;
+        self.ticks.observe((Instant::now() - self.epoch).as_nanos() as u64);
+        Ok(())
     }
 
     /// Whether a wait of `wait` before a suspend leaves time for one more piece of work

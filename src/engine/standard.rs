@@ -1,13 +1,17 @@
 //! LUKS2 conversions in cryptsetup's standard format (DESIGN.md, "The standard format
 //! mid-way"; journal-format.md, "LUKS2").
 //!
-//! Nothing is written to the device before the cut-over: the bridge goes in under the LVs
-//! exactly as for LUKS1, its records live in memory only. The cut-over, with the bridge
-//! suspended, runs [`CUT_OVER_ORDER`]: the first S plaintext sectors copied to the moved
-//! segment [L+S, L+2S) and luksify's cut-over record (`core::cutover`: where they are, and
-//! their SHA-256) written to the device's last 4 KiB, flushed, read back; the LVM label
-//! removed (zeros over the first 4 KiB), flushed, so that no PV with a half-overwritten
-//! metadata area is ever visible; the LUKS2 header of an encryption in progress over
+//! Nothing is written to the device before the cut-over but the moved segment's early copy
+//! (past the PV, where nothing looks): the bridge goes in under the LVs exactly as for
+//! LUKS1, its records live in memory only. The cut-over, with the bridge suspended, runs
+//! [`CUT_OVER_ORDER`]: the first S plaintext sectors copied to the moved segment
+//! [L+S, L+2S) (or the copy made live just before the suspend: as it is if a dm-stats
+//! region over them counted no write since before it read them, else brought up to date,
+//! the runs of sectors that changed copied again) and luksify's
+//! cut-over record (`core::cutover`: where they are, and their SHA-256) written to the
+//! device's last 4 KiB, flushed, read back; the LVM label removed (its sector zeroed, one
+//! sector: never torn), flushed, so that no PV with a half-overwritten metadata area is
+//! ever visible; the LUKS2 header of an encryption in progress over
 //! [4 KiB, H), flushed, then its first 4 KiB, flushed; the bridge resumed with the table
 //! `cryptsetup open` builds for that header; [H, S) zeroed, flushed; the record erased.
 //! A crash anywhere leaves either the plain PV, or the record and an intact copy (which
@@ -20,7 +24,7 @@
 
 use super::*;
 use crate::core::cutover::{self, CutRecord, Decision, Finding};
-use crate::core::luks2meta;
+use crate::core::{dmstats, luks2meta};
 
 /// What the cut-over did, for the progress output and the benchmark.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -146,18 +150,35 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let mut rec_buf = buf(cutover::RECORD_BYTES).map_err(before)?;
         let zero4k = buf(cutover::RECORD_BYTES).map_err(before)?;
         hdr.copy_from_slice(&self.header);
-        kern(self.kernel.load(&bridge, &table, &self.key_hex)).map_err(before)?;
-        if let Err(e) = self.kernel.suspend(&bridge) {
+        // Live, before the suspend: the first S sectors copied to the moved segment (past
+        // the PV: nothing maps it yet), flushed and read back, under a dm-stats region over
+        // [0, S) on the bridge created before the read (`core::dmstats`). If under the
+        // suspend the region counted no write, that copy is the source as it stands and the
+        // window only writes the record and the header; otherwise (or without a region) the
+        // window reads and copies the first S itself.
+        let watch = self.precopy_first_s(&mut plain, &mut back, l, s);
+        kern(self.kernel.load(&bridge, &table, &self.key_hex)).map_err(|e| {
+            self.unwatch_first_s(watch);
+            before(e)
+        })?;
+        if let Err(e) = self.suspend_observed(&bridge) {
+            self.unwatch_first_s(watch);
             let r = self.kernel.clear_inactive(&bridge);
             undone(&mut self.undo_failed, || format!("clearing the inactive table of {bridge}"), r);
             return Err((EngineError::Kernel(e.context("suspending the bridge for the cut-over")), false));
         }
         let t0 = Instant::now();
-        // The first S sectors, read once with the bridge suspended (no write can change them
-        // any more): the moved segment's content and the record's checksum.
-        if let Err(e) = self.disk.read(0, &mut plain) {
-            self.resume_old(&bridge);
-            return Err((EngineError::Io { what: format!("reading sectors 0..{s}"), source: e }, false));
+        // (a write counted: the early copy is brought up to date, the sectors that changed
+        // copied again, flushed and read back; if that fails, the window copies it all)
+        let copied =
+            watch.is_some() && (self.first_s_quiet(watch) || self.refresh_first_s(&mut plain, &mut back, l, s).is_ok());
+        // Else the first S sectors, read once with the bridge suspended (no write can change
+        // them any more): the moved segment's content and the record's checksum.
+        if !copied {
+            if let Err(e) = self.disk.read(0, &mut plain) {
+                self.resume_old(&bridge);
+                return Err((EngineError::Io { what: format!("reading sectors 0..{s}"), source: e }, false));
+            }
         }
         let record = CutRecord {
             n,
@@ -175,6 +196,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let mut stall = Duration::ZERO;
         for &step in self.cut_order {
             let r: EResult<()> = match step {
+                // (copied, flushed and read back before the suspend)
+                CutStep::Moved | CutStep::ReadBack if copied => Ok(()),
                 CutStep::Moved => io(self.disk.write(l + s, &plain), || format!("copying sectors 0..{s} to {}", l + s)),
                 CutStep::Record => {
                     record_written = true;
@@ -198,8 +221,17 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                         }),
                     }),
                 CutStep::Fence => {
+                    // The label's sector(s) only, one sector each (never torn): a torn
+                    // 4 KiB write could zero the sectors around a label that stays, and a
+                    // label on the disk says nothing of [0, S) was overwritten. (No label
+                    // found: the whole first 4 KiB, as the label's place is unknown.)
                     touched = true;
-                    io(self.disk.write(0, &zero4k), || "removing the LVM label (zeroing the first 4 KiB)".into())
+                    let labels = cutover::label_sectors(&plain[..4096]);
+                    let r = match labels.is_empty() {
+                        true => self.disk.write(0, &zero4k),
+                        false => labels.iter().try_for_each(|&i| self.disk.write(i as u64, &zero4k[..512])),
+                    };
+                    io(r, || "removing the LVM label".into())
                 }
                 CutStep::HeaderRest => {
                     touched = true;
@@ -284,6 +316,89 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         }
         self.remove_helpers().map_err(|e| (e, true))?;
         Ok(CutOver { stall })
+    }
+
+    /// The cut-over's copy of the first S before the suspend (see [`Engine::cut_over`]): a
+    /// dm-stats region over [0, S) on the bridge, then the first S read into `plain`,
+    /// written to the moved segment at L + S, flushed, read back into `back` and compared.
+    /// The region's id if all of it went well (else none, and the region is gone).
+    fn precopy_first_s(&mut self, plain: &mut [u8], back: &mut [u8], l: u64, s: u64) -> Option<u64> {
+        #[cfg(test)]
+        if self.no_precopy {
+            return None;
+        }
+        let bridge = self.names.bridge.clone();
+        let id =
+            self.kernel.message(&bridge, &dmstats::create_msg(0, s)).ok().and_then(|r| dmstats::parse_created(&r))?;
+        let ok = self.disk.read(0, plain).is_ok()
+            && self.disk.write(l + s, plain).is_ok()
+            && self.disk.flush().is_ok()
+            && self.disk.read(l + s, back).is_ok()
+            && back[..] == plain[..];
+        if !ok {
+            self.unwatch_first_s(Some(id));
+            return None;
+        }
+        Some(id)
+    }
+
+    /// Under the cut-over's suspend: whether the region counted no write since before the
+    /// copy read the first S (then the moved segment holds them as they are). The region is
+    /// deleted either way.
+    fn first_s_quiet(&mut self, watch: Option<u64>) -> bool {
+        let Some(id) = watch else { return false };
+        let bridge = self.names.bridge.clone();
+        let quiet = self.kernel.message(&bridge, &dmstats::print_msg(id)).is_ok_and(|r| dmstats::quiet(&r));
+        self.unwatch_first_s(watch);
+        #[cfg(test)]
+        if self.standard_mutant == Some(standard_steps::Mutant::TrustPrecopy) {
+            return true;
+        }
+        quiet
+    }
+
+    /// Under the cut-over's suspend, after a write reached the first S since the early copy
+    /// read them: read them again into `back`, and copy every run of sectors that differs
+    /// from `plain` (updated) to the moved segment, flushed, read back and compared.
+    fn refresh_first_s(&mut self, plain: &mut [u8], back: &mut [u8], l: u64, s: u64) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.standard_mutant == Some(standard_steps::Mutant::TrustPrecopy) {
+            return Ok(());
+        }
+        self.disk.read(0, back)?;
+        let n = Sectors(s).byte_len() / SECTOR_BYTES;
+        let differs = |plain: &[u8], back: &[u8], i: usize| plain[sector(i)] != back[sector(i)];
+        let (mut i, mut changed) = (0usize, false);
+        while i < n {
+            if !differs(plain, back, i) {
+                i += 1;
+                continue;
+            }
+            let j = i;
+            while i < n && differs(plain, back, i) {
+                i += 1;
+            }
+            let r = j * SECTOR_BYTES..i * SECTOR_BYTES;
+            plain[r.clone()].copy_from_slice(&back[r.clone()]);
+            self.disk.write(l + s + j as u64, &plain[r])?;
+            changed = true;
+        }
+        if changed {
+            self.disk.flush()?;
+            // every run read back: `back` equals `plain` everywhere else already
+            self.disk.read(l + s, back)?;
+            if back[..] != plain[..] {
+                return Err(std::io::Error::other("the moved segment reads back different from what was written"));
+            }
+        }
+        Ok(())
+    }
+
+    fn unwatch_first_s(&mut self, watch: Option<u64>) {
+        if let Some(id) = watch {
+            let bridge = self.names.bridge.clone();
+            let _ = self.kernel.message(&bridge, &dmstats::delete_msg(id));
+        }
     }
 
     /// TESTS ONLY: run the cut-over in another order (the crash sweep must catch a wrong one).

@@ -125,6 +125,19 @@ impl Sim {
         header: &[u8],
         order: &'static [crate::engine::CutStep],
     ) -> Result<Engine<SimDisk, SimKernel>, (crate::engine::EngineError, bool)> {
+        self.cut_over_standard_as(hooks, header, order, false, None)
+    }
+
+    /// [`Sim::cut_over_standard`], the first S copied only under the suspend (`no_precopy`),
+    /// or with a mutant.
+    pub(crate) fn cut_over_standard_as(
+        &self,
+        hooks: &mut dyn Hooks,
+        header: &[u8],
+        order: &'static [crate::engine::CutStep],
+        no_precopy: bool,
+        mutant: Option<crate::engine::standard_steps::Mutant>,
+    ) -> Result<Engine<SimDisk, SimKernel>, (crate::engine::EngineError, bool)> {
         let (g, key) = {
             let mut w = self.w.borrow_mut();
             w.udev_hidden.clear();
@@ -133,6 +146,8 @@ impl Sim {
         let conversion = new_conversion(g, &key, header.to_vec());
         let mut e = Engine::prepare_standard(self.disk(), self.kernel(), conversion).map_err(|e| (e, false))?;
         e.set_cut_order(order);
+        e.no_precopy = no_precopy;
+        e.standard_mutant = mutant;
         e.bridge_and_cut_over(hooks)?;
         Ok(e)
     }

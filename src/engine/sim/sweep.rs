@@ -108,9 +108,11 @@ pub(super) fn sweep(
             s.images += 1;
             match image(cur, policy, &mut rng) {
                 Ok(what) => *s.outcomes.entry(what).or_default() += 1,
-                Err(e) => {
-                    s.failures.push(format!("{fault:?} at op {i} (seed {}), crash image {policy:?}: {e}", sc.seed))
-                }
+                Err(e) => s.failures.push(format!(
+                    "{fault:?} at op {i} (seed {}), crash image {policy:?}: {e}\n--- trace ---\n{}",
+                    sc.seed,
+                    sim.trace_tail(30)
+                )),
             }
             if s.failures.len() >= max_failures {
                 return s;
