@@ -299,6 +299,7 @@ read -r line 2>/dev/null && echo "stdin was not empty" >> "$D/log"
 echo "FD=$LVM_SUPPRESS_FD_WARNINGS LC=$LC_ALL X=$EXTRA :: $*" >> "$D/log"
 if [ "{fail}" = 1 ]; then echo "  WARNING: noise" >&2; echo "  Cannot use /dev/sda5: device is rejected by filter config" >&2; exit 5; fi
 case "$*" in
+  fullreport*) [ -e "$D/full.json" ] || {{ echo "  Unrecognised field: pv_major" >&2; exit 5; }}; cat "$D/full.json" ;;
   "pvs --segments"*) cat "$D/seg.json" ;;
   *seg_pe_ranges) [ -e "$D/every-vg-fails" ] && {{ echo "  Volume group vgX has a missing PV" >&2; exit 5; }}; cat "$D/lvs.json" ;;
   lvs*) cat "$D/lvs.json" ;;
@@ -310,28 +311,33 @@ esac
         fail = if fail { 1 } else { 0 }
     );
     let p = dir.join("lvm");
-    // Written by a child process, not by us: a file this process holds open for writing is
-    // inherited by any child another test thread forks meanwhile, and exec'ing it then fails
-    // with ETXTBSY ("Text file busy", seen in CI).
+    write_script(&p, &script);
+    p
+}
+
+/// An executable script at `p`. Written by a child process, not by us: a file this process
+/// holds open for writing is inherited by any child another test thread forks meanwhile, and
+/// exec'ing it then fails with ETXTBSY ("Text file busy", seen in CI).
+fn write_script(p: &Path, script: &str) {
     let mut w = std::process::Command::new("sh")
         .arg("-c")
         .arg("cat > \"$1\" && chmod 755 \"$1\"")
         .arg("sh")
-        .arg(&p)
+        .arg(p)
         .stdin(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::io::Write::write_all(w.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
     drop(w.stdin.take());
     assert!(w.wait().unwrap().success(), "writing {}", p.display());
-    p
 }
 
 #[test]
 fn fake_lvm_command_lines_and_environment() {
     let t = tmpdir("fakelvm");
     let l = Lvm::with_program(fake_lvm(&t.0, false)).env("EXTRA", "yes");
-    let f = l.facts(Path::new("/dev/loop0")).unwrap();
+    // (by name: the device number unknown)
+    let f = l.facts_of(Path::new("/dev/loop0"), None).unwrap();
     assert_eq!(f.lvs.len(), 4);
     l.pvresize(Path::new("/dev/mapper/sda5_crypt"), None).unwrap();
     l.pvresize(Path::new("/dev/loop0"), Some(395_264)).unwrap();
@@ -374,24 +380,112 @@ fn the_lvs_of_the_pvs_vg_from_every_vg_or_from_its_vg_alone() {
     other["segtype"] = "thin".into();
     rows.push(other);
     std::fs::write(t.0.join("lvs.json"), every.to_string()).unwrap();
-    let f = l.facts(Path::new("/dev/loop0")).unwrap();
-    let alone = Lvm::with_program(fake_lvm(&tmpdir("fakelvm-alone").0, false)).facts(Path::new("/dev/loop0")).unwrap();
+    let f = l.facts_of(Path::new("/dev/loop0"), None).unwrap();
+    let alone =
+        Lvm::with_program(fake_lvm(&tmpdir("fakelvm-alone").0, false)).facts_of(Path::new("/dev/loop0"), None).unwrap();
     assert_eq!(format!("{:?}", f.lvs), format!("{:?}", alone.lvs));
     std::fs::write(t.0.join("every-vg-fails"), "").unwrap();
     std::fs::write(t.0.join("lvs.json"), LVS0).unwrap();
     std::fs::remove_file(t.0.join("log")).unwrap();
-    let f = l.facts(Path::new("/dev/loop0")).unwrap();
+    let f = l.facts_of(Path::new("/dev/loop0"), None).unwrap();
     assert_eq!(f.lvs.len(), 4);
     let log = std::fs::read_to_string(t.0.join("log")).unwrap();
     assert_eq!(log.lines().count(), 3, "{log}");
     assert!(log.lines().last().unwrap().ends_with(&format!("-o {} vg0", lvm::LV_FIELDS)), "{log}");
 }
 
+/// What `lvm fullreport -a` with [`lvm::full_report_args`] reports for the recorded PVs: VG
+/// vg0 with /dev/loop0 (7:0) and /dev/loop1 (7:1) and the LVs of `LVS0`, another VG's LV on
+/// another PV, and the orphan /dev/loop2 (7:2) in a section of its own.
+fn full_report() -> String {
+    use serde_json::{json, Value};
+    let pvsegs = |pv: &str, seg: &str, minor: u32| -> Vec<Value> {
+        let p: Value = serde_json::from_str(pv).unwrap();
+        let p = p["report"][0]["pv"][0].as_object().unwrap().clone();
+        let s: Value = serde_json::from_str(seg).unwrap();
+        s["report"][0]["pvseg"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let mut r = r.as_object().unwrap().clone();
+                r.extend(p.clone());
+                r.insert("pv_major".into(), json!("7"));
+                r.insert("pv_minor".into(), json!(minor.to_string()));
+                Value::Object(r)
+            })
+            .collect()
+    };
+    let lvs: Value = serde_json::from_str(LVS0).unwrap();
+    let mut other = lvs["report"][0]["lv"][0].clone();
+    other["vg_name"] = "vgother".into();
+    other["devices"] = "/dev/loop3(0)".into();
+    let mut segs = lvs["report"][0]["lv"].as_array().unwrap().clone();
+    segs.insert(1, other);
+    let mut pvseg = pvsegs(PV1, SEG1, 1);
+    pvseg.extend(pvsegs(PV0, SEG0, 0));
+    json!({"report": [
+        {"vg": [{"vg_name": "vg0"}], "pv": [{"pv_name": "/dev/loop0"}, {"pv_name": "/dev/loop1"}],
+         "lv": [{"lv_name": "home"}], "pvseg": pvseg, "seg": segs},
+        {"pv": [{"pv_name": "/dev/loop2"}], "pvseg": pvsegs(PV_ORPHAN, SEG_ORPHAN, 2)}
+    ]})
+    .to_string()
+}
+
+/// One `lvm fullreport` when it lists the device (found by its device number): the same
+/// facts as the PV's reports by name, from one process; other PVs and another VG's LVs left
+/// out. When the report does not list the device, or fails (an LVM without `pv_major`,
+/// another VG broken), the PV is asked for by name, as before.
+#[test]
+fn one_full_report_gives_what_the_reports_by_name_give() {
+    let t = tmpdir("fakelvm-full");
+    let l = Lvm::with_program(fake_lvm(&t.0, false));
+    let log = || {
+        let s = std::fs::read_to_string(t.0.join("log")).unwrap();
+        std::fs::remove_file(t.0.join("log")).unwrap();
+        s
+    };
+    let by_name = l.facts_of(Path::new("/dev/loop0"), None).unwrap();
+    log();
+    // no pv_major in this LVM: by name
+    let f = l.facts_of(Path::new("/dev/loop0"), Some((7, 0))).unwrap();
+    assert_eq!(format!("{f:?}"), format!("{by_name:?}"));
+    let lines = log();
+    assert_eq!(lines.lines().count(), 3, "{lines}");
+    assert!(lines.lines().next().unwrap().ends_with(&lvm::full_report_args().join(" ")), "{lines}");
+    std::fs::write(t.0.join("full.json"), full_report()).unwrap();
+    let f = l.facts_of(Path::new("/dev/loop0"), Some((7, 0))).unwrap();
+    assert_eq!(format!("{f:?}"), format!("{by_name:?}"));
+    let lines = log();
+    assert_eq!(lines.lines().count(), 1, "one LVM command: {lines}");
+    assert!(
+        lines.contains(":: fullreport -a --reportformat json --units s --nosuffix --configreport pvseg -o "),
+        "{lines}"
+    );
+    // the second PV of the VG, and the orphan, from the same report
+    let f1 = l.facts_of(Path::new("/dev/loop1"), Some((7, 1))).unwrap();
+    let want1 =
+        assemble("/dev/loop1", &rows(PV1, "pv").unwrap(), &rows(SEG1, "pvseg").unwrap(), &rows(LVS0, "lv").unwrap())
+            .unwrap();
+    assert_eq!(format!("{f1:?}"), format!("{want1:?}"));
+    let f2 = l.facts_of(Path::new("/dev/loop2"), Some((7, 2))).unwrap();
+    let want2 =
+        assemble("/dev/loop2", &rows(PV_ORPHAN, "pv").unwrap(), &rows(SEG_ORPHAN, "pvseg").unwrap(), &[]).unwrap();
+    assert_eq!(format!("{f2:?}"), format!("{want2:?}"));
+    log();
+    // a device the report does not list: asked for by name (LVM says why it is no PV)
+    l.facts_of(Path::new("/dev/loop0"), Some((7, 9))).unwrap();
+    let lines = log();
+    assert_eq!(lines.lines().count(), 3, "{lines}");
+    assert!(lines.contains(":: pvs --segments"), "{lines}");
+}
+
 #[test]
 fn fake_lvm_failure_carries_lvms_reason() {
     let t = tmpdir("fakelvm-fail");
     let l = Lvm::with_program(fake_lvm(&t.0, true));
-    let e = l.facts(Path::new("/dev/sda5")).unwrap_err();
+    // (the full report fails too: the reason is the one LVM gives for the device by name)
+    let e = l.facts_of(Path::new("/dev/sda5"), Some((8, 5))).unwrap_err();
     match &e {
         LvmError::Failed { cmd, stderr, .. } => {
             assert!(cmd.contains("pvs --segments --reportformat json"), "{cmd}");
@@ -401,7 +495,7 @@ fn fake_lvm_failure_carries_lvms_reason() {
     }
     assert!(l.pvresize(Path::new("/dev/sda5"), None).is_err());
     let missing = Lvm::with_program("/nonexistent/lvm-binary");
-    let e = missing.facts(Path::new("/dev/sda5")).unwrap_err();
+    let e = missing.facts_of(Path::new("/dev/sda5"), Some((8, 5))).unwrap_err();
     assert!(matches!(e, LvmError::Spawn { .. }), "{e}");
     assert!(e.to_string().contains("is lvm2 installed"));
 }
@@ -480,6 +574,17 @@ fn real_lvm_on_loop_devices() {
     }
     let l = Lvm::system().env("LVM_SYSTEM_DIR", &conf.0);
     let f = l.facts(Path::new(&a.0)).unwrap();
+    // the real LVM takes the full report's arguments, and its one report gives the facts the
+    // reports by name give (an `lvm` that logs each command and runs the real one)
+    let logged = conf.0.join("logged-lvm");
+    write_script(&logged, &format!("#!/bin/sh\necho \"$*\" >> {}/log\nexec lvm \"$@\"\n", conf.0.display()));
+    let lw = Lvm::with_program(&logged).env("LVM_SYSTEM_DIR", &conf.0);
+    let full = lw.facts(Path::new(&a.0)).unwrap();
+    let log = std::fs::read_to_string(conf.0.join("log")).unwrap();
+    assert_eq!(log.lines().count(), 1, "one LVM command: {log}");
+    assert!(log.starts_with("fullreport"), "{log}");
+    assert_eq!(format!("{full:?}"), format!("{:?}", lw.facts_of(Path::new(&a.0), None).unwrap()));
+    assert_eq!(format!("{full:?}"), format!("{f:?}"));
     assert_eq!(f.vg_name, vg);
     assert_eq!(f.pe_start, 2048);
     assert_eq!(f.extent_size, 8192);
