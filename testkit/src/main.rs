@@ -31,7 +31,8 @@ enum Cmd {
         acked: PathBuf,
         #[arg(long, default_value_t = 4096)]
         record_size: usize,
-        /// per-record "number micros" (write+fsync latency)
+        /// per-record "number micros epoch-ms" (write+fsync latency, and when the write
+        /// began: milliseconds since the epoch, to line slow writes up with other logs)
         #[arg(long)]
         latency_out: Option<PathBuf>,
         /// stop after this many records

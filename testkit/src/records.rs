@@ -139,6 +139,7 @@ pub fn writer(o: &WriterOpts) -> Result<()> {
         }
         encode(n, rs, &mut buf);
         let t0 = Instant::now();
+        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         f.write_all(&buf).map_err(ioe("write", &o.file))?;
         f.sync_all().map_err(ioe("fsync", &o.file))?;
         let us = t0.elapsed().as_micros();
@@ -153,7 +154,8 @@ pub fn writer(o: &WriterOpts) -> Result<()> {
             ack.sync_all().map_err(ioe("fsync", &o.acked))?;
         }
         if let Some(l) = lat.as_mut() {
-            writeln!(l, "{n} {us}").map_err(ioe("write", o.latency_out.as_ref().unwrap()))?;
+            writeln!(l, "{n} {us} {:.1}", started.as_secs_f64() * 1000.0)
+                .map_err(ioe("write", o.latency_out.as_ref().unwrap()))?;
             if n.is_multiple_of(32) {
                 let _ = l.flush();
             }
