@@ -122,6 +122,7 @@ grep -v '"event":"chunk"' "$OUT/convert.err" || true
 {STOP_LIVE}
 cryptsetup status ubda5_crypt | tee "$OUT/cs-status.txt"
 dmsetup message ubda5_crypt 0 "@stats_list" > "$OUT/stats-after.txt"
+dmsetup ls > "$OUT/dm-ls-after.txt"
 vgchange -ay vg0 >/dev/null; pvs 2>&1 | tee "$OUT/pvs-after.txt"
 vgchange -an vg0 >/dev/null
 {SAME_AS_OPEN}
@@ -167,8 +168,14 @@ echo CONVERTED
     assert!(skipped > 0, "no step skipped its last comparison: {}", chunks.join("\n"));
     let left = run.file("stats-after.txt");
     assert!(left.trim().is_empty(), "dm-stats regions left on the LUKS mapping: {left}");
+    // the tick was learnt on a private device before the cut-over (all its suspends
+    // returned), and that device is gone
+    let tick = progress.lines().find(|l| l.contains(r#""event":"tick""#)).unwrap_or_default();
+    assert!(tick.contains(&format!(r#""marks":{}"#, luksify::core::tick::NEED)), "tick line: {tick:?}");
+    let ls = run.file("dm-ls-after.txt");
+    assert!(!ls.contains("luksify-tick"), "the tick's private device was left: {ls}");
     eprintln!(
-        "converted in {} s with {n} records acked; {skipped} of {} steps skipped the last comparison",
+        "converted in {} s with {n} records acked; {skipped} of {} steps skipped the last comparison; {tick}",
         run.file("convert.secs").trim(),
         chunks.len()
     );

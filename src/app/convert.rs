@@ -1,7 +1,7 @@
 //! `luksify [--dry-run [--json]] DEVICE`: plan, and convert under the guarded run.
 
 use super::guard::{self, Progress};
-use super::progress::{phase, undo_warning};
+use super::progress::{self, phase, undo_warning};
 use super::{
     check_root, confirm, engine_err, finish, has_tpm, lock, lock_vg, open_disk, passphrase, probe_device, raw_devref,
     suggest_after,
@@ -188,6 +188,18 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
         let grub_opens = p.boot.as_ref().is_some_and(|b| b.boot_on_pv);
         k.slot(&crate::core::recovery::keyslot_hash(!standard, grub_opens, &params.hash))
     });
+    // Beside the header's format (CPU work), LUKS2's own steps learn the kernel's tick on a
+    // private idle device (`engine::tick_marks`): mostly waiting, it costs the format almost
+    // nothing, and the cut-over's and first steps' windows start just before a tick.
+    let tick = standard.then(|| {
+        let name = format!("{}-luksify-tick", p.name);
+        let uuid =
+            format!("{}luksify-tick-{}-{}", crate::adapters::dm::PRIVATE_UUID_PREFIX, std::process::id(), p.name);
+        std::thread::spawn(move || match DmKernel::new() {
+            Ok(mut k) => crate::engine::tick_marks(&mut k, &name, &uuid, crate::core::tick::NEED),
+            Err(_) => Vec::new(),
+        })
+    });
     let header = if standard {
         let token = luks::reencrypt::LuksifyToken {
             name: p.name.clone(),
@@ -197,8 +209,14 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
         luks::reencrypt::format_reencrypt_header(&params, &key, &pass, g.l, &token, recovery_slot.as_ref())
     } else {
         luks::format_header(&params, &key, &pass, recovery_slot.as_ref())
+    };
+    // (joined on every path: the private device is gone before anything else happens)
+    let ticks = tick.map(|t| t.join().unwrap_or_default());
+    if let Some(t) = &ticks {
+        progress::tick_learned(&o.run, t);
     }
-    .map_err(|e| Error::Failed(format!("formatting the LUKS header: {e}; nothing was changed")))?;
+    let ticks = ticks.unwrap_or_default();
+    let header = header.map_err(|e| Error::Failed(format!("formatting the LUKS header: {e}; nothing was changed")))?;
     drop(recovery_slot);
     // The recovery key is shown now, before anything is written: from the moment the
     // header (or, LUKS1, its copy in the tail) is on the disk, the key opens it. If it
@@ -210,7 +228,7 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     phase(&o.run, "header_formatted");
     // LUKS2 with the root on the PV: the boot chain goes in before the cut-over.
     let chain = if standard { boot_chain(device, &p, o, &header.uuid)? } else { None };
-    let r = convert_formatted(device, o, &p, facts, g, key, header, pass, pv_uuid);
+    let r = convert_formatted(device, o, &p, facts, g, key, header, pass, pv_uuid, &ticks);
     suggest_after(device, &r);
     if let (Err(_), Some(inst)) = (&r, &chain) {
         if device_is_plain_pv(device) {
@@ -342,6 +360,7 @@ fn convert_formatted(
     header: luks::Header,
     pass: Option<zeroize::Zeroizing<Vec<u8>>>,
     pv_uuid: String,
+    ticks: &[std::time::Instant],
 ) -> Result<i32> {
     let popts = o.plan_options();
     let raw = raw_devref(device)?;
@@ -369,6 +388,7 @@ fn convert_formatted(
     };
     if let Some(pass) = pass {
         let mut engine = Engine::prepare_standard(disk, kernel, conversion).map_err(|e| engine_err(e, device))?;
+        engine.seed_ticks(ticks);
         drop(key);
         phase(&o.run, "prepared");
         let progress = Progress { device, name: &p.name, l: g.l, moved: 0 };

@@ -71,6 +71,14 @@ enum Line<'a> {
         state: &'a str,
         t_ms: u64,
     },
+    /// LUKS2: the tick learnt before the cut-over (`engine::tick_marks`): how many suspends
+    /// of the private device returned, and the tick period they sit on (null: none found,
+    /// suspends then start at once until the conversion's own suspends show one).
+    Tick {
+        marks: usize,
+        period_ms: Option<f64>,
+        t_ms: u64,
+    },
     /// LUKS2: the device is a standard reencryption in progress from here on.
     #[serde(rename = "cut_over")]
     CutOver {
@@ -91,6 +99,21 @@ fn emit(l: &Line) {
 
 fn t_ms_whole() -> u64 {
     t_ms().round() as u64
+}
+
+/// `--progress-json`: the `tick` line ([`Line::Tick`]) for the moments `marks`.
+pub(super) fn tick_learned(run: &RunOpts, marks: &[std::time::Instant]) {
+    if !run.progress_json {
+        return;
+    }
+    let mut g = crate::core::tick::TickGrid::new();
+    if let Some(&first) = marks.first() {
+        for &m in marks {
+            g.observe((m - first).as_nanos() as u64);
+        }
+    }
+    let period_ms = g.grid().map(|(p, _)| p as f64 / 1e6);
+    emit(&Line::Tick { marks: marks.len(), period_ms, t_ms: t_ms_whole() });
 }
 
 /// `--progress-json`: a line saying that a phase of the start-up is done (where the time

@@ -20,6 +20,6 @@ pub mod recovery;
 pub mod running;
 pub(crate) mod state;
 pub(crate) mod tables;
-pub(crate) mod tick;
+pub mod tick;
 pub(crate) mod units;
 pub(crate) mod xts;

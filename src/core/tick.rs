@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 /// not worth aligning to and too easily matched by chance.
 const PERIODS_NS: [u64; 3] = [10_000_000, 4_000_000, 3_333_333];
 /// How many of the latest returns must sit on the grid.
-const NEED: usize = 5;
+pub const NEED: usize = 5;
 /// How far apart (after the tick) returns on one grid may land: the suspending task runs
 /// again only when the CPU is free (the test bed's writer and dm-crypt's workers compete for
 /// its one CPU); at most an eighth of the period.

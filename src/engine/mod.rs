@@ -156,6 +156,37 @@ const FILL_MIN: Duration = Duration::from_millis(1);
 /// steps' sources then are read partly ahead, partly in the step. (Tests only.)
 const TEST_FILL_PIECES: usize = 2;
 
+/// Where the kernel's tick falls, learnt before a conversion touches anything: `n`
+/// suspends of a private idle device `name` (an 8-sector `zero` target, created here and
+/// removed again), returning the moments they returned ([`Engine::seed_ticks`]). Without it
+/// the tick is learnt from the conversion's own suspends, and the cut-over's and first
+/// steps' windows, suspended before it is known, hold the system's I/O up to a tick longer
+/// ([`crate::core::tick`]). The device belongs to no one and holds nothing, so its suspends
+/// block no I/O (memory need not be locked); they mostly wait for the tick, so running them
+/// beside CPU work (formatting the header) costs that work almost nothing. Best effort:
+/// anything failing ends it with the marks so far (none if `name` exists already: then it
+/// is left alone).
+pub fn tick_marks<K: Kernel>(kernel: &mut K, name: &str, uuid: &str, n: usize) -> Vec<Instant> {
+    let mut marks = Vec::new();
+    if !matches!(kernel.lookup(name), Ok(None)) || kernel.create(name, uuid, true).is_err() {
+        return marks;
+    }
+    let zero = [TableLineFacts { start: 0, length: 8, target_type: "zero".into(), params: String::new() }];
+    if kernel.load_lines(name, &zero).is_ok() && kernel.resume(name).is_ok() {
+        while marks.len() < n && kernel.suspend(name).is_ok() {
+            marks.push(Instant::now());
+            if kernel.resume(name).is_err() {
+                break;
+            }
+        }
+    }
+    if kernel.remove(name).is_err() {
+        // (suspended by a failed resume: resumed first, then removed)
+        let _ = kernel.resume(name).and_then(|()| kernel.remove(name));
+    }
+    marks
+}
+
 /// What the engine asks of its caller besides the kernel and the disk.
 pub trait Hooks {
     fn event(&mut self, _e: &Event) {}
@@ -578,13 +609,31 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         Ok(Suspended { slept, filled: called - start - slept, called, returned })
     }
 
-    /// Suspend `name` (flushing) and learn the tick from when it returned
-    /// ([`crate::core::tick`]): every suspend luksify makes of a device in use counts, so
-    /// that the steps' first windows already start just before a tick.
-    fn suspend_observed(&mut self, name: &str) -> KResult<()> {
+    /// Suspend `name` (flushing) just before the kernel's tick if the grid is known (the
+    /// wait is live and ends the suspend on the same tick as one started at once:
+    /// [`crate::core::tick`]), and learn the tick from when it returned: every suspend
+    /// luksify makes of a device in use counts, so that the steps' first windows already
+    /// start just before a tick. Returns when the suspend was called (the I/O held from then).
+    fn suspend_observed(&mut self, name: &str) -> KResult<Instant> {
+        let wait = self.ticks.wait_before_suspend((Instant::now() - self.epoch).as_nanos() as u64);
+        if wait > 0 {
+            std::thread::sleep(Duration::from_nanos(wait));
+        }
+        let called = Instant::now();
         self.kernel.suspend(name)?;
         self.ticks.observe((Instant::now() - self.epoch).as_nanos() as u64);
-        Ok(())
+        Ok(called)
+    }
+
+    /// The moments [`tick_marks`] saw suspends return, before this engine existed: the tick
+    /// grid known from the first suspend on. Call before the engine suspends anything.
+    pub fn seed_ticks(&mut self, marks: &[Instant]) {
+        if let Some(&first) = marks.first() {
+            self.epoch = self.epoch.min(first);
+        }
+        for &m in marks {
+            self.ticks.observe((m - self.epoch).as_nanos() as u64);
+        }
     }
 
     /// Whether a wait of `wait` before a suspend leaves time for one more piece of work

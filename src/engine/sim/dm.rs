@@ -40,6 +40,8 @@ pub(super) enum STarget {
         paths: [(DevRef, u64); 2],
         map: Vec<u8>,
     },
+    /// dm-zero: reads zeros, writes vanish (the private device the tick is learnt on).
+    Zero,
 }
 
 #[derive(Clone)]
@@ -57,6 +59,7 @@ impl SLine {
             STarget::Crypt { .. } => "crypt",
             STarget::Mirror { .. } => "mirror",
             STarget::Switch { .. } => "switch",
+            STarget::Zero => "zero",
         }
     }
 
@@ -85,6 +88,7 @@ impl SLine {
             STarget::Switch { region, paths, .. } => {
                 format!("2 {region} 0 {} {} {} {}", paths[0].0, paths[0].1, paths[1].0, paths[1].1)
             }
+            STarget::Zero => String::new(),
         };
         TableLineFacts { start: self.start, length: self.length, target_type: self.type_name().into(), params }
     }
@@ -95,6 +99,7 @@ impl SLine {
             STarget::Striped { stripes, .. } => stripes.iter().map(|s| s.0).collect(),
             STarget::Mirror { legs, .. } => legs.iter().map(|l| l.0).collect(),
             STarget::Switch { paths, .. } => paths.iter().map(|p| p.0).collect(),
+            STarget::Zero => Vec::new(),
         }
     }
 
@@ -117,6 +122,7 @@ impl SLine {
             }
             STarget::Mirror { legs, .. } => legs.iter().map(|(d, o)| (*d, *o, self.length)).collect(),
             STarget::Switch { paths, .. } => paths.iter().map(|(d, o)| (*d, *o, self.length)).collect(),
+            STarget::Zero => Vec::new(),
         }
     }
 }
@@ -170,6 +176,12 @@ pub(super) fn parse_line(start: u64, length: u64, ty: &str, params: &str) -> Res
         return Err("zero-length target".into());
     }
     let target = match ty {
+        "zero" => {
+            if !w.is_empty() {
+                return Err(format!("zero: invalid argument count in {params:?}"));
+            }
+            STarget::Zero
+        }
         "linear" => {
             if w.len() != 2 {
                 return Err(format!("linear: invalid argument count in {params:?}"));

@@ -1027,3 +1027,36 @@ fn random_faults_on_a_larger_device() {
     }
     assert!(failures.is_empty(), "{} failures; first:\n{}", failures.len(), failures[0]);
 }
+
+/// The tick is learnt on a private dm-zero device ([`crate::engine::tick_marks`]): its
+/// suspends, then the device is gone. Whichever of its kernel calls fails, it ends with the
+/// device removed and no other device touched; a device of that name that exists already
+/// (another conversion's, a killed luksify's) is left alone.
+#[test]
+fn learning_the_tick_leaves_no_device_behind_whatever_fails() {
+    use crate::engine::tick_marks;
+    let name = "x-luksify-tick";
+    let devices = |sim: &Sim| sim.w.borrow().dm.devs.keys().cloned().collect::<Vec<_>>();
+    let sc = Scenario::small(12);
+    let sim = bare(&sc);
+    let before = devices(&sim);
+    let start = sim.ops();
+    assert_eq!(tick_marks(&mut sim.kernel(), name, "CRYPT-SUBDEV-x", 5).len(), 5);
+    let calls = sim.ops() - start;
+    assert!(calls >= 5 * 2 + 4, "{calls} kernel calls");
+    assert_eq!(devices(&sim), before);
+    let mut short = 0;
+    for i in 0..calls {
+        let sim = bare(&sc);
+        sim.set_fault(i, Fault::Error);
+        let marks = tick_marks(&mut sim.kernel(), name, "CRYPT-SUBDEV-x", 5);
+        assert!(sim.fired().is_some(), "call {i}: the fault did not fire");
+        short += usize::from(marks.len() < 5);
+        assert_eq!(devices(&sim), before, "a failure at call {i} of {calls} left a device");
+    }
+    assert!(short > 0, "no failure ended the learning early: the faults missed its calls");
+    let sim = bare(&sc);
+    let theirs = sim.kernel().create(name, "SOMEONE-ELSE", false).unwrap();
+    assert!(tick_marks(&mut sim.kernel(), name, "CRYPT-SUBDEV-x", 5).is_empty());
+    assert_eq!(sim.kernel().lookup(name).unwrap(), Some(theirs), "a device luksify did not make was touched");
+}

@@ -557,6 +557,7 @@ impl World {
                 let (d2, off) = paths[map[(o / region) as usize] as usize];
                 self.blocked(d2, off + o)
             }
+            STarget::Zero => false,
         }
     }
 
@@ -608,6 +609,12 @@ impl World {
         let l = &t[li];
         let o = s - l.start;
         match l.target.clone() {
+            STarget::Zero => {
+                if !write {
+                    buf.fill(0);
+                }
+                Ok(())
+            }
             STarget::Linear { dev, offset } => self.dev_io(dev, offset + o, buf, write),
             STarget::Striped { .. } => {
                 let (d2, s2) = striped_map(l, o);
