@@ -25,6 +25,7 @@
 use super::*;
 use crate::core::cutover::{self, CutRecord, Decision, Finding};
 use crate::core::{dmstats, luks2meta};
+use standard_steps::Written;
 
 /// What the cut-over did, for the progress output and the benchmark.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -149,6 +150,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let mut hdr = buf(self.header.len()).map_err(before)?;
         let mut rec_buf = buf(cutover::RECORD_BYTES).map_err(before)?;
         let zero4k = buf(cutover::RECORD_BYTES).map_err(before)?;
+        let mut areas = Vec::with_capacity(dmstats::MAX_AREAS);
         hdr.copy_from_slice(&self.header);
         // Live, before the suspend: the first S sectors copied to the moved segment (past
         // the PV: nothing maps it yet), flushed and read back, under a dm-stats region over
@@ -161,17 +163,24 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             self.unwatch_first_s(watch);
             before(e)
         })?;
-        if let Err(e) = self.suspend_observed(&bridge) {
-            self.unwatch_first_s(watch);
-            let r = self.kernel.clear_inactive(&bridge);
-            undone(&mut self.undo_failed, || format!("clearing the inactive table of {bridge}"), r);
-            return Err((EngineError::Kernel(e.context("suspending the bridge for the cut-over")), false));
-        }
-        let t0 = Instant::now();
+        // (the window is timed from the suspend's call: the I/O it holds waits from then)
+        let t0 = match self.suspend_observed(&bridge) {
+            Ok(called) => called,
+            Err(e) => {
+                self.unwatch_first_s(watch);
+                let r = self.kernel.clear_inactive(&bridge);
+                undone(&mut self.undo_failed, || format!("clearing the inactive table of {bridge}"), r);
+                return Err((EngineError::Kernel(e.context("suspending the bridge for the cut-over")), false));
+            }
+        };
         // (a write counted: the early copy is brought up to date, the sectors that changed
         // copied again, flushed and read back; if that fails, the window copies it all)
-        let copied =
-            watch.is_some() && (self.first_s_quiet(watch) || self.refresh_first_s(&mut plain, &mut back, l, s).is_ok());
+        let copied = watch.is_some()
+            && match self.first_s_written(watch, s, &mut areas) {
+                Written::Nothing => true,
+                Written::Areas => self.refresh_first_s(&mut plain, &mut back, l, &areas).is_ok(),
+                Written::All => self.refresh_first_s(&mut plain, &mut back, l, &[(0, s)]).is_ok(),
+            };
         // Else the first S sectors, read once with the bridge suspended (no write can change
         // them any more): the moved segment's content and the record's checksum.
         if !copied {
@@ -330,10 +339,12 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let bridge = self.names.bridge.clone();
         let id =
             self.kernel.message(&bridge, &dmstats::create_msg(0, s)).ok().and_then(|r| dmstats::parse_created(&r))?;
-        let ok = self.disk.read(0, plain).is_ok()
-            && self.disk.write(l + s, plain).is_ok()
+        // (in pieces, flushed every few, as the steps copy: the running system's fsync waits
+        // behind one short flush, not behind the whole copy)
+        let ok = standard_steps::read_pieces(&mut self.disk, 0, plain).is_ok()
+            && standard_steps::write_pieces(&mut self.disk, l + s, plain).is_ok()
             && self.disk.flush().is_ok()
-            && self.disk.read(l + s, back).is_ok()
+            && standard_steps::read_pieces(&mut self.disk, l + s, back).is_ok()
             && back[..] == plain[..];
         if !ok {
             self.unwatch_first_s(Some(id));
@@ -342,53 +353,71 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         Some(id)
     }
 
-    /// Under the cut-over's suspend: whether the region counted no write since before the
-    /// copy read the first S (then the moved segment holds them as they are). The region is
-    /// deleted either way.
-    fn first_s_quiet(&mut self, watch: Option<u64>) -> bool {
-        let Some(id) = watch else { return false };
+    /// Under the cut-over's suspend: what the region over [0, S) counted since before the copy
+    /// read the first S ([`Written`]; the areas in `areas`). Nothing: the moved segment holds
+    /// them as they are. The region is deleted either way.
+    fn first_s_written(&mut self, watch: Option<u64>, s: u64, areas: &mut Vec<(u64, u64)>) -> Written {
+        let Some(id) = watch else { return Written::All };
         let bridge = self.names.bridge.clone();
-        let quiet = self.kernel.message(&bridge, &dmstats::print_msg(id)).is_ok_and(|r| dmstats::quiet(&r));
+        let reply = self.kernel.message(&bridge, &dmstats::print_msg(id)).ok();
         self.unwatch_first_s(watch);
         #[cfg(test)]
         if self.standard_mutant == Some(standard_steps::Mutant::TrustPrecopy) {
-            return true;
+            return Written::Nothing;
         }
-        quiet
+        #[cfg(test)]
+        let one_less = self.standard_mutant == Some(standard_steps::Mutant::OneAreaLess);
+        #[cfg(not(test))]
+        let one_less = false;
+        standard_steps::written(reply, 0, s, areas, one_less)
     }
 
     /// Under the cut-over's suspend, after a write reached the first S since the early copy
-    /// read them: read them again into `back`, and copy every run of sectors that differs
-    /// from `plain` (updated) to the moved segment, flushed, read back and compared.
-    fn refresh_first_s(&mut self, plain: &mut [u8], back: &mut [u8], l: u64, s: u64) -> std::io::Result<()> {
+    /// read them: read the sectors in `ranges` (where the region counted writes) again into
+    /// `back`, and copy every run of sectors that differs from `plain` (updated) to the moved
+    /// segment; then those ranges of it flushed, read back and compared.
+    fn refresh_first_s(
+        &mut self,
+        plain: &mut [u8],
+        back: &mut [u8],
+        l: u64,
+        ranges: &[(u64, u64)],
+    ) -> std::io::Result<()> {
         #[cfg(test)]
         if self.standard_mutant == Some(standard_steps::Mutant::TrustPrecopy) {
             return Ok(());
         }
-        self.disk.read(0, back)?;
-        let n = Sectors(s).byte_len() / SECTOR_BYTES;
+        let s = self.g().s;
         let differs = |plain: &[u8], back: &[u8], i: usize| plain[sector(i)] != back[sector(i)];
-        let (mut i, mut changed) = (0usize, false);
-        while i < n {
-            if !differs(plain, back, i) {
-                i += 1;
-                continue;
+        let mut changed = false;
+        for &(ra, rb) in ranges {
+            let (i0, n) = (ra as usize, rb as usize);
+            self.disk.read(ra, &mut back[sector(i0).start..sector(n - 1).end])?;
+            let mut i = i0;
+            while i < n {
+                if !differs(plain, back, i) {
+                    i += 1;
+                    continue;
+                }
+                let j = i;
+                while i < n && differs(plain, back, i) {
+                    i += 1;
+                }
+                let r = j * SECTOR_BYTES..i * SECTOR_BYTES;
+                plain[r.clone()].copy_from_slice(&back[r.clone()]);
+                self.disk.write(l + s + j as u64, &plain[r])?;
+                changed = true;
             }
-            let j = i;
-            while i < n && differs(plain, back, i) {
-                i += 1;
-            }
-            let r = j * SECTOR_BYTES..i * SECTOR_BYTES;
-            plain[r.clone()].copy_from_slice(&back[r.clone()]);
-            self.disk.write(l + s + j as u64, &plain[r])?;
-            changed = true;
         }
         if changed {
             self.disk.flush()?;
-            // every run read back: `back` equals `plain` everywhere else already
-            self.disk.read(l + s, back)?;
-            if back[..] != plain[..] {
-                return Err(std::io::Error::other("the moved segment reads back different from what was written"));
+            // `back` equals `plain` in every range read again: read those ranges back
+            for &(ra, rb) in ranges {
+                let r = sector(ra as usize).start..sector(rb as usize - 1).end;
+                self.disk.read(l + s + ra, &mut back[r.clone()])?;
+                if back[r.clone()] != plain[r] {
+                    return Err(std::io::Error::other("the moved segment reads back different from what was written"));
+                }
             }
         }
         Ok(())

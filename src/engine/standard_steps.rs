@@ -76,6 +76,40 @@ pub(crate) enum Mutant {
     LateWatch,
     /// The cut-over trusts the first S copied before its suspend whatever the region counted.
     TrustPrecopy,
+    /// The last of the areas a dm-stats region counted a write in is left out of the
+    /// comparison under the suspend (a step's, and the cut-over's first S).
+    OneAreaLess,
+}
+
+/// What a dm-stats region says under the suspend ([`crate::core::dmstats::written_areas`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Written {
+    /// No write since the region was created: the source is what was read.
+    Nothing,
+    /// Writes in the areas listed (in the caller's buffer), clipped to the region.
+    Areas,
+    /// Unknown (no region, or its reply did not say): all of it counts as written.
+    All,
+}
+
+/// The areas in `reply` that counted a write, clipped to [a, b), into `areas`
+/// ([`Written`]). `one_less`: the [`Mutant::OneAreaLess`] (tests only).
+pub(super) fn written(reply: Option<String>, a: u64, b: u64, areas: &mut Vec<(u64, u64)>, one_less: bool) -> Written {
+    let Some(r) = reply else { return Written::All };
+    if !dmstats::written_areas(&r, areas) {
+        return Written::All;
+    }
+    areas.retain_mut(|x| {
+        *x = (x.0.max(a), x.1.min(b));
+        x.0 < x.1
+    });
+    if one_less {
+        areas.pop();
+    }
+    match areas.is_empty() {
+        true => Written::Nothing,
+        false => Written::Areas,
+    }
 }
 
 /// A dm-stats region on the bridge over hotzone [from, to), created before the first read of
@@ -103,6 +137,9 @@ struct Bufs {
     runs: Vec<(u64, u64)>,
     /// The dm-stats regions on the bridge: this step's and the next one's.
     watches: Vec<Watch>,
+    /// Under the suspend: the areas of this step's region that counted a write (capacity
+    /// fixed up front: [`dmstats::MAX_AREAS`]).
+    areas: Vec<(u64, u64)>,
 }
 
 /// The live copy's I/O goes to the disk a piece at a time: one request of a whole step
@@ -156,14 +193,14 @@ struct Switched {
     held: bool,
 }
 
-fn read_pieces<D: Disk>(disk: &mut D, sector: u64, buf: &mut [u8]) -> std::io::Result<()> {
+pub(super) fn read_pieces<D: Disk>(disk: &mut D, sector: u64, buf: &mut [u8]) -> std::io::Result<()> {
     for (i, p) in buf.chunks_mut(LIVE_PIECE).enumerate() {
         disk.read(sector + Sectors::in_len(i * LIVE_PIECE).0, p)?;
     }
     Ok(())
 }
 
-fn write_pieces<D: Disk>(disk: &mut D, sector: u64, buf: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_pieces<D: Disk>(disk: &mut D, sector: u64, buf: &[u8]) -> std::io::Result<()> {
     let n = buf.len().div_ceil(LIVE_PIECE);
     for (i, p) in buf.chunks(LIVE_PIECE).enumerate() {
         disk.write(sector + Sectors::in_len(i * LIVE_PIECE).0, p)?;
@@ -230,6 +267,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             meta: buf(luks2meta::HEAD_BYTES)?,
             runs: Vec::with_capacity(RECHECK_RUNS),
             watches: Vec::with_capacity(4),
+            areas: Vec::with_capacity(dmstats::MAX_AREAS),
         };
         // regions a luksify killed before left on the bridge
         self.purge_watches();
@@ -543,8 +581,15 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let trust = have > 0 && self.standard_mutant == Some(Mutant::TrustReadAhead);
         #[cfg(not(test))]
         let trust = false;
-        let quiet = !trust && self.watched_quiet(bf, a, b);
-        let refreshed = if trust || quiet { Ok(0) } else { self.refresh_standard(xts, bf, a, b) };
+        let said = match trust {
+            true => Written::Nothing,
+            false => self.watched(bf, a, b),
+        };
+        let quiet = !trust && said == Written::Nothing;
+        let refreshed = match said {
+            Written::Nothing => Ok(0),
+            said => self.refresh_standard(xts, bf, a, b, said == Written::Areas),
+        };
         let changed = match refreshed {
             Ok(c) => c,
             Err(e) => {
@@ -614,16 +659,22 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         }
     }
 
-    /// Under the suspend: whether hotzone [a, b)'s region counted no write (so its source is
-    /// what was read, and the last comparison would find nothing).
-    fn watched_quiet(&mut self, bf: &Bufs, a: u64, b: u64) -> bool {
-        let Some(w) = bf.watches.iter().find(|w| (w.from, w.to) == (a, b)).copied() else { return false };
+    /// Under the suspend: what hotzone [a, b)'s region counted ([`Written`]; the areas in
+    /// `bf.areas`). Nothing: its source is what was read, and the last comparison would find
+    /// nothing.
+    fn watched(&mut self, bf: &mut Bufs, a: u64, b: u64) -> Written {
+        let Some(w) = bf.watches.iter().find(|w| (w.from, w.to) == (a, b)).copied() else { return Written::All };
         #[cfg(test)]
         if self.standard_mutant == Some(Mutant::IgnoreWatchCount) {
-            return true;
+            return Written::Nothing;
         }
+        #[cfg(test)]
+        let one_less = self.standard_mutant == Some(Mutant::OneAreaLess);
+        #[cfg(not(test))]
+        let one_less = false;
         let bridge = self.names.bridge.clone();
-        self.kernel.message(&bridge, &dmstats::print_msg(w.id)).is_ok_and(|r| dmstats::quiet(&r))
+        let reply = self.kernel.message(&bridge, &dmstats::print_msg(w.id)).ok();
+        written(reply, a, b, &mut bf.areas, one_less)
     }
 
     /// Delete the regions, but the one over `keep`. A failure is left: the next run's
@@ -676,20 +727,66 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         Ok(())
     }
 
-    /// With the bridge suspended: the source once more against what was copied; every run of
-    /// sectors a live write changed is encrypted and written again, then flushed and read
-    /// back. Returns how many sectors changed.
-    fn refresh_standard(&mut self, xts: &crate::core::xts::Xts, bf: &mut Bufs, a: u64, b: u64) -> EResult<u64> {
-        let s = self.g().s;
+    /// With the bridge suspended: the source once more against what was copied (`areas`:
+    /// only the areas in `bf.areas`, where the step's region counted a write; else all of
+    /// it); every run of sectors a live write changed is encrypted and written again, then
+    /// flushed and read back. Returns how many sectors changed.
+    fn refresh_standard(
+        &mut self,
+        xts: &crate::core::xts::Xts,
+        bf: &mut Bufs,
+        a: u64,
+        b: u64,
+        areas: bool,
+    ) -> EResult<u64> {
         let src = self.standard_source(a);
-        let len = Sectors(b - a).byte_len();
         let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
-        self.disk.read(src, &mut bf.scratch[..len]).map_err(|e| fail(a, format!("reading the source: {e}")))?;
-        let sectors = len / SECTOR_BYTES;
-        let same = |bf: &Bufs, i: usize| bf.scratch[sector(i)] == bf.plain[sector(i)];
-        let (mut i, mut changed) = (0usize, 0u64);
         let mut runs = std::mem::take(&mut bf.runs);
         runs.clear();
+        let ranges = std::mem::take(&mut bf.areas);
+        let whole = [(a, b)];
+        let mut changed = 0u64;
+        let r = (|| {
+            for &(ra, rb) in if areas { &ranges[..] } else { &whole[..] } {
+                changed += self.refresh_range(xts, bf, a, b, src, ra, rb, &mut runs)?;
+            }
+            if changed > 0 {
+                self.disk.flush().map_err(|e| fail(a, format!("flushing the copy: {e}")))?;
+                for &(ra, rb) in &runs {
+                    self.read_back(bf, a, b, ra, rb)?;
+                }
+            }
+            Ok(changed)
+        })();
+        bf.runs = runs;
+        bf.areas = ranges;
+        r
+    }
+
+    /// [`Engine::refresh_standard`] for sectors [ra, rb) of step [a, b) (source at `src`):
+    /// read again, each run that differs from `bf.plain` encrypted and written again (not
+    /// flushed), noted in `runs`. Returns how many sectors changed.
+    #[allow(clippy::too_many_arguments)]
+    fn refresh_range(
+        &mut self,
+        xts: &crate::core::xts::Xts,
+        bf: &mut Bufs,
+        a: u64,
+        b: u64,
+        src: u64,
+        ra: u64,
+        rb: u64,
+        runs: &mut Vec<(u64, u64)>,
+    ) -> EResult<u64> {
+        let s = self.g().s;
+        let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
+        let (o0, o1) = (Sectors(ra - a).byte_len(), Sectors(rb - a).byte_len());
+        self.disk
+            .read(src + (ra - a), &mut bf.scratch[o0..o1])
+            .map_err(|e| fail(ra, format!("reading the source: {e}")))?;
+        let sectors = o1 / SECTOR_BYTES;
+        let same = |bf: &Bufs, i: usize| bf.scratch[sector(i)] == bf.plain[sector(i)];
+        let (mut i, mut changed) = (o0 / SECTOR_BYTES, 0u64);
         while i < sectors {
             if same(bf, i) {
                 i += 1;
@@ -713,17 +810,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 _ => runs.push((ra, rb)),
             }
         }
-        let r = (|| {
-            if changed > 0 {
-                self.disk.flush().map_err(|e| fail(a, format!("flushing the copy: {e}")))?;
-                for &(ra, rb) in &runs {
-                    self.read_back(bf, a, b, ra, rb)?;
-                }
-            }
-            Ok(changed)
-        })();
-        bf.runs = runs;
-        r
+        Ok(changed)
     }
 
     /// Both metadata copies of `bf.meta`, each flushed: the primary first.

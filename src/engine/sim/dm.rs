@@ -143,7 +143,10 @@ pub(super) struct SimStat {
     pub(super) id: u64,
     pub(super) start: u64,
     pub(super) end: u64,
-    pub(super) writes: u64,
+    /// The areas' length (the last one may reach past `end`, as the kernel's does).
+    pub(super) step: u64,
+    /// Writes counted, per area.
+    pub(super) writes: Vec<u64>,
     pub(super) program: String,
 }
 

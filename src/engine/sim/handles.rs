@@ -340,8 +340,9 @@ impl Kernel for SimKernel {
     }
 }
 
-/// The `@stats_*` messages luksify sends, as dm-stats answers them (one area per region; of
-/// the counters only the writes are modelled).
+/// The `@stats_*` messages luksify sends, as dm-stats answers them (areas of a given length
+/// or `/N` of them, printed one line each with the area's whole length; of the counters only
+/// the writes are modelled).
 fn stats_message(d: &mut super::dm::DmDev, msg: &str) -> Result<String, String> {
     let w: Vec<&str> = msg.split_whitespace().collect();
     let id = |i: usize| w.get(i).and_then(|v| v.parse::<u64>().ok()).ok_or("no region id");
@@ -349,16 +350,34 @@ fn stats_message(d: &mut super::dm::DmDev, msg: &str) -> Result<String, String> 
         Some("@stats_create") => {
             let (a, n) = w.get(1).and_then(|r| r.split_once('+')).ok_or("no range")?;
             let (a, n): (u64, u64) = (a.parse().map_err(|_| "range")?, n.parse().map_err(|_| "range")?);
+            let step = match w.get(2).copied().ok_or("no step")? {
+                s if s.starts_with('/') => n.div_ceil(s[1..].parse::<u64>().map_err(|_| "step")?.max(1)),
+                s => s.parse::<u64>().map_err(|_| "step")?,
+            }
+            .max(1);
             let id = (0..).find(|i| d.stats.iter().all(|r| r.id != *i)).expect("a free id");
             let program = w.get(3).copied().unwrap_or("-");
-            d.stats.push(super::dm::SimStat { id, start: a, end: a + n, writes: 0, program: program.into() });
+            let areas = n.div_ceil(step).max(1) as usize;
+            d.stats.push(super::dm::SimStat {
+                id,
+                start: a,
+                end: a + n,
+                step,
+                writes: vec![0; areas],
+                program: program.into(),
+            });
             Ok(format!("{id}"))
         }
         Some("@stats_print") => {
             let id = id(1)?;
             let r = d.stats.iter().find(|r| r.id == id).ok_or("no such region")?;
-            let wr = r.writes;
-            Ok(format!("{}+{} 0 0 0 0 {wr} 0 {} 0 0 0 0 0 0\n", r.start, r.end - r.start, wr * 8))
+            Ok(r.writes
+                .iter()
+                .enumerate()
+                .map(|(i, &wr)| {
+                    format!("{}+{} 0 0 0 0 {wr} 0 {} 0 0 0 0 0 0\n", r.start + i as u64 * r.step, r.step, wr * 8)
+                })
+                .collect())
         }
         Some("@stats_delete") => {
             let id = id(1)?;

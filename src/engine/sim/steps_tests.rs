@@ -207,6 +207,7 @@ fn a_wrong_order_in_luksifys_own_luks2_steps_is_caught_by_the_sweep() {
         Mutant::TrustReadAhead,
         Mutant::IgnoreWatchCount,
         Mutant::LateWatch,
+        Mutant::OneAreaLess,
     ] {
         let mut quiet = scenario(3400);
         quiet.writer = WriterConfig::off();

@@ -600,7 +600,9 @@ impl World {
             // dm-stats: a write is counted in the regions it overlaps (the kernel counts it
             // when it completes, failed or not; the simulator's I/O is synchronous)
             if let Some(d) = self.dm.devs.get_mut(&name) {
-                d.stats.iter_mut().filter(|r| (r.start..r.end).contains(&s)).for_each(|r| r.writes += 1);
+                for r in d.stats.iter_mut().filter(|r| (r.start..r.end).contains(&s)) {
+                    r.writes[((s - r.start) / r.step) as usize] += 1;
+                }
             }
         }
         let d = &self.dm.devs[&name];
