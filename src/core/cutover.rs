@@ -142,6 +142,43 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
+/// [`sha256`] of data that may still change, computed ahead: the hash's state is kept every
+/// `every` bytes, so that once part of the data changed, the sum is finished from the last
+/// kept state before the first changed byte ([`EarlySum::finish`]) instead of from the
+/// start. (The cut-over computes the record's checksum of its early copy of the first S
+/// live, and under the suspend only what a live write changed since is hashed again.)
+#[derive(Clone)]
+pub struct EarlySum {
+    /// `states[k]`: the hash after `data[..k * every]`; the last one after all of it.
+    states: Vec<Sha256>,
+    every: usize,
+    len: usize,
+}
+
+impl EarlySum {
+    pub fn of(data: &[u8], every: usize) -> EarlySum {
+        let every = every.max(1);
+        let mut states = Vec::with_capacity(data.len() / every + 2);
+        let mut h = Sha256::new();
+        states.push(h.clone());
+        for c in data.chunks(every) {
+            h.update(c);
+            states.push(h.clone());
+        }
+        EarlySum { states, every, len: data.len() }
+    }
+
+    /// The sum of `data` (the same length as what [`EarlySum::of`] hashed), whose bytes
+    /// before `first_changed` are the ones hashed then. Allocates nothing.
+    pub fn finish(&self, data: &[u8], first_changed: usize) -> [u8; 32] {
+        assert_eq!(data.len(), self.len, "the data's length changed");
+        let k = (first_changed.min(self.len) / self.every).min(self.states.len() - 1);
+        let mut h = self.states[k].clone();
+        h.update(&data[(k * self.every).min(self.len)..]);
+        h.finalize().into()
+    }
+}
+
 /// Which of the first [`LABEL_SECTORS`] sectors of `head` carry the LVM label's magic.
 pub fn label_sectors(head: &[u8]) -> Vec<usize> {
     (0..LABEL_SECTORS).filter(|&i| head.len() >= (i + 1) * 512 && &head[i * 512..i * 512 + 8] == LVM_LABEL).collect()
@@ -202,6 +239,26 @@ pub enum Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_early_sum_finished_from_the_first_change_is_the_sum_of_the_changed_data() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        for every in [1usize, 512, 1000, 4096, 10_000, 20_000] {
+            let e = EarlySum::of(&data, every);
+            assert_eq!(e.finish(&data, data.len()), sha256(&data), "every {every}, unchanged");
+            assert_eq!(e.finish(&data, 0), sha256(&data));
+            for at in [0usize, 1, 511, 512, 4095, 4096, 5000, 9_999] {
+                let mut d = data.clone();
+                d[at] ^= 0x5a;
+                d[9_999] ^= 1;
+                assert_eq!(e.finish(&d, at), sha256(&d), "every {every}, changed at {at}");
+                // (told a later first change than the real one: the sum is wrong)
+                if at / every < 9_999 / every {
+                    assert_ne!(e.finish(&d, 9_999), sha256(&d), "every {every}, changed at {at}");
+                }
+            }
+        }
+    }
 
     fn rec() -> CutRecord {
         CutRecord {

@@ -79,6 +79,9 @@ pub(crate) enum Mutant {
     /// The last of the areas a dm-stats region counted a write in is left out of the
     /// comparison under the suspend (a step's, and the cut-over's first S).
     OneAreaLess,
+    /// The cut-over record keeps the checksum of the early copy even where the window
+    /// brought that copy up to date.
+    EarlyChecksum,
 }
 
 /// What a dm-stats region says under the suspend ([`crate::core::dmstats::written_areas`]).

@@ -422,7 +422,7 @@ fn a_wrong_order_of_the_cut_over_writes_is_caught_by_the_sweep() {
 /// (only those areas are read again under the suspend: the others hold what was copied).
 #[test]
 fn a_cut_over_that_trusts_its_early_copy_whatever_was_counted_is_caught() {
-    for m in [Mutant::TrustPrecopy, Mutant::OneAreaLess] {
+    for m in [Mutant::TrustPrecopy, Mutant::OneAreaLess, Mutant::EarlyChecksum] {
         let caught = (0..12).map(|k| standard(2100 + k)).find_map(|sc| {
             let s = cut_over_sweep_as(&sc, CUT_OVER_ORDER, Fault::PowerCut, 1, false, Some(m));
             s.failures.first().cloned()
