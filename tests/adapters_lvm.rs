@@ -296,7 +296,7 @@ fn fake_lvm(dir: &Path, fail: bool) -> PathBuf {
         r#"#!/bin/sh
 D="{d}"
 read -r line 2>/dev/null && echo "stdin was not empty" >> "$D/log"
-echo "FD=$LVM_SUPPRESS_FD_WARNINGS LC=$LC_ALL X=$EXTRA :: $*" >> "$D/log"
+echo "FD=$LVM_SUPPRESS_FD_WARNINGS LC=$LC_ALL X=$EXTRA NI=$(nice) :: $*" >> "$D/log"
 if [ "{fail}" = 1 ]; then echo "  WARNING: noise" >&2; echo "  Cannot use /dev/sda5: device is rejected by filter config" >&2; exit 5; fi
 case "$*" in
   fullreport*) [ -e "$D/full.json" ] || {{ echo "  Unrecognised field: pv_major" >&2; exit 5; }}; cat "$D/full.json" ;;
@@ -347,7 +347,10 @@ fn fake_lvm_command_lines_and_environment() {
     let mut lines: Vec<&str> = log.lines().collect();
     // the two reports run at the same time: either may start first
     lines[..2].sort();
-    let env = "FD=1 LC=C X=yes :: ";
+    // (LVM runs in the background: niceness 10, unless this test already runs nicer)
+    // SAFETY: getpriority reads this process's niceness.
+    let own = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    let env = format!("FD=1 LC=C X=yes NI={} :: ", own.max(lvm::HELPER_NICE));
     assert_eq!(
         lines,
         vec![

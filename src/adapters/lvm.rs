@@ -13,6 +13,7 @@
 //! /dev/null (a prompt answers itself "no"). LVM's JSON puts every number in a string
 //! (`"pe_start":"2048"`); both strings and numbers are accepted.
 
+pub use super::sys::HELPER_NICE;
 use crate::core::facts::{LvFacts, LvmFacts, PvSegment};
 use serde_json::Value;
 use std::ffi::OsString;
@@ -93,7 +94,8 @@ impl Lvm {
     /// Run `lvm <args>`; stdout on success, an error carrying stderr otherwise.
     fn run(&self, args: &[&str]) -> Result<String> {
         let mut c = Command::new(&self.program);
-        c.args(args)
+        crate::adapters::sys::in_background(&mut c)
+            .args(args)
             .env("LVM_SUPPRESS_FD_WARNINGS", "1")
             .env("LC_ALL", "C")
             .stdin(Stdio::null())

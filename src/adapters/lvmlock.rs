@@ -74,7 +74,7 @@ static LOCKING_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 fn ask_locking_dir() -> PathBuf {
     let mut c = std::process::Command::new("lvm");
-    c.args(["config", "--typeconfig", "full", "global/locking_dir"]);
+    super::sys::in_background(&mut c).args(["config", "--typeconfig", "full", "global/locking_dir"]);
     c.stdin(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     c.env("LVM_SUPPRESS_FD_WARNINGS", "1");
     match c.output() {
