@@ -115,8 +115,8 @@ pub struct DmDev {
     pub inactive_table: bool,
 }
 
-/// How to suspend. The default (flush in-flight I/O, freeze a filesystem mounted directly on
-/// the device) is what LVM does for a table swap.
+/// How to suspend. The default flushes in-flight I/O and freezes a filesystem mounted directly
+/// on the device (LVM freezes only snapshot origins and cows; its other table swaps skip it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SuspendFlags {
     /// DM_NOFLUSH: do not wait for in-flight I/O to complete; queue it instead.

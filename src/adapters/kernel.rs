@@ -188,7 +188,12 @@ impl Kernel for DmKernel {
     }
 
     fn suspend(&mut self, n: &str) -> KResult<()> {
-        self.dm.suspend(n, SuspendFlags::default()).map_err(k)
+        // In-flight I/O flushed, no filesystem frozen: LVM's own table swaps do the same
+        // (lvm2 activate.c freezes only for snapshot origins and cows). Every table luksify
+        // swaps maps the same data as the one before it, so nothing needs the filesystem
+        // written back; with the freeze, an LV's reroute made ext4 commit its journal with
+        // the system's writes held (29-37 ms writes in the bench, against ~22 without).
+        self.dm.suspend(n, SuspendFlags { noflush: false, skip_lockfs: true }).map_err(k)
     }
 
     fn resume(&mut self, n: &str) -> KResult<()> {

@@ -114,7 +114,8 @@ pub trait Kernel {
     /// `@stats_*` messages go to device-mapper's core ([`crate::core::dmstats`]). The reply,
     /// empty if none.
     fn message(&mut self, name: &str, msg: &str) -> KResult<String>;
-    /// Suspend, flushing in-flight I/O.
+    /// Suspend, flushing in-flight I/O (without freezing a filesystem on the device, as
+    /// LVM's table swaps).
     fn suspend(&mut self, name: &str) -> KResult<()>;
     /// Resume (making the inactive table live, if one is loaded).
     fn resume(&mut self, name: &str) -> KResult<()>;
