@@ -150,16 +150,11 @@ impl Lvm {
         let Ok((pvsegs, lvsegs)) = report else { return self.facts_by_name(device) };
         let is_dev = |r: &Row| r.num("pv_major") == Ok(u64::from(major)) && r.num("pv_minor") == Ok(u64::from(minor));
         let segs: Vec<Row> = pvsegs.into_iter().filter(is_dev).collect();
-        let mut pv: Vec<Row> = Vec::new();
-        for r in &segs {
-            if !pv.iter().any(|p| p.str("pv_uuid") == r.str("pv_uuid")) {
-                pv.push(r.clone());
-            }
-        }
         // (not listed, or listed twice: LVM says what it makes of the device by its name)
-        if pv.len() != 1 {
-            return self.facts_by_name(device);
-        }
+        let pv = match distinct_pvs(&segs) {
+            Ok(pv) if pv.len() == 1 => pv,
+            _ => return self.facts_by_name(device),
+        };
         let vg = pv[0].str("vg_name").map_err(|why| LvmError::Parse { cmd: "lvm fullreport".into(), why })?;
         let lvs: Vec<Row> = match vg.is_empty() {
             true => Vec::new(),
@@ -194,13 +189,7 @@ impl Lvm {
             (segs, lvs)
         });
         let segs = segs?;
-        let mut pv: Vec<Row> = Vec::new();
-        for r in &segs {
-            let name = r.str("pv_name").map_err(|why| LvmError::Parse { cmd: self.command_line(&a), why })?;
-            if !pv.iter().any(|p| p.str("pv_name").as_deref() == Ok(name.as_str())) {
-                pv.push(r.clone());
-            }
-        }
+        let pv = distinct_pvs(&segs).map_err(|why| LvmError::Parse { cmd: self.command_line(&a), why })?;
         let vg = pv
             .first()
             .map(|r| r.str("vg_name"))
@@ -260,6 +249,19 @@ impl Lvm {
         }
         self.run(&a).map(|_| ())
     }
+}
+
+/// The PVs of PV segment rows (each row repeats its PV's fields): the first row of each
+/// `pv_name`, in order.
+fn distinct_pvs(segs: &[Row]) -> std::result::Result<Vec<Row>, String> {
+    let mut pv: Vec<Row> = Vec::new();
+    for r in segs {
+        let name = r.str("pv_name")?;
+        if !pv.iter().any(|p| p.str("pv_name").as_deref() == Ok(name.as_str())) {
+            pv.push(r.clone());
+        }
+    }
+    Ok(pv)
 }
 
 /// The arguments of the full report [`Lvm::facts_of`] asks for: PV segments with the PV's

@@ -108,9 +108,7 @@ pub(super) fn tick_learned(run: &RunOpts, marks: &[std::time::Instant]) {
     }
     let mut g = crate::core::tick::TickGrid::new();
     if let Some(&first) = marks.first() {
-        for &m in marks {
-            g.observe((m - first).as_nanos() as u64);
-        }
+        g.observe_since(first, marks);
     }
     let period_ms = g.grid().map(|(p, _)| p as f64 / 1e6);
     emit(&Line::Tick { marks: marks.len(), period_ms, t_ms: t_ms_whole() });

@@ -52,6 +52,14 @@ impl TickGrid {
         self.marks.push_back(t);
     }
 
+    /// Suspends returned at `marks` (in order), taken as times since `origin` (no later than
+    /// any of them).
+    pub fn observe_since(&mut self, origin: std::time::Instant, marks: &[std::time::Instant]) {
+        for &m in marks {
+            self.observe((m - origin).as_nanos() as u64);
+        }
+    }
+
     /// The grid the latest returns sit on: (period, phase of the tick), phase in [0, period).
     /// Returns land on a tick or a little after it: the earliest of them, modulo the period,
     /// is taken for the tick.

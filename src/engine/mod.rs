@@ -631,9 +631,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         if let Some(&first) = marks.first() {
             self.epoch = self.epoch.min(first);
         }
-        for &m in marks {
-            self.ticks.observe((m - self.epoch).as_nanos() as u64);
-        }
+        self.ticks.observe_since(self.epoch, marks);
     }
 
     /// Whether a wait of `wait` before a suspend leaves time for one more piece of work

@@ -25,7 +25,6 @@
 use super::*;
 use crate::core::cutover::{self, CutRecord, Decision, Finding};
 use crate::core::{dmstats, luks2meta};
-use standard_steps::Written;
 
 /// What the cut-over did, for the progress output and the benchmark.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -179,14 +178,10 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         };
         // (a write counted: the early copy is brought up to date, the sectors that changed
         // copied again, flushed and read back; if that fails, the window copies it all)
-        let (copied, first_changed) = match watch.map(|_| self.first_s_written(watch, s, &mut areas)) {
+        let (copied, first_changed) = match watch {
             None => (false, Some(0)),
-            Some(Written::Nothing) => (true, None),
-            Some(w) => {
-                let all = [(0, s)];
-                let ranges = if w == Written::Areas { &areas[..] } else { &all[..] };
-                self.refresh_first_s(&mut plain, &mut back, l, ranges).map_or((false, Some(0)), |c| (true, c))
-            }
+            Some(id) if self.first_s_quiet(id, s, &mut areas) => (true, None),
+            Some(_) => self.refresh_first_s(&mut plain, &mut back, l, &areas).map_or((false, Some(0)), |c| (true, c)),
         };
         // Else the first S sectors, read once with the bridge suspended (no write can change
         // them any more): the moved segment's content and the record's checksum.
@@ -370,30 +365,30 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         Some(id)
     }
 
-    /// Under the cut-over's suspend: what the region over [0, S) counted since before the copy
-    /// read the first S ([`Written`]; the areas in `areas`). Nothing: the moved segment holds
-    /// them as they are. The region is deleted either way.
-    fn first_s_written(&mut self, watch: Option<u64>, s: u64, areas: &mut Vec<(u64, u64)>) -> Written {
-        let Some(id) = watch else { return Written::All };
+    /// Under the cut-over's suspend: whether region `id` over [0, S) counted no write since
+    /// before the copy read the first S (then the moved segment holds them as they are);
+    /// else the ranges to read again are in `areas` ([`standard_steps::to_compare`]). The
+    /// region is deleted either way.
+    fn first_s_quiet(&mut self, id: u64, s: u64, areas: &mut Vec<(u64, u64)>) -> bool {
         let bridge = self.names.bridge.clone();
         let reply = self.kernel.message(&bridge, &dmstats::print_msg(id)).ok();
-        self.unwatch_first_s(watch);
+        self.unwatch_first_s(Some(id));
         #[cfg(test)]
         if self.standard_mutant == Some(standard_steps::Mutant::TrustPrecopy) {
-            return Written::Nothing;
+            return true;
         }
         #[cfg(test)]
         let one_less = self.standard_mutant == Some(standard_steps::Mutant::OneAreaLess);
         #[cfg(not(test))]
         let one_less = false;
-        standard_steps::written(reply, 0, s, areas, one_less)
+        standard_steps::to_compare(reply.as_deref(), 0, s, areas, one_less)
     }
 
     /// Under the cut-over's suspend, after a write reached the first S since the early copy
-    /// read them: read the sectors in `ranges` (where the region counted writes) again into
-    /// `back`, and copy every run of sectors that differs from `plain` (updated) to the moved
-    /// segment; then those ranges of it flushed, read back and compared. The first sector
-    /// that had changed, if any.
+    /// read them: read the sectors in `ranges` (where the region counted writes, or all of
+    /// the first S if it did not say) again into `back`, and copy every run of sectors that
+    /// differs from `plain` (updated) to the moved segment; then those ranges of it flushed,
+    /// read back and compared. The first sector that had changed, if any.
     fn refresh_first_s(
         &mut self,
         plain: &mut [u8],

@@ -84,23 +84,17 @@ pub(crate) enum Mutant {
     EarlyChecksum,
 }
 
-/// What a dm-stats region says under the suspend ([`crate::core::dmstats::written_areas`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Written {
-    /// No write since the region was created: the source is what was read.
-    Nothing,
-    /// Writes in the areas listed (in the caller's buffer), clipped to the region.
-    Areas,
-    /// Unknown (no region, or its reply did not say): all of it counts as written.
-    All,
-}
-
-/// The areas in `reply` that counted a write, clipped to [a, b), into `areas`
-/// ([`Written`]). `one_less`: the [`Mutant::OneAreaLess`] (tests only).
-pub(super) fn written(reply: Option<String>, a: u64, b: u64, areas: &mut Vec<(u64, u64)>, one_less: bool) -> Written {
-    let Some(r) = reply else { return Written::All };
-    if !dmstats::written_areas(&r, areas) {
-        return Written::All;
+/// Under the suspend, from the reply to a region's print over [a, b) (None: no region, or
+/// the message failed): the ranges to compare again, into `areas` (its capacity kept): the
+/// areas that counted a write, clipped to [a, b), or all of [a, b) when the reply says
+/// nothing certain ([`crate::core::dmstats::written_areas`]). Whether there is nothing to
+/// compare: no write reached [a, b) since the region was made. `one_less`: the
+/// [`Mutant::OneAreaLess`] (tests only).
+pub(super) fn to_compare(reply: Option<&str>, a: u64, b: u64, areas: &mut Vec<(u64, u64)>, one_less: bool) -> bool {
+    if !reply.is_some_and(|r| dmstats::written_areas(r, areas)) {
+        areas.clear();
+        areas.push((a, b));
+        return false;
     }
     areas.retain_mut(|x| {
         *x = (x.0.max(a), x.1.min(b));
@@ -109,10 +103,7 @@ pub(super) fn written(reply: Option<String>, a: u64, b: u64, areas: &mut Vec<(u6
     if one_less {
         areas.pop();
     }
-    match areas.is_empty() {
-        true => Written::Nothing,
-        false => Written::Areas,
-    }
+    areas.is_empty()
 }
 
 /// A dm-stats region on the bridge over hotzone [from, to), created before the first read of
@@ -584,15 +575,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let trust = have > 0 && self.standard_mutant == Some(Mutant::TrustReadAhead);
         #[cfg(not(test))]
         let trust = false;
-        let said = match trust {
-            true => Written::Nothing,
-            false => self.watched(bf, a, b),
-        };
-        let quiet = !trust && said == Written::Nothing;
-        let refreshed = match said {
-            Written::Nothing => Ok(0),
-            said => self.refresh_standard(xts, bf, a, b, said == Written::Areas),
-        };
+        let quiet = !trust && self.watched_quiet(bf, a, b);
+        let refreshed = if trust || quiet { Ok(0) } else { self.refresh_standard(xts, bf, a, b) };
         let changed = match refreshed {
             Ok(c) => c,
             Err(e) => {
@@ -662,14 +646,16 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         }
     }
 
-    /// Under the suspend: what hotzone [a, b)'s region counted ([`Written`]; the areas in
-    /// `bf.areas`). Nothing: its source is what was read, and the last comparison would find
-    /// nothing.
-    fn watched(&mut self, bf: &mut Bufs, a: u64, b: u64) -> Written {
-        let Some(w) = bf.watches.iter().find(|w| (w.from, w.to) == (a, b)).copied() else { return Written::All };
+    /// Under the suspend: whether hotzone [a, b)'s region counted no write (so its source is
+    /// what was read, and the last comparison would find nothing); else the ranges to
+    /// compare again are in `bf.areas` ([`to_compare`]).
+    fn watched_quiet(&mut self, bf: &mut Bufs, a: u64, b: u64) -> bool {
+        let Some(w) = bf.watches.iter().find(|w| (w.from, w.to) == (a, b)).copied() else {
+            return to_compare(None, a, b, &mut bf.areas, false);
+        };
         #[cfg(test)]
         if self.standard_mutant == Some(Mutant::IgnoreWatchCount) {
-            return Written::Nothing;
+            return true;
         }
         #[cfg(test)]
         let one_less = self.standard_mutant == Some(Mutant::OneAreaLess);
@@ -677,7 +663,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let one_less = false;
         let bridge = self.names.bridge.clone();
         let reply = self.kernel.message(&bridge, &dmstats::print_msg(w.id)).ok();
-        written(reply, a, b, &mut bf.areas, one_less)
+        to_compare(reply.as_deref(), a, b, &mut bf.areas, one_less)
     }
 
     /// Delete the regions, but the one over `keep`. A failure is left: the next run's
@@ -730,27 +716,19 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         Ok(())
     }
 
-    /// With the bridge suspended: the source once more against what was copied (`areas`:
-    /// only the areas in `bf.areas`, where the step's region counted a write; else all of
-    /// it); every run of sectors a live write changed is encrypted and written again, then
-    /// flushed and read back. Returns how many sectors changed.
-    fn refresh_standard(
-        &mut self,
-        xts: &crate::core::xts::Xts,
-        bf: &mut Bufs,
-        a: u64,
-        b: u64,
-        areas: bool,
-    ) -> EResult<u64> {
+    /// With the bridge suspended: the source once more against what was copied, in the
+    /// ranges `bf.areas` holds ([`Engine::watched_quiet`]); every run of sectors a live write
+    /// changed is encrypted and written again, then flushed and read back. Returns how many
+    /// sectors changed.
+    fn refresh_standard(&mut self, xts: &crate::core::xts::Xts, bf: &mut Bufs, a: u64, b: u64) -> EResult<u64> {
         let src = self.standard_source(a);
         let fail = |sector: u64, why: String| EngineError::CopyFailed { from: a, to: b, sector, why };
         let mut runs = std::mem::take(&mut bf.runs);
         runs.clear();
         let ranges = std::mem::take(&mut bf.areas);
-        let whole = [(a, b)];
         let mut changed = 0u64;
         let r = (|| {
-            for &(ra, rb) in if areas { &ranges[..] } else { &whole[..] } {
+            for &(ra, rb) in &ranges {
                 changed += self.refresh_range(xts, bf, a, b, src, ra, rb, &mut runs)?;
             }
             if changed > 0 {
