@@ -44,6 +44,11 @@ pub struct Prober {
     pub swaps: PathBuf,
     /// Ask device-mapper for holders (when its control node exists).
     pub use_dm: bool,
+    /// Time a read of the device's start for the plan's time estimate
+    /// ([`DeviceFacts::read_sample`](crate::core::facts::DeviceFacts)): only where the
+    /// estimate is shown (`--dry-run`); elsewhere it would be up to half a second of I/O
+    /// competing with LVM's reports for nothing.
+    pub time_read: bool,
 }
 
 impl Prober {
@@ -54,6 +59,7 @@ impl Prober {
             mountinfo: PathBuf::from("/proc/self/mountinfo"),
             swaps: PathBuf::from("/proc/swaps"),
             use_dm: true,
+            time_read: false,
         }
     }
 }
@@ -61,6 +67,11 @@ impl Prober {
 /// Probe `path` on this machine.
 pub fn probe(path: &Path) -> Result<DeviceFacts, ProbeError> {
     Prober::system().probe(path)
+}
+
+/// Probe `path` on this machine, with the timed read of the plan's time estimate.
+pub fn probe_timed(path: &Path) -> Result<DeviceFacts, ProbeError> {
+    Prober { time_read: true, ..Prober::system() }.probe(path)
 }
 
 fn file_kind(ft: &std::fs::FileType) -> &'static str {
@@ -157,7 +168,10 @@ impl Prober {
             let lvm_report = (content == Content::LvmPv).then(|| sc.spawn(|| self.lvm.facts(&canonical)));
             let rest = || -> Result<DeviceFacts, ProbeError> {
                 // A short timed read for the plan's time estimate (at most 64 MiB or half a second).
-                let read_sample = dev.measure_read((64 << 20).min(size_bytes), std::time::Duration::from_millis(500));
+                let read_sample = self
+                    .time_read
+                    .then(|| dev.measure_read((64 << 20).min(size_bytes), std::time::Duration::from_millis(500)))
+                    .flatten();
 
                 // The journal slots in the tail.
                 let luksify_journal = match journal_slots(size_sectors) {

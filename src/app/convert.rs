@@ -3,8 +3,8 @@
 use super::guard::{self, Progress};
 use super::progress::{self, phase, undo_warning};
 use super::{
-    check_root, confirm, engine_err, finish, has_tpm, lock, lock_vg, open_disk, passphrase, probe_device, raw_devref,
-    suggest_after,
+    check_root, confirm, engine_err, finish, has_tpm, lock, lock_vg, open_disk, passphrase, probe_device,
+    probe_device_timed, raw_devref, suggest_after,
 };
 use crate::adapters::blockdev::{BlockDev, OpenMode};
 use crate::adapters::integrate::SystemRunner;
@@ -51,7 +51,7 @@ fn plan_for(facts: &crate::core::facts::DeviceFacts, o: &ConvertOpts) -> Result<
 
 pub(super) fn dry_run(device: &Path, o: &ConvertOpts, json: bool) -> Result<i32> {
     refuse_interrupted_cut_over(device)?;
-    let facts = probe_device(device)?;
+    let facts = probe_device_timed(device)?;
     let mut p = plan_for(&facts, o)?;
     if p.ok() {
         p.suggestions = crate::core::recovery::suggestions(

@@ -62,7 +62,18 @@ fn not_root(cli: &Cli) -> Error {
 }
 
 pub(super) fn probe_device(device: &Path) -> Result<crate::core::facts::DeviceFacts> {
-    probe::probe(device).map_err(|e| match e {
+    probe_err(probe::probe(device))
+}
+
+/// [`probe_device`] with the timed read the plan's time estimate comes from (`--dry-run`).
+pub(super) fn probe_device_timed(device: &Path) -> Result<crate::core::facts::DeviceFacts> {
+    probe_err(probe::probe_timed(device))
+}
+
+fn probe_err(
+    r: std::result::Result<crate::core::facts::DeviceFacts, probe::ProbeError>,
+) -> Result<crate::core::facts::DeviceFacts> {
+    r.map_err(|e| match e {
         probe::ProbeError::NotFound { .. }
         | probe::ProbeError::NotBlockDevice { .. }
         | probe::ProbeError::Access { .. } => Error::WrongDevice(e.to_string()),
