@@ -3,7 +3,7 @@
 //! devices, lvm2) — the real `lvm` on loop devices with a private LVM configuration.
 
 use luksify::adapters::lvm::{self, assemble, rows, Lvm, LvmError};
-use luksify::core::facts::{LvFacts, PvSegment};
+use luksify::core::facts::{LvFacts, LvmFacts, PvSegment};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -299,7 +299,7 @@ read -r line 2>/dev/null && echo "stdin was not empty" >> "$D/log"
 echo "FD=$LVM_SUPPRESS_FD_WARNINGS LC=$LC_ALL X=$EXTRA NI=$(nice) :: $*" >> "$D/log"
 if [ "{fail}" = 1 ]; then echo "  WARNING: noise" >&2; echo "  Cannot use /dev/sda5: device is rejected by filter config" >&2; exit 5; fi
 case "$*" in
-  fullreport*) [ -e "$D/full.json" ] || {{ echo "  Unrecognised field: pv_major" >&2; exit 5; }}; cat "$D/full.json" ;;
+  fullreport*) [ -e "$D/full.json" ] || {{ echo "  Unrecognised field: pv_major" >&2; exit 5; }}; [ ! -e "$D/full.log" ] || cat "$D/full.log" >&2; cat "$D/full.json" ;;
   "pvs --segments"*) cat "$D/seg.json" ;;
   *seg_pe_ranges) [ -e "$D/every-vg-fails" ] && {{ echo "  Volume group vgX has a missing PV" >&2; exit 5; }}; cat "$D/lvs.json" ;;
   lvs*) cat "$D/lvs.json" ;;
@@ -462,7 +462,7 @@ fn one_full_report_gives_what_the_reports_by_name_give() {
     let lines = log();
     assert_eq!(lines.lines().count(), 1, "one LVM command: {lines}");
     assert!(
-        lines.contains(":: fullreport -a --reportformat json --units s --nosuffix --configreport pvseg -o "),
+        lines.contains(":: fullreport -a --reportformat json --units s --nosuffix -vv --configreport pvseg -o "),
         "{lines}"
     );
     // the second PV of the VG, and the orphan, from the same report
@@ -481,6 +481,44 @@ fn one_full_report_gives_what_the_reports_by_name_give() {
     let lines = log();
     assert_eq!(lines.lines().count(), 3, "{lines}");
     assert!(lines.contains(":: pvs --segments"), "{lines}");
+    assert_eq!(by_name.vg_lock_file, None, "the reports by name run without -vv");
+}
+
+/// The VG's lock file comes from the full report's own log (`-vv`): the line naming the PV's
+/// VG, not the global lock nor another VG's (nor one whose name only starts the same); no
+/// such line, no lock file (luksify then asks `lvm config`).
+#[test]
+fn the_vg_lock_file_is_the_one_the_full_report_locked() {
+    let t = tmpdir("fakelvm-lockfile");
+    let l = Lvm::with_program(fake_lvm(&t.0, false));
+    std::fs::write(t.0.join("full.json"), full_report()).unwrap();
+    assert!(lvm::full_report_args().iter().any(|a| a == "-vv"), "{:?}", lvm::full_report_args());
+    assert_eq!(l.facts_of(Path::new("/dev/loop0"), Some((7, 0))).unwrap().vg_lock_file, None);
+    std::fs::write(
+        t.0.join("full.log"),
+        "      Reading VG vg0\n      Locking /var/lock/lvm-x/P_global RB\n      Locking /var/lock/lvm-x/V_vg00 RB\n      Locking /var/lock/lvm-x/V_vg0 RB\n      Locking /run/lock/lvm/V_vgother RB\n",
+    )
+    .unwrap();
+    let f = l.facts_of(Path::new("/dev/loop0"), Some((7, 0))).unwrap();
+    assert_eq!(f.vg_lock_file.as_deref(), Some("/var/lock/lvm-x/V_vg0"));
+    // the orphan PV has no VG, so no VG lock
+    assert_eq!(l.facts_of(Path::new("/dev/loop2"), Some((7, 2))).unwrap().vg_lock_file, None);
+
+    let in_log = |log: &str| lvm::vg_lock_file_in_log(log, "vg0");
+    assert_eq!(in_log("  Locking /run/lock/lvm/V_vg0 WB\n"), Some("/run/lock/lvm/V_vg0".into()));
+    assert_eq!(in_log("Locking /run/lock/lvm/V_vg0 RB convert"), Some("/run/lock/lvm/V_vg0".into()));
+    for no in [
+        "  Locking /run/lock/lvm/P_global RB",
+        "  Locking /run/lock/lvm/V_vg01 RB",
+        "  Locking lvm/V_vg0 RB",
+        "  Unlocking /run/lock/lvm/V_vg0",
+        "  #locking/file_locking.c:80  Locking /run/lock/lvm/V_vg0 RB",
+        "",
+    ] {
+        assert_eq!(in_log(no), None, "{no:?}");
+    }
+    // a name LVM would not lock is nobody's lock file
+    assert_eq!(lvm::vg_lock_file_in_log("  Locking /run/lock/lvm/V_.. RB", ".."), None);
 }
 
 #[test]
@@ -529,14 +567,18 @@ fn attach(mb: u64, tag: &str) -> Option<Loop> {
     Some(Loop(String::from_utf8(out.stdout).ok()?.trim().to_string(), t))
 }
 
+/// A private LVM configuration in `dir` that sees only `devs` and locks in `dir`/locks (not
+/// the host's /run/lock/lvm: the locking directory luksify finds must be the configured one).
 fn lvm_conf(dir: &Path, devs: &[&str]) {
     let accept: Vec<String> = devs.iter().map(|d| format!("\"a|^{d}$|\"")).collect();
     std::fs::write(
         dir.join("lvm.conf"),
         format!(
             "devices {{ filter = [ {}, \"r|.*|\" ] use_devicesfile = 0 obtain_device_list_from_udev = 0 }}\n\
-             activation {{ udev_sync = 0 udev_rules = 0 }}\nbackup {{ backup = 0 archive = 0 }}\n",
-            accept.join(", ")
+             activation {{ udev_sync = 0 udev_rules = 0 }}\nbackup {{ backup = 0 archive = 0 }}\n\
+             global {{ locking_dir = \"{}/locks\" }}\n",
+            accept.join(", "),
+            dir.display()
         ),
     )
     .unwrap();
@@ -586,7 +628,21 @@ fn real_lvm_on_loop_devices() {
     let log = std::fs::read_to_string(conf.0.join("log")).unwrap();
     assert_eq!(log.lines().count(), 1, "one LVM command: {log}");
     assert!(log.starts_with("fullreport"), "{log}");
-    assert_eq!(format!("{full:?}"), format!("{:?}", lw.facts_of(Path::new(&a.0), None).unwrap()));
+    // The lock file is the one this LVM locks for the VG: in the configured locking
+    // directory, as `lvm config` (what luksify asks without it) says too.
+    let locks = conf.0.join("locks");
+    assert_eq!(f.vg_lock_file.as_deref(), Some(locks.join(format!("V_{vg}")).to_str().unwrap()), "{f:?}");
+    let cfg = Command::new("lvm")
+        .args(["config", "--typeconfig", "full", "global/locking_dir"])
+        .env("LVM_SYSTEM_DIR", &conf.0)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&cfg.stdout).trim().to_string();
+    assert_eq!(said, format!("locking_dir=\"{}\"", locks.display()));
+    let by_name = lw.facts_of(Path::new(&a.0), None).unwrap();
+    assert_eq!(by_name.vg_lock_file, None);
+    let same = |x: &LvmFacts| format!("{:?}", LvmFacts { vg_lock_file: None, ..x.clone() });
+    assert_eq!(same(&full), same(&by_name));
     assert_eq!(format!("{full:?}"), format!("{f:?}"));
     assert_eq!(f.vg_name, vg);
     assert_eq!(f.pe_start, 2048);

@@ -1,7 +1,8 @@
 //! Guards while converting, on a real kernel (User-Mode Linux), in luksify's own protocol
 //! (LUKS1, whose bridge luksify resumes at every step; --rate slows it enough to look):
 //!
-//! - LVM's VG lock: luksify holds `/run/lock/lvm/V_vg0` exclusively for the whole migration,
+//! - LVM's VG lock: luksify holds `<locking_dir>/V_vg0` exclusively for the whole migration
+//!   (here a locking directory that is not LVM's default),
 //!   so an `lvcreate` started mid-way waits until the finish, then lands on the new mapping;
 //!   and luksify refuses (nothing changed) when an LVM command holds the lock too long.
 //! - udev: every resume of the bridge before the finish raises a uevent whose DM_COOKIE
@@ -16,6 +17,11 @@ use support::*;
 const SCRIPT: &str = r#"
 vgchange -ay vg0 >/dev/null; mknodes
 printf 'correct horse battery staple' > "$OUT/key"
+# A locking directory of this system's own, not LVM's default: luksify must lock the VG
+# where LVM does (it learns the lock file from its LVM report).
+sed -i 's|^global {|global {\n    locking_dir = "/run/lock/lvm-guards"|' "$LVM_SYSTEM_DIR/lvm.conf"
+[ "$(lvm config --typeconfig full global/locking_dir)" = 'locking_dir="/run/lock/lvm-guards"' ] \
+    || die "could not set LVM's locking directory: $(cat "$LVM_SYSTEM_DIR/lvm.conf")"
 FAST="--pbkdf pbkdf2 --pbkdf-force-iterations 1000"
 ts() { while IFS= read -r l; do echo "$EPOCHREALTIME $l"; done; }
 

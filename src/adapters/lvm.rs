@@ -93,6 +93,11 @@ impl Lvm {
 
     /// Run `lvm <args>`; stdout on success, an error carrying stderr otherwise.
     fn run(&self, args: &[&str]) -> Result<String> {
+        self.run_logged(args).map(|(out, _)| out)
+    }
+
+    /// [`Lvm::run`], with LVM's stderr (its log) too on success.
+    fn run_logged(&self, args: &[&str]) -> Result<(String, String)> {
         let mut c = Command::new(&self.program);
         crate::adapters::sys::in_background(&mut c)
             .args(args)
@@ -115,7 +120,7 @@ impl Lvm {
                 stderr: tail(&String::from_utf8_lossy(&out.stderr)),
             });
         }
-        Ok(stdout)
+        Ok((stdout, String::from_utf8_lossy(&out.stderr).into_owned()))
     }
 
     fn report(&self, args: &[&str], key: &str) -> Result<Vec<Row>> {
@@ -143,11 +148,11 @@ impl Lvm {
         let Some((major, minor)) = numbers else { return self.facts_by_name(device) };
         let args = full_report_args();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let report = self.run(&args).and_then(|out| {
+        let report = self.run_logged(&args).and_then(|(out, log)| {
             let parse = |key| rows(&out, key).map_err(|why| LvmError::Parse { cmd: self.command_line(&args), why });
-            Ok((parse("pvseg")?, parse("seg")?))
+            Ok((parse("pvseg")?, parse("seg")?, log))
         });
-        let Ok((pvsegs, lvsegs)) = report else { return self.facts_by_name(device) };
+        let Ok((pvsegs, lvsegs, log)) = report else { return self.facts_by_name(device) };
         let is_dev = |r: &Row| r.num("pv_major") == Ok(u64::from(major)) && r.num("pv_minor") == Ok(u64::from(minor));
         let segs: Vec<Row> = pvsegs.into_iter().filter(is_dev).collect();
         // (not listed, or listed twice: LVM says what it makes of the device by its name)
@@ -160,7 +165,9 @@ impl Lvm {
             true => Vec::new(),
             false => lvsegs.into_iter().filter(|r| r.str("vg_name").as_deref() == Ok(vg.as_str())).collect(),
         };
-        assemble(dev, &pv, &segs, &lvs)
+        let mut facts = assemble(dev, &pv, &segs, &lvs)?;
+        facts.vg_lock_file = vg_lock_file_in_log(&log, &vg);
+        Ok(facts)
     }
 
     /// [`Lvm::facts`] by the device's name: `pvs --segments DEVICE` beside `lvs -a`.
@@ -269,7 +276,7 @@ fn distinct_pvs(segs: &[Row]) -> std::result::Result<Vec<Row>, String> {
 /// [`LV_FIELDS`] (`-a`: hidden LVs too, as `lvs -a`), the other sub-reports reduced to a name.
 pub fn full_report_args() -> Vec<String> {
     let mut a: Vec<String> =
-        ["fullreport", "-a", "--reportformat", "json", "--units", "s", "--nosuffix"].map(String::from).into();
+        ["fullreport", "-a", "--reportformat", "json", "--units", "s", "--nosuffix", "-vv"].map(String::from).into();
     for (sub, fields) in [
         ("pvseg", format!("{PV_FIELDS},pv_major,pv_minor,{PVSEG_FIELDS}")),
         ("seg", LV_FIELDS.to_string()),
@@ -280,6 +287,21 @@ pub fn full_report_args() -> Vec<String> {
         a.extend(["--configreport".to_string(), sub.to_string(), "-o".to_string(), fields]);
     }
     a
+}
+
+/// The file LVM locked for VG `vg`, from the log of a command run with `-vv`: LVM's file
+/// locking says `Locking <locking_dir>/V_<vg> RB` (lib/misc/lvm-flock.c, the same words since
+/// lvm2 2.02) as it takes the VG's lock. This is the path every LVM command on this system
+/// locks for the VG, `global/locking_dir` applied, so luksify needs no `lvm config` process
+/// to learn it. None when the log does not say (another locking type, another wording).
+pub fn vg_lock_file_in_log(log: &str, vg: &str) -> Option<String> {
+    let file = crate::adapters::lvmlock::vg_lock_path(Path::new("/"), vg)?;
+    let file = file.file_name()?.to_str()?;
+    log.lines().find_map(|l| {
+        let path = l.trim_start().strip_prefix("Locking ")?.split(' ').next()?;
+        let (dir, name) = path.rsplit_once('/')?;
+        (name == file && dir.starts_with('/')).then(|| path.to_string())
+    })
 }
 
 /// [`Lvm::facts`] with the system's `lvm`.
@@ -491,6 +513,7 @@ pub fn assemble(device: &str, pv: &[Row], segs: &[Row], lvs: &[Row]) -> Result<L
         mda_count: p.num("pv_mda_count").map_err(perr)? as u32,
         segments,
         lvs,
+        vg_lock_file: None,
     })
 }
 

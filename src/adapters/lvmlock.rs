@@ -55,19 +55,11 @@ pub fn parse_locking_dir(out: &str) -> Option<PathBuf> {
 }
 
 /// The locking directory LVM uses on this system (asks `lvm config` once per process; the
-/// default if that fails). Runs an LVM command the first time: call it (or
-/// [`prefetch_locking_dir`]) **before** taking any lock.
+/// default if that fails). Runs an LVM command the first time: call it **before** taking
+/// any lock. (A conversion learns the VG's lock file from its LVM report instead:
+/// [`crate::adapters::lvm::vg_lock_file_in_log`].)
 pub fn locking_dir() -> PathBuf {
     LOCKING_DIR.get_or_init(ask_locking_dir).clone()
-}
-
-/// Ask for [`locking_dir`] on a thread of its own now, so that the `lvm config` process runs
-/// beside other start-up work (the probe's own LVM reports) instead of after it; a later
-/// [`locking_dir`] waits for this answer.
-pub fn prefetch_locking_dir() {
-    std::thread::spawn(|| {
-        let _ = locking_dir();
-    });
 }
 
 static LOCKING_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();

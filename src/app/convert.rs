@@ -106,9 +106,6 @@ fn refused(p: &plan::Plan) -> Error {
 
 pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     let _lock = lock(device)?;
-    // Taking LVM's VG lock later needs LVM's locking directory (an `lvm config` process):
-    // asked now, it runs beside the probe.
-    crate::adapters::lvmlock::prefetch_locking_dir();
     refuse_interrupted_cut_over(device)?;
     let mut facts = probe_device(device)?;
     phase(&o.run, "probed");
@@ -365,8 +362,8 @@ fn convert_formatted(
     let popts = o.plan_options();
     let raw = raw_devref(device)?;
     // From here to the finish, no LVM command may change the VG (ours included).
-    let vg_lock = match facts.lvm.as_ref().map(|l| l.vg_name.clone()).filter(|v| !v.is_empty()) {
-        Some(vg) => Some(lock_vg(&vg)?),
+    let vg_lock = match facts.lvm.as_ref().filter(|l| !l.vg_name.is_empty()) {
+        Some(l) => Some(lock_vg(&l.vg_name, l.vg_lock_file.as_deref())?),
         None => None,
     };
 

@@ -153,10 +153,14 @@ fn lock(device: &Path) -> Result<std::fs::File> {
 
 /// Take LVM's own lock on `vg`, exclusively, for the whole migration: no lvcreate, lvextend,
 /// lvchange or autoactivation can reload an LV table of the VG while luksify converts.
-/// Asks LVM for its locking directory first (an LVM command: none may run once the lock is
-/// held, it would wait for us).
-fn lock_vg(vg: &str) -> Result<VgLock> {
-    let dir = lvmlock::locking_dir();
+/// The lock file is the one LVM named while reporting (`seen`, [`LvmFacts::vg_lock_file`]);
+/// without it, asks LVM for its locking directory first (an LVM command: none may run once
+/// the lock is held, it would wait for us).
+///
+/// [`LvmFacts::vg_lock_file`]: crate::core::facts::LvmFacts::vg_lock_file
+fn lock_vg(vg: &str, seen: Option<&str>) -> Result<VgLock> {
+    let seen_dir = seen.and_then(|f| Path::new(f).parent()).filter(|d| d.is_absolute());
+    let dir = seen_dir.map(Path::to_path_buf).unwrap_or_else(lvmlock::locking_dir);
     let l = VgLock::acquire(&dir, vg, lvmlock::wait_from_env(), &mut |p| {
         eprintln!("luksify: waiting for LVM's lock on VG {vg} ({}): another LVM command holds it", p.display())
     })

@@ -94,7 +94,7 @@ pub(super) fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     let names = crate::engine::Names::new(&name, rec.luks_version, &rec.luks_uuid);
     let readable = kernel.is_live(&name) && ![&names.staging, &names.mirror].iter().any(|n| kernel.is_suspended(n));
     let mut vg_lock = match readable {
-        true => vg_on_bridge(&kernel, &name).map(|vg| lock_vg(&vg)).transpose()?,
+        true => vg_on_bridge(&kernel, &name).map(|vg| lock_vg(&vg, None)).transpose()?,
         false => None,
     };
     let uuid = rec.luks_uuid.clone();
@@ -114,7 +114,7 @@ pub(super) fn resume(device: &Path, k: &KeyOpts, run: &RunOpts) -> Result<i32> {
     drop(key);
     if vg_lock.is_none() {
         match vg_on_bridge(&engine.kernel, &name) {
-            Some(vg) => vg_lock = Some(lock_vg(&vg)?),
+            Some(vg) => vg_lock = Some(lock_vg(&vg, None)?),
             None => eprintln!("luksify: warning: no LVM metadata found on /dev/mapper/{name}; not holding any VG lock"),
         }
     }
@@ -270,7 +270,7 @@ fn resume_standard(
     // (not after a crashed step: that one was libcryptsetup's, whose recovery comes first)
     let suspended = active.is_some() && !r.crashed && kernel.is_suspended(&name);
     let mut vg_lock = match suspended {
-        false => vg_on_bridge(&kernel, &name).map(|vg| lock_vg(&vg)).transpose()?,
+        false => vg_on_bridge(&kernel, &name).map(|vg| lock_vg(&vg, None)).transpose()?,
         true => None,
     };
     let _power = guard::arm(device)?;
@@ -300,7 +300,7 @@ fn resume_standard(
     }
     if suspended {
         if let Some(vg) = vg_on_bridge(&engine.kernel, &name) {
-            vg_lock = Some(lock_vg(&vg)?);
+            vg_lock = Some(lock_vg(&vg, None)?);
         }
     }
     let progress = Progress { device, name: &name, l, moved };

@@ -163,6 +163,10 @@ pub struct LvmFacts {
     /// Segments of this PV: [pe_start_extent, pe_start_extent+len) → which LV (None = free).
     pub segments: Vec<PvSegment>,
     pub lvs: Vec<LvFacts>,
+    /// The file LVM locks for this VG (`<locking_dir>/V_<vg>`), as LVM itself named it
+    /// while reporting; None when it did not say (luksify then asks `lvm config`).
+    #[serde(skip)]
+    pub vg_lock_file: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +243,7 @@ pub(crate) mod samples {
                     PvSegment { start_extent: 0, extents: 10, lv: Some("root".into()) },
                     PvSegment { start_extent: 10, extents: 50, lv: None },
                 ],
+                vg_lock_file: None,
                 lvs: vec![LvFacts {
                     name: "root".into(),
                     attr: "-wi-ao----".into(),
