@@ -14,8 +14,6 @@ extern "C" fn on_stop(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-/// SIGINT and SIGTERM set a flag (no SA_RESTART, so a blocking DM_DEV_WAIT returns EINTR
-/// and the engine notices); the engine stops at its next commit point.
 /// The niceness of the helper programs luksify runs (LVM's reports and `pvresize`): they
 /// are background work beside the running system (in the one-CPU test bed, `lvm`'s device
 /// scans at full priority delayed a writer's fsync'd records by 20-30 ms). luksify itself
@@ -35,6 +33,8 @@ pub fn in_background(c: &mut std::process::Command) -> &mut std::process::Comman
     }
 }
 
+/// SIGINT and SIGTERM set a flag (no SA_RESTART, so a blocking DM_DEV_WAIT returns EINTR
+/// and the engine notices); the engine stops at its next commit point.
 pub fn install_stop_handlers() -> io::Result<()> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     let act = SigAction::new(SigHandler::Handler(on_stop), SaFlags::empty(), SigSet::empty());
