@@ -381,7 +381,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let one_less = self.standard_mutant == Some(standard_steps::Mutant::OneAreaLess);
         #[cfg(not(test))]
         let one_less = false;
-        standard_steps::to_compare(reply.as_deref(), 0, s, areas, one_less)
+        standard_steps::to_compare(reply.as_deref(), &[], 0, s, areas, one_less)
     }
 
     /// Under the cut-over's suspend, after a write reached the first S since the early copy

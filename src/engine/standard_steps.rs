@@ -18,10 +18,11 @@
 //! comparison under its own suspend treats it like any other copy of the source.
 //!
 //! That last comparison reads the whole source again inside the window; it is skipped when
-//! a dm-stats region on the bridge over the hotzone, created before the first read of its
-//! source, counted no write by the time the bridge is suspended ([`crate::core::dmstats`]
-//! says why that proves the source unchanged). Any doubt (no region, a message that fails,
-//! a reply that does not parse, a write counted) and the comparison runs.
+//! the hotzone's areas in a dm-stats region on the bridge (one region serves many steps),
+//! printed before the first read of its source, counted no write by the time the bridge is
+//! suspended ([`crate::core::dmstats`] says why that proves the source unchanged); else only
+//! the areas that counted one are compared. Any doubt (no region, a message that fails, a
+//! reply that does not parse) and the whole comparison runs.
 //!
 //! Crash at any point: before the primary copy is durable the metadata says the old state,
 //! whose table maps the source, untouched since the suspend; from then on the new state,
@@ -72,26 +73,38 @@ pub(crate) enum Mutant {
     /// The last comparison is skipped whenever the hotzone has a dm-stats region, whatever
     /// it counted.
     IgnoreWatchCount,
-    /// The step's dm-stats region is created after its source was read (and none ahead).
+    /// The step's hotzone is watched (its region created, its areas printed) after its
+    /// source was read (and none ahead).
     LateWatch,
     /// The cut-over trusts the first S copied before its suspend whatever the region counted.
     TrustPrecopy,
     /// The last of the areas a dm-stats region counted a write in is left out of the
     /// comparison under the suspend (a step's, and the cut-over's first S).
     OneAreaLess,
+    /// A step's hotzone is watched in the lines of its neighbour's areas in the region.
+    WrongLines,
     /// The cut-over record keeps the checksum of the early copy even where the window
     /// brought that copy up to date.
     EarlyChecksum,
 }
 
 /// Under the suspend, from the reply to a region's print over [a, b) (None: no region, or
-/// the message failed): the ranges to compare again, into `areas` (its capacity kept): the
-/// areas that counted a write, clipped to [a, b), or all of [a, b) when the reply says
-/// nothing certain ([`crate::core::dmstats::written_areas`]). Whether there is nothing to
-/// compare: no write reached [a, b) since the region was made. `one_less`: the
-/// [`Mutant::OneAreaLess`] (tests only).
-pub(super) fn to_compare(reply: Option<&str>, a: u64, b: u64, areas: &mut Vec<(u64, u64)>, one_less: bool) -> bool {
-    if !reply.is_some_and(|r| dmstats::written_areas(r, areas)) {
+/// the message failed) and the same print's areas taken before the first read of [a, b)'s
+/// source (`before`; empty: the region was created then): the ranges to compare again, into
+/// `areas` (its capacity kept): the areas that counted a write since, clipped to [a, b), or
+/// all of [a, b) when the reply says nothing certain
+/// ([`crate::core::dmstats::written_since`]). Whether there is nothing to compare: no write
+/// reached [a, b) since before its source was read. `one_less`: the [`Mutant::OneAreaLess`]
+/// (tests only).
+pub(super) fn to_compare(
+    reply: Option<&str>,
+    before: &[dmstats::AreaWrites],
+    a: u64,
+    b: u64,
+    areas: &mut Vec<(u64, u64)>,
+    one_less: bool,
+) -> bool {
+    if !reply.is_some_and(|r| dmstats::written_since(before, r, areas)) {
         areas.clear();
         areas.push((a, b));
         return false;
@@ -106,13 +119,26 @@ pub(super) fn to_compare(reply: Option<&str>, a: u64, b: u64, areas: &mut Vec<(u
     areas.is_empty()
 }
 
-/// A dm-stats region on the bridge over hotzone [from, to), created before the first read of
-/// the hotzone's source ([`crate::core::dmstats`]).
+/// A dm-stats region on the bridge over the hotzones of several steps, [from, to) in areas
+/// of `area` sectors ([`crate::core::dmstats::batch_region`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Region {
+    from: u64,
+    to: u64,
+    area: u64,
+    id: u64,
+}
+
+/// A step's hotzone [from, to) watched: the counters of its areas in region `id` (lines
+/// `first`.. `first + n`), printed before the first read of its source.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Watch {
     from: u64,
     to: u64,
     id: u64,
+    first: u64,
+    n: u64,
+    before: Vec<dmstats::AreaWrites>,
 }
 
 /// The step's buffers, allocated (and so, under `mlockall`, faulted in) before any suspend.
@@ -129,7 +155,10 @@ struct Bufs {
     meta: IoBuf,
     /// Runs of sectors copied again in the suspended window (capacity fixed up front).
     runs: Vec<(u64, u64)>,
-    /// The dm-stats regions on the bridge: this step's and the next one's.
+    /// luksify's dm-stats regions on the bridge (the one over this step's hotzone, and
+    /// over the next step's when that is another).
+    regions: Vec<Region>,
+    /// This step's hotzone watched, and the next one's.
     watches: Vec<Watch>,
     /// Under the suspend: the areas of this step's region that counted a write (capacity
     /// fixed up front: [`dmstats::MAX_AREAS`]).
@@ -260,6 +289,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             head: buf(luks2meta::HEAD_BYTES)?,
             meta: buf(luks2meta::HEAD_BYTES)?,
             runs: Vec::with_capacity(RECHECK_RUNS),
+            regions: Vec::with_capacity(4),
             watches: Vec::with_capacity(4),
             areas: Vec::with_capacity(dmstats::MAX_AREAS),
         };
@@ -632,26 +662,49 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         Ok((stats, read))
     }
 
-    /// A dm-stats region over hotzone [a, b) on the bridge, unless it has one. None if the
-    /// message fails: that step's comparison runs.
+    /// Watch hotzone [a, b), unless it is watched: the counters of its areas in a dm-stats
+    /// region on the bridge that covers it (created if none does: [`dmstats::batch_region`]),
+    /// printed now, before the first read of its source. Nothing if a message fails: that
+    /// step's comparison runs.
     fn watch(&mut self, bf: &mut Bufs, a: u64, b: u64) {
         if bf.watches.iter().any(|w| (w.from, w.to) == (a, b)) || bf.watches.len() == bf.watches.capacity() {
             return;
         }
         let bridge = self.names.bridge.clone();
-        if let Some(id) =
-            self.kernel.message(&bridge, &dmstats::create_msg(a, b)).ok().and_then(|r| dmstats::parse_created(&r))
-        {
-            bf.watches.push(Watch { from: a, to: b, id });
+        let r = match bf.regions.iter().find(|r| r.from <= a && b <= r.to) {
+            Some(r) => *r,
+            None if bf.regions.len() < bf.regions.capacity() => {
+                let (from, to, area) = dmstats::batch_region(a, b, self.g().s);
+                let msg = dmstats::create_region_msg(from, to, area);
+                let Some(id) = self.kernel.message(&bridge, &msg).ok().and_then(|r| dmstats::parse_created(&r)) else {
+                    return;
+                };
+                bf.regions.push(Region { from, to, area, id });
+                Region { from, to, area, id }
+            }
+            None => return,
+        };
+        let (first, n) = dmstats::lines_of(r.from, r.area, a, b);
+        #[cfg(test)]
+        let first = match self.standard_mutant == Some(Mutant::WrongLines) {
+            true if first >= n => first - n,
+            true => first + n,
+            false => first,
+        };
+        let mut before = Vec::with_capacity(n as usize);
+        if let Ok(reply) = self.kernel.message(&bridge, &dmstats::print_lines_msg(r.id, first, n)) {
+            if dmstats::area_writes(&reply, &mut before) {
+                bf.watches.push(Watch { from: a, to: b, id: r.id, first, n, before });
+            }
         }
     }
 
-    /// Under the suspend: whether hotzone [a, b)'s region counted no write (so its source is
-    /// what was read, and the last comparison would find nothing); else the ranges to
-    /// compare again are in `bf.areas` ([`to_compare`]).
+    /// Under the suspend: whether hotzone [a, b) counted no write since it was watched (so
+    /// its source is what was read, and the last comparison would find nothing); else the
+    /// ranges to compare again are in `bf.areas` ([`to_compare`]).
     fn watched_quiet(&mut self, bf: &mut Bufs, a: u64, b: u64) -> bool {
-        let Some(w) = bf.watches.iter().find(|w| (w.from, w.to) == (a, b)).copied() else {
-            return to_compare(None, a, b, &mut bf.areas, false);
+        let Some(w) = bf.watches.iter().find(|w| (w.from, w.to) == (a, b)) else {
+            return to_compare(None, &[], a, b, &mut bf.areas, false);
         };
         #[cfg(test)]
         if self.standard_mutant == Some(Mutant::IgnoreWatchCount) {
@@ -662,23 +715,25 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         #[cfg(not(test))]
         let one_less = false;
         let bridge = self.names.bridge.clone();
-        let reply = self.kernel.message(&bridge, &dmstats::print_msg(w.id)).ok();
-        to_compare(reply.as_deref(), a, b, &mut bf.areas, one_less)
+        let reply = self.kernel.message(&bridge, &dmstats::print_lines_msg(w.id, w.first, w.n)).ok();
+        to_compare(reply.as_deref(), &w.before, a, b, &mut bf.areas, one_less)
     }
 
-    /// Delete the regions, but the one over `keep`. A failure is left: the next run's
-    /// [`Engine::purge_watches`] (or the bridge's removal) takes it.
+    /// Forget the hotzones watched but `keep`, and delete the regions that do not cover it.
+    /// A failure is left: the next run's [`Engine::purge_watches`] (or the bridge's removal)
+    /// takes it.
     fn unwatch(&mut self, bf: &mut Bufs, keep: Option<(u64, u64)>) {
+        bf.watches.retain(|w| Some((w.from, w.to)) == keep);
         let bridge = self.names.bridge.clone();
         let mut i = 0;
-        while i < bf.watches.len() {
-            let w = bf.watches[i];
-            if Some((w.from, w.to)) == keep {
+        while i < bf.regions.len() {
+            let r = bf.regions[i];
+            if keep.is_some_and(|(a, b)| r.from <= a && b <= r.to) {
                 i += 1;
                 continue;
             }
-            let _ = self.kernel.message(&bridge, &dmstats::delete_msg(w.id));
-            bf.watches.remove(i);
+            let _ = self.kernel.message(&bridge, &dmstats::delete_msg(r.id));
+            bf.regions.remove(i);
         }
     }
 

@@ -371,9 +371,22 @@ fn stats_message(d: &mut super::dm::DmDev, msg: &str) -> Result<String, String> 
         Some("@stats_print") => {
             let id = id(1)?;
             let r = d.stats.iter().find(|r| r.id == id).ok_or("no such region")?;
-            Ok(r.writes
+            // optional lines: <starting_line> <number_of_lines> (clipped to the region, as
+            // the kernel does; 0 lines: to the end)
+            let n = r.writes.len();
+            let (first, len) = match (w.get(2), w.get(3)) {
+                (Some(f), Some(l)) => {
+                    (f.parse::<usize>().map_err(|_| "line")?, l.parse::<usize>().map_err(|_| "lines")?)
+                }
+                (None, None) => (0, 0),
+                _ => return Err("invalid number of arguments".into()),
+            };
+            let first = first.min(n);
+            let end = if len == 0 { n } else { first.saturating_add(len).min(n) };
+            Ok(r.writes[first..end]
                 .iter()
                 .enumerate()
+                .map(|(i, wr)| (i + first, wr))
                 .map(|(i, &wr)| {
                     format!("{}+{} 0 0 0 0 {wr} 0 {} 0 0 0 0 0 0\n", r.start + i as u64 * r.step, r.step, wr * 8)
                 })

@@ -208,6 +208,7 @@ fn a_wrong_order_in_luksifys_own_luks2_steps_is_caught_by_the_sweep() {
         Mutant::IgnoreWatchCount,
         Mutant::LateWatch,
         Mutant::OneAreaLess,
+        Mutant::WrongLines,
     ] {
         let mut quiet = scenario(3400);
         quiet.writer = WriterConfig::off();
@@ -350,17 +351,21 @@ fn the_last_comparison_is_skipped_only_where_no_write_was_counted() {
         e.finish_standard(&mut NoHooks).unwrap();
         finished_ok(&sim, end).unwrap();
         assert_eq!(watches_left(&sim), 0, "dm-stats regions left on the bridge");
-        (c.skipped, c.steps, ops_named(&sim, "@stats_print"))
+        (c.skipped, c.steps, ops_named(&sim, "@stats_print"), ops_named(&sim, "@stats_create"))
     };
     let mut quiet = standard_l(L_LONG, 4000);
     quiet.writer = WriterConfig::off();
-    let (skipped, steps, prints) = run(&quiet);
+    let (skipped, steps, prints, creates) = run(&quiet);
     assert!(steps >= 5, "{steps} steps");
-    // (one print more: the cut-over's, over the first S it copied before its suspend)
-    assert_eq!((skipped, prints), (steps, steps + 1), "a quiet system: every comparison skipped");
+    // (two prints a step: before its source is read and under its suspend; one print more:
+    // the cut-over's, over the first S it copied before its suspend)
+    assert_eq!((skipped, prints), (steps, 2 * steps + 1), "a quiet system: every comparison skipped");
+    // (one region serves several steps: two in the tests, so the cut-over's and three over
+    // the six steps here, each created before the first read of its first step's source)
+    assert_eq!((steps, creates), (6, 4));
     let (mut busy_skipped, mut busy_compared) = (0, 0);
     for k in 0..4 {
-        let (skipped, steps, _) = run(&standard_l(L_LONG, 4001 + k));
+        let (skipped, steps, _, _) = run(&standard_l(L_LONG, 4001 + k));
         busy_skipped += skipped;
         busy_compared += steps - skipped;
     }
