@@ -29,8 +29,7 @@ pub const PROGRAM_ID: &str = "luksify";
 /// Create one region over sectors [from, to) of the device, in areas of
 /// [`area_sectors`]; the reply is its id.
 pub fn create_msg(from: u64, to: u64) -> String {
-    let len = to - from;
-    format!("@stats_create {from}+{len} {} {PROGRAM_ID}", area_sectors(len))
+    create_region_msg(from, to, area_sectors(to - from))
 }
 
 /// Create one region over sectors [from, to) in areas of `area` sectors; the reply is its id.

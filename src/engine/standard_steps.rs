@@ -129,6 +129,13 @@ struct Region {
     id: u64,
 }
 
+impl Region {
+    /// Whether hotzone [a, b) lies in it.
+    fn covers(&self, (a, b): (u64, u64)) -> bool {
+        self.from <= a && b <= self.to
+    }
+}
+
 /// A step's hotzone [from, to) watched: the counters of its areas in region `id` (lines
 /// `first`.. `first + n`), printed before the first read of its source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -671,7 +678,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             return;
         }
         let bridge = self.names.bridge.clone();
-        let r = match bf.regions.iter().find(|r| r.from <= a && b <= r.to) {
+        let r = match bf.regions.iter().find(|r| r.covers((a, b))) {
             Some(r) => *r,
             None if bf.regions.len() < bf.regions.capacity() => {
                 let (from, to, area) = dmstats::batch_region(a, b, self.g().s);
@@ -679,8 +686,9 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
                 let Some(id) = self.kernel.message(&bridge, &msg).ok().and_then(|r| dmstats::parse_created(&r)) else {
                     return;
                 };
-                bf.regions.push(Region { from, to, area, id });
-                Region { from, to, area, id }
+                let r = Region { from, to, area, id };
+                bf.regions.push(r);
+                r
             }
             None => return,
         };
@@ -728,7 +736,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let mut i = 0;
         while i < bf.regions.len() {
             let r = bf.regions[i];
-            if keep.is_some_and(|(a, b)| r.from <= a && b <= r.to) {
+            if keep.is_some_and(|k| r.covers(k)) {
                 i += 1;
                 continue;
             }

@@ -383,10 +383,8 @@ fn stats_message(d: &mut super::dm::DmDev, msg: &str) -> Result<String, String> 
             };
             let first = first.min(n);
             let end = if len == 0 { n } else { first.saturating_add(len).min(n) };
-            Ok(r.writes[first..end]
-                .iter()
-                .enumerate()
-                .map(|(i, wr)| (i + first, wr))
+            Ok((first..end)
+                .zip(&r.writes[first..end])
                 .map(|(i, &wr)| {
                     format!("{}+{} 0 0 0 0 {wr} 0 {} 0 0 0 0 0 0\n", r.start + i as u64 * r.step, r.step, wr * 8)
                 })
