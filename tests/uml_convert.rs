@@ -174,6 +174,9 @@ echo CONVERTED
     assert!(tick.contains(&format!(r#""marks":{}"#, luksify::core::tick::NEED)), "tick line: {tick:?}");
     let ls = run.file("dm-ls-after.txt");
     assert!(!ls.contains("luksify-tick"), "the tick's private device was left: {ls}");
+    // the staging, mirror and switch devices (removed by a thread of their own while the
+    // next step copied) are gone too
+    assert!(!ls.contains("-luksify"), "private devices left after the conversion: {ls}");
     eprintln!(
         "converted in {} s with {n} records acked; {skipped} of {} steps skipped the last comparison; {tick}",
         run.file("convert.secs").trim(),

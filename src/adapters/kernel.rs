@@ -5,7 +5,7 @@
 use super::dm::{Dm, DmError, MirrorStatus, SuspendFlags};
 use crate::core::facts::TableLineFacts;
 use crate::core::tables::{DevRef, Line};
-use crate::engine::{HolderTable, KResult, Kernel, KernelError};
+use crate::engine::{Aside, HolderTable, KResult, Kernel, KernelError};
 use std::time::Duration;
 use zeroize::Zeroize;
 
@@ -124,6 +124,13 @@ impl DmKernel {
     }
 }
 
+/// Remove dm device `n` through `dm`, and its /dev/mapper node if one was made.
+fn remove_with(dm: &mut Dm, n: &str) -> KResult<()> {
+    dm.remove(n).map_err(k)?;
+    let _ = std::fs::remove_file(std::path::Path::new("/dev/mapper").join(n));
+    Ok(())
+}
+
 impl Kernel for DmKernel {
     fn keyring_add(&mut self, desc: &str, key: &[u8]) -> KResult<Option<String>> {
         match crate::adapters::sys::keyring_add_logon(desc, key) {
@@ -217,9 +224,43 @@ impl Kernel for DmKernel {
 
     fn remove(&mut self, n: &str) -> KResult<()> {
         self.readers.remove(n);
-        self.dm.remove(n).map_err(k)?;
-        let _ = std::fs::remove_file(std::path::Path::new("/dev/mapper").join(n));
-        Ok(())
+        remove_with(&mut self.dm, n)
+    }
+
+    /// The removals go to a thread with its own control handle (a small stack: under
+    /// `mlockall` every page of it is locked); if no thread can be started, they happen now.
+    fn remove_aside(&mut self, names: Vec<String>) -> Aside {
+        for n in &names {
+            self.readers.remove(n);
+        }
+        let todo = names.clone();
+        let spawned = std::thread::Builder::new().name("luksify-remove".into()).stack_size(256 << 10).spawn(
+            move || match Dm::open() {
+                Ok(mut dm) => todo
+                    .into_iter()
+                    .map(|n| {
+                        let r = remove_with(&mut dm, &n);
+                        (n, r)
+                    })
+                    .collect(),
+                Err(e) => {
+                    let e = k(e);
+                    todo.into_iter().map(|n| (n, Err(e.clone()))).collect()
+                }
+            },
+        );
+        match spawned {
+            Ok(h) => Aside::running(names, h),
+            Err(_) => Aside::done(
+                names
+                    .into_iter()
+                    .map(|n| {
+                        let r = remove_with(&mut self.dm, &n);
+                        (n, r)
+                    })
+                    .collect(),
+            ),
+        }
     }
 
     fn mirror_health(&mut self, n: &str) -> KResult<Vec<Vec<char>>> {

@@ -8,6 +8,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// The devices the tables refer to; helpers that do not exist are named by the raw
     /// device (only tables that do not reference them are built then).
     pub(super) fn devices(&mut self) -> EResult<Devices> {
+        self.settle_aside();
         let staging = kern(self.kernel.lookup(&self.names.staging))?.unwrap_or(self.raw);
         let mirror = kern(self.kernel.lookup(&self.names.mirror))?.unwrap_or(self.raw);
         Ok(Devices { raw: self.raw, staging, mirror })
@@ -42,12 +43,40 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
 
     /// Remove the helpers (nothing references them once the bridge is pure crypt).
     pub(super) fn remove_helpers(&mut self) -> EResult<()> {
+        self.settle_aside();
         for n in [self.names.switch.clone(), self.names.mirror.clone(), self.names.staging.clone()] {
             if kern(self.kernel.lookup(&n))?.is_some() {
                 kern(self.kernel.remove(&n))?;
             }
         }
         Ok(())
+    }
+
+    /// Start removing those of the private devices `names` that exist, in this order,
+    /// without waiting ([`Kernel::remove_aside`]): no live table may map them.
+    pub(super) fn remove_aside(&mut self, names: &[String]) {
+        self.settle_aside();
+        let mut todo = Vec::with_capacity(names.len());
+        for n in names {
+            match self.kernel.lookup(n) {
+                Ok(Some(_)) => todo.push(n.clone()),
+                Ok(None) => {}
+                Err(e) => undone(&mut self.undo_failed, || format!("looking up {n}"), Err::<(), _>(e)),
+            }
+        }
+        if !todo.is_empty() {
+            self.aside = Some(self.kernel.remove_aside(todo));
+        }
+    }
+
+    /// Wait for the removals [`Engine::remove_aside`] started; one that failed is reported
+    /// beside the run's outcome (a private device left behind: `luksify resume` or a reboot
+    /// removes it).
+    pub(super) fn settle_aside(&mut self) {
+        let Some(a) = self.aside.take() else { return };
+        for (n, r) in a.wait() {
+            undone(&mut self.undo_failed, || format!("removing the private device {n}"), r);
+        }
     }
 
     /// Make the dm devices match the journal: create what is missing, reload what exists.
@@ -138,6 +167,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     }
 
     pub(super) fn ensure_staging(&mut self) -> EResult<DevRef> {
+        self.settle_aside();
         let (n, u) = (self.names.staging.clone(), self.names.staging_uuid.clone());
         let t = tables::staging_table(self.g(), &self.spec, self.raw);
         if let Some(d) = kern(self.kernel.lookup(&n))? {

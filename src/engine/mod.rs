@@ -26,7 +26,7 @@ pub use crate::iobuf::IoBuf;
 pub use standard::{examine_cut_over, recover_cut_over, write_final, CutOverFinding, CutStep, CUT_OVER_ORDER};
 pub use standard_steps::StepsEnd;
 use std::time::{Duration, Instant};
-pub use traits::{Disk, HolderTable, KResult, Kernel, KernelError};
+pub use traits::{Aside, Disk, HolderTable, KResult, Kernel, KernelError, Removed};
 use zeroize::Zeroizing;
 
 /// Bytes per read or write of the copy and its checks (the buffers are allocated up front:
@@ -284,6 +284,10 @@ pub struct Engine<D: Disk, K: Kernel> {
     /// Undo steps (after a failure, putting tables or devices back) that failed themselves:
     /// the first failure is the error; these are reported beside it ([`Event::UndoFailed`]).
     undo_failed: Vec<String>,
+    /// Private devices being removed without the engine waiting ([`Kernel::remove_aside`]):
+    /// waited for before any helper device is looked up, made or removed again
+    /// ([`Engine::settle_aside`]); dropped, it waits too.
+    aside: Option<Aside>,
     /// What the tail held before `prepare` wrote into it: while nothing else has changed
     /// (state `Prepared`), [`Engine::abandon`] puts it back, byte for byte.
     original_tail: Option<Vec<u8>>,
@@ -454,6 +458,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             ticks: crate::core::tick::TickGrid::new(),
             epoch: Instant::now(),
             undo_failed: Vec::new(),
+            aside: None,
             original_tail: None,
             persist: true,
             cut_order: CUT_OVER_ORDER,

@@ -335,7 +335,14 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             kern(self.kernel.resume(&bridge)).map_err(|e| (e, true))?;
             stall = t0.elapsed();
         }
-        self.remove_helpers().map_err(|e| (e, true))?;
+        // The helpers go while the first step copies; luksify's own steps keep the staging
+        // device for their switch device (`standard_steps`), which removes it at its end.
+        let keep_staging = self.xts.is_some() && tables::switch_start(l, s).is_some();
+        let mut helpers = vec![self.names.switch.clone(), self.names.mirror.clone()];
+        if !keep_staging {
+            helpers.push(self.names.staging.clone());
+        }
+        self.remove_aside(&helpers);
         Ok(CutOver { stall })
     }
 
@@ -462,6 +469,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// LVM may grow the PV.
     pub fn finish_standard(&mut self, hooks: &mut dyn Hooks) -> EResult<()> {
         let r = self.open_as_cryptsetup_would();
+        self.settle_aside();
         self.report_undo_failures(hooks);
         r?;
         let bridge = self.names.bridge.clone();

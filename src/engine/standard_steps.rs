@@ -280,6 +280,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         let Some(xts) = self.xts.take() else { return Ok(StepsEnd::Handover(0)) };
         let r = self.standard_steps_with(&xts, hooks);
         self.xts = Some(xts);
+        self.settle_aside();
         self.report_undo_failures(hooks);
         r
     }
@@ -349,7 +350,8 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
             let flip = self.flip_for(sw, from, to);
             let (stats, read) = self.standard_step(xts, b, from, to, have, next, flip, sw)?;
             if !sw.active {
-                self.remove_switch();
+                // (removed while the next step copies; waited for before the run ends)
+                self.remove_aside(&[self.names.switch.clone(), self.names.staging.clone()]);
             }
             ahead = read;
             done = l - from;
@@ -409,6 +411,7 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
     /// maps them: the bridge does not go through the switch). A failure is reported, not
     /// an error: they are private devices, a reboot removes them.
     fn remove_switch(&mut self) {
+        self.settle_aside();
         for n in [self.names.switch.clone(), self.names.staging.clone()] {
             match self.kernel.lookup(&n) {
                 Ok(Some(_)) => {

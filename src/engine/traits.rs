@@ -90,6 +90,50 @@ impl std::error::Error for KernelError {
 
 pub type KResult<T> = Result<T, KernelError>;
 
+/// Device removals the engine does not wait for ([`Kernel::remove_aside`]): each name with
+/// what its removal came to, once [`Aside::wait`] returns. Dropped, it waits as well: a
+/// process that exits leaves no removal half-way.
+pub struct Aside(Option<AsideState>);
+
+/// What one removal came to.
+pub type Removed = (String, KResult<()>);
+
+enum AsideState {
+    Done(Vec<Removed>),
+    Running(Vec<String>, std::thread::JoinHandle<Vec<Removed>>),
+}
+
+impl Aside {
+    /// Removals already done.
+    pub fn done(removed: Vec<Removed>) -> Aside {
+        Aside(Some(AsideState::Done(removed)))
+    }
+
+    /// Removals of `names` going on in the thread `h`.
+    pub fn running(names: Vec<String>, h: std::thread::JoinHandle<Vec<Removed>>) -> Aside {
+        Aside(Some(AsideState::Running(names, h)))
+    }
+
+    /// Wait for the removals: what each came to (a thread that panicked failed them all).
+    pub fn wait(mut self) -> Vec<Removed> {
+        match self.0.take() {
+            None => Vec::new(),
+            Some(AsideState::Done(r)) => r,
+            Some(AsideState::Running(names, h)) => h.join().unwrap_or_else(|_| {
+                names.into_iter().map(|n| (n, Err(KernelError::new("the thread removing it panicked")))).collect()
+            }),
+        }
+    }
+}
+
+impl Drop for Aside {
+    fn drop(&mut self) {
+        if let Some(AsideState::Running(_, h)) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// A dm device that maps the raw partition (an LV, typically), with its live table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HolderTable {
@@ -125,6 +169,22 @@ pub trait Kernel {
     /// resumes are sent. Private devices are always hidden.
     fn set_udev_hidden(&mut self, name: &str, hidden: bool);
     fn remove(&mut self, name: &str) -> KResult<()>;
+    /// Remove the dm devices `names`, in this order, without waiting for it: a removal waits
+    /// for the kernel's grace periods (in the test bed it ends on a tick, ~10 ms), which the
+    /// engine spends on its next step's I/O instead; the real kernel removes them from a
+    /// thread of its own. Only for private devices that no live table maps and that the
+    /// engine does not touch again before it waits for the [`Aside`]. Default: removed now.
+    fn remove_aside(&mut self, names: Vec<String>) -> Aside {
+        Aside::done(
+            names
+                .into_iter()
+                .map(|n| {
+                    let r = self.remove(&n);
+                    (n, r)
+                })
+                .collect(),
+        )
+    }
     /// The live table, keys never included.
     fn table(&mut self, name: &str) -> KResult<Vec<TableLineFacts>>;
     /// Every dm device whose live table maps `dev`, except those named in `except`.
