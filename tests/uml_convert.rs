@@ -110,6 +110,8 @@ if hold; then
     lvm pvscan --nolocking > "$OUT/pvscan.txt" 2>&1 || true
     pvs --nolocking --noheadings -o pv_name > "$OUT/pvs-during.txt" 2>&1 || true
     "$LUKSIFY" status /dev/ubda5 > "$OUT/status-during.txt" 2>&1 || true
+    # luksify's LVM shell for the finish (`lvm` without arguments), waiting for its command
+    for q in $(pgrep -x lvm); do [ "$(tr '\0' ' ' < /proc/$q/cmdline)" = "lvm " ] && echo "$q"; done > "$OUT/shell-during.txt" 2>/dev/null || true
     kill -0 $P && touch "$OUT/checked-during"
     kill -CONT $P
 else
@@ -124,6 +126,7 @@ cryptsetup status ubda5_crypt | tee "$OUT/cs-status.txt"
 dmsetup message ubda5_crypt 0 "@stats_list" > "$OUT/stats-after.txt"
 dmsetup ls > "$OUT/dm-ls-after.txt"
 vgchange -ay vg0 >/dev/null; pvs 2>&1 | tee "$OUT/pvs-after.txt"
+pvs --noheadings --units s --nosuffix -o dev_size,pe_start,pv_size,vg_extent_size /dev/mapper/ubda5_crypt > "$OUT/pv-fill.txt"
 vgchange -an vg0 >/dev/null
 {SAME_AS_OPEN}
 echo CONVERTED
@@ -157,6 +160,17 @@ echo CONVERTED
     assert_same_as_open(&run, true);
     let after = run.file("pvs-after.txt");
     assert!(!after.contains("WARNING"), "LVM still disagrees on sizes after pvresize: {after}");
+    // mid-way, one LVM shell waited for the finish's pvresize; after it, the PV fills the
+    // LUKS mapping (its extents end less than one extent before the mapping does)
+    assert_eq!(
+        run.file("shell-during.txt").lines().count(),
+        1,
+        "LVM shells mid-way: {:?}",
+        run.file("shell-during.txt")
+    );
+    let fill = run.file("pv-fill.txt");
+    let v: Vec<u64> = fill.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    assert!(v.len() == 4 && v[0] - v[1] - v[2] < v[3], "the PV does not fill /dev/mapper/ubda5_crypt: {fill}");
     let n = acked(&d);
     assert!(n > 20, "the writer acked only {n} records");
     // luksify's own steps skipped the last comparison where the hotzone's dm-stats region
@@ -327,7 +341,14 @@ fn luks2_killed_during_its_own_steps_then_luksify_resume_finishes_online() {
 "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --progress-json /dev/ubda5 2> "$OUT/run.err" &
 P=$!
 while kill -0 $P 2>/dev/null && [ "$(grep -c '"event":"chunk"' "$OUT/run.err")" -lt 3 ]; do sleep 0.003; done
+# luksify's LVM shell, stopped as in a suspended window: killed with luksify all the same
+# (it never got a command: the PV must not have grown over the tail)
+S=$(for q in $(pgrep -x lvm); do [ "$(tr '\0' ' ' < /proc/$q/cmdline)" = "lvm " ] && echo "$q"; done)
+[ -n "$S" ] && kill -STOP $S
 kill -9 $P; set +e; wait $P; set -e
+for i in $(seq 200); do [ -n "$S" ] && [ -e /proc/$S ] && [ "$(cut -d' ' -f3 /proc/$S/stat 2>/dev/null)" != Z ] || break; sleep 0.01; done
+st=$([ -n "$S" ] && cut -d' ' -f3 /proc/$S/stat 2>/dev/null || true); [ "$st" != Z ] || st=
+echo "shell:${{S:-none}} left:$st" > "$OUT/shell-killed.txt"
 dmsetup table > "$OUT/tables-killed.txt"
 dmsetup info -c --noheadings -o attr ubda5_crypt > "$OUT/attr-killed.txt"
 dmsetup message ubda5_crypt 0 "@stats_list" > "$OUT/stats-killed.txt"
@@ -342,6 +363,9 @@ echo KILLED-RESUMED
 "#
     ));
     run.assert_ok().assert_log_contains("KILLED-RESUMED");
+    let shell = run.file("shell-killed.txt");
+    assert!(shell.starts_with("shell:") && !shell.contains("shell:none"), "no LVM shell while luksify ran: {shell}");
+    assert!(shell.trim_end().ends_with("left:"), "the stopped LVM shell outlived the killed luksify: {shell}");
     let tables = run.file("tables-killed.txt");
     assert!(
         tables.contains("ubda5_crypt-luksify-switch: ") && tables.contains(" switch 2 "),

@@ -20,6 +20,9 @@ pub struct DmKernel {
     readers: std::collections::HashMap<String, (bool, crate::adapters::rawdisk::RawDisk)>,
     /// Keys put in the thread keyring for a table load, by description.
     keys: std::collections::HashMap<String, i32>,
+    /// A helper process (a pidfd) stopped from before each suspend until after the next
+    /// resume ([`DmKernel::pause_during_suspends`]).
+    pause: Option<std::os::fd::OwnedFd>,
 }
 
 fn k(e: DmError) -> KernelError {
@@ -33,7 +36,21 @@ impl DmKernel {
             fail_load_of: std::env::var("LUKSIFY_TEST_FAIL_LOAD").ok(),
             readers: Default::default(),
             keys: Default::default(),
+            pause: None,
         })
+    }
+
+    /// From now on, stop the process of `pidfd` (SIGSTOP) right before every suspend and
+    /// let it go on (SIGCONT) after every resume; None: no more, and it goes on now. For a
+    /// helper started early in the background (the finish's LVM shell,
+    /// [`super::lvmshell`]): in the one-CPU test bed a suspend whose CPU is busy beside it
+    /// ends a tick later (see HACKING.md), so the helper runs only while the engine waits
+    /// for the disk, never in a suspended window.
+    pub fn pause_during_suspends(&mut self, pidfd: Option<std::os::fd::OwnedFd>) {
+        if let Some(old) = self.pause.take() {
+            super::lvmshell::signal(&old, libc::SIGCONT);
+        }
+        self.pause = pidfd;
     }
 
     /// The O_DIRECT handle of dm device `n` for [`Kernel::read`] and [`Kernel::write`]
@@ -200,11 +217,18 @@ impl Kernel for DmKernel {
         // swaps maps the same data as the one before it, so nothing needs the filesystem
         // written back; with the freeze, an LV's reroute made ext4 commit its journal with
         // the system's writes held (29-37 ms writes in the bench, against ~22 without).
+        if let Some(p) = &self.pause {
+            super::lvmshell::signal(p, libc::SIGSTOP);
+        }
         self.dm.suspend(n, SuspendFlags { noflush: false, skip_lockfs: true }).map_err(k)
     }
 
     fn resume(&mut self, n: &str) -> KResult<()> {
-        self.dm.resume(n).map_err(k)?;
+        let r = self.dm.resume(n).map_err(k);
+        if let Some(p) = &self.pause {
+            super::lvmshell::signal(p, libc::SIGCONT);
+        }
+        r?;
         // A public device (the bridge) needs its /dev/mapper node for LVM and the user; udev
         // makes it where udev runs, luksify where it does not (rescue media, the test bed).
         let public =

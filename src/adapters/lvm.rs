@@ -82,6 +82,11 @@ impl Lvm {
         self
     }
 
+    /// This LVM started as a shell for a command sent later ([`super::lvmshell`]).
+    pub(crate) fn start_shell(&self) -> Option<super::lvmshell::LvmShell> {
+        super::lvmshell::LvmShell::start(&self.program, &self.env)
+    }
+
     fn command_line(&self, args: &[&str]) -> String {
         let mut s = self.program.to_string_lossy().into_owned();
         for a in args {

@@ -10,6 +10,7 @@ pub(crate) mod logind;
 pub mod luks;
 pub mod lvm;
 pub(crate) mod lvmlock;
+pub(crate) mod lvmshell;
 pub mod probe;
 pub(crate) mod progressfile;
 pub(crate) mod rawdisk;

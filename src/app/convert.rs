@@ -9,6 +9,7 @@ use super::{
 use crate::adapters::blockdev::{BlockDev, OpenMode};
 use crate::adapters::integrate::SystemRunner;
 use crate::adapters::kernel::DmKernel;
+use crate::adapters::lvmshell::LvmShell;
 use crate::adapters::{bootchain, bootprobe, luks, lvm, sys};
 use crate::cli::ConvertOpts;
 use crate::core::boot::generator;
@@ -188,6 +189,13 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     // Beside the header's format (CPU work), LUKS2's own steps learn the kernel's tick on a
     // private idle device (`engine::tick_marks`): mostly waiting, it costs the format almost
     // nothing, and the cut-over's and first steps' windows start just before a tick.
+    // The LVM shell for the finish's `pvresize` (`adapters::lvmshell`), started now, while
+    // luksify is small (a fork after `mlockall` and the steps' buffers took 20-30 ms in the
+    // test bed), and stopped until the steps begin.
+    let lvm_shell = standard.then(|| lvm::Lvm::system().start_shell()).flatten();
+    if let Some(sh) = &lvm_shell {
+        sh.stop(true);
+    }
     let tick = standard.then(|| {
         let name = format!("{}-luksify-tick", p.name);
         let uuid =
@@ -225,7 +233,7 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
     phase(&o.run, "header_formatted");
     // LUKS2 with the root on the PV: the boot chain goes in before the cut-over.
     let chain = if standard { boot_chain(device, &p, o, &header.uuid)? } else { None };
-    let r = convert_formatted(device, o, &p, facts, g, key, header, pass, pv_uuid, &ticks);
+    let r = convert_formatted(device, o, &p, facts, g, key, header, pass, pv_uuid, &ticks, lvm_shell);
     suggest_after(device, &r);
     if let (Err(_), Some(inst)) = (&r, &chain) {
         if device_is_plain_pv(device) {
@@ -358,6 +366,7 @@ fn convert_formatted(
     pass: Option<zeroize::Zeroizing<Vec<u8>>>,
     pv_uuid: String,
     ticks: &[std::time::Instant],
+    lvm_shell: Option<LvmShell>,
 ) -> Result<i32> {
     let popts = o.plan_options();
     let raw = raw_devref(device)?;
@@ -389,7 +398,7 @@ fn convert_formatted(
         drop(key);
         phase(&o.run, "prepared");
         let progress = Progress { device, name: &p.name, l: g.l, moved: 0 };
-        guard::drive_standard(&mut engine, &o.run, progress, vg_lock, device, &pass, guard::Start::CutOver)?;
+        guard::drive_standard(&mut engine, &o.run, progress, vg_lock, device, &pass, guard::Start::CutOver, lvm_shell)?;
         drop(pass);
         drop(engine);
         let boot_on_pv = p.boot.as_ref().map(|b| b.boot_on_pv).unwrap_or(false);

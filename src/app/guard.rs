@@ -75,7 +75,8 @@ pub(super) enum Start {
 /// LUKS2: (bridge and cut-over, then luksify's own steps over the plaintext segment, then)
 /// libcryptsetup's own online reencryption on the mapping until it finishes or a stop
 /// request ends it after a step, then the finish (the mapping as `cryptsetup open` maps it,
-/// `pvresize`). `pass` opens the header.
+/// `pvresize`, through `lvm_shell` if one was started). `pass` opens the header.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn drive_standard(
     engine: &mut Engine<RawDisk, DmKernel>,
     run: &RunOpts,
@@ -84,6 +85,7 @@ pub(super) fn drive_standard(
     device: &std::path::Path,
     pass: &[u8],
     start: Start,
+    lvm_shell: Option<crate::adapters::lvmshell::LvmShell>,
 ) -> Result<()> {
     use crate::adapters::luks::reencrypt::{self, RunEnd};
     use crate::core::units::Sectors;
@@ -99,6 +101,13 @@ pub(super) fn drive_standard(
                 "{e}\nluksify: `luksify status {dev}` shows what {dev} is now: the plain PV as before, or a LUKS2 reencryption in progress that `luksify resume {dev}` continues"
             )),
         })?;
+    }
+    // LVM's start-up for the finish's `pvresize` runs while the steps wait for the disk, and
+    // stops in their suspended windows (it holds nothing while it waits for its command).
+    if let Some(sh) = lvm_shell {
+        engine.kernel.pause_during_suspends(sh.pidfd());
+        sh.stop(false);
+        hooks.lvm_shell = Some(sh);
     }
     let l = p.l;
     let mut last = p.moved;
@@ -144,7 +153,9 @@ pub(super) fn drive_standard(
             )))
         }
     }
-    engine.finish_standard(&mut hooks).map_err(|e| {
+    let r = engine.finish_standard(&mut hooks);
+    engine.kernel.pause_during_suspends(None);
+    r.map_err(|e| {
         Error::Failed(format!("the data is all encrypted, but giving /dev/mapper/{} its final table failed: {e}; `cryptsetup close` and `cryptsetup open` give it", p.name))
     })?;
     if let Err(e) = engine.kernel.ensure_node(p.name) {

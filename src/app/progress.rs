@@ -136,6 +136,9 @@ pub(super) struct CliHooks {
     chunks: u64,
     /// LVM's VG lock: released right before luksify's own `pvresize` (and on every exit).
     pub(super) vg_lock: Option<VgLock>,
+    /// LVM started as a shell while the steps run, for the finish's `pvresize`
+    /// ([`crate::adapters::lvmshell`]).
+    pub(super) lvm_shell: Option<crate::adapters::lvmshell::LvmShell>,
     /// The progress file `status` reads (removed when the hooks are dropped).
     runfile: RunFile,
 }
@@ -215,6 +218,7 @@ impl CliHooks {
             cut_windows: 0,
             chunks: 0,
             vg_lock: None,
+            lvm_shell: None,
             runfile,
         }
     }
@@ -333,6 +337,13 @@ impl Hooks for CliHooks {
         // Our own LVM command would wait for the lock we hold: give it back first.
         if let Some(l) = self.vg_lock.take() {
             l.release();
+        }
+        // The shell started early has LVM's start-up behind it; if it did not resize the PV
+        // (it could not start, or LVM said otherwise), a command of its own does, and says why.
+        if let Some(sh) = self.lvm_shell.take() {
+            if sh.pvresize(Path::new(&dev)).is_ok() {
+                return Ok(());
+            }
         }
         lvm::pvresize(Path::new(&dev), None).map_err(|e| {
             eprintln!("luksify: warning: `pvresize {dev}` failed ({e}); run it yourself, the data is intact");

@@ -304,7 +304,7 @@ fn resume_standard(
         }
     }
     let progress = Progress { device, name: &name, l, moved };
-    let driven = guard::drive_standard(&mut engine, run, progress, vg_lock, device, &pass, start);
+    let driven = guard::drive_standard(&mut engine, run, progress, vg_lock, device, &pass, start, None);
     if let Some(id) = held {
         reencrypt::release_key(id);
     }
