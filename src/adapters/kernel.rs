@@ -5,7 +5,7 @@
 use super::dm::{Dm, DmError, MirrorStatus, SuspendFlags};
 use crate::core::facts::TableLineFacts;
 use crate::core::tables::{DevRef, Line};
-use crate::engine::{Aside, HolderTable, KResult, Kernel, KernelError};
+use crate::engine::{Aside, HolderTable, KResult, Kernel, KernelError, Removed};
 use std::time::Duration;
 use zeroize::Zeroize;
 
@@ -20,9 +20,10 @@ pub struct DmKernel {
     readers: std::collections::HashMap<String, (bool, crate::adapters::rawdisk::RawDisk)>,
     /// Keys put in the thread keyring for a table load, by description.
     keys: std::collections::HashMap<String, i32>,
-    /// A helper process (a pidfd) stopped from before each suspend until after the next
-    /// resume ([`DmKernel::pause_during_suspends`]).
-    pause: Option<std::os::fd::OwnedFd>,
+    /// A helper process (a pidfd) stopped from before each suspend until after the resume
+    /// of the same device ([`DmKernel::pause_during_suspends`]), and the device it is
+    /// stopped for now.
+    pause: Option<(std::os::fd::OwnedFd, Option<String>)>,
 }
 
 fn k(e: DmError) -> KernelError {
@@ -41,16 +42,18 @@ impl DmKernel {
     }
 
     /// From now on, stop the process of `pidfd` (SIGSTOP) right before every suspend and
-    /// let it go on (SIGCONT) after every resume; None: no more, and it goes on now. For a
-    /// helper started early in the background (the finish's LVM shell,
-    /// [`super::lvmshell`]): in the one-CPU test bed a suspend whose CPU is busy beside it
-    /// ends a tick later (see HACKING.md), so the helper runs only while the engine waits
-    /// for the disk, never in a suspended window.
+    /// let it go on (SIGCONT) after the resume of the same device; None: no more, and it
+    /// goes on now. For a helper started early in the background (the finish's LVM shell,
+    /// [`super::lvmshell`]): in the one-CPU test bed a suspend or a table swap whose CPU is
+    /// busy beside it ends a tick later (see HACKING.md), so the helper runs only while the
+    /// engine waits for the disk, never in a suspended window. A helper handed over stopped
+    /// stays stopped until the first such resume (in luksify's steps: the end of the first
+    /// step's window).
     pub fn pause_during_suspends(&mut self, pidfd: Option<std::os::fd::OwnedFd>) {
-        if let Some(old) = self.pause.take() {
+        if let Some((old, _)) = self.pause.take() {
             super::lvmshell::signal(&old, libc::SIGCONT);
         }
-        self.pause = pidfd;
+        self.pause = pidfd.map(|p| (p, None));
     }
 
     /// The O_DIRECT handle of dm device `n` for [`Kernel::read`] and [`Kernel::write`]
@@ -148,6 +151,17 @@ fn remove_with(dm: &mut Dm, n: &str) -> KResult<()> {
     Ok(())
 }
 
+/// [`remove_with`] each of `names`, in order: what each came to.
+fn remove_all(dm: &mut Dm, names: Vec<String>) -> Vec<Removed> {
+    names
+        .into_iter()
+        .map(|n| {
+            let r = remove_with(dm, &n);
+            (n, r)
+        })
+        .collect()
+}
+
 impl Kernel for DmKernel {
     fn keyring_add(&mut self, desc: &str, key: &[u8]) -> KResult<Option<String>> {
         match crate::adapters::sys::keyring_add_logon(desc, key) {
@@ -217,16 +231,20 @@ impl Kernel for DmKernel {
         // swaps maps the same data as the one before it, so nothing needs the filesystem
         // written back; with the freeze, an LV's reroute made ext4 commit its journal with
         // the system's writes held (29-37 ms writes in the bench, against ~22 without).
-        if let Some(p) = &self.pause {
+        if let Some((p, stopped_for)) = &mut self.pause {
             super::lvmshell::signal(p, libc::SIGSTOP);
+            *stopped_for = Some(n.to_string());
         }
         self.dm.suspend(n, SuspendFlags { noflush: false, skip_lockfs: true }).map_err(k)
     }
 
     fn resume(&mut self, n: &str) -> KResult<()> {
         let r = self.dm.resume(n).map_err(k);
-        if let Some(p) = &self.pause {
-            super::lvmshell::signal(p, libc::SIGCONT);
+        if let Some((p, stopped_for)) = &mut self.pause {
+            if stopped_for.as_deref() == Some(n) {
+                super::lvmshell::signal(p, libc::SIGCONT);
+                *stopped_for = None;
+            }
         }
         r?;
         // A public device (the bridge) needs its /dev/mapper node for LVM and the user; udev
@@ -260,13 +278,7 @@ impl Kernel for DmKernel {
         let todo = names.clone();
         let spawned = std::thread::Builder::new().name("luksify-remove".into()).stack_size(256 << 10).spawn(
             move || match Dm::open() {
-                Ok(mut dm) => todo
-                    .into_iter()
-                    .map(|n| {
-                        let r = remove_with(&mut dm, &n);
-                        (n, r)
-                    })
-                    .collect(),
+                Ok(mut dm) => remove_all(&mut dm, todo),
                 Err(e) => {
                     let e = k(e);
                     todo.into_iter().map(|n| (n, Err(e.clone()))).collect()
@@ -275,15 +287,7 @@ impl Kernel for DmKernel {
         );
         match spawned {
             Ok(h) => Aside::running(names, h),
-            Err(_) => Aside::done(
-                names
-                    .into_iter()
-                    .map(|n| {
-                        let r = remove_with(&mut self.dm, &n);
-                        (n, r)
-                    })
-                    .collect(),
-            ),
+            Err(_) => Aside::done(remove_all(&mut self.dm, names)),
         }
     }
 

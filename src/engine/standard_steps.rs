@@ -407,12 +407,15 @@ impl<D: Disk, K: Kernel> Engine<D, K> {
         Ok(dev)
     }
 
-    /// Remove the switch device and the staging device under it, if they exist (no table
-    /// maps them: the bridge does not go through the switch). A failure is reported, not
-    /// an error: they are private devices, a reboot removes them.
+    /// Remove the switch device, a mirror device left by a killed run, and the staging
+    /// device, if they exist (no table maps them: the bridge does not go through the
+    /// switch). A failure is reported, not an error: they are private devices, a reboot
+    /// removes them.
     fn remove_switch(&mut self) {
         self.settle_aside();
-        for n in [self.names.switch.clone(), self.names.staging.clone()] {
+        // (the mirror too: a luksify killed while it removed the cut-over's helpers aside
+        // may have left it, and it holds the staging device)
+        for n in [self.names.switch.clone(), self.names.mirror.clone(), self.names.staging.clone()] {
             match self.kernel.lookup(&n) {
                 Ok(Some(_)) => {
                     let r = self.kernel.remove(&n);
