@@ -186,16 +186,16 @@ pub(super) fn convert(device: &Path, o: &ConvertOpts) -> Result<i32> {
         let grub_opens = p.boot.as_ref().is_some_and(|b| b.boot_on_pv);
         k.slot(&crate::core::recovery::keyslot_hash(!standard, grub_opens, &params.hash))
     });
-    // Beside the header's format (CPU work), LUKS2's own steps learn the kernel's tick on a
-    // private idle device (`engine::tick_marks`): mostly waiting, it costs the format almost
-    // nothing, and the cut-over's and first steps' windows start just before a tick.
     // The LVM shell for the finish's `pvresize` (`adapters::lvmshell`), started now, while
     // luksify is small (a fork after `mlockall` and the steps' buffers took 20-30 ms in the
-    // test bed), and stopped until the steps begin.
+    // test bed), and stopped until the first step's window has ended (`guard`).
     let lvm_shell = standard.then(|| lvm::Lvm::system().start_shell()).flatten();
     if let Some(sh) = &lvm_shell {
         sh.stop(true);
     }
+    // Beside the header's format (CPU work), LUKS2's own steps learn the kernel's tick on a
+    // private idle device (`engine::tick_marks`): mostly waiting, it costs the format almost
+    // nothing, and the cut-over's and first steps' windows start just before a tick.
     let tick = standard.then(|| {
         let name = format!("{}-luksify-tick", p.name);
         let uuid =
