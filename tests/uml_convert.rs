@@ -340,10 +340,14 @@ fn luks2_killed_during_its_own_steps_then_luksify_resume_finishes_online() {
 : > "$OUT/run.err"
 "$LUKSIFY" --yes --no-integrate --key-file "$OUT/key" $FAST --progress-json /dev/ubda5 2> "$OUT/run.err" &
 P=$!
+# luksify's LVM shell (started before the header is made), found now so that the kill below
+# comes at once; stopped there as in a suspended window, it must die with luksify all the
+# same (it never got a command: the PV must not have grown over the tail)
+S=""
+while [ -z "$S" ] && kill -0 $P 2>/dev/null; do
+    S=$(for q in $(pgrep -x lvm); do [ "$(tr '\0' ' ' < /proc/$q/cmdline 2>/dev/null)" = "lvm " ] && echo "$q"; done || true)
+done
 while kill -0 $P 2>/dev/null && [ "$(grep -c '"event":"chunk"' "$OUT/run.err")" -lt 3 ]; do sleep 0.003; done
-# luksify's LVM shell, stopped as in a suspended window: killed with luksify all the same
-# (it never got a command: the PV must not have grown over the tail)
-S=$(for q in $(pgrep -x lvm); do [ "$(tr '\0' ' ' < /proc/$q/cmdline)" = "lvm " ] && echo "$q"; done)
 [ -n "$S" ] && kill -STOP $S
 kill -9 $P; set +e; wait $P; set -e
 for i in $(seq 200); do [ -n "$S" ] && [ -e /proc/$S ] && [ "$(cut -d' ' -f3 /proc/$S/stat 2>/dev/null)" != Z ] || break; sleep 0.01; done
